@@ -1,0 +1,121 @@
+"""Data that flows through one rollout: `Sample` (one prompt + one response), `Status`, and `TrainBatch`.
+
+`Sample` follows slime's field names so custom generate / reward functions written for slime read the
+same attributes here. `TrainBatch` is what the train backend consumes: the samples of one rollout plus the
+per-token tensors computed for them (log-probs, advantages) as the step proceeds.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class Status(str, enum.Enum):
+    """Where a sample stands. Finish reasons of the engine map onto the last four."""
+
+    PENDING = "pending"
+    COMPLETED = "completed"  # stopped on EOS or a stop token
+    TRUNCATED = "truncated"  # hit --rollout-max-response-len
+    ABORTED = "aborted"  # cancelled (e.g. over-sampling cut it off)
+    FAILED = "failed"  # generation or reward raised; excluded from training
+
+
+@dataclass
+class Sample:
+    """One prompt and one sampled response, with everything the loop learns about it."""
+
+    group_index: int | None = None  # which prompt group (n_samples_per_prompt samples share one)
+    index: int | None = None  # global sample index within the rollout
+    prompt: str | list[dict[str, str]] = ""  # text, or chat messages before the template is applied
+    tokens: list[int] = field(default_factory=list)  # prompt tokens followed by response tokens
+    response: str = ""  # decoded response text
+    response_length: int = 0  # number of response tokens at the end of `tokens`
+    label: str | None = None  # ground truth for the reward (from --label-key)
+    reward: float | dict[str, Any] | None = None  # float, or dict read through --reward-key
+    loss_mask: list[int] | None = None  # [response_length]; 0 drops a token from the loss
+    weight_versions: list[int] = field(default_factory=list)  # engine weight versions that produced it
+    rollout_log_probs: list[float] | None = None  # [response_length] log p of each sampled token
+    rollout_routed_experts: Any = None  # int32 [len(tokens)-1, num_moe_layers, topk] (set by miles-r3)
+    status: Status = Status.PENDING
+    metadata: dict[str, Any] = field(default_factory=dict)  # per-row extras (e.g. rm_type override)
+    train_metadata: dict[str, Any] = field(default_factory=dict)  # set by generate fns for training
+    spec_info: dict[str, Any] = field(default_factory=dict)  # speculative decoding stats (miles-specrl)
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.tokens) - self.response_length
+
+    def get_reward_value(self, reward_key: str | None = None) -> float:
+        """The scalar reward: `reward` itself, or `reward[reward_key]` for dict rewards."""
+        if isinstance(self.reward, dict):
+            if not reward_key:
+                raise ValueError(
+                    f"sample {self.index} has a dict reward {sorted(self.reward)}; "
+                    "pass --reward-key to choose which entry trains the policy."
+                )
+            return float(self.reward[reward_key])
+        return float(self.reward if self.reward is not None else 0.0)
+
+
+@dataclass
+class TrainBatch:
+    """The samples of one rollout, ready for training.
+
+    Per-sample tensors are unpadded and aligned with the *response* tokens: entry `i` of
+    `rollout_log_probs[j]` is the log-prob of response token `i` of sample `j`. The trainer pads or packs
+    them per micro-batch, so nothing here depends on the layout.
+    """
+
+    samples: list[Sample]
+    rewards: torch.Tensor  # float32 [num_samples], raw scalar rewards
+    tokens: list[torch.Tensor]  # int64 [len(tokens)] per sample
+    loss_masks: list[torch.Tensor]  # float32 [response_length] per sample
+    rollout_log_probs: list[torch.Tensor] | None = None  # float32 [response_length] per sample
+    old_log_probs: list[torch.Tensor] | None = None  # filled by the "old" forward
+    ref_log_probs: list[torch.Tensor] | None = None  # filled by the "ref" forward (KL loss)
+    advantages: list[torch.Tensor] | None = None  # float32 [response_length] per sample
+    returns: list[torch.Tensor] | None = None
+    # Routing replay (mechanism in core, policy in miles-r3): per sample int32 [len(tokens)-1, L, topk].
+    replay_routes: list[torch.Tensor] | None = None
+    # Set to True to have the next forward record each sample's router top-k into `recorded_routes`.
+    record_routes: bool = False
+    recorded_routes: list[torch.Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # plugin-owned per-batch data, keyed by plugin
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def response_lengths(self) -> list[int]:
+        return [s.response_length for s in self.samples]
+
+    def subset(self, idx: list[int]) -> TrainBatch:
+        """The same batch restricted to samples `idx` (used to split a rollout into optimizer steps)."""
+
+        def pick(xs):
+            return None if xs is None else [xs[i] for i in idx]
+
+        return TrainBatch(
+            samples=[self.samples[i] for i in idx],
+            rewards=self.rewards[idx],
+            tokens=pick(self.tokens),
+            loss_masks=pick(self.loss_masks),
+            rollout_log_probs=pick(self.rollout_log_probs),
+            old_log_probs=pick(self.old_log_probs),
+            ref_log_probs=pick(self.ref_log_probs),
+            advantages=pick(self.advantages),
+            returns=pick(self.returns),
+            replay_routes=pick(self.replay_routes),
+            record_routes=self.record_routes,
+            recorded_routes=pick(self.recorded_routes),
+            extras=self.extras,
+        )
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (bad flag, bad data, missing file). Its message is one sentence that
+    names the problem and the fix; the CLI prints it without a traceback and exits with status 2."""
