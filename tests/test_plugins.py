@@ -1,0 +1,376 @@
+"""Plugin manager, `miles plugins` and custom-function loading, through real dist-info entry points.
+
+Each test writes tiny distributions (``NAME-VERSION.dist-info`` with ``entry_points.txt``) and modules
+into a temporary directory on ``sys.path``, so discovery runs through ``importlib.metadata`` for real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from miles_core import plugins
+from miles_core.plugins import (
+    configure_plugins,
+    format_plugins,
+    get_plugin_manager,
+    list_plugins,
+    load_function,
+    plugins_main,
+)
+from miles_core.types import UsageError
+
+
+class Site:
+    """A directory on sys.path into which a test writes modules and installed distributions."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.tops: set[str] = set()
+
+    def module(self, relpath: str, source: str = "") -> None:
+        path = self.root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+        self.tops.add(Path(relpath).parts[0].removesuffix(".py"))
+
+    def dist(self, name: str, version: str, entry_points: dict[str, dict[str, str]]) -> None:
+        info = self.root / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        lines = []
+        for group, eps in entry_points.items():
+            lines += [f"[{group}]", *(f"{k} = {v}" for k, v in eps.items()), ""]
+        (info / "entry_points.txt").write_text("\n".join(lines))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    s = Site(root)
+    yield s
+    for name in list(sys.modules):
+        if name.partition(".")[0] in s.tops:
+            del sys.modules[name]
+
+
+PLUGIN_A = """
+    from miles_core.plugins import hookimpl
+
+    @hookimpl
+    def configure(args):
+        return True
+
+    @hookimpl
+    def pre_rollout(args, rollout_id):
+        pass
+"""
+PLUGIN_B = """
+    from miles_core.plugins import hookimpl
+
+    @hookimpl
+    def configure(args):
+        return False
+"""
+
+
+@pytest.fixture
+def two_plugins(site):
+    site.module("mtest_a.py", PLUGIN_A)
+    site.module("mtest_b.py", PLUGIN_B)
+    site.dist("miles-test-a", "1.2.3", {"miles.plugins": {"ta": "mtest_a"}})
+    site.dist("miles-test-b", "0.4", {"miles.plugins": {"tb": "mtest_b"}})
+    return site
+
+
+def test_entry_point_plugin_is_registered_with_its_distribution(two_plugins):
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": "ta,tb"}, defaults=())
+    assert pm.get_plugin("ta") is sys.modules["mtest_a"]
+    assert pm.sources["ta"] == ("miles-test-a", "1.2.3")
+    assert pm.sources["tb"] == ("miles-test-b", "0.4")
+    assert sorted(pm.hook.configure(args=argparse.Namespace())) == [False, True]
+
+
+def test_allow_list(two_plugins):
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": " ta "}, defaults=())
+    assert pm.has_plugin("ta") and not pm.has_plugin("tb")
+    # Set but empty: no external plugin at all.
+    assert get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, defaults=()).list_name_plugin() == []
+    # Unset: everything installed.
+    pm = get_plugin_manager(env={}, defaults=())
+    assert pm.has_plugin("ta") and pm.has_plugin("tb")
+
+
+def test_disable_plugins(two_plugins):
+    pm = get_plugin_manager(disable=["tb"], env={}, defaults=())
+    assert pm.has_plugin("ta") and not pm.has_plugin("tb")
+    pm = get_plugin_manager(
+        disable="ta,tb", env={}, defaults=()
+    )  # one comma-separated string, as argparse gives
+    assert not pm.has_plugin("ta") and not pm.has_plugin("tb")
+
+
+@pytest.mark.parametrize(
+    "kwargs, where",
+    [
+        ({"disable": ["nope"], "env": {}}, "--disable-plugins"),
+        ({"env": {"MILES_LOAD_PLUGINS": "ta,nope"}}, "MILES_LOAD_PLUGINS"),
+    ],
+)
+def test_unknown_plugin_name_lists_installed(two_plugins, kwargs, where):
+    with pytest.raises(UsageError, match=where) as e:
+        get_plugin_manager(defaults=(), **kwargs)
+    msg = str(e.value)
+    assert "nope" in msg and "installed:" in msg and "ta" in msg and "tb" in msg
+
+
+def test_core_defaults_register_like_plugins_and_cannot_be_disabled(site):
+    site.module("mtestcore/__init__.py")
+    site.module("mtestcore/advantages.py", PLUGIN_A)
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, defaults=("mtestcore.advantages",))
+    assert pm.get_plugin("core.advantages") is sys.modules["mtestcore.advantages"]
+    assert pm.sources["core.advantages"][0] == "miles-core"
+    with pytest.raises(UsageError, match="core built-ins cannot be disabled"):
+        get_plugin_manager(disable=["core.advantages"], env={}, defaults=("mtestcore.advantages",))
+
+
+def test_misspelt_hookimpl_fails_loudly(site):
+    site.module(
+        "mtest_typo.py",
+        """
+        from miles_core.plugins import hookimpl
+
+        @hookimpl
+        def pre_rolout(args):
+            pass
+        """,
+    )
+    site.dist("miles-typo", "1.0", {"miles.plugins": {"typo": "mtest_typo"}})
+    with pytest.raises(UsageError) as e:
+        get_plugin_manager(env={"MILES_LOAD_PLUGINS": "typo"}, defaults=())
+    assert str(e.value) == "plugin 'typo' implements unknown hook 'pre_rolout'; did you mean 'pre_rollout'?"
+
+
+def test_hookimpl_with_unknown_argument_is_a_usage_error(site):
+    site.module(
+        "mtest_badarg.py",
+        """
+        from miles_core.plugins import hookimpl
+
+        @hookimpl
+        def pre_rollout(args, rollout):
+            pass
+        """,
+    )
+    site.dist("miles-badarg", "2.0", {"miles.plugins": {"badarg": "mtest_badarg"}})
+    with pytest.raises(UsageError, match=r"plugin 'badarg' \(from miles-badarg 2.0\) does not match") as e:
+        get_plugin_manager(env={"MILES_LOAD_PLUGINS": "badarg"}, defaults=())
+    assert "rollout" in str(e.value)
+
+
+def test_plugin_import_error_names_plugin_distribution_and_fix(two_plugins):
+    two_plugins.module("mtest_broken.py", "import miles_no_such_dependency_xyz\n")
+    two_plugins.dist("miles-broken", "0.1", {"miles.plugins": {"broken": "mtest_broken"}})
+    with pytest.raises(UsageError) as e:
+        get_plugin_manager(env={}, defaults=())
+    msg = str(e.value)
+    assert msg.startswith("plugin 'broken' (from miles-broken 0.1) failed to import (ModuleNotFoundError")
+    assert "miles_no_such_dependency_xyz" in msg
+    assert msg.endswith("reinstall it or pass --disable-plugins broken.")
+    # The fix the message suggests works.
+    assert get_plugin_manager(disable=["broken"], env={}, defaults=()).has_plugin("ta")
+
+
+def test_configure_plugins_attributes_each_answer(two_plugins):
+    err = UsageError("--foo needs --bar; pass --bar.")
+
+    class Quiet:
+        @plugins.hookimpl
+        def configure(self):  # accepts no argument at all: pluggy allows any subset
+            return None
+
+    class Raises:
+        @plugins.hookimpl
+        def configure(self, args):
+            raise err
+
+    class NoConfigure:
+        @plugins.hookimpl
+        def post_step(self, metrics):
+            pass
+
+    env = {"MILES_LOAD_PLUGINS": "ta,tb"}
+    pm = get_plugin_manager(env=env, defaults=(), extra=[Quiet(), NoConfigure()])
+    answers = configure_plugins(pm, argparse.Namespace())
+    named = {k: v for k, v in answers.items() if k in ("ta", "tb")}
+    assert named == {"ta": True, "tb": False}
+    assert sorted(answers.values(), key=str) == [False, None, True]  # Quiet answered None; NoConfigure absent
+    assert len(answers) == 3
+
+    pm = get_plugin_manager(env=env, defaults=(), extra=[Raises()])
+    with pytest.raises(UsageError) as e:
+        configure_plugins(pm, argparse.Namespace())
+    assert e.value is err
+
+
+def test_list_and_format_plugins(two_plugins):
+    pm = get_plugin_manager(disable=["tb"], env={"MILES_LOAD_PLUGINS": "ta,tb"}, defaults=())
+    infos = list_plugins(pm, {"ta": True})
+    assert [(i.name, i.distribution, i.version, i.hooks, i.active) for i in infos] == [
+        ("ta", "miles-test-a", "1.2.3", ["configure", "pre_rollout"], True)
+    ]
+    table = format_plugins(infos).splitlines()
+    assert table[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "ACTIVE", "HOOKS"]
+    assert table[1].split() == ["ta", "miles-test-a", "1.2.3", "yes", "configure,", "pre_rollout"]
+    assert format_plugins(infos, active_known=False).splitlines()[1].split()[3] == "?"
+
+
+def _fake_args_module(monkeypatch, required: bool = False) -> None:
+    def build_parser(pm):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--hf-checkpoint", required=required)
+        pm.hook.add_arguments(parser=parser)
+        return parser
+
+    module = types.ModuleType("miles_core.args")
+    module.build_parser = build_parser
+    monkeypatch.setitem(sys.modules, "miles_core.args", module)
+
+
+def test_plugins_main_table_and_json(two_plugins, monkeypatch, capsys):
+    monkeypatch.setattr(plugins, "DEFAULT_PLUGINS", ())
+    monkeypatch.setenv("MILES_LOAD_PLUGINS", "ta,tb")
+    _fake_args_module(monkeypatch)
+    assert plugins_main([]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["ta"][:4] == ["ta", "miles-test-a", "1.2.3", "yes"]
+    assert rows["tb"][:4] == ["tb", "miles-test-b", "0.4", "no"]
+
+    assert plugins_main(["--json", "--disable-plugins", "tb"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == [
+        {
+            "name": "ta",
+            "distribution": "miles-test-a",
+            "version": "1.2.3",
+            "hooks": ["configure", "pre_rollout"],
+            "active": True,
+        }
+    ]
+
+
+@pytest.mark.parametrize("how", ["no args module", "required flags"])
+def test_plugins_main_shows_unknown_activity(two_plugins, monkeypatch, capsys, how):
+    monkeypatch.setattr(plugins, "DEFAULT_PLUGINS", ())
+    monkeypatch.setenv("MILES_LOAD_PLUGINS", "ta")
+    if how == "no args module":
+        monkeypatch.setitem(sys.modules, "miles_core.args", None)  # import fails as if args.py did not exist
+    else:
+        _fake_args_module(monkeypatch, required=True)
+    assert plugins_main([]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[1].split()[3] == "?"
+    assert out.err == ""  # argparse's complaint about the missing flag is swallowed
+
+
+# -------------------------------------------------------------------------------------------------
+# load_function
+# -------------------------------------------------------------------------------------------------
+
+CUSTOM = """
+    from os.path import join  # imported names are not listed as candidates
+
+    THRESHOLD = 3
+
+    def reward(args, sample):
+        return "reward"
+
+    def other(args, sample):
+        return "other"
+
+    def _private():
+        pass
+
+    class Scorer:
+        @staticmethod
+        def score():
+            return "score"
+"""
+
+
+def test_load_function_from_file(tmp_path, monkeypatch):
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "custom" / "rm.py").write_text(textwrap.dedent(CUSTOM))
+    assert load_function(str(tmp_path / "custom" / "rm.py"), "reward")(None, None) == "reward"
+    monkeypatch.chdir(tmp_path)
+    assert load_function("custom/rm.py", "reward")(None, None) == "reward"  # relative to the cwd
+    assert load_function("custom/rm.py:other", "reward")(None, None) == "other"
+    assert load_function("custom/rm.py:Scorer.score", "reward")() == "score"
+
+
+def test_files_with_the_same_name_do_not_collide(tmp_path):
+    for d, value in (("a", 1), ("b", 2)):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "reward.py").write_text(f"def reward(args, sample):\n    return {value}\n")
+    fa = load_function(str(tmp_path / "a" / "reward.py"), "reward")
+    fb = load_function(str(tmp_path / "b" / "reward.py"), "reward")
+    assert (fa(None, None), fb(None, None)) == (1, 2)
+    assert fa.__module__ != fb.__module__ and fa.__module__ in sys.modules
+
+
+def test_load_function_from_module(site):
+    site.module("mtestpkg/__init__.py")
+    site.module("mtestpkg/rewards.py", CUSTOM)
+    assert load_function("mtestpkg.rewards:other", "reward")(None, None) == "other"
+    assert load_function("mtestpkg.rewards.other", "reward")(None, None) == "other"
+    assert load_function("mtestpkg.rewards.Scorer.score", "reward")() == "score"
+
+
+def test_load_function_from_entry_point(site):
+    site.module("mtest_fns.py", CUSTOM)
+    site.dist("miles-test-fns", "1.0", {"miles.test_fns": {"myfn": "mtest_fns:other"}})
+    assert load_function("myfn", "reward", group="miles.test_fns")(None, None) == "other"
+    with pytest.raises(
+        UsageError, match=r"'nofn' is not an installed miles.test_fns name \(installed: myfn\)"
+    ):
+        load_function("nofn", "reward", group="miles.test_fns")
+
+
+def test_load_function_errors(tmp_path, site):
+    site.module("mtesterr/__init__.py")
+    site.module("mtesterr/rewards.py", CUSTOM)
+    site.module("mtesterr/needs_dep.py", "import miles_no_such_dependency_xyz\n")
+    (tmp_path / "boom.py").write_text("1 / 0\n")
+
+    def error(spec, **kw):
+        with pytest.raises(UsageError) as e:
+            load_function(spec, "reward", **kw)
+        return str(e.value)
+
+    missing = tmp_path / "nowhere" / "rm.py"
+    assert error(str(missing), flag="--custom-rm-path") == (
+        f"--custom-rm-path {str(missing)!r}: file {str(missing)!r} does not exist; check the path."
+    )
+    assert "failed (ZeroDivisionError: division by zero)" in error(str(tmp_path / "boom.py"))
+    msg = error("mtesterr.nomod:reward")
+    assert "module 'mtesterr.nomod' cannot be imported (ModuleNotFoundError" in msg
+    assert "module 'miles_no_such_top_xyz' cannot be imported" in error("miles_no_such_top_xyz.reward")
+    # A module that exists but lacks a dependency is reported as such, not as "no such module".
+    assert "module 'mtesterr.needs_dep' cannot be imported" in error("mtesterr.needs_dep.f")
+    assert "miles_no_such_dependency_xyz" in error("mtesterr.needs_dep.f")
+    assert error("mtesterr.rewards:rewrad") == (
+        "custom function 'mtesterr.rewards:rewrad': 'mtesterr.rewards' has no function 'rewrad'; "
+        "it defines: Scorer, other, reward."
+    )
+    assert error("mtesterr.rewards.THRESHOLD").endswith(
+        "'THRESHOLD' is a int, not a function; point it at a function."
+    )
+    assert "is not a file.py, a module:function or a module.function" in error("reward")
