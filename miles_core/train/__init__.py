@@ -1,0 +1,1 @@
+"""Training side of miles: the trainer, the RL loss math, advantage estimators and corrections."""

@@ -1,0 +1,278 @@
+"""Per-token RL loss math of the trainer: KL estimators, the clipped PPO / GSPO policy loss, loss
+aggregation, log-probs and entropy from logits, and train/rollout mismatch metrics.
+
+Formulas and flag semantics follow slime (`slime/utils/ppo_utils.py`, `megatron_utils/loss.py`) and miles.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from miles_core.types import UsageError
+
+KL_TYPES = ("k1", "k2", "k3", "low_var_kl")
+# exp() of a log-ratio beyond this overflows float32 into inf and poisons the loss with NaN (miles clamps
+# at the same value); a token this far off-policy is clipped anyway.
+_LOG_RATIO_CLAMP = 20.0
+# Rows of logits upcast to float32 at a time: bounds the transient fp32 copy to ~256 MiB per chunk.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class LossTerms:
+    """Per-token terms of one micro-batch, handed to the ``loss_correction`` hook.
+
+    All tensors are flat float32 ``[num_tokens]`` over the micro-batch's response tokens, samples
+    concatenated in order; ``lengths[i]`` is the response length of sample ``i``. A hook may replace
+    ``pg_loss`` (e.g. multiply by a detached weight) or zero entries of ``loss_mask``.
+    """
+
+    log_probs: torch.Tensor  # current policy, carries grad
+    old_log_probs: torch.Tensor  # policy before this rollout's updates (detached)
+    advantages: torch.Tensor
+    loss_mask: torch.Tensor
+    pg_loss: torch.Tensor  # clipped PPO loss per token, before aggregation
+    lengths: list[int]
+    rollout_log_probs: torch.Tensor | None = None  # what the engine sampled from; None if not recorded
+
+
+def check_loss_args(args: argparse.Namespace) -> None:
+    """Reject loss-flag combinations that would silently train wrong; call once after parsing."""
+    eps_clip_c = getattr(args, "eps_clip_c", None)
+    if eps_clip_c is not None and eps_clip_c <= 1.0:
+        raise UsageError(
+            f"--eps-clip-c is {eps_clip_c} but dual-clip PPO needs a value > 1; raise it or drop it."
+        )
+    kl_type = getattr(args, "kl_loss_type", "k1")
+    if kl_type not in KL_TYPES:
+        raise UsageError(f"--kl-loss-type {kl_type!r} is unknown; choose one of {', '.join(KL_TYPES)}.")
+    if getattr(args, "use_tis", False) and getattr(args, "tis_clip_low", 0.0) > getattr(
+        args, "tis_clip", 2.0
+    ):
+        raise UsageError("--tis-clip-low is above --tis-clip; set the lower bound below the upper one.")
+    if getattr(args, "use_icepop", False) and args.icepop_low >= args.icepop_high:
+        raise UsageError("--icepop-low must be below --icepop-high; fix the IcePop ratio window.")
+    if getattr(args, "use_tis", False) and getattr(args, "use_icepop", False):
+        raise UsageError("--use-tis and --use-icepop both reweight the same tokens; pass only one of them.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KL estimators and the policy loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def compute_approx_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Elementwise estimate of KL(policy || ref) from sampled tokens (Schulman's k1/k2/k3).
+
+    With ``log_ratio = log_probs - ref_log_probs``: k1 = log_ratio, k2 = log_ratio**2 / 2,
+    k3 = exp(-log_ratio) - 1 + log_ratio (non-negative, unbiased, low variance). ``low_var_kl`` is k3
+    clamped to [-10, 10] for stability, as in slime.
+    """
+    log_ratio = log_probs.float() - ref_log_probs.float()
+    if kl_type == "k1":
+        return log_ratio
+    if kl_type == "k2":
+        return log_ratio.square() / 2.0
+    if kl_type in ("k3", "low_var_kl"):
+        kl = torch.exp(-log_ratio) - 1.0 + log_ratio
+        return kl.clamp(-10.0, 10.0) if kl_type == "low_var_kl" else kl
+    raise ValueError(f"unknown KL estimator {kl_type!r}; expected one of {KL_TYPES}")
+
+
+def policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_clip: float,
+    eps_clip_high: float | None = None,
+    eps_clip_c: float | None = None,
+    log_ratio: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped PPO surrogate per token: ``(pg_loss, clipfrac, ppo_kl)``, all shaped like ``advantages``.
+
+    ``ratio = exp(log_probs - old_log_probs)`` (or ``exp(log_ratio)`` when given, e.g. the GSPO
+    sequence ratio from ``gspo_log_ratio``); loss = max(-A*ratio, -A*clip(ratio, 1-eps_clip,
+    1+eps_clip_high)). With ``eps_clip_c`` (dual clip, > 1) the loss of tokens with A < 0 is also capped
+    at -A*eps_clip_c. ``clipfrac`` is 1.0 where the clipped branch was strictly larger (slime's
+    definition); ``ppo_kl = -log_ratio`` (old - new), detached.
+    """
+    if eps_clip_high is None:
+        eps_clip_high = eps_clip
+    if log_ratio is None:
+        log_ratio = log_probs.float() - old_log_probs.float()
+    log_ratio = torch.nan_to_num(log_ratio, nan=0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.float()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    clipfrac = (clipped > unclipped).float()
+    if eps_clip_c is not None:
+        if eps_clip_c <= 1.0:
+            raise ValueError(f"eps_clip_c must be > 1 for dual-clip PPO, got {eps_clip_c}")
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * eps_clip_c), loss)
+    return loss, clipfrac, (-log_ratio).detach()
+
+
+def gspo_log_ratio(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, loss_mask: torch.Tensor, lengths: list[int]
+) -> torch.Tensor:
+    """GSPO's sequence-level log importance ratio, broadcast to each token of its sample.
+
+    Value: per sample, the masked mean of ``log_probs - old_log_probs``. Gradient: GSPO-token's
+    ``sg(seq_log_ratio) + log_probs - sg(log_probs)``, so ``exp`` of it has the sequence ratio as value and
+    ``seq_ratio * grad(log_prob)`` per token; with per-sample mean aggregation this equals GSPO's gradient.
+    Flat ``[num_tokens]`` in and out; pass the result to ``policy_loss(..., log_ratio=...)``.
+    """
+    diff = (log_probs.detach().float() - old_log_probs.float()) * loss_mask
+    seq = []
+    for d, m, n in zip(diff.split(lengths), loss_mask.split(lengths), lengths, strict=True):
+        seq.append((d.sum() / m.sum().clamp(min=1)).expand(n))
+    seq_log_ratio = torch.cat(seq) if seq else diff
+    return seq_log_ratio + (log_probs.float() - log_probs.detach().float())
+
+
+def aggregate(
+    values: torch.Tensor,
+    loss_mask: torch.Tensor,
+    lengths: list[int],
+    per_token: bool,
+    denom: float | None = None,
+) -> torch.Tensor:
+    """Reduce per-token ``values [num_tokens]`` of a micro-batch to a scalar.
+
+    ``per_token`` (``--calculate-per-token-loss``): sum(values * mask) / denom, denom defaulting to the
+    micro-batch's mask sum. Otherwise each sample's masked mean, summed, / denom (default: number of
+    samples). The trainer passes the whole optimizer step's token / sample count as ``denom`` so that
+    summing the micro-batch losses reproduces the step-level mean exactly.
+    """
+    if sum(lengths) != values.numel():
+        raise ValueError(f"lengths sum to {sum(lengths)} but there are {values.numel()} values")
+    masked = values * loss_mask
+    if per_token:
+        d = loss_mask.sum().clamp(min=1) if denom is None else denom
+        return masked.sum() / d
+    means = [
+        v.sum() / m.sum().clamp(min=1)
+        for v, m in zip(masked.split(lengths), loss_mask.split(lengths), strict=True)
+    ]
+    total = torch.stack(means).sum() if means else masked.sum()
+    return total / (len(lengths) if denom is None else denom)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# log-probs and entropy from logits
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLogProbEntropy(torch.autograd.Function):
+    """Target log-probs and entropy of ``[N, V]`` logits, upcasting only a chunk of rows at a time.
+
+    Plain autograd would keep an fp32 copy of every chunk alive for backward; here backward recomputes
+    each chunk's softmax instead, so peak extra memory is one fp32 chunk and the gradient keeps the
+    logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_rows, with_entropy):
+        n = logits.shape[0]
+        row_max = logits.new_empty(n, dtype=torch.float32)
+        lse = logits.new_empty(n, dtype=torch.float32)  # logsumexp of the max-shifted row
+        logp = logits.new_empty(n, dtype=torch.float32)
+        ent = logits.new_empty(n if with_entropy else 0, dtype=torch.float32)
+        for s in range(0, n, chunk_rows):
+            rows = slice(s, s + chunk_rows)
+            # Shift by the row max first: with logits ~1e3, sum(p * x) would lose the entropy to fp32
+            # rounding (an ulp of 1e3 times 1e3), the shifted values keep it exact.
+            x = logits[rows].float()
+            row_max[rows] = x.max(dim=-1).values
+            x -= row_max[rows, None]
+            lse[rows] = torch.logsumexp(x, dim=-1)
+            if targets is not None:
+                logp[rows] = x.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+            if with_entropy:
+                p_x = torch.exp(x - lse[rows, None]).mul_(x).nan_to_num_(nan=0.0)  # 0 * -inf -> 0
+                ent[rows] = lse[rows] - p_x.sum(-1)
+        saved_targets = targets if targets is not None else logits.new_empty(0, dtype=torch.long)
+        ctx.save_for_backward(logits, saved_targets, row_max, lse, ent)
+        ctx.chunk_rows, ctx.has_targets = chunk_rows, targets is not None
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        logits, targets, row_max, lse, ent = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(s, s + ctx.chunk_rows)
+            x = logits[rows].float() - row_max[rows, None]
+            p = torch.exp(x - lse[rows, None])
+            g = torch.zeros_like(x)
+            if ctx.has_targets and grad_logp is not None:
+                # d logp_t / dx = onehot(t) - softmax
+                gl = grad_logp[rows].float()
+                g -= p * gl[:, None]
+                g.scatter_add_(-1, targets[rows, None], gl[:, None])
+            if grad_ent is not None and ent.numel():
+                # dH / dx_j = -p_j * (x_j - E_p[x]), with E_p[x] = lse - H in shifted units
+                centred = (x - (lse[rows] - ent[rows])[:, None]).mul_(p).nan_to_num_(nan=0.0)
+                g -= centred * grad_ent[rows].float()[:, None]
+            grad[rows] = g.to(logits.dtype)
+        return grad, None, None, None
+
+
+def _chunk_rows(logits: torch.Tensor, chunk_rows: int | None) -> int:
+    return chunk_rows or max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+
+
+def log_probs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``targets [N]`` under ``logits [N, V]`` and the entropy of each row, both float32
+    ``[N]``, in one chunked pass (entropy is ``None`` unless ``with_entropy``). Differentiable."""
+    rows = _chunk_rows(logits, chunk_rows)
+    logp, ent = _ChunkedLogProbEntropy.apply(logits, targets.long(), rows, with_entropy)
+    return logp, (ent if with_entropy else None)
+
+
+def log_probs_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """float32 ``[N]`` log-softmax of ``logits [N, V]`` at ``targets [N]`` (logsumexp + gather, fp32
+    chunks of rows so a bf16 ``[N, V]`` tensor is never copied to fp32 whole). Differentiable."""
+    return log_probs_and_entropy(logits, targets, with_entropy=False, chunk_rows=chunk_rows)[0]
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """float32 entropy of the softmax over the last dim of ``logits [..., V]``, shape ``[...]``:
+    ``H = logsumexp(x) - sum(softmax(x) * x)``, stable for large logits. Differentiable."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = _chunk_rows(flat, chunk_rows)
+    _, ent = _ChunkedLogProbEntropy.apply(flat, None, rows, True)
+    return ent.reshape(logits.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train / rollout mismatch
+# ---------------------------------------------------------------------------------------------------------
+
+
+def mismatch_metrics(
+    train_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, loss_mask: torch.Tensor
+) -> dict[str, float]:
+    """How far the trainer's log-probs are from the engine's, over masked tokens (token-weighted).
+
+    ``train_rollout_logprob_abs_diff``: mean |train - rollout|. ``train_rollout_kl``: mean k3 estimate of
+    KL(rollout || train) from the rollout's samples, i.e. with ``r = p_train / p_rollout``,
+    ``r - 1 - log r`` per token, clamped to [-10, 10] -- miles' definition
+    (``compute_approx_kl(rollout, train, "low_var_kl")``). Both are 0 in true on-policy mode.
+    """
+    train = train_log_probs.detach().float()
+    rollout = rollout_log_probs.detach().float()
+    mask = loss_mask.float()
+    n = mask.sum().clamp(min=1)
+    abs_diff = ((train - rollout).abs() * mask).sum() / n
+    kl = (compute_approx_kl(rollout, train, "low_var_kl") * mask).sum() / n
+    return {"train_rollout_logprob_abs_diff": abs_diff.item(), "train_rollout_kl": kl.item()}
