@@ -1,0 +1,159 @@
+"""Dense building blocks of the decoder: RMSNorm, rotary embedding, attention (with KV cache) and SwiGLU MLP.
+
+Every projection is a plain `nn.Linear` submodule named as in HF checkpoints (`q_proj`, `gate_proj`, ...), so
+parameter names map 1:1 onto HF tensor names and a plugin can swap any single projection for its own module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miles_core.model.config import ModelConfig
+from miles_core.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight multiply, as HF does (bitwise-comparable)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """fp32 [head_dim/2] inverse frequencies, including linear / llama3 scaling."""
+    dim = config.head_dim
+    inv = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    )
+    scaling = config.rope_scaling or {}
+    rope_type = config.rope_type
+    if rope_type == "linear":
+        inv = inv / scaling["factor"]
+    elif rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given absolute positions. The frequencies are a plain attribute, not a buffer, so
+    a model built on the meta device needs no re-initialisation and checkpoints carry no rope tensors."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self._inv_freq = rope_inv_freq(config)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._inv_freq.device != position_ids.device:
+            self._inv_freq = self._inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self._inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class StepContext:
+    """Per-forward tensors shared by all layers (computed once in `CausalLM.forward`)."""
+
+    cos: torch.Tensor  # [B, T, head_dim]
+    sin: torch.Tensor
+    kv_cache: KVCache | None = None
+    cache_slots: torch.Tensor | None = None  # long [B]
+    position_ids: torch.Tensor | None = None  # long [B, T], absolute positions
+    kv_len: int = 0  # keys 0..kv_len-1 of each slot are visible to some query
+    mask: torch.Tensor | None = None  # bool [B, 1, T, kv_len], True = attend
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional per-head q/k RMSNorm (Qwen3) and qkv bias (Qwen2)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h, qd, kvd = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(h, qd, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, kvd, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, kvd, bias=qkv_bias)
+        self.o_proj = nn.Linear(qd, h, bias=config.attention_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), ctx.cos, ctx.sin)
+        k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)
+        v = v.transpose(1, 2)
+        if ctx.kv_cache is None:
+            out = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), is_causal=True)
+        else:
+            k, v = self._cache_step(k, v, ctx)
+            out = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), attn_mask=ctx.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _cache_step(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext):
+        """Write this step's K/V at [slot, :, position], then read each slot's keys 0..kv_len-1."""
+        kc, vc = ctx.kv_cache.k[self.layer_idx], ctx.kv_cache.v[self.layer_idx]
+        slots, pos = ctx.cache_slots, ctx.position_ids
+        # Advanced indices around a slice put the indexed dims first: the target view is [B, T, Hkv, D].
+        kc[slots[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
+        vc[slots[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
+        return kc[slots, :, : ctx.kv_len].to(k.dtype), vc[slots, :, : ctx.kv_len].to(v.dtype)
+
+    def _expand(self, kv: torch.Tensor) -> torch.Tensor:
+        rep = self.num_heads // self.num_kv_heads
+        return kv if rep == 1 else kv.repeat_interleave(rep, dim=1)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,122 @@
+"""Mixture-of-experts block: a top-k softmax router (`gate`) and one fused `Experts` module.
+
+Routing and expert compute are kept apart on purpose: routing replay (R3) only changes which experts are
+chosen (through `RoutingState`), while a quantization plugin only replaces the `Experts` module with a
+subclass. Neither needs to know about the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RoutingState:
+    """Route capture and replay for one forward pass.
+
+    After the forward, `router_topk[m]` (long [B, T, k]) is MoE layer m's own top-k choice and `used_topk[m]`
+    the experts actually used (equal unless replaying). With `replay`, layer m uses exactly `replay[m]`
+    ([B, T, k]) and recomputes the gate weights from the current router, so the router still gets gradient.
+    """
+
+    record: bool = True
+    replay: list[torch.Tensor] | None = None
+    router_topk: list[torch.Tensor] = field(default_factory=list)
+    used_topk: list[torch.Tensor] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.router_topk, self.used_topk = [], []
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as two 3-D parameters (the transformers 5 in-memory layout).
+
+    gate_up_proj [E, 2I, H]: rows [:I] are gate_proj, rows [I:] up_proj; down_proj [E, H, I].
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate = intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] = sum_k weight * expert_k(x)."""
+        n, k = topk_idx.shape
+        flat = topk_idx.reshape(-1)
+        order = flat.argsort(stable=True)  # token copies sorted by expert, so each expert is one matmul
+        token = order // k
+        xs = x[token]
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        if _grouped_mm_ok(x):
+            ys = self._grouped(xs, counts)
+        else:
+            ys = self._looped(xs, counts.tolist())
+        ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            seg = xs[start : start + c]
+            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start += c
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+
+
+class SparseMoeBlock(nn.Module):
+    """Qwen3-MoE sparse MLP: softmax router over E experts, top-k, optional renormalisation of the k."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, intermediate: int, norm_topk_prob: bool,
+                 moe_index: int) -> None:  # fmt: skip
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.moe_index = moe_index  # position among the MoE layers, the index into RoutingState lists
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden, intermediate)
+
+    def route(self, x: torch.Tensor, routing: RoutingState | None, shape: tuple[int, int]):
+        """x [N, H] -> (topk_idx long [N, k], topk_weight [N, k] in x's dtype)."""
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        own_w, own_idx = torch.topk(probs, self.top_k, dim=-1)
+        idx, w = own_idx, own_w
+        if routing is not None and routing.replay is not None:
+            m = self.moe_index
+            if m >= len(routing.replay) or tuple(routing.replay[m].shape) != (*shape, self.top_k):
+                got = None if m >= len(routing.replay) else tuple(routing.replay[m].shape)
+                raise ValueError(
+                    f"replay route of MoE layer {m} has shape {got}, expected {(*shape, self.top_k)}"
+                )
+            idx = routing.replay[m].reshape(-1, self.top_k).to(device=x.device, dtype=torch.long)
+            w = probs.gather(1, idx)
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        if routing is not None and routing.record:
+            routing.router_topk.append(own_idx.view(*shape, self.top_k))
+            routing.used_topk.append(idx.view(*shape, self.top_k))
+        return idx, w.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, routing: RoutingState | None = None) -> torch.Tensor:
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)
+        idx, w = self.route(flat, routing, (b, t))
+        return self.experts(flat, idx, w).view(b, t, h)

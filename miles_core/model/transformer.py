@@ -1,0 +1,188 @@
+"""`CausalLM`: the decoder-only transformer (dense or MoE) behind the built-in engine and trainer.
+
+Module names mirror HF checkpoints (`model.layers.3.self_attn.q_proj`, `lm_head`, ...). Model classes are
+looked up by `architectures[0]` in `MODEL_CLASSES`; a plugin can register another class under a new name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from miles_core.model.config import ModelConfig
+from miles_core.model.kv_cache import KVCache
+from miles_core.model.layers import MLP, Attention, RMSNorm, RotaryEmbedding, StepContext
+from miles_core.model.moe import Experts, RoutingState, SparseMoeBlock
+from miles_core.types import UsageError
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V] in the compute dtype
+    hidden: torch.Tensor | None = None  # [B, T, H] after the final norm, when return_hidden
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, moe_index: int | None) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        if moe_index is None:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        else:
+            self.mlp = SparseMoeBlock(
+                config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                config.moe_intermediate_size, config.norm_topk_prob, moe_index,
+            )  # fmt: skip
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, ctx: StepContext, routing: RoutingState | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, routing) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(x))
+
+
+class TransformerBody(nn.Module):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        moe_ids = config.moe_layer_ids
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, moe_ids.index(i) if i in moe_ids else None)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM for Qwen3-MoE / Qwen3 / Qwen2 / Llama checkpoints."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = TransformerBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.config.moe_layer_ids)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_slots: torch.Tensor | None = None,
+        routing: RoutingState | None = None,
+        return_hidden: bool = False,
+    ) -> ModelOutput:
+        """Logits for `input_ids` [B, T].
+
+        Without `kv_cache`: causal attention over the T tokens, positions default to arange(T).
+        With `kv_cache`: row b is cache slot `cache_slots[b]`; `position_ids` [B, T] (required) are absolute
+        positions. Each token's K/V is written at its position and a query at p sees keys 0..p of its slot.
+        Padding queries must use positions past the row's real tokens (and < max_len), e.g. keep counting.
+        """
+        b, t = input_ids.shape
+        if position_ids is None:
+            if kv_cache is not None:
+                raise ValueError("forward with kv_cache needs position_ids [B, T] (absolute positions)")
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, h.dtype)
+        ctx = StepContext(cos=cos, sin=sin)
+        if kv_cache is not None:
+            if cache_slots is None:
+                raise ValueError("forward with kv_cache needs cache_slots [B] (one cache row per batch row)")
+            kv_len = int(position_ids.max()) + 1  # one host sync per forward, to attend over no more keys
+            if kv_len > kv_cache.max_len:
+                raise ValueError(f"position {kv_len - 1} is beyond the KV cache length {kv_cache.max_len}")
+            keys = torch.arange(kv_len, device=input_ids.device)
+            ctx = StepContext(
+                cos=cos, sin=sin, kv_cache=kv_cache, cache_slots=cache_slots.to(torch.long),
+                position_ids=position_ids, kv_len=kv_len, mask=keys <= position_ids[:, None, :, None],
+            )  # fmt: skip
+        if routing is not None and routing.record:
+            routing.clear()
+        for layer in self.model.layers:
+            h = layer(h, ctx, routing)
+        h = self.model.norm(h)
+        return ModelOutput(logits=self.lm_head(h), hidden=h if return_hidden else None)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init: normal(0, initializer_range) for matrices, zero biases, unit norms."""
+        std = self.config.initializer_range or 0.02
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.normal_(0.0, std)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, nn.Embedding):
+                mod.weight.normal_(0.0, std)
+            elif isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+            elif isinstance(mod, Experts):
+                mod.gate_up_proj.normal_(0.0, std)
+                mod.down_proj.normal_(0.0, std)
+
+
+# architectures[0] -> model class. Plugins may add entries (e.g. a draft-head model).
+MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    name: CausalLM
+    for name in ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+}
+
+
+def build_model(
+    config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+    init: bool = True,
+) -> CausalLM:  # fmt: skip
+    """A `CausalLM` for `config` with random weights (or uninitialised memory with init=False, for loading).
+
+    The module is built on the meta device and materialised once on `device`, so nothing is initialised
+    twice and a large model never passes through CPU memory.
+    """
+    cls = MODEL_CLASSES.get(config.architecture)
+    if cls is None:
+        raise UsageError(
+            f"no model class is registered for architecture {config.architecture!r}; use one of "
+            f"{sorted(MODEL_CLASSES)}."
+        )
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()  # to_empty materialises shared parameters separately; share them again
+    if init:
+        model.init_weights()
+    return model
+
+
+def swap_modules(model: nn.Module, fn: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
+    """Replace each submodule for which `fn(name, module)` returns a new module; returns replaced names.
+
+    Children of a replaced module are not visited (they belong to the old module).
+    """
+    replaced: list[str] = []
+    for name, mod in list(model.named_modules()):
+        if not name or any(name.startswith(r + ".") for r in replaced):
+            continue
+        new = fn(name, mod)
+        if new is None or new is mod:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replaced.append(name)
+    return replaced
