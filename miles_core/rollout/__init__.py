@@ -1,0 +1,1 @@
+"""Rollout side of the core: data -> engine -> reward -> group filter -> samples."""
