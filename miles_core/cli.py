@@ -1,0 +1,77 @@
+"""The `miles` command: `train`, `plugins`, and the tools around a run.
+
+Every user mistake surfaces as `UsageError` and is printed as one line, ``miles: error: ...``, with
+exit status 2; a traceback means a bug in miles or a plugin.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from miles_core.types import UsageError
+
+USAGE = """usage: miles COMMAND [flags]
+
+commands:
+  train     run GRPO-style RL training (miles train --help lists the flags)
+  plugins   list installed plugins, their versions, hooks and whether each is active
+"""
+
+
+def train_main(argv: list[str]) -> int:
+    from miles_core.args import check_run_args, parse_args
+    from miles_core.plugins import configure_plugins, disabled_from_argv, get_plugin_manager
+
+    pm = get_plugin_manager(disable=disabled_from_argv(argv))
+    args = parse_args(argv, pm)
+    check_run_args(args)
+    active = configure_plugins(pm, args)
+    from miles_core.logging import get_logger
+    from miles_core.loop import run
+
+    on = sorted(name for name, is_on in active.items() if is_on)
+    get_logger("miles").info("plugins active: %s", ", ".join(on) or "none")
+    summary = run(args, pm)
+    print(summary)
+    return 0
+
+
+COMMANDS = {"train": train_main}
+
+
+def _plugins(argv: list[str]) -> int:
+    from miles_core.plugins import plugins_main
+
+    return plugins_main(argv)
+
+
+COMMANDS["plugins"] = _plugins
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(
+            f"miles: error: unknown command '{command}'; choose one of {', '.join(COMMANDS)}.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except UsageError as e:
+        print(f"miles: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "miles: interrupted; resume with the same command (--load) from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

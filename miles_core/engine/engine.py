@@ -1,0 +1,251 @@
+"""The built-in rollout engine: continuous batching over a preallocated KV cache.
+
+Callers `await engine.generate(input_ids, sampling_params)` once per sample; a scheduler task admits
+waiting requests into free cache slots (prefilling each distinct prompt once and copying its cache to
+the other samples of the group), runs one decode step for every running sequence, and resolves a
+request as soon as its sequence stops, freeing the slot for the next one. Everything runs on the
+caller's asyncio loop, so a custom generate function needs no threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from miles_core.engine.sampler import SamplingParams, sample_tokens
+from miles_core.model import CausalLM, KVCache, RoutingState, load_hf_tensors
+
+
+@dataclass
+class EngineOutput:
+    """What one request produced."""
+
+    output_ids: list[int]
+    log_probs: list[float]  # [len(output_ids)] log p of each sampled token (tempered)
+    finish_reason: str  # "stop" (EOS / stop token / stop string) or "length"
+    prompt_len: int
+    weight_version: int
+    routed_experts: np.ndarray | None = None  # int32 [prompt_len + len(output_ids) - 1, L, topk]
+
+
+@dataclass
+class _Seq:
+    prompt: list[int]
+    params: SamplingParams
+    future: asyncio.Future
+    slot: int = -1
+    out: list[int] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+    routes: list[np.ndarray] = field(default_factory=list)  # chunks [n, L, k] in token order
+    finish: str | None = None
+
+
+class Engine:
+    """Batched sampling with a KV cache; the rollout backend named ``torch``."""
+
+    def __init__(
+        self, model: CausalLM, tokenizer: Any = None, *, max_batch_size: int = 256, seed: int = 0
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.capture_routes = False
+        self.weight_version = 0
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
+        self._eos = self._eos_ids()
+        self._cache: KVCache | None = None
+        self._free: list[int] = []
+        self._waiting: list[_Seq] = []
+        self._running: list[_Seq] = []
+        self._task: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------- public interface
+
+    def reseed(self, seed: int) -> None:
+        """Reset the sampling generator (the loop reseeds per rollout so resumed runs repeat)."""
+        self.generator.manual_seed(seed)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy new weights (HF names) into the engine's model in place and bump the version."""
+        load_hf_tensors(self.model, named_tensors)
+        self.weight_version = version
+
+    async def generate(self, input_ids: list[int], sampling_params: dict | SamplingParams) -> EngineOutput:
+        """Sample a continuation of ``input_ids``; returns when this sequence stops."""
+        params = (
+            sampling_params
+            if isinstance(sampling_params, SamplingParams)
+            else SamplingParams.from_dict(sampling_params)
+        )
+        if not input_ids:
+            raise ValueError("generate() needs at least one prompt token.")
+        seq = _Seq(prompt=list(input_ids), params=params, future=asyncio.get_running_loop().create_future())
+        self._waiting.append(seq)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return await seq.future
+
+    def generate_batch(
+        self, prompts: list[list[int]], sampling_params: dict | SamplingParams
+    ) -> list[EngineOutput]:
+        """Synchronous helper: generate for every prompt with the same parameters."""
+
+        async def _all():
+            return await asyncio.gather(*(self.generate(p, sampling_params) for p in prompts))
+
+        return asyncio.run(_all())
+
+    # ---------------------------------------------------------------- scheduler
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting or self._running:
+                with torch.inference_mode():
+                    self._admit()
+                    if self._running:
+                        self._decode_step()
+                await asyncio.sleep(0)
+        except BaseException as e:  # surface the error to every waiting caller instead of hanging
+            for seq in self._waiting + self._running:
+                if not seq.future.done():
+                    seq.future.set_exception(e)
+            self._waiting.clear()
+            self._running.clear()
+            self._free = list(range(self._cache.num_slots)) if self._cache is not None else []
+            raise
+
+    def _ensure_cache(self, need_len: int) -> None:
+        if self._cache is not None and need_len <= self._cache.max_len:
+            return
+        if self._running:  # grow only when idle; admission waits until then
+            return
+        max_len = max(64, -(-need_len // 64) * 64)
+        self._cache = KVCache(self.model.config, self.max_batch_size, max_len, self.dtype, self.device)
+        self._free = list(range(self.max_batch_size))
+
+    def _admit(self) -> None:
+        if not self._waiting:
+            return
+        need = max(len(s.prompt) + s.params.max_new_tokens for s in self._waiting)
+        self._ensure_cache(need)
+        admitted = []
+        while self._waiting and self._free:
+            seq = self._waiting[0]
+            if len(seq.prompt) + seq.params.max_new_tokens > self._cache.max_len:
+                break
+            seq.slot = self._free.pop()
+            admitted.append(self._waiting.pop(0))
+        if admitted:
+            self._prefill(admitted)
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        """Prefill each distinct prompt once, share its cache with the group, sample first tokens."""
+        groups: dict[tuple[int, ...], list[_Seq]] = {}
+        for s in seqs:
+            groups.setdefault(tuple(s.prompt), []).append(s)
+        heads = [g[0] for g in groups.values()]
+        lens = torch.tensor([len(h.prompt) for h in heads], device=self.device)
+        width = int(lens.max())
+        ids = torch.zeros(len(heads), width, dtype=torch.long, device=self.device)
+        for i, h in enumerate(heads):
+            ids[i, : len(h.prompt)] = torch.tensor(h.prompt, device=self.device)
+        pos = torch.arange(width, device=self.device).expand(len(heads), width)
+        slots = torch.tensor([h.slot for h in heads], device=self.device)
+        routing = RoutingState(record=True) if self.capture_routes else None
+        out = self.model(ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing)
+        self.stats["prefill_tokens"] += int(lens.sum())
+        last = out.logits[torch.arange(len(heads), device=self.device), lens - 1]
+        rows, row_logits = [], []
+        for i, group in enumerate(groups.values()):
+            prompt_routes = self._routes(routing, i, len(group[0].prompt)) if routing else None
+            others = [s.slot for s in group[1:]]
+            if others:
+                self._cache.copy_slots(
+                    group[0].slot, torch.tensor(others, device=self.device), len(group[0].prompt)
+                )
+            for s in group:
+                if prompt_routes is not None:
+                    s.routes.append(prompt_routes)
+                rows.append(s)
+                row_logits.append(last[i])
+        self._running.extend(rows)
+        self._sample(rows, torch.stack(row_logits))
+
+    def _decode_step(self) -> None:
+        seqs = self._running
+        ids = torch.tensor([[s.out[-1]] for s in seqs], device=self.device)
+        pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in seqs], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        routing = RoutingState(record=True) if self.capture_routes else None
+        out = self.model(ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing)
+        self.stats["decode_steps"] += 1
+        if routing is not None:
+            for i, s in enumerate(seqs):
+                s.routes.append(self._routes(routing, i, 1))
+        self._sample(list(seqs), out.logits[:, -1])
+
+    def _routes(self, routing: RoutingState, row: int, n: int) -> np.ndarray:
+        per_layer = [t[row, :n] for t in routing.used_topk]  # each [n, k]
+        return torch.stack(per_layer, dim=1).to(torch.int32).cpu().numpy()
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        dev = self.device
+        temp = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=dev)
+        tokens, logps = sample_tokens(logits, temp, top_p, top_k, self.generator)
+        for s, tok, lp in zip(seqs, tokens.tolist(), logps.tolist()):
+            s.out.append(tok)
+            s.logps.append(lp)
+            self.stats["generated_tokens"] += 1
+            s.finish = self._finish_reason(s, tok)
+        self._retire()
+
+    def _finish_reason(self, s: _Seq, tok: int) -> str | None:
+        if tok in self._eos or tok in s.params.stop_token_ids:
+            return "stop"
+        if s.params.stop and self.tokenizer is not None:
+            tail = self.tokenizer.decode(s.out[-32:], skip_special_tokens=False)
+            if any(stop in tail for stop in s.params.stop):
+                return "stop"
+        if len(s.out) >= s.params.max_new_tokens:
+            return "length"
+        return None
+
+    def _retire(self) -> None:
+        still = []
+        for s in self._running:
+            if s.finish is None:
+                still.append(s)
+                continue
+            self._free.append(s.slot)
+            routes = None
+            if s.routes:
+                # The last sampled token is never fed back, so it has no routing row.
+                routes = np.concatenate(s.routes, axis=0)[: len(s.prompt) + len(s.out) - 1]
+            if not s.future.done():
+                s.future.set_result(
+                    EngineOutput(s.out, s.logps, s.finish, len(s.prompt), self.weight_version, routes)
+                )
+        self._running = still
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = getattr(self.model.config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            ids.add(int(tok_eos))
+        return ids

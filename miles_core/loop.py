@@ -1,0 +1,225 @@
+"""The training loop of `miles train`: generate, reward, train, sync weights, log, save, eval.
+
+`build_run` wires the parts together from the parsed flags; `run` is the loop itself, short enough to
+read in one sitting. Each part is reached only through its interface (engine.generate /
+update_weights, trainer.train / named_weights / state_dict), so another backend can replace it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from miles_core.atomic import atomic_write_json
+from miles_core.data import PromptDataset, RolloutDataSource, Tokenizer
+from miles_core.engine import Engine
+from miles_core.logging import MetricsLogger, get_logger, plot_curves, progress
+from miles_core.model import load_model, save_model
+from miles_core.rollout.manager import RolloutManager
+from miles_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from miles_core.train.trainer import Trainer
+from miles_core.types import Sample, Status, TrainBatch, UsageError
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    pm: Any
+    tokenizer: Tokenizer
+    engine: Engine
+    trainer: Trainer
+    rollouts: RolloutManager
+    source: RolloutDataSource
+    logger: MetricsLogger
+    start_rollout: int
+    state: dict  # loop state saved with checkpoints (accuracy_before, ...)
+
+
+def pick_device(args: argparse.Namespace) -> torch.device:
+    if args.device:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {args.device} was asked for but no CUDA device is visible; use --device cpu."
+            )
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_run(args: argparse.Namespace, pm: Any) -> Run:
+    """Load data, models, engine and trainer; resume from ``--load`` when it holds a checkpoint."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args)
+    tokenizer = Tokenizer.from_pretrained(args.hf_checkpoint)
+    common = dict(
+        tokenizer=tokenizer,
+        input_key=args.input_key,
+        label_key=args.label_key,
+        metadata_key=args.metadata_key,
+        apply_chat_template=args.apply_chat_template,
+        system_prompt=args.system_prompt,
+        max_prompt_len=args.rollout_max_prompt_len,
+    )
+    source = RolloutDataSource(
+        PromptDataset(args.prompt_data, **common),
+        args.rollout_batch_size,
+        shuffle=args.rollout_shuffle,
+        seed=args.rollout_seed,
+    )
+    pairs = args.eval_prompt_data or []
+    eval_sets = {pairs[i]: PromptDataset(pairs[i + 1], **common) for i in range(0, len(pairs), 2)}
+
+    resume = latest_checkpoint(args.load)
+    weights = str(resume / "model") if resume else args.hf_checkpoint
+    policy = load_model(weights, dtype=torch.float32, device=device)
+    pm.hook.configure_model(args=args, model=policy, role="train")
+    ref = None
+    if args.use_kl_loss or args.kl_coef:
+        ref = load_model(args.hf_checkpoint, dtype=torch.float32, device=device).eval().requires_grad_(False)
+        pm.hook.configure_model(args=args, model=ref, role="ref")
+    rollout_dtype = args.rollout_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if args.true_on_policy_mode:
+        rollout_dtype = "bfloat16" if args.bf16 else "float32"
+    engine_model = load_model(weights, dtype=_dtype(rollout_dtype), device=device).requires_grad_(False)
+    pm.hook.configure_model(args=args, model=engine_model, role="rollout")
+    n = args.rollout_batch_size * args.n_samples_per_prompt
+    engine = Engine(
+        engine_model,
+        tokenizer,
+        max_batch_size=args.rollout_max_batch_size or max(n, 1),
+        seed=args.rollout_seed,
+    )
+    trainer = Trainer(args, pm, policy, ref)
+    state: dict = {"next_rollout": 0}
+    if resume:
+        trainer_state, state = load_checkpoint(resume)
+        trainer.load_state_dict(trainer_state)
+        source.load_state_dict(state["data"])
+        engine.weight_version = state["next_rollout"]
+        log.info("resumed from %s at rollout %d", resume, state["next_rollout"])
+    logger = MetricsLogger(args.run_dir, resume_from_step=state["next_rollout"] + 1 if resume else None)
+    rollouts = RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
+    return Run(args, pm, tokenizer, engine, trainer, rollouts, source, logger, state["next_rollout"], state)
+
+
+def make_train_batch(samples: list[Sample], args: argparse.Namespace) -> TrainBatch:
+    """Tensors for training; FAILED samples stay in their group with an all-zero loss mask."""
+    rewards = []
+    for s in samples:
+        rewards.append(s.get_reward_value(args.reward_key) if s.status != Status.FAILED else float("nan"))
+    r = torch.tensor(rewards, dtype=torch.float32)
+    g = args.n_samples_per_prompt
+    for start in range(0, len(r), g):  # a failed sample takes its group's mean: no advantage signal
+        chunk = r[start : start + g]
+        ok = ~torch.isnan(chunk)
+        chunk[~ok] = chunk[ok].mean() if ok.any() else 0.0
+    masks = []
+    for s in samples:
+        m = torch.tensor(
+            s.loss_mask if s.loss_mask is not None else [1] * s.response_length, dtype=torch.float32
+        )
+        masks.append(m * 0 if s.status == Status.FAILED or s.response_length == 0 else m)
+    has_logps = all(s.rollout_log_probs is not None for s in samples)
+    return TrainBatch(
+        samples=samples,
+        rewards=r,
+        tokens=[
+            torch.tensor(s.tokens if s.response_length else s.tokens + [0], dtype=torch.long) for s in samples
+        ],
+        loss_masks=masks,
+        rollout_log_probs=[
+            torch.tensor(s.rollout_log_probs or [0.0] * s.response_length, dtype=torch.float32)
+            for s in samples
+        ]
+        if has_logps
+        else None,
+    )
+
+
+def _eval(run: Run, rollout_id: int) -> dict[str, float]:
+    metrics = run.rollouts.evaluate(rollout_id)
+    run.logger.log(rollout_id, metrics)
+    return metrics
+
+
+def _first_accuracy(metrics: dict[str, float]) -> float | None:
+    keys = [k for k in metrics if k.startswith("eval/") and k.endswith("/accuracy")]
+    return metrics[keys[0]] if keys else None
+
+
+def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
+    """Run the whole job; returns the summary written to ``<run-dir>/summary.json``."""
+    t0 = time.perf_counter()
+    r = build_run(args, pm)
+    evaluating = bool(r.rollouts.eval_sets)
+    if evaluating and r.start_rollout == 0:
+        r.state["accuracy_before"] = _first_accuracy(_eval(r, 0))
+    last_eval: dict[str, float] = {}
+    bar = progress(args.num_rollout, "GRPO", disable=None)
+    bar.update(r.start_rollout)
+    for rollout_id in range(r.start_rollout, args.num_rollout):
+        samples, metrics = r.rollouts.generate(rollout_id)
+        steps = r.trainer.train(rollout_id, make_train_batch(samples, args))
+        r.engine.update_weights(r.trainer.named_weights(), version=rollout_id + 1)
+        pm.hook.post_weight_sync(args=args, engine=r.engine, version=rollout_id + 1)
+        train_means = {f"train/{k}": float(np.mean([s[k] for s in steps if k in s])) for k in steps[-1]}
+        r.logger.log(rollout_id + 1, {**metrics, **train_means})
+        bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
+        bar.update(1)
+        done = rollout_id + 1
+        if evaluating and args.eval_interval and done % args.eval_interval == 0:
+            last_eval = _eval(r, done)
+        if args.save and (
+            (args.save_interval and done % args.save_interval == 0) or done == args.num_rollout
+        ):
+            r.state.update(next_rollout=done, data=r.source.state_dict())
+            save_checkpoint(
+                args.save, done, r.trainer.model, r.trainer.state_dict(), r.state, args.hf_checkpoint
+            )
+    bar.close()
+    if evaluating and not (
+        args.eval_interval
+        and args.num_rollout % args.eval_interval == 0
+        and r.start_rollout < args.num_rollout
+    ):
+        last_eval = _eval(r, args.num_rollout)
+    return _finish(r, last_eval, time.perf_counter() - t0)
+
+
+def _finish(r: Run, last_eval: dict[str, float], wall_s: float) -> dict[str, Any]:
+    args = r.args
+    run_dir = Path(args.run_dir)
+    hf_out = Path(args.save_hf) if args.save_hf else run_dir / "final_hf"
+    save_model(r.trainer.model, hf_out, tokenizer_src=args.hf_checkpoint)
+    r.logger.close()
+    names = (args.eval_prompt_data or [])[::2]
+    plot_curves(
+        run_dir / "metrics.jsonl",
+        run_dir / "curves.png",
+        keys=("rollout/reward_mean", *(f"eval/{n}/accuracy" for n in names)),
+    )
+    pairs = args.eval_prompt_data or []
+    summary = {
+        "accuracy_before": r.state.get("accuracy_before"),
+        "accuracy_after": _first_accuracy(last_eval),
+        "num_eval_problems": len(r.rollouts.eval_sets[pairs[0]]) if pairs else 0,
+        "num_rollout": args.num_rollout,
+        "wall_s": round(wall_s, 2),
+        "final_checkpoint": str(hf_out),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,161 @@
+"""The rollout manager: prompts -> engine (via the generate function) -> reward -> samples.
+
+One call of `generate` is one rollout: ``rollout_batch_size`` prompts, ``n_samples_per_prompt``
+samples each, all launched at once so the engine batches them, each rewarded as soon as it finishes.
+`evaluate` does the same over the eval sets without advancing the training data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+from miles_core import drivers
+from miles_core.logging import progress
+from miles_core.rollout.generate import RolloutContext, rollout_context
+from miles_core.rollout.reward import RewardRunner
+from miles_core.types import Sample, Status
+
+
+def sampling_params(args: argparse.Namespace, evaluation: bool = False) -> dict[str, Any]:
+    """SGLang-style sampling parameters from the rollout (or eval) flags."""
+
+    def pick(eval_value, value):
+        return value if not evaluation or eval_value is None else eval_value
+
+    return {
+        "temperature": pick(args.eval_temperature, args.rollout_temperature),
+        "top_p": pick(args.eval_top_p, args.rollout_top_p),
+        "top_k": pick(args.eval_top_k, args.rollout_top_k),
+        "max_new_tokens": pick(args.eval_max_response_len, args.rollout_max_response_len),
+        "stop": args.rollout_stop,
+        "stop_token_ids": args.rollout_stop_token_ids,
+    }
+
+
+def scalar_reward(sample: Sample, key: str | None) -> float:
+    return sample.get_reward_value(key) if sample.reward is not None else 0.0
+
+
+class RolloutManager:
+    """Generates and scores the samples of each rollout."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        pm: Any,
+        engine: Any,
+        tokenizer: Any,
+        source: Any,
+        eval_sets: dict[str, Any] | None = None,
+    ) -> None:
+        self.args, self.pm, self.engine, self.tokenizer = args, pm, engine, tokenizer
+        self.source = source
+        self.eval_sets = eval_sets or {}
+        self.generate_fn = drivers.get_generate_fn(args.custom_generate_function_path or "single_turn")
+        self.rewards = RewardRunner(args)
+
+    def _make_samples(self, prompts: list[Any], n: int) -> list[list[Sample]]:
+        groups = []
+        for g, p in enumerate(prompts):
+            groups.append(
+                [
+                    Sample(
+                        group_index=g,
+                        index=g * n + i,
+                        prompt=p.prompt_text,
+                        tokens=list(p.prompt_ids),
+                        label=p.label,
+                        metadata=dict(p.metadata or {}),
+                    )
+                    for i in range(n)
+                ]
+            )
+        return groups
+
+    async def _one(self, sample: Sample, params: dict, bar: Any) -> Sample:
+        try:
+            out = await self.generate_fn(self.args, sample, dict(params))
+        except Exception as e:  # a failing generate function fails its sample, not the run
+            sample.status = Status.FAILED
+            sample.metadata["generate_error"] = f"{type(e).__name__}: {e}"
+            out = sample
+        if isinstance(out, list):
+            raise TypeError("generate functions returning several samples are not supported yet")
+        if not self.args.group_rm:
+            await self.rewards.score(out)
+        bar.update(1)
+        return out
+
+    async def _group(self, group: list[Sample], params: dict, bar: Any) -> list[Sample]:
+        done = list(await asyncio.gather(*(self._one(s, params, bar) for s in group)))
+        if self.args.group_rm:
+            await self.rewards.score_group(done)
+        return done
+
+    def _run(self, groups: list[list[Sample]], params: dict, desc: str) -> list[list[Sample]]:
+        total = sum(len(g) for g in groups)
+        ctx = RolloutContext(engine=self.engine, tokenizer=self.tokenizer, pm=self.pm)
+
+        async def _all():
+            with rollout_context(ctx), progress(total, desc) as bar:
+                return await asyncio.gather(*(self._group(g, params, bar) for g in groups))
+
+        return asyncio.run(_all())
+
+    def generate(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
+        """Run rollout ``rollout_id``; returns its samples (group-major) and metrics."""
+        args = self.args
+        self.pm.hook.pre_rollout(args=args, rollout_id=rollout_id, engine=self.engine)
+        self.engine.reseed(args.rollout_seed + rollout_id)
+        prompts = self.source.next_batch()
+        failures_before = self.rewards.failures
+        start = time.perf_counter()
+        tokens_before = self.engine.stats["generated_tokens"]
+        groups = self._run(
+            self._make_samples(prompts, args.n_samples_per_prompt),
+            sampling_params(args),
+            f"rollout {rollout_id}",
+        )
+        elapsed = time.perf_counter() - start
+        samples = [s for g in groups for s in g]
+        metrics = self._metrics(samples, args.reward_key, "rollout")
+        metrics["rollout/reward_failed"] = float(self.rewards.failures - failures_before)
+        metrics["rollout/time_s"] = elapsed
+        metrics["rollout/tok_per_s"] = (self.engine.stats["generated_tokens"] - tokens_before) / max(
+            elapsed, 1e-9
+        )
+        for extra in self.pm.hook.rollout_metrics(args=args, rollout_id=rollout_id, samples=samples):
+            metrics.update({f"rollout/{k}": float(v) for k, v in (extra or {}).items()})
+        return samples, metrics
+
+    def evaluate(self, rollout_id: int) -> dict[str, float]:
+        """Score every eval set; ``eval/<name>/accuracy`` is the fraction of rewards above 0.5."""
+        args = self.args
+        params = sampling_params(args, evaluation=True)
+        metrics: dict[str, float] = {}
+        self.engine.reseed(args.rollout_seed + 10_000_019 + rollout_id)
+        key = args.eval_reward_key or args.reward_key
+        for name, dataset in self.eval_sets.items():
+            groups = self._run(
+                self._make_samples(list(dataset), args.n_samples_per_eval_prompt), params, f"eval {name}"
+            )
+            samples = [s for g in groups for s in g]
+            for k, v in self._metrics(samples, key, f"eval/{name}").items():
+                metrics[k] = v
+        return metrics
+
+    def _metrics(self, samples: list[Sample], key: str | None, prefix: str) -> dict[str, float]:
+        ok = [s for s in samples if s.status != Status.FAILED]
+        rewards = [scalar_reward(s, key) for s in ok]
+        n = max(len(samples), 1)
+        return {
+            f"{prefix}/reward_mean": sum(rewards) / max(len(rewards), 1),
+            f"{prefix}/accuracy": sum(r > 0.5 for r in rewards) / n,
+            f"{prefix}/response_len_mean": sum(s.response_length for s in samples) / n,
+            f"{prefix}/truncated_frac": sum(s.status == Status.TRUNCATED for s in samples) / n,
+            f"{prefix}/failed_frac": sum(s.status == Status.FAILED for s in samples) / n,
+            f"{prefix}/num_samples": float(len(samples)),
+        }

@@ -1,0 +1,289 @@
+"""The built-in train backend (``torch``): log-probs, PPO/GRPO policy loss, AdamW steps.
+
+One `train` call consumes one rollout: the "old" (and "ref") log-probs are computed for the whole
+batch, advantages come from the `advantage` hook, then the batch is split into
+``num_steps_per_rollout`` optimizer steps of ``global_batch_size`` samples, each accumulated over
+micro-batches of ``micro_batch_size`` right-padded samples. Loss denominators are those of the whole
+step, so the accumulated gradient equals the gradient of the step-level loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from miles_core.model import CausalLM, RoutingState, named_hf_tensors
+from miles_core.train.losses import (
+    LossTerms,
+    aggregate,
+    compute_approx_kl,
+    gspo_log_ratio,
+    log_probs_and_entropy,
+    mismatch_metrics,
+    policy_loss,
+)
+from miles_core.types import TrainBatch
+
+
+@dataclass
+class MicroBatch:
+    """A right-padded slice of a batch, as fed to the model."""
+
+    index: list[int]  # positions of its samples in the batch
+    input_ids: torch.Tensor  # int64 [B, T]: tokens[:-1] of each sample, right-padded
+    resp_rows: torch.Tensor  # int64 [N]: batch row of each response token
+    resp_cols: torch.Tensor  # int64 [N]: input position that predicts it
+    targets: torch.Tensor  # int64 [N]: the response token ids
+    lengths: list[int]  # response length per sample
+    loss_mask: torch.Tensor  # float32 [N]
+    replay: list[torch.Tensor] | None = None  # per MoE layer int64 [B, T, k]
+
+
+def _cat(xs: list[torch.Tensor] | None, idx: list[int], device: torch.device) -> torch.Tensor | None:
+    return None if xs is None else torch.cat([xs[i].float() for i in idx]).to(device)
+
+
+class Trainer:
+    """Owns the policy (fp32 master weights), the optional reference model and the optimizer."""
+
+    def __init__(self, args: argparse.Namespace, pm: Any, model: CausalLM, ref_model: CausalLM | None = None):
+        self.args, self.pm, self.model, self.ref_model = args, pm, model, ref_model
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
+            weight_decay=args.weight_decay,
+        )
+        self.step = 0
+        self.total_steps = max(1, (args.num_rollout or 1) * (args.num_steps_per_rollout or 1))
+        self.temperature = args.rollout_temperature if args.rollout_temperature > 0 else 1.0
+
+    # ------------------------------------------------------------------ batching and forward
+
+    def micro_batches(self, batch: TrainBatch, idx: list[int]) -> Iterator[MicroBatch]:
+        mbs = self.args.micro_batch_size
+        for start in range(0, len(idx), mbs):
+            yield self._make_micro_batch(batch, idx[start : start + mbs])
+
+    def _make_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
+        dev = self.device
+        seqs = [batch.tokens[i] for i in index]
+        width = max(len(s) - 1 for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        rows, cols, targets, lengths = [], [], [], []
+        for b, (i, s) in enumerate(zip(index, seqs)):
+            ids[b, : len(s) - 1] = s[:-1]
+            r = batch.samples[i].response_length
+            p = len(s) - r
+            rows.append(torch.full((r,), b, dtype=torch.long))
+            cols.append(torch.arange(p - 1, p - 1 + r))
+            targets.append(s[p:])
+            lengths.append(r)
+        replay = None
+        if batch.replay_routes is not None:
+            routes = [batch.replay_routes[i] for i in index]
+            num_layers, k = routes[0].shape[1], routes[0].shape[2]
+            table = torch.zeros(len(seqs), width, num_layers, k, dtype=torch.long)
+            for b, r in enumerate(routes):
+                table[b, : r.shape[0]] = torch.as_tensor(r, dtype=torch.long)
+            replay = [table[:, :, m].to(dev) for m in range(num_layers)]
+        return MicroBatch(
+            index=index,
+            input_ids=ids.to(dev),
+            resp_rows=torch.cat(rows).to(dev),
+            resp_cols=torch.cat(cols).to(dev),
+            targets=torch.cat(targets).long().to(dev),
+            lengths=lengths,
+            loss_mask=torch.cat([batch.loss_masks[i].float() for i in index]).to(dev),
+            replay=replay,
+        )
+
+    def _autocast(self):
+        if self.args.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, model: CausalLM, mb: MicroBatch, record: bool = False, with_entropy: bool = True):
+        """Response-token log-probs ``[N]``, entropies ``[N]``, the model output and routing state."""
+        routing = (
+            RoutingState(record=record or mb.replay is not None, replay=mb.replay)
+            if (record or mb.replay is not None)
+            else None
+        )
+        with self._autocast():
+            out = model(mb.input_ids, routing=routing, return_hidden=True)
+        logits = out.logits[mb.resp_rows, mb.resp_cols] / self.temperature
+        logp, ent = log_probs_and_entropy(logits, mb.targets, with_entropy=with_entropy)
+        return logp, ent, out, routing
+
+    # ------------------------------------------------------------------ log-probs
+
+    @torch.no_grad()
+    def compute_log_probs(self, batch: TrainBatch, stage: str) -> list[torch.Tensor]:
+        """Per-sample response log-probs under the policy (``old``) or reference model (``ref``)."""
+        model = self.ref_model if stage == "ref" else self.model
+        self.pm.hook.pre_forward(args=self.args, model=model, batch=batch, stage=stage)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        recorded: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        for mb in self.micro_batches(batch, list(range(len(batch)))):
+            logp, _, _, routing = self.forward(model, mb, record=batch.record_routes, with_entropy=False)
+            for j, (i, piece) in enumerate(zip(mb.index, logp.split(mb.lengths))):
+                out[i] = piece.float().cpu()
+                if batch.record_routes and routing is not None:
+                    n = len(batch.tokens[i]) - 1
+                    recorded[i] = torch.stack([t[j, :n] for t in routing.router_topk], dim=1).int().cpu()
+        if batch.record_routes:
+            batch.recorded_routes = recorded
+        return out
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, rollout_id: int, batch: TrainBatch) -> list[dict[str, float]]:
+        """Train on one rollout; returns the metrics of each optimizer step."""
+        args = self.args
+        batch.old_log_probs = self.compute_log_probs(batch, "old")
+        if args.use_kl_loss or args.kl_coef:
+            if self.ref_model is None:
+                raise RuntimeError(
+                    "a KL term needs the reference model; the loop builds it for --use-kl-loss"
+                )
+            batch.ref_log_probs = self.compute_log_probs(batch, "ref")
+        rollout_metrics = self._mismatch(batch)
+        batch.advantages = self.pm.hook.advantage(args=args, batch=batch)
+        if batch.advantages is None:
+            raise RuntimeError(
+                f"no plugin computed advantages for --advantage-estimator {args.advantage_estimator}"
+            )
+        n, gbs = len(batch), args.global_batch_size
+        all_metrics = []
+        for start in range(0, n, gbs):
+            metrics = self._step(batch.subset(list(range(start, min(n, start + gbs)))))
+            all_metrics.append({**rollout_metrics, **metrics})
+        return all_metrics
+
+    def _mismatch(self, batch: TrainBatch) -> dict[str, float]:
+        if batch.rollout_log_probs is None:
+            return {}
+        idx = list(range(len(batch)))
+        train, roll = _cat(batch.old_log_probs, idx, "cpu"), _cat(batch.rollout_log_probs, idx, "cpu")
+        mask = _cat(batch.loss_masks, idx, "cpu")
+        metrics = mismatch_metrics(train, roll, mask)
+        ratio = torch.exp(train - roll)
+        clipped = ((ratio > self.args.tis_clip) | (ratio < self.args.tis_clip_low)).float()
+        metrics["tis_clipfrac"] = float((clipped * mask).sum() / mask.sum().clamp(min=1))
+        return metrics
+
+    def _lr(self) -> float:
+        a = self.args
+        if a.lr_warmup_iters and self.step < a.lr_warmup_iters:
+            return a.lr * (self.step + 1) / a.lr_warmup_iters
+        frac = min(1.0, max(0, self.step - a.lr_warmup_iters) / max(1, self.total_steps - a.lr_warmup_iters))
+        if a.lr_decay_style == "linear":
+            return a.min_lr + (a.lr - a.min_lr) * (1 - frac)
+        if a.lr_decay_style == "cosine":
+            return a.min_lr + (a.lr - a.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+        return a.lr
+
+    def _step(self, batch: TrainBatch) -> dict[str, float]:
+        args = self.args
+        self.model.train()
+        self.pm.hook.pre_forward(args=args, model=self.model, batch=batch, stage="train")
+        idx = list(range(len(batch)))
+        mask_all = torch.cat([m.float() for m in batch.loss_masks])
+        denom = float(mask_all.sum().clamp(min=1)) if args.calculate_per_token_loss else float(len(batch))
+        sums: dict[str, float] = {}
+        for g in self.optimizer.param_groups:
+            g["lr"] = self._lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        for mb in self.micro_batches(batch, idx):
+            for k, v in self._micro_step(batch, mb, denom).items():
+                sums[k] = sums.get(k, 0.0) + v
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, args.clip_grad if args.clip_grad > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.step += 1
+        metrics = {k: v for k, v in sums.items()}
+        metrics.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"])
+        self.model.eval()
+        self.pm.hook.post_step(args=args, step=self.step, model=self.model, metrics=metrics)
+        return metrics
+
+    def _micro_step(self, batch: TrainBatch, mb: MicroBatch, denom: float) -> dict[str, float]:
+        """Forward + backward of one micro-batch; returns its share of the step's metrics."""
+        args = self.args
+        logp, ent, out, _ = self.forward(self.model, mb)
+        old = _cat(batch.old_log_probs, mb.index, self.device)
+        adv = _cat(batch.advantages, mb.index, self.device)
+        log_ratio = None
+        if args.advantage_estimator == "gspo":
+            log_ratio = gspo_log_ratio(logp, old, mb.loss_mask, mb.lengths)
+        pg, clipfrac, ppo_kl = policy_loss(
+            logp, old, adv, args.eps_clip, args.eps_clip_high, args.eps_clip_c, log_ratio=log_ratio
+        )
+        terms = LossTerms(
+            log_probs=logp,
+            old_log_probs=old,
+            advantages=adv,
+            loss_mask=mb.loss_mask.clone(),
+            pg_loss=pg,
+            lengths=mb.lengths,
+            rollout_log_probs=_cat(batch.rollout_log_probs, mb.index, self.device),
+        )
+        extra: dict[str, float] = {}
+        for m in self.pm.hook.loss_correction(args=args, terms=terms):
+            extra.update(m or {})
+
+        def agg(x: torch.Tensor, mask: torch.Tensor = terms.loss_mask) -> torch.Tensor:
+            return aggregate(x, mask, mb.lengths, args.calculate_per_token_loss, denom)
+
+        pg_loss = agg(terms.pg_loss)
+        loss = pg_loss
+        metrics = {
+            "pg_loss": pg_loss.item(),
+            "pg_clipfrac": agg(clipfrac).item(),
+            "ppo_kl": agg(ppo_kl).item(),
+            "entropy": agg(ent.detach()).item(),
+        }
+        if args.entropy_coef:
+            loss = loss - args.entropy_coef * agg(ent)
+        kl_loss = torch.zeros(())
+        if args.use_kl_loss:
+            ref = _cat(batch.ref_log_probs, mb.index, self.device)
+            kl_loss = agg(compute_approx_kl(logp, ref, args.kl_loss_type))
+            loss = loss + args.kl_loss_coef * kl_loss
+        metrics["kl_loss"] = kl_loss.item()
+        for aux in self.pm.hook.auxiliary_loss(args=args, model=self.model, inputs=mb, outputs=out):
+            if aux is not None:
+                aux_loss, aux_metrics = aux
+                loss = loss + aux_loss
+                metrics.update(aux_metrics or {})
+        loss.backward()
+        # Hook metrics are per-micro-batch means; weight them by this micro-batch's share of the step.
+        share = (
+            (mb.loss_mask.sum().item() / denom) if args.calculate_per_token_loss else len(mb.index) / denom
+        )
+        metrics.update({k: v * share for k, v in extra.items()})
+        return metrics
+
+    # ------------------------------------------------------------------ weights and state
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named policy tensors, for the weight sync to the engine and for saving."""
+        return named_hf_tensors(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
