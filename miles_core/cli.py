@@ -32,20 +32,22 @@ def train_main(argv: list[str]) -> int:
     on = sorted(name for name, is_on in active.items() if is_on)
     get_logger("miles").info("plugins active: %s", ", ".join(on) or "none")
     summary = run(args, pm)
-    print(summary)
+    if summary["accuracy_before"] is not None and summary["accuracy_after"] is not None:
+        print(
+            f"held-out accuracy: {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
+            f"on {summary['num_eval_problems']} problems"
+        )
+    print(f"done in {summary['wall_s']:.1f} s; metrics, curves.png and summary.json are in {args.run_dir}")
     return 0
 
 
-COMMANDS = {"train": train_main}
-
-
-def _plugins(argv: list[str]) -> int:
+def plugins_cmd(argv: list[str]) -> int:
     from miles_core.plugins import plugins_main
 
     return plugins_main(argv)
 
 
-COMMANDS["plugins"] = _plugins
+COMMANDS = {"train": train_main, "plugins": plugins_cmd}
 
 
 def main(argv: list[str] | None = None) -> int:

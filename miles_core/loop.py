@@ -168,6 +168,7 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
     evaluating = bool(r.rollouts.eval_sets)
     if evaluating and r.start_rollout == 0:
         r.state["accuracy_before"] = _first_accuracy(_eval(r, 0))
+        log.info("held-out accuracy before training: %.3f", r.state["accuracy_before"] or 0.0)
     last_eval: dict[str, float] = {}
     bar = progress(args.num_rollout, "GRPO", disable=None)
     bar.update(r.start_rollout)

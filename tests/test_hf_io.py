@@ -215,3 +215,27 @@ def test_unsupported_configs_raise_usage_error(change, match):
     d = {"architectures": ["LlamaForCausalLM"], **COMMON, "num_hidden_layers": 1, **change}
     with pytest.raises(UsageError, match=match):
         ModelConfig.from_hf(d)
+
+
+def test_weight_loader_receives_tensors_of_swapped_modules():
+    """A plugin's module that stores weights its own way gets them through ``weight_loader``."""
+    from miles_core.model import swap_modules
+
+    cfg = dict(MOE, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+    model = build_model(ModelConfig.from_hf(cfg))
+    received = {}
+
+    class Packed(torch.nn.Module):
+        def __init__(self, prefix):
+            super().__init__()
+            self.prefix = prefix
+
+        def weight_loader(self, rest, tensor):
+            received[f"{self.prefix}.{rest}"] = tensor.clone()
+
+    swap_modules(model, lambda name, m: Packed(name) if name.endswith(("q_proj", "experts")) else None)
+    source = build_model(ModelConfig.from_hf(cfg))
+    names = load_hf_tensors(model, named_hf_tensors(source))
+    assert any(k.endswith("self_attn.q_proj.weight") for k in received)
+    assert any(".experts.0.gate_proj.weight" in k for k in received)
+    assert len(names) == len(list(named_hf_tensors(source)))

@@ -85,7 +85,10 @@ def load_hf_tensors(
     """Copy HF-named tensors into the model's parameters in place (no reallocation); returns the names.
 
     Per-expert and fused expert names are both accepted. Unknown names or wrong shapes raise UsageError;
-    with `strict`, so does any model weight left unset.
+    with `strict`, so does any model weight left unset. A module that stores its weights in another format
+    (a quantized linear or expert block swapped in by a plugin) defines ``weight_loader(name, tensor)``;
+    tensors under it are handed to that loader with the rest of the name (``"weight"``,
+    ``"3.gate_proj.weight"``), so the plugin decides how to store them.
     """
     params = model.state_dict(keep_vars=True)
     loaded: list[str] = []
@@ -93,6 +96,12 @@ def load_hf_tensors(
     with torch.no_grad():
         for name, src in named:
             if _IGNORED_RE.search(name):
+                continue
+            custom = _module_loader(model, name)
+            if custom is not None:
+                loader, rest = custom
+                loader(rest, src)
+                loaded.append(name)
                 continue
             hit = _target(params, name)
             if hit is None:
@@ -112,6 +121,19 @@ def load_hf_tensors(
     if strict:
         _check_covered(model, covered)
     return loaded
+
+
+def _module_loader(model: CausalLM, name: str):
+    """``(module.weight_loader, rest of the name)`` for the deepest module on ``name``'s path, if it has one."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            module = model.get_submodule(".".join(parts[:cut]))
+        except AttributeError:
+            continue
+        loader = getattr(module, "weight_loader", None)
+        return (loader, ".".join(parts[cut:])) if callable(loader) else None
+    return None
 
 
 def _check_covered(model: CausalLM, covered: set[str]) -> None:

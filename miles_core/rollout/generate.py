@@ -90,10 +90,10 @@ async def multi_turn(args: argparse.Namespace, sample: Sample, sampling_params: 
     prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
     ids, logps, mask = list(prompt_ids), [], []
     max_total = int(sampling_params.get("max_new_tokens", 128))
-    finish = "stop"
+    finish, routes = "stop", None
     while True:
         params = dict(sampling_params, max_new_tokens=max(1, max_total - len(mask)))
-        out_ids, lps, finish, _ = await generate_into(args, sample, ids, params)
+        out_ids, lps, finish, routes = await generate_into(args, sample, ids, params)
         ids += out_ids
         logps += lps
         mask += [1] * len(out_ids)
@@ -112,4 +112,6 @@ async def multi_turn(args: argparse.Namespace, sample: Sample, sampling_params: 
     sample.rollout_log_probs = logps
     sample.loss_mask = mask
     sample.status = Status.COMPLETED if finish == "stop" else Status.TRUNCATED
+    if routes is not None:  # the last turn's routes cover every token fed so far
+        ctx.pm.hook.on_route_record(args=args, sample=sample, routed_experts=routes)
     return sample

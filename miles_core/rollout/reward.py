@@ -56,6 +56,7 @@ class RewardRunner:
             self.fn = resolve_rm(args.rm_type)
         self._by_name: dict[str, Callable] = {}
         self._sem: asyncio.Semaphore | None = None
+        self._sem_loop: asyncio.AbstractEventLoop | None = None
         self.failures = 0
         self.errors: list[str] = []
 
@@ -68,8 +69,9 @@ class RewardRunner:
         return self._by_name[name]
 
     async def _call(self, fn: Callable, *call_args: Any) -> Any:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(max(1, self.args.rm_concurrency))
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:  # each rollout runs its own event loop
+            self._sem, self._sem_loop = asyncio.Semaphore(max(1, self.args.rm_concurrency)), loop
         async with self._sem:
             coro = _maybe_await(fn(self.args, *call_args))
             if self.args.rm_timeout:
