@@ -1,0 +1,173 @@
+"""Benchmark: how much of the train/rollout mismatch of a bf16 rollout and an fp32 trainer R3 removes.
+
+One random Qwen3-MoE (router logits close together, as in trained MoEs where several experts score
+alike) generates one bf16 rollout with route capture on (through the miles-r3 plugin). The fp32 trainer
+then computes the "old" log-probs of that same batch with the same weights twice: with its own routing
+and with --use-rollout-routing-replay. Only replay differs between the two arms.
+
+    python bench/r3_mismatch.py [--preset cpu-small|gpu] [--device cpu|cuda]
+
+Prints one JSON line: mismatch_no_r3 / mismatch_r3 (fraction of (token, layer, slot) entries whose expert
+in the training forward differs from the rollout's), kl_no_r3 / kl_r3 (train_rollout_kl), and the checks
+(R3 cuts the KL >= 2x, replayed mismatch exactly 0); the exit status is 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "plugins" / "miles_r3"):  # runnable from a checkout without installing
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import miles_r3.plugin as r3_plugin  # noqa: E402
+from miles_r3.routes import MismatchCount, count_mismatch  # noqa: E402
+
+from miles_core import Sample, Status  # noqa: E402
+from miles_core.args import parse_args  # noqa: E402
+from miles_core.engine import Engine  # noqa: E402
+from miles_core.loop import make_train_batch  # noqa: E402
+from miles_core.model import ModelConfig, build_model  # noqa: E402
+from miles_core.plugins import configure_plugins, get_plugin_manager  # noqa: E402
+from miles_core.train.losses import mismatch_metrics  # noqa: E402
+from miles_core.train.trainer import Trainer  # noqa: E402
+
+PRESETS = {
+    # >= 8 experts, >= 4 layers, >= 64 samples; about 10 s on 2 CPU cores.
+    "cpu-small": dict(layers=4, experts=16, topk=4, hidden=64, vocab=256, prompts=32, n=2, new_tokens=24),
+    # Not yet run on a GPU (sized for one H100; untested).
+    "gpu": dict(layers=8, experts=64, topk=8, hidden=512, vocab=4096, prompts=64, n=8, new_tokens=128),
+}
+GATE_SCALE = 0.1  # shrinks router logits toward each other: bf16 noise then reorders near-tied experts
+
+
+def build(p: dict, device: torch.device, seed: int):
+    config = ModelConfig.from_hf(
+        {
+            "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": p["vocab"], "hidden_size": p["hidden"],
+            "intermediate_size": 2 * p["hidden"], "num_hidden_layers": p["layers"], "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": p["hidden"] // 4, "num_experts": p["experts"],
+            "num_experts_per_tok": p["topk"], "moe_intermediate_size": p["hidden"], "norm_topk_prob": True,
+            "initializer_range": 0.1, "max_position_embeddings": 1024,
+        }
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = build_model(config, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(GATE_SCALE)
+    return model.eval()
+
+
+def make_args(pm, p: dict, *flags: str) -> argparse.Namespace:
+    args = parse_args(["--n-samples-per-prompt", str(p["n"]), "--micro-batch-size", "16", *flags], pm)
+    args.rollout_batch_size, args.num_rollout = p["prompts"], 1
+    args.global_batch_size, args.num_steps_per_rollout = p["prompts"] * p["n"], 1
+    configure_plugins(pm, args)
+    return args
+
+
+def rollout(model, pm, args, p: dict, seed: int) -> list[Sample]:
+    """bf16 generation from a copy of the fp32 weights; routes reach the samples through on_route_record."""
+    n = p["prompts"] * p["n"]
+    engine = Engine(copy.deepcopy(model).to(torch.bfloat16), max_batch_size=n, seed=seed)
+    pm.hook.pre_rollout(args=args, rollout_id=0, engine=engine)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(p["vocab"]) for _ in range(rng.randint(8, 16))] for _ in range(p["prompts"])]
+    prompts = [q for q in prompts for _ in range(p["n"])]
+    outs = engine.generate_batch(prompts, {"temperature": 1.0, "max_new_tokens": p["new_tokens"]})
+    samples = []
+    for i, (q, out) in enumerate(zip(prompts, outs)):
+        s = Sample(group_index=i // p["n"], index=i, tokens=q + out.output_ids, reward=0.0)
+        s.response_length, s.status = len(out.output_ids), Status.TRUNCATED
+        s.rollout_log_probs, s.loss_mask = out.log_probs, [1] * len(out.output_ids)
+        pm.hook.on_route_record(args=args, sample=s, routed_experts=out.routed_experts)
+        samples.append(s)
+    return samples
+
+
+def old_forward(model, p: dict, samples: list[Sample], *flags: str) -> dict[str, float]:
+    """The trainer's "old" log-prob pass, the plugin configured by ``flags``; returns the arm's numbers."""
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[r3_plugin])
+    args = make_args(pm, p, *flags)
+    batch = make_train_batch(copy.deepcopy(samples), args)
+    trainer = Trainer(args, pm, model)
+    used = MismatchCount()
+    inner = trainer.forward
+
+    def forward(m, mb, record=False, with_entropy=True):  # see the experts this very forward used
+        out = inner(m, mb, record=record, with_entropy=with_entropy)
+        for j, i in enumerate(mb.index):
+            n = len(batch.tokens[i]) - 1
+            table = torch.stack([t[j, :n] for t in out[3].used_topk], dim=1)
+            nonlocal used
+            used = used + count_mismatch(batch.samples[i].rollout_routed_experts, table)
+        return out
+
+    trainer.forward = forward
+    logp = trainer.compute_log_probs(batch, "old")
+    step: dict[str, float] = {}
+    pm.hook.post_step(args=args, step=1, model=model, metrics=step)
+    idx = range(len(batch))
+    kl = mismatch_metrics(
+        torch.cat([logp[i] for i in idx]),
+        torch.cat([batch.rollout_log_probs[i] for i in idx]),
+        torch.cat([batch.loss_masks[i] for i in idx]),
+    )
+    return {"used_mismatch": used.entry_frac, "router_mismatch": step["routing_mismatch_frac"], **kl}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu-small on CPU")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (tiny matmuls gain nothing)")
+    ns = ap.parse_args(argv)
+    device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # On a shared CPU, OpenMP spin-waits make small bf16 matmuls ~100x slower with several threads.
+    torch.set_num_threads(ns.threads)
+    preset = ns.preset or ("gpu" if device.type == "cuda" else "cpu-small")
+    p = PRESETS[preset]
+    t0 = time.perf_counter()
+    model = build(p, device, ns.seed)
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[r3_plugin])
+    samples = rollout(model, pm, make_args(pm, p, "--record-routing-mismatch"), p, ns.seed)
+    t_rollout = time.perf_counter() - t0
+    plain = old_forward(model, p, samples, "--record-routing-mismatch")
+    r3 = old_forward(model, p, samples, "--use-rollout-routing-replay")
+    result = {
+        "bench": "r3_mismatch",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "preset": preset,
+        **{k: p[k] for k in ("layers", "experts", "topk")},
+        "samples": len(samples),
+        "tokens": sum(len(s.tokens) - 1 for s in samples),
+        "mismatch_no_r3": plain["used_mismatch"],
+        "mismatch_r3": r3["used_mismatch"],
+        "router_mismatch_r3": r3["router_mismatch"],  # the router's own top-k while replaying (not used)
+        "kl_no_r3": plain["train_rollout_kl"],
+        "kl_r3": r3["train_rollout_kl"],
+        "logprob_abs_diff_no_r3": plain["train_rollout_logprob_abs_diff"],
+        "logprob_abs_diff_r3": r3["train_rollout_logprob_abs_diff"],
+        "kl_reduction": plain["train_rollout_kl"] / max(r3["train_rollout_kl"], 1e-30),
+        "rollout_s": round(t_rollout, 2),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    checks = result["kl_reduction"] >= 2 and result["mismatch_r3"] == 0 and result["mismatch_no_r3"] > 0
+    result["ok"] = bool(checks)
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
