@@ -57,6 +57,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.capture_routes = False
+        # A plugin may install a speculator: an object whose decode_step(engine, seqs) advances every
+        # running sequence by >= 1 token through engine.accept (and appends their routes when
+        # engine.capture_routes). Positions follow from lengths, so rejected drafts need no cleanup.
+        self.speculator: Any = None
         self.weight_version = 0
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -182,6 +186,10 @@ class Engine:
 
     def _decode_step(self) -> None:
         seqs = self._running
+        if self.speculator is not None:
+            self.speculator.decode_step(self, list(seqs))
+            self._retire()
+            return
         ids = torch.tensor([[s.out[-1]] for s in seqs], device=self.device)
         pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in seqs], device=self.device)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
@@ -204,11 +212,25 @@ class Engine:
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=dev)
         tokens, logps = sample_tokens(logits, temp, top_p, top_k, self.generator)
         for s, tok, lp in zip(seqs, tokens.tolist(), logps.tolist()):
+            self.accept(s, [tok], [lp])
+        self._retire()
+
+    def accept(self, s: _Seq, tokens: list[int], log_probs: list[float]) -> int:
+        """Append sampled tokens to a running sequence, stopping at the first that finishes it.
+
+        Returns how many were taken. A speculator calls this with every token its verification
+        accepted; tokens after a stop are dropped (their cache entries are simply overwritten later).
+        """
+        taken = 0
+        for tok, lp in zip(tokens, log_probs):
             s.out.append(tok)
             s.logps.append(lp)
             self.stats["generated_tokens"] += 1
+            taken += 1
             s.finish = self._finish_reason(s, tok)
-        self._retire()
+            if s.finish is not None:
+                break
+        return taken
 
     def _finish_reason(self, s: _Seq, tok: int) -> str | None:
         if tok in self._eos or tok in s.params.stop_token_ids:

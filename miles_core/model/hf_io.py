@@ -124,7 +124,7 @@ def load_hf_tensors(
 
 
 def _module_loader(model: CausalLM, name: str):
-    """``(module.weight_loader, rest of the name)`` for the deepest module on ``name``'s path, if it has one."""
+    """`(module.weight_loader, rest of name)` for the deepest module on the path of `name`, if any."""
     parts = name.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         try:
