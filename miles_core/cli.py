@@ -15,6 +15,7 @@ USAGE = """usage: miles COMMAND [flags]
 commands:
   train     run GRPO-style RL training (miles train --help lists the flags)
   plugins   list installed plugins, their versions, hooks and whether each is active
+  convert   convert an HF checkpoint (fp8, int4, MTP layers: provided by plugins)
 """
 
 
@@ -47,7 +48,38 @@ def plugins_cmd(argv: list[str]) -> int:
     return plugins_main(argv)
 
 
-COMMANDS = {"train": train_main, "plugins": plugins_cmd}
+def convert_main(argv: list[str]) -> int:
+    """`miles convert --hf-checkpoint IN --output OUT --to FORMAT`: plugins do the converting."""
+    import argparse
+    from pathlib import Path
+
+    from miles_core.plugins import add_plugin_arguments, disabled_from_argv, get_plugin_manager
+
+    pm = get_plugin_manager(disable=disabled_from_argv(argv))
+    parser = argparse.ArgumentParser(prog="miles convert", description="Convert an HF checkpoint.")
+    parser.add_argument("--hf-checkpoint", required=True, help="Folder of the source HF checkpoint.")
+    parser.add_argument("--output", required=True, help="Folder to write the converted checkpoint to.")
+    parser.add_argument(
+        "--to", default=None, help="Target format, e.g. fp8 (miles-fp8), int4 (miles-int4qat)."
+    )
+    add_plugin_arguments(parser)
+    pm.hook.add_convert_arguments(parser=parser)
+    args = parser.parse_args(argv)
+    if not Path(args.hf_checkpoint, "config.json").is_file():
+        raise UsageError(
+            f"--hf-checkpoint {args.hf_checkpoint} has no config.json; point it at an HF checkpoint."
+        )
+    if not pm.hook.convert_checkpoint(args=args, input_dir=args.hf_checkpoint, output_dir=args.output):
+        what = f"--to {args.to}" if args.to else "these flags"
+        raise UsageError(
+            f"no installed plugin converts {what}; install miles-fp8 (--to fp8), miles-int4qat (--to int4) "
+            "or miles-specrl (--add-mtp-layers N)."
+        )
+    print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"train": train_main, "plugins": plugins_cmd, "convert": convert_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,6 +205,37 @@ def post_step(args: argparse.Namespace, step: int, model: torch.nn.Module, metri
 
 
 # -------------------------------------------------------------------------------------------------
+# checkpoint conversion (`miles convert`)
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the plugin's flags to ``miles convert`` (e.g. ``--add-mtp-layers``).
+
+    Called once by the driver while the ``miles convert`` parser is built. The core defines
+    ``--hf-checkpoint`` (input folder), ``--output`` and ``--to NAME``.
+
+    :param parser: the ``argparse.ArgumentParser`` of ``miles convert``.
+    :returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def convert_checkpoint(args: argparse.Namespace, input_dir: str, output_dir: str) -> bool | None:
+    """Convert an HF checkpoint, if the flags ask for a conversion this plugin owns.
+
+    Called by the driver of ``miles convert``; ``firstresult``: the first plugin that returns ``True``
+    did the conversion. Write the output atomically (``miles_core.atomic.atomic_dir``).
+
+    :param args: the parsed ``miles convert`` namespace (``args.to`` names the target format).
+    :param input_dir: folder of the source HF checkpoint (config.json, safetensors, tokenizer files).
+    :param output_dir: folder to write the converted checkpoint to.
+    :returns: ``True`` if this plugin converted the checkpoint, else ``None``.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
 # weight sync
 # -------------------------------------------------------------------------------------------------
 

@@ -183,3 +183,11 @@ def test_custom_rm_path_forms(tiny_ckpt, prompts_file, tmp_path, monkeypatch, fo
     assert main(argv) == 0
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["rollout/reward_mean"] == 1.0
+
+
+def test_convert_without_plugin_says_what_to_install(tiny_ckpt, tmp_path, capsys):
+    msg = error_of(
+        capsys,
+        ["convert", "--hf-checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "o"), "--to", "nonesuch"],
+    )
+    assert "--to nonesuch" in msg and "miles-fp8" in msg
