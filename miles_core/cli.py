@@ -16,6 +16,7 @@ commands:
   train     run GRPO-style RL training (miles train --help lists the flags)
   plugins   list installed plugins, their versions, hooks and whether each is active
   convert   convert an HF checkpoint (fp8, int4, MTP layers: provided by plugins)
+  rm-check  score a JSONL of {response, label} rows with a reward (--rm-type NAME --data FILE)
 """
 
 
@@ -27,6 +28,9 @@ def train_main(argv: list[str]) -> int:
     args = parse_args(argv, pm)
     check_run_args(args)
     active = configure_plugins(pm, args)
+    from miles_core.rollout.reward import RewardRunner
+
+    RewardRunner(args)  # resolve the reward now: a missing plugin or file fails before any model loads
     from miles_core.logging import get_logger
     from miles_core.loop import run
 
@@ -46,6 +50,12 @@ def plugins_cmd(argv: list[str]) -> int:
     from miles_core.plugins import plugins_main
 
     return plugins_main(argv)
+
+
+def rm_check_cmd(argv: list[str]) -> int:
+    from miles_core.rm_check import main as rm_check_main
+
+    return rm_check_main(argv)
 
 
 def convert_main(argv: list[str]) -> int:
@@ -79,7 +89,12 @@ def convert_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "plugins": plugins_cmd, "convert": convert_main}
+COMMANDS = {
+    "train": train_main,
+    "plugins": plugins_cmd,
+    "convert": convert_main,
+    "rm-check": rm_check_cmd,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,22 @@ def rollout_metrics(args: argparse.Namespace, rollout_id: int, samples: list[Sam
     """
 
 
+@hookspec
+def post_reward(args: argparse.Namespace, samples: list[Sample]) -> None:
+    """Reshape the rewards of a training rollout after scoring, e.g. DAPO's overlong penalty.
+
+    Called by the driver once per training rollout, after the reward function has scored every sample
+    and before the rollout's metrics are computed and the samples go to training. Not called for
+    evaluation, so eval accuracy stays the raw reward. Change ``sample.reward`` in place: add to a
+    float, or to the entry ``args.reward_key`` names in a dict reward. Skip samples whose ``status`` is
+    ``Status.FAILED`` (their reward is a placeholder 0).
+
+    :param args: the parsed namespace.
+    :param samples: every sample of the rollout, group-major, ``reward`` and ``response_length`` set.
+    :returns: nothing.
+    """
+
+
 # -------------------------------------------------------------------------------------------------
 # train step
 # -------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from miles_core import drivers
 from miles_core.atomic import atomic_write_json
 from miles_core.data import PromptDataset, RolloutDataSource, Tokenizer
 from miles_core.engine import Engine
@@ -97,13 +98,16 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
     engine_model = load_model(weights, dtype=_dtype(rollout_dtype), device=device).requires_grad_(False)
     pm.hook.configure_model(args=args, model=engine_model, role="rollout")
     n = args.rollout_batch_size * args.n_samples_per_prompt
-    engine = Engine(
+    # Backends are named implementations (entry points), so another one plugs in without loop changes.
+    engine_cls = drivers.get_rollout_backend(args.rollout_backend)
+    trainer_cls = drivers.get_train_backend(args.train_backend)
+    engine = engine_cls(
         engine_model,
         tokenizer,
         max_batch_size=args.rollout_max_batch_size or max(n, 1),
         seed=args.rollout_seed,
     )
-    trainer = Trainer(args, pm, policy, ref)
+    trainer = trainer_cls(args, pm, policy, ref)
     state: dict = {"next_rollout": 0}
     if resume:
         trainer_state, state = load_checkpoint(resume)

@@ -191,3 +191,17 @@ def test_convert_without_plugin_says_what_to_install(tiny_ckpt, tmp_path, capsys
         ["convert", "--hf-checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "o"), "--to", "nonesuch"],
     )
     assert "--to nonesuch" in msg and "miles-fp8" in msg
+
+
+def test_train_py_shim_shows_help():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "train.py", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0 and "--rollout-batch-size" in out.stdout

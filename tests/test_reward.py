@@ -62,3 +62,10 @@ def test_boxed_prefix_and_row_override():
     asyncio.run(runner.score(row))
     assert row.reward == 1.0
     assert asyncio.run(resolve_rm("exact_match")(None, Sample(response="42", label="42"))) == 1.0
+
+
+def test_custom_rm_path_accepts_an_entry_point_name():
+    runner = RewardRunner(make_args(custom_rm_path="exact_match"))  # installed by miles-rewards
+    s = Sample(index=0, response="7", label="7")
+    asyncio.run(runner.score(s))
+    assert s.reward == 1.0

@@ -121,6 +121,7 @@ class RolloutManager:
         )
         elapsed = time.perf_counter() - start
         samples = [s for g in groups for s in g]
+        self.pm.hook.post_reward(args=args, samples=samples)
         metrics = self._metrics(samples, args.reward_key, "rollout")
         metrics["rollout/reward_failed"] = float(self.rewards.failures - failures_before)
         metrics["rollout/time_s"] = elapsed

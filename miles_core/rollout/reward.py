@@ -51,7 +51,9 @@ class RewardRunner:
         self.args = args
         self.group = bool(args.group_rm)
         if args.custom_rm_path:
-            self.fn = load_function(args.custom_rm_path, "reward")
+            self.fn = load_function(
+                args.custom_rm_path, "reward", group=drivers.REWARDS, flag="--custom-rm-path"
+            )
         else:
             self.fn = resolve_rm(args.rm_type)
         self._by_name: dict[str, Callable] = {}

@@ -10,7 +10,7 @@ import argparse
 
 import pluggy
 
-from miles_core.types import UsageError
+from miles_core.types import Sample, UsageError
 
 try:  # the core re-exports the marker once its plugin manager lands; both are the same marker
     from miles_core.plugins import hookimpl
@@ -49,6 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2.0,
         help="math/deepscaler: seconds one sympy equivalence check may take; a timeout counts as not equal.",
     )
+    group.add_argument(
+        "--overlong-buffer-len",
+        type=int,
+        default=None,
+        help="DAPO overlong penalty: the last N tokens of --rollout-max-response-len over which the penalty "
+        "grows linearly from 0 to --overlong-penalty-factor (off when unset).",
+    )
+    group.add_argument(
+        "--overlong-penalty-factor",
+        type=float,
+        default=1.0,
+        help="DAPO overlong penalty: what a response that uses the whole length budget loses.",
+    )
 
 
 @hookimpl
@@ -58,5 +71,38 @@ def configure(args: argparse.Namespace) -> bool:
         raise UsageError("--rm-type remote_rm needs --rm-url http://host:port/path of the reward server.")
     if getattr(args, "math_equivalence_timeout", 2.0) <= 0:
         raise UsageError("--math-equivalence-timeout must be a positive number of seconds (default 2.0).")
+    overlong = _check_overlong(args)
     name = rm_type[len("boxed_") :] if rm_type.startswith("boxed_") else rm_type
-    return name in REWARD_NAMES
+    return name in REWARD_NAMES or overlong
+
+
+def _check_overlong(args: argparse.Namespace) -> bool:
+    buffer_len = getattr(args, "overlong_buffer_len", None)
+    if buffer_len is None:
+        return False
+    max_len = getattr(args, "rollout_max_response_len", None)
+    if buffer_len <= 0 or (max_len is not None and buffer_len > max_len):
+        raise UsageError(
+            f"--overlong-buffer-len {buffer_len} must be between 1 and --rollout-max-response-len "
+            f"({max_len}); DAPO uses a quarter of the budget, e.g. {max(1, (max_len or 4) // 4)}."
+        )
+    if getattr(args, "overlong_penalty_factor", 1.0) < 0:
+        raise UsageError("--overlong-penalty-factor must be >= 0 (DAPO uses 1.0).")
+    return True
+
+
+@hookimpl
+def post_reward(args: argparse.Namespace, samples: list[Sample]) -> None:
+    if getattr(args, "overlong_buffer_len", None):
+        from miles_rewards.overlong import apply_overlong_penalty
+
+        apply_overlong_penalty(args, samples)
+
+
+@hookimpl
+def rollout_metrics(args: argparse.Namespace, rollout_id: int, samples: list[Sample]) -> dict | None:
+    if not getattr(args, "overlong_buffer_len", None):
+        return None
+    from miles_rewards.overlong import overlong_metrics
+
+    return overlong_metrics(samples)
