@@ -13,12 +13,11 @@ import logging as _logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from miles_core.atomic import atomic_write_text
+from miles_core.atomic import atomic_write_bytes, atomic_write_text
 
 # ---------------------------------------------------------------------------------------------------
 # logger
@@ -197,20 +196,4 @@ def plot_curves(
         fig.savefig(buf, format="png", dpi=100)
     finally:
         plt.close(fig)
-    return _atomic_write_bytes(Path(out_png), buf.getvalue())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(Path(out_png), buf.getvalue())

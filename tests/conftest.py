@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import stevedore
 import torch
 
 from miles_core.model import ModelConfig, build_model, save_model
@@ -75,3 +78,42 @@ def reward_file(tmp_path) -> Path:
     path = tmp_path / "reward.py"
     path.write_text("async def reward(args, sample):\n    return float(len(sample.response) % 2)\n")
     return path
+
+
+class Site:
+    """A directory on sys.path into which a test writes modules and installed distributions."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.tops: set[str] = set()
+
+    def module(self, relpath: str, source: str = "") -> None:
+        path = self.root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+        self.tops.add(Path(relpath).parts[0].removesuffix(".py"))
+
+    def dist(self, name: str, version: str, entry_points: dict[str, dict[str, str]]) -> None:
+        info = self.root / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        lines = []
+        for group, eps in entry_points.items():
+            lines += [f"[{group}]", *(f"{k} = {v}" for k, v in eps.items()), ""]
+        (info / "entry_points.txt").write_text("\n".join(lines))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    # stevedore caches entry points per namespace for the life of the process (so tests start empty) and
+    # on disk per sys.path (so a test run would leave one file per temporary directory behind).
+    monkeypatch.setattr(stevedore.ExtensionManager, "ENTRY_POINT_CACHE", {})
+    monkeypatch.setattr(stevedore._cache._c, "_disable_caching", True)
+    s = Site(root)
+    yield s
+    for name in list(sys.modules):
+        if name.partition(".")[0] in s.tops:
+            del sys.modules[name]

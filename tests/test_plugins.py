@@ -11,7 +11,6 @@ import json
 import sys
 import textwrap
 import types
-from pathlib import Path
 
 import pytest
 
@@ -25,42 +24,6 @@ from miles_core.plugins import (
     plugins_main,
 )
 from miles_core.types import UsageError
-
-
-class Site:
-    """A directory on sys.path into which a test writes modules and installed distributions."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.tops: set[str] = set()
-
-    def module(self, relpath: str, source: str = "") -> None:
-        path = self.root / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(source))
-        self.tops.add(Path(relpath).parts[0].removesuffix(".py"))
-
-    def dist(self, name: str, version: str, entry_points: dict[str, dict[str, str]]) -> None:
-        info = self.root / f"{name.replace('-', '_')}-{version}.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        lines = []
-        for group, eps in entry_points.items():
-            lines += [f"[{group}]", *(f"{k} = {v}" for k, v in eps.items()), ""]
-        (info / "entry_points.txt").write_text("\n".join(lines))
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    root = tmp_path / "site"
-    root.mkdir()
-    monkeypatch.syspath_prepend(str(root))
-    s = Site(root)
-    yield s
-    for name in list(sys.modules):
-        if name.partition(".")[0] in s.tops:
-            del sys.modules[name]
-
 
 PLUGIN_A = """
     from miles_core.plugins import hookimpl
