@@ -1,0 +1,151 @@
+"""Benchmark: decode tokens/s of the built-in engine with packed INT4 expert weights vs BF16 weights.
+
+Same random Qwen3-MoE, same prompts, same sampling settings in every arm; only the expert weights'
+format differs (swapped through the miles-int4qat plugin). Presets: ``gpu`` is the speed issue's ~0.7B
+model (vocab 32000, hidden 1024, 12 layers, 16/4 heads of 64, 32 experts top-4, expert FFN 512) at
+batch 64, 128 prompt + 256 new tokens; ``cpu-small`` is a smoke test.
+
+    python bench/int4_rollout.py [--preset gpu|cpu-small] [--arms bf16,int4,int4-dequant]
+
+INT4 arms decode eagerly (the INT4 expert loop syncs with the host, so it cannot be captured in a
+CUDA graph); the bf16 arm uses the engine's default (CUDA graphs on CUDA). bf16_eager_* times bf16
+without graphs, the like-for-like comparison of the expert kernels.
+
+Prints one JSON line: per arm tok_s (generated tokens / generate wall time, prefill included),
+decode_tok_s (the same over the decode steps only) and the engine's expert-weight bytes; int4_vs_bf16 is
+the ratio of tok_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "plugins" / "miles_int4qat"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from miles_int4qat.modules import (  # noqa: E402
+    int4_bytes,
+    quantize_for_rollout,
+    scope_weight_numel,
+    uses_host_sync,
+)
+
+from miles_core.engine import Engine  # noqa: E402
+from miles_core.model import ModelConfig, build_model  # noqa: E402
+
+PRESETS = {
+    "gpu": dict(vocab=32000, hidden=1024, layers=12, heads=16, kv=4, head_dim=64, experts=32, topk=4,
+                inter=512, dense=2816, batch=64, prompt=128, new=256),
+    "cpu-small": dict(vocab=512, hidden=128, layers=2, heads=4, kv=2, head_dim=32, experts=8, topk=2,
+                      inter=128, dense=256, batch=8, prompt=16, new=16),
+}  # fmt: skip
+
+
+def build(p: dict, device: torch.device, dtype: torch.dtype):
+    config = ModelConfig.from_hf(
+        {
+            "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": p["vocab"], "hidden_size": p["hidden"],
+            "intermediate_size": p["dense"], "num_hidden_layers": p["layers"],
+            "num_attention_heads": p["heads"], "num_key_value_heads": p["kv"], "head_dim": p["head_dim"],
+            "num_experts": p["experts"],
+            "num_experts_per_tok": p["topk"], "moe_intermediate_size": p["inter"], "norm_topk_prob": True,
+            "max_position_embeddings": 4096,
+        }
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return build_model(config, dtype=dtype, device=device).eval().requires_grad_(False)
+
+
+def measure(model, p: dict, prompts: list[list[int]], device: torch.device, eager: bool = False) -> dict:
+    engine = Engine(model, max_batch_size=p["batch"], seed=0)
+    if eager or uses_host_sync(model):  # what the plugin's pre_rollout does: INT4 experts decode eagerly
+        engine.cuda_graph = False
+    params = {"temperature": 1.0, "max_new_tokens": p["new"]}
+    engine.generate_batch(prompts[:2], {"temperature": 1.0, "max_new_tokens": 4})  # warm-up (cache, kernels)
+    engine.stats.update(prefill_tokens=0, decode_steps=0, generated_tokens=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = engine.generate_batch(prompts, params)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    gen = sum(len(o.output_ids) for o in outs)
+    # Time one prefill alone to separate it out: the decode rate is what the weight format changes.
+    t1 = time.perf_counter()
+    Engine(model, max_batch_size=p["batch"], seed=0).generate_batch(prompts, {"max_new_tokens": 1})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prefill = time.perf_counter() - t1
+    decode_tokens = gen - len(prompts)
+    return {
+        "tok_s": round(gen / wall, 1),
+        "decode_tok_s": round(decode_tokens / max(wall - prefill, 1e-9), 1),
+        "wall_s": round(wall, 3),
+        "generated_tokens": gen,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on CUDA")
+    ap.add_argument("--device", default=None)
+    ap.add_argument(
+        "--arms",
+        default="bf16,bf16_eager,int4",
+        help="comma list of bf16, bf16_eager (no CUDA graphs), int4 (auto kernel), int4-dequant",
+    )
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ns = ap.parse_args(argv)
+    device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    p = dict(PRESETS[ns.preset or ("gpu" if device.type == "cuda" else "cpu-small")])
+    p["new"] = ns.new_tokens or p["new"]
+    p["batch"] = ns.batch or p["batch"]
+    base = build(p, device, torch.bfloat16)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(p["vocab"]) for _ in range(p["prompt"])] for _ in range(p["batch"])]
+    result: dict = {
+        "bench": "int4_rollout",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "preset": ns.preset or ("gpu" if device.type == "cuda" else "cpu-small"),
+        "batch": p["batch"], "prompt_len": p["prompt"], "new_tokens": p["new"], "group_size": ns.group_size,
+        "bf16_expert_bytes": 2 * scope_weight_numel(base, "experts"),
+    }  # fmt: skip
+    for arm in ns.arms.split(","):
+        model = base if arm.startswith("bf16") else copy.deepcopy(base)
+        if not arm.startswith("bf16"):
+            quantize_for_rollout(
+                model, "experts", ns.group_size, kind="dequant" if arm == "int4-dequant" else "auto"
+            )
+            result[f"{arm}_kernel"] = model.model.layers[0].mlp.experts.kernel.kind
+            result[f"{arm}_expert_bytes"] = int4_bytes(model)
+        result.update(
+            {f"{arm}_{k}": v for k, v in measure(model, p, prompts, device, arm == "bf16_eager").items()}
+        )
+        if model is not base:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if "bf16_tok_s" in result and "int4_tok_s" in result:
+        result["int4_vs_bf16"] = round(result["int4_tok_s"] / result["bf16_tok_s"], 3)
+        result["int4_vs_bf16_decode"] = round(result["int4_decode_tok_s"] / result["bf16_decode_tok_s"], 3)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
