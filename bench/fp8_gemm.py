@@ -1,0 +1,93 @@
+"""Benchmark: FP8 linear (activation quantization + FP8 GEMM) vs BF16 linear on one GPU.
+
+For square shapes 4096..8192 it times ``F.linear`` in bf16 against miles-fp8's `fp8_mm` (the function the
+FP8 layers call) with the weight already quantized, as in rollout after a weight sync: each FP8 call
+quantizes its bf16 activations (per recipe tiles) and runs ``torch._scaled_mm``. Timings are CUDA-event
+medians after warm-up.
+
+    python bench/fp8_gemm.py [--shapes 4096 6144 8192] [--recipes rowwise tensorwise blockwise]
+
+Prints one JSON line; on a machine without CUDA it prints ``{"device": "cpu", "skipped": "needs CUDA"}``.
+Exit status 1 if no recipe reaches 1.5x at 8192 through the FP8 GEMM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "plugins" / "miles_fp8"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+
+def _time(fn, iters: int) -> float:
+    """Median milliseconds of `fn` over `iters` runs (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", type=int, nargs="+", default=[4096, 6144, 8192])
+    ap.add_argument("--recipes", nargs="+", default=["rowwise", "tensorwise", "blockwise"])
+    ap.add_argument("--iters", type=int, default=20)
+    ns = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(json.dumps({"bench": "fp8_gemm", "device": "cpu", "skipped": "needs CUDA"}))
+        return 0
+    import miles_fp8.linear as lin
+    from miles_fp8.quant import RECIPES, quantize
+
+    result: dict = {"bench": "fp8_gemm", "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    rows = []
+    for n in ns.shapes:
+        torch.manual_seed(0)
+        x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, n, device="cuda", dtype=torch.bfloat16) * 0.02
+        flop = 2 * n**3
+        bf16_ms = _time(partial(F.linear, x, w), ns.iters)
+        row = {"shape": n, "bf16_ms": round(bf16_ms, 4), "bf16_tflops": round(flop / bf16_ms / 1e9, 1)}
+        for name in ns.recipes:
+            r = RECIPES[name]
+            wq, ws = quantize(w, r.weight_tile, fast=True)
+            ms = _time(partial(lin.fp8_mm, x, wq, ws, r), ns.iters)
+            xq, xs = quantize(x, r.act_tile, fast=True)
+            native = (name, torch.bfloat16) not in lin._FAST_FAILED
+            gemm = partial(lin._scaled_mm, xq, xs, wq, ws, r, torch.bfloat16)
+            gemm_ms = _time(gemm, ns.iters) if native else None
+            row[name] = {
+                "ms": round(ms, 4),
+                "tflops": round(flop / ms / 1e9, 1),
+                "speedup": round(bf16_ms / ms, 3),
+                "gemm_only_ms": None if gemm_ms is None else round(gemm_ms, 4),
+                "path": "scaled_mm" if native else "emulated",
+            }
+        rows.append(row)
+    result["results"] = rows
+    last = rows[-1]
+    best = max((last[r]["speedup"] for r in ns.recipes if last[r]["path"] == "scaled_mm"), default=0.0)
+    result.update(best_speedup_at_largest=best, ok=best >= 1.5)
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

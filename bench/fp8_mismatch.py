@@ -1,0 +1,160 @@
+"""Benchmark: train/rollout mismatch of FP8 rollout with high-precision training vs unified FP8.
+
+One random Qwen3-MoE generates one rollout through the built-in engine with its attention linears and
+experts swapped for FP8 modules by the miles-fp8 plugin (the same engine in both arms). The trainer then
+runs one step on that same batch with the same master weights twice: with ``--fp8-rollout-only`` (its
+forward in fp32: the mismatched baseline) and with ``--fp8-recipe`` (unified: its forward uses the same
+FP8 quantization). Only the training forward differs between the two arms.
+
+    python bench/fp8_mismatch.py [--preset cpu|gpu] [--device cpu|cuda] [--recipe blockwise]
+
+Prints one JSON line with the means of the core's ``train_rollout_logprob_abs_diff`` and ``tis_clipfrac``
+per arm; exit status 1 unless unified is <= 1/5 of rollout-only on both (and rollout-only is non-zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "plugins" / "miles_fp8"):  # runnable from a checkout without installing
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import miles_fp8.plugin as fp8_plugin  # noqa: E402
+
+from miles_core import Sample, Status  # noqa: E402
+from miles_core.args import parse_args  # noqa: E402
+from miles_core.engine import Engine  # noqa: E402
+from miles_core.loop import make_train_batch  # noqa: E402
+from miles_core.model import ModelConfig, build_model  # noqa: E402
+from miles_core.plugins import configure_plugins, get_plugin_manager  # noqa: E402
+from miles_core.train.trainer import Trainer  # noqa: E402
+
+PRESETS = {
+    # >= 8 experts, >= 4 layers, >= 64 samples; hidden 192 = one full and one partial 128-block.
+    "cpu": dict(
+        layers=4, experts=8, topk=2, hidden=192, vocab=512, prompts=32, n=2, new_tokens=32, init=0.05
+    ),
+    "gpu": dict(
+        layers=8, experts=64, topk=8, hidden=1024, vocab=8192, prompts=64, n=8, new_tokens=128, init=0.05
+    ),
+}
+
+
+def build(p: dict, device: torch.device, seed: int):
+    config = ModelConfig.from_hf(
+        {
+            "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": p["vocab"], "hidden_size": p["hidden"],
+            "intermediate_size": 2 * p["hidden"], "num_hidden_layers": p["layers"], "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": p["hidden"] // 4, "num_experts": p["experts"],
+            "num_experts_per_tok": p["topk"], "moe_intermediate_size": p["hidden"], "norm_topk_prob": True,
+            "initializer_range": p["init"], "max_position_embeddings": 1024,
+        }
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return build_model(config, dtype=torch.float32, device=device).eval()
+
+
+def make_args(pm, p: dict, ns: argparse.Namespace, *flags: str) -> argparse.Namespace:
+    tis = ["--tis-clip", str(ns.tis_clip), "--tis-clip-low", str(ns.tis_clip_low)]
+    args = parse_args(["--n-samples-per-prompt", str(p["n"]), "--micro-batch-size", "16", "--lr", "0",
+                       *tis, *flags], pm)  # fmt: skip
+    args.rollout_batch_size, args.num_rollout = p["prompts"], 1
+    args.global_batch_size, args.num_steps_per_rollout = p["prompts"] * p["n"], 1
+    configure_plugins(pm, args)
+    return args
+
+
+def rollout(model, pm, args, p: dict, dtype: torch.dtype, seed: int) -> list[Sample]:
+    """Generate from an FP8 engine built from a copy of the master weights (the plugin swaps its layers)."""
+    engine_model = copy.deepcopy(model).to(dtype).requires_grad_(False)
+    pm.hook.configure_model(args=args, model=engine_model, role="rollout")
+    n = p["prompts"] * p["n"]
+    engine = Engine(engine_model, max_batch_size=n, seed=seed)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(p["vocab"]) for _ in range(rng.randint(8, 16))] for _ in range(p["prompts"])]
+    prompts = [q for q in prompts for _ in range(p["n"])]
+    outs = engine.generate_batch(prompts, {"temperature": 1.0, "max_new_tokens": p["new_tokens"]})
+    samples = []
+    for i, (q, out) in enumerate(zip(prompts, outs)):
+        s = Sample(group_index=i // p["n"], index=i, tokens=q + out.output_ids, reward=rng.random())
+        s.response_length, s.status = len(out.output_ids), Status.TRUNCATED
+        s.rollout_log_probs, s.loss_mask = out.log_probs, [1] * len(out.output_ids)
+        samples.append(s)
+    return samples
+
+
+def train_arm(model, p: dict, ns, samples: list[Sample], *flags: str) -> dict[str, float]:
+    """One trainer step (lr 0) on the rollout; returns the core's logged mismatch metrics of the step."""
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[fp8_plugin])
+    args = make_args(pm, p, ns, *flags)
+    policy = copy.deepcopy(model)
+    pm.hook.configure_model(args=args, model=policy, role="train")
+    steps = Trainer(args, pm, policy).train(0, make_train_batch(copy.deepcopy(samples), args))
+    return {
+        k: sum(s[k] for s in steps) / len(steps) for k in ("train_rollout_logprob_abs_diff", "tis_clipfrac")
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu on CPU")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--recipe", default="blockwise", choices=["blockwise", "rowwise", "tensorwise"])
+    ap.add_argument("--rollout-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--tis-clip", type=float, default=1.2, help="ratio above this counts in tis_clipfrac")
+    ap.add_argument("--tis-clip-low", type=float, default=0.8, help="ratio below this counts in tis_clipfrac")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ns = ap.parse_args(argv)
+    device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(ns.threads)
+    preset = ns.preset or ("gpu" if device.type == "cuda" else "cpu")
+    p = PRESETS[preset]
+    t0 = time.perf_counter()
+    model = build(p, device, ns.seed)
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[fp8_plugin])
+    dtype = getattr(torch, ns.rollout_dtype)
+    samples = rollout(model, pm, make_args(pm, p, ns, "--fp8-recipe", ns.recipe), p, dtype, ns.seed)
+    t_rollout = time.perf_counter() - t0
+    ro = train_arm(model, p, ns, samples, "--fp8-rollout-only", "--fp8-recipe", ns.recipe)
+    uni = train_arm(model, p, ns, samples, "--fp8-recipe", ns.recipe)
+    result = {
+        "bench": "fp8_mismatch",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "preset": preset,
+        "recipe": ns.recipe,
+        **{k: p[k] for k in ("layers", "experts", "topk", "hidden")},
+        "samples": len(samples),
+        "response_tokens": sum(s.response_length for s in samples),
+        "rollout_dtype": ns.rollout_dtype,
+        "tis_clip": [ns.tis_clip_low, ns.tis_clip],
+        "absdiff_rollout_only": ro["train_rollout_logprob_abs_diff"],
+        "absdiff_unified": uni["train_rollout_logprob_abs_diff"],
+        "tis_clipfrac_rollout_only": ro["tis_clipfrac"],
+        "tis_clipfrac_unified": uni["tis_clipfrac"],
+        "rollout_s": round(t_rollout, 2),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    ok = (
+        result["absdiff_rollout_only"] > 0
+        and result["tis_clipfrac_rollout_only"] > 0
+        and result["absdiff_unified"] <= result["absdiff_rollout_only"] / 5
+        and result["tis_clipfrac_unified"] <= result["tis_clipfrac_rollout_only"] / 5
+    )
+    result["ok"] = bool(ok)
+    print(json.dumps(result))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

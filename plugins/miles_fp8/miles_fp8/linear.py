@@ -1,0 +1,306 @@
+"""FP8 linear layers: `Fp8Linear` (attention / dense MLP projections) and `Fp8Experts` (the MoE experts).
+
+Both modes run the same forward, ``y = mm(quantize(x), quantize(W))``, through `fp8_mm`:
+- rollout (engine): the module holds only the FP8 weight and its fp32 scales; `weight_loader` re-quantizes
+  each HF tensor the weight sync hands it, so no high-precision copy is kept.
+- train / ref (unified FP8): the module keeps the master weight as its nn.Parameter (same name, so the
+  optimizer, checkpoints and the weight sync see no difference) and quantizes it on every forward;
+  the backward is straight-through: gradients flow to the master weight as if quantization were identity.
+On CUDA the GEMM is ``torch._scaled_mm`` where the recipe and shape allow it; elsewhere (and as fallback)
+it is emulated: dequantize both operands to fp32 and matmul, the same numbers the FP8 GEMM multiplies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miles_core.model import Experts
+from miles_fp8.quant import FP8_DTYPE, Recipe, dequantize, quantize, quantize_dequantize
+
+log = logging.getLogger(__name__)
+_FAST_FAILED: set[tuple[str, torch.dtype]] = set()  # (recipe, out dtype) whose _scaled_mm call raised
+
+
+def _scaled_mm(xq, xs, wq, ws, recipe: Recipe, out_dtype: torch.dtype) -> torch.Tensor:
+    """``torch._scaled_mm`` with the scale layouts cuBLAS wants for each recipe (decode scales)."""
+    if recipe.name == "tensorwise":
+        sa, sb = xs.reshape(()), ws.reshape(())
+    elif recipe.name == "rowwise":
+        sa, sb = xs.reshape(-1, 1).contiguous(), ws.reshape(1, -1).contiguous()
+    else:  # 1x128 activation tiles (outer-dim-major scales) x 128x128 weight blocks
+        sa, sb = xs.t().contiguous().t(), ws.t()
+    return torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+
+
+def fp8_mm(
+    x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, recipe: Recipe, w_deq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``x [M, K] @ dequant(wq, ws).T`` with x quantized by the recipe's activation tiles.
+
+    :param w_deq: ``dequant(wq, ws)`` in fp32 if the caller already has it (the emulated path reuses it).
+    :returns: ``(y [M, N] in x's dtype, xq, xs, x_deq)``: for the backward, the encoded activation
+        (FP8 GEMM path) or its fp32 dequantization (emulated path); the other pair is None.
+    """
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
+    key = (recipe.name, out_dtype)
+    if x.is_cuda and key not in _FAST_FAILED and hasattr(torch, "_scaled_mm"):
+        xq, xs = quantize(x, recipe.act_tile, fast=True)
+        try:
+            return _scaled_mm(xq, xs, wq, ws, recipe, out_dtype).to(x.dtype), xq, xs, None
+        except (RuntimeError, NotImplementedError, ValueError) as e:  # shape/arch/library limits
+            _FAST_FAILED.add(key)
+            log.warning("torch._scaled_mm failed for %s -> %s (%s); emulating", recipe.name, out_dtype, e)
+    x_deq = quantize_dequantize(x, recipe.act_tile)  # == dequantize(*quantize(x)), in fewer ops
+    if w_deq is None:
+        w_deq = dequantize(wq, ws, recipe.weight_tile)
+    return (x_deq @ w_deq.t()).to(x.dtype), None, None, x_deq
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    """Forward on quantized x and W; straight-through backward to the (master) weight and the input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, pre: tuple | None = None):
+        # `pre` = (wq, ws, w_deq) of this weight when the caller quantized many at once (experts).
+        if pre is None:
+            wq, ws = quantize(weight.detach(), recipe.weight_tile, fast=weight.is_cuda)
+            w_deq = None
+        else:
+            wq, ws, w_deq = pre
+        y, xq, xs, x_deq = fp8_mm(x.detach(), wq, ws, recipe, w_deq)
+        ctx.recipe, ctx.x_dtype, ctx.w_dtype = recipe, x.dtype, weight.dtype
+        # Keep the FP8 operands (no high-precision copy) unless the emulation already made fp32 ones.
+        ctx.save_for_backward(xq, xs, wq, ws, x_deq, w_deq)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        xq, xs, wq, ws, x_deq, w_deq = ctx.saved_tensors
+        r = ctx.recipe
+        g32 = g.float()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            w_deq = dequantize(wq, ws, r.weight_tile) if w_deq is None else w_deq
+            dx = (g32 @ w_deq).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            x_deq = dequantize(xq, xs, r.act_tile) if x_deq is None else x_deq
+            dw = (g32.t() @ x_deq).to(ctx.w_dtype)
+        return dx, dw, None, None
+
+
+def _fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    recipe: Recipe,
+    pre: tuple | None = None,
+    w_deq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N]; `scale` None means `weight` is a master weight quantized on the fly."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    with torch.autocast(x.device.type, enabled=False):  # the FP8 math fixes its own precision
+        if scale is None:
+            y = _Fp8LinearFn.apply(x2, weight, recipe, pre)
+        else:
+            y = fp8_mm(x2, weight, scale, recipe, w_deq)[0]
+    return y.reshape(*lead, y.shape[-1])
+
+
+class Fp8Linear(nn.Module):
+    """Drop-in for ``nn.Linear`` whose matmul runs in FP8 (see the module docstring for the two modes)."""
+
+    def __init__(self, linear: nn.Linear, recipe: Recipe, *, train: bool, name: str = "") -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.recipe, self.train_mode, self.name = recipe, train, name
+        self.bias = linear.bias
+        if train:
+            self.weight = linear.weight  # the master weight itself: optimizer state stays attached
+        else:
+            q, s = quantize(linear.weight.detach(), recipe.weight_tile, name=f"{name}.weight")
+            self.register_buffer("weight", q)
+            self.register_buffer("weight_scale_inv", s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _fp8_linear(x, self.weight, None if self.train_mode else self.weight_scale_inv, self.recipe)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def weight_loader(self, rest: str, tensor: torch.Tensor) -> None:
+        """Take an HF tensor under this module (weight sync): re-quantize ``weight``, copy ``bias``."""
+        if rest == "bias" and self.bias is not None:
+            self.bias.copy_(tensor)
+        elif rest == "weight" and self.train_mode:
+            self.weight.copy_(tensor)
+        elif rest == "weight":
+            _check_shape(self.name, tuple(tensor.shape), tuple(self.weight.shape))
+            q, s = quantize(
+                tensor.to(self.weight.device), self.recipe.weight_tile, name=f"{self.name}.weight"
+            )
+            self.weight.copy_(q)
+            self.weight_scale_inv.copy_(s)
+        else:
+            raise ValueError(f"Fp8Linear {self.name} has no tensor {rest!r}")
+
+    def extra_repr(self) -> str:
+        mode = "train (master weight, STE)" if self.train_mode else "rollout (fp8 weight)"
+        return f"{self.in_features}, {self.out_features}, recipe={self.recipe.name}, {mode}"
+
+
+def _check_shape(name: str, got: tuple, want: tuple) -> None:
+    if got != want:
+        raise ValueError(f"weight {name} has shape {got} but the FP8 layer expects {want}")
+
+
+class Fp8Experts(nn.Module):
+    """FP8 version of `miles_core.model.Experts` (same forward signature and routing arithmetic).
+
+    Each expert's gate, up and down projection is quantized on its own, exactly as HF stores them
+    (``experts.{e}.gate_proj.weight`` + ``weight_scale_inv``), so a block never straddles gate and up.
+    """
+
+    KINDS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, experts: Experts, recipe: Recipe, *, train: bool, name: str = "") -> None:
+        super().__init__()
+        self.num_experts, self.intermediate = experts.num_experts, experts.intermediate
+        self.recipe, self.train_mode, self.name = recipe, train, name
+        if train:
+            self.gate_up_proj, self.down_proj = experts.gate_up_proj, experts.down_proj
+            return
+        for kind in self.KINDS:
+            w = self._master_view(experts, kind).detach()
+            q, s = quantize(w, recipe.weight_tile, name=f"{name}.{kind}")
+            self.register_buffer(f"{kind}_fp8", q)
+            self.register_buffer(f"{kind}_scale_inv", s)
+
+    def _master_view(self, experts: nn.Module, kind: str) -> torch.Tensor:
+        i = self.intermediate
+        if kind == "gate_proj":
+            return experts.gate_up_proj[:, :i]
+        if kind == "up_proj":
+            return experts.gate_up_proj[:, i:]
+        return experts.down_proj
+
+    def _prepare(self, device: torch.device) -> dict[str, tuple]:
+        """Per kind: (wq [E, ...], ws [E, ...], fp32 dequantized weights or None), all experts at once;
+        batched quantization gives each expert exactly what quantizing it alone would."""
+        out = {}
+        for kind in self.KINDS:
+            if self.train_mode:
+                w = self._master_view(self, kind).detach()
+                wq, ws = quantize(w, self.recipe.weight_tile, fast=w.is_cuda)
+            else:
+                wq, ws = getattr(self, f"{kind}_fp8"), getattr(self, f"{kind}_scale_inv")
+            deq = None if device.type == "cuda" else dequantize(wq, ws, self.recipe.weight_tile)
+            out[kind] = (wq, ws, deq)
+        return out
+
+    def _linear(self, x: torch.Tensor, kind: str, e: int, prep: dict[str, tuple]) -> torch.Tensor:
+        wq, ws, deq = prep[kind]
+        deq_e = None if deq is None else deq[e]
+        if self.train_mode:
+            master = self._master_view(self, kind)[e]
+            return _fp8_linear(x, master, None, self.recipe, pre=(wq[e], ws[e], deq_e))
+        return _fp8_linear(x, wq[e], ws[e], self.recipe, w_deq=deq_e)
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] (as `Experts.forward`)."""
+        n, k = topk_idx.shape
+        flat = topk_idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // k
+        xs = x[token]
+        prep = self._prepare(x.device)
+        outs, start = [], 0
+        for e, c in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
+            if c == 0:
+                continue
+            seg = xs[start : start + c]
+            h = F.silu(self._linear(seg, "gate_proj", e, prep)) * self._linear(seg, "up_proj", e, prep)
+            outs.append(self._linear(h, "down_proj", e, prep))
+            start += c
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[-1])
+        ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    @torch.no_grad()
+    def weight_loader(self, rest: str, tensor: torch.Tensor) -> None:
+        """Take ``"{e}.gate_proj.weight"`` (per expert) or ``"gate_up_proj"`` / ``"down_proj"`` (fused)."""
+        parts = rest.split(".")
+        if len(parts) == 3 and parts[0].isdigit() and parts[1] in self.KINDS and parts[2] == "weight":
+            self._load(parts[1], tensor, int(parts[0]))
+        elif rest == "gate_up_proj":
+            self._load("gate_proj", tensor[:, : self.intermediate])
+            self._load("up_proj", tensor[:, self.intermediate :])
+        elif rest == "down_proj":
+            self._load("down_proj", tensor)
+        else:
+            raise ValueError(f"Fp8Experts {self.name} has no tensor {rest!r}")
+
+    def _load(self, kind: str, tensor: torch.Tensor, e: int | None = None) -> None:
+        label = f"{self.name}.{e}.{kind}.weight" if e is not None else f"{self.name}.{kind}"
+        if self.train_mode:
+            dst = self._master_view(self, kind)
+            (dst if e is None else dst[e]).copy_(tensor)
+            return
+        q_all, s_all = getattr(self, f"{kind}_fp8"), getattr(self, f"{kind}_scale_inv")
+        q_dst, s_dst = (q_all, s_all) if e is None else (q_all[e], s_all[e])
+        _check_shape(label, tuple(tensor.shape), tuple(q_dst.shape))
+        q, s = quantize(tensor.to(q_all.device), self.recipe.weight_tile, name=label)
+        q_dst.copy_(q)
+        s_dst.copy_(s)
+
+    def extra_repr(self) -> str:
+        mode = "train (master weight, STE)" if self.train_mode else "rollout (fp8 weight)"
+        return f"experts={self.num_experts}, recipe={self.recipe.name}, {mode}"
+
+
+ALWAYS_HIGH_PRECISION = ("gate", "lm_head", "embed_tokens")  # router, output head, embeddings
+
+
+def is_high_precision(name: str, patterns: list[str] | tuple[str, ...] = ()) -> bool:
+    """True if module `name` stays high precision: router/lm_head/embeddings, or it matches a pattern
+    (an fnmatch of the full name, e.g. ``model.layers.0.*``, or one dotted component, e.g. ``o_proj``)."""
+    from fnmatch import fnmatchcase
+
+    parts = name.split(".")
+    if parts[-1] in ALWAYS_HIGH_PRECISION:
+        return True
+    return any(fnmatchcase(name, p) or p in parts for p in patterns)
+
+
+def convert_model(model: nn.Module, recipe: Recipe, *, train: bool, keep: tuple[str, ...] = ()) -> list[str]:
+    """Swap every eligible ``nn.Linear`` and ``Experts`` of `model` for its FP8 module; returns names."""
+    from miles_core.model import swap_modules
+
+    def fn(name: str, mod: nn.Module) -> nn.Module | None:
+        if is_high_precision(name, keep):
+            return None
+        if type(mod) is nn.Linear:
+            return Fp8Linear(mod, recipe, train=train, name=name)
+        if isinstance(mod, Experts):
+            return Fp8Experts(mod, recipe, train=train, name=name)
+        return None
+
+    return swap_modules(model, fn)
+
+
+def fp8_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8Experts))]
+
+
+__all__ = [
+    "FP8_DTYPE",
+    "Fp8Experts",
+    "Fp8Linear",
+    "convert_model",
+    "fp8_mm",
+    "fp8_modules",
+    "is_high_precision",
+]
