@@ -70,6 +70,13 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
         help="Sequences decoded at once (default: all samples of a rollout).",
     )
     g.add_argument(
+        "--rollout-cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Decode through CUDA graphs on CUDA (one per batch-size bucket); --no-rollout-cuda-graph "
+        "keeps every step eager.",
+    )
+    g.add_argument(
         "--custom-generate-function-path",
         type=str,
         default=None,
@@ -127,6 +134,32 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", default=False, help="bf16 compute, fp32 master weights.")
+    g.add_argument(
+        "--max-tokens-per-gpu",
+        type=int,
+        default=None,
+        help="Token budget of one packed micro-batch (with --use-dynamic-batch-size).",
+    )
+    g.add_argument(
+        "--use-dynamic-batch-size",
+        action="store_true",
+        default=False,
+        help="Pack samples unpadded into micro-batches of at most --max-tokens-per-gpu tokens "
+        "(replaces --micro-batch-size).",
+    )
+    g.add_argument(
+        "--recompute-granularity",
+        choices=["full", "selective"],
+        default=None,
+        help="Activation checkpointing: 'full' recomputes each decoder layer in backward, 'selective' "
+        "only each layer's MLP/MoE block.",
+    )
+    g.add_argument(
+        "--recompute-activations",
+        action="store_true",
+        default=False,
+        help="Shorthand for --recompute-granularity selective (as in Megatron).",
+    )
     g.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda if available).")
 
 

@@ -107,6 +107,8 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         max_batch_size=args.rollout_max_batch_size or max(n, 1),
         seed=args.rollout_seed,
     )
+    if hasattr(engine, "cuda_graph"):  # the built-in engine: graphs only where they pay (CUDA)
+        engine.cuda_graph = bool(getattr(args, "rollout_cuda_graph", True)) and device.type == "cuda"
     trainer = trainer_cls(args, pm, policy, ref)
     state: dict = {"next_rollout": 0}
     if resume:

@@ -10,6 +10,7 @@ caller's asyncio loop, so a custom generate function needs no threads.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from miles_core.engine.cuda_graph import DecodeGraphs, model_fingerprint
 from miles_core.engine.sampler import SamplingParams, sample_tokens
 from miles_core.model import CausalLM, KVCache, RoutingState, load_hf_tensors
 
@@ -65,8 +67,13 @@ class Engine:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
+        # Decode through CUDA graphs (default on CUDA; not with a speculator); the loop sets it from
+        # --rollout-cuda-graph. Outputs are the same as the eager path's.
+        self.cuda_graph = self.device.type == "cuda"
+        self._graphs: DecodeGraphs | None = None
         self._eos = self._eos_ids()
         self._cache: KVCache | None = None
+        self._slot_params: torch.Tensor | None = None  # float32 [3, slots]: temperature, top_p, top_k
         self._free: list[int] = []
         self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
@@ -77,6 +84,11 @@ class Engine:
     def reseed(self, seed: int) -> None:
         """Reset the sampling generator (the loop reseeds per rollout so resumed runs repeat)."""
         self.generator.manual_seed(seed)
+
+    def reset_graphs(self) -> None:
+        """Drop captured decode graphs (a plugin that re-allocates weights outside parameters or
+        buffers calls this; swaps and re-allocations of parameters/buffers are detected on their own)."""
+        self._graphs = None
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Copy new weights (HF names) into the engine's model in place and bump the version."""
@@ -111,6 +123,8 @@ class Engine:
     # ---------------------------------------------------------------- scheduler
 
     async def _run(self) -> None:
+        if self._graphs is not None and self._graphs.fingerprint != model_fingerprint(self.model):
+            self._graphs = None
         try:
             while self._waiting or self._running:
                 with torch.inference_mode():
@@ -125,6 +139,7 @@ class Engine:
             self._waiting.clear()
             self._running.clear()
             self._free = list(range(self._cache.num_slots)) if self._cache is not None else []
+            self._graphs = None
             raise
 
     def _ensure_cache(self, need_len: int) -> None:
@@ -134,7 +149,9 @@ class Engine:
             return
         max_len = max(64, -(-need_len // 64) * 64)
         self._cache = KVCache(self.model.config, self.max_batch_size, max_len, self.dtype, self.device)
-        self._free = list(range(self.max_batch_size))
+        self._free = list(range(self.max_batch_size))  # a heap: the lowest free slot is taken first
+        self._graphs = None
+        self._slot_params = torch.ones(3, self.max_batch_size, dtype=torch.float32, device=self.device)
 
     def _admit(self) -> None:
         if not self._waiting:
@@ -146,9 +163,13 @@ class Engine:
             seq = self._waiting[0]
             if len(seq.prompt) + seq.params.max_new_tokens > self._cache.max_len:
                 break
-            seq.slot = self._free.pop()
+            seq.slot = heapq.heappop(self._free)
             admitted.append(self._waiting.pop(0))
         if admitted:
+            # Per-slot sampling parameters live on the device: written once here, gathered per step.
+            vals = [[s.params.temperature, s.params.top_p, float(s.params.top_k)] for s in admitted]
+            slots = torch.tensor([s.slot for s in admitted], device=self.device)
+            self._slot_params[:, slots] = torch.tensor(vals, dtype=torch.float32).T.to(self.device)
             self._prefill(admitted)
 
     def _prefill(self, seqs: list[_Seq]) -> None:
@@ -157,32 +178,36 @@ class Engine:
         for s in seqs:
             groups.setdefault(tuple(s.prompt), []).append(s)
         heads = [g[0] for g in groups.values()]
-        lens = torch.tensor([len(h.prompt) for h in heads], device=self.device)
-        width = int(lens.max())
-        ids = torch.zeros(len(heads), width, dtype=torch.long, device=self.device)
+        host_lens = [len(h.prompt) for h in heads]
+        width = max(host_lens)
+        ids = torch.zeros(len(heads), width, dtype=torch.long)
         for i, h in enumerate(heads):
-            ids[i, : len(h.prompt)] = torch.tensor(h.prompt, device=self.device)
+            ids[i, : len(h.prompt)] = torch.tensor(h.prompt)
+        ids = ids.to(self.device)
+        lens = torch.tensor(host_lens, device=self.device)
         pos = torch.arange(width, device=self.device).expand(len(heads), width)
         slots = torch.tensor([h.slot for h in heads], device=self.device)
         routing = RoutingState(record=True) if self.capture_routes else None
-        out = self.model(ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing)
-        self.stats["prefill_tokens"] += int(lens.sum())
+        out = self.model(
+            ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing, kv_len=width
+        )
+        self.stats["prefill_tokens"] += sum(host_lens)
         last = out.logits[torch.arange(len(heads), device=self.device), lens - 1]
-        rows, row_logits = [], []
+        all_routes = self._stack_routes(routing)  # one device-to-host copy for every prompt
+        rows, row_index = [], []
         for i, group in enumerate(groups.values()):
-            prompt_routes = self._routes(routing, i, len(group[0].prompt)) if routing else None
             others = [s.slot for s in group[1:]]
             if others:
                 self._cache.copy_slots(
                     group[0].slot, torch.tensor(others, device=self.device), len(group[0].prompt)
                 )
             for s in group:
-                if prompt_routes is not None:
-                    s.routes.append(prompt_routes)
+                if all_routes is not None:
+                    s.routes.append(all_routes[i, : len(group[0].prompt)])
                 rows.append(s)
-                row_logits.append(last[i])
+                row_index.append(i)
         self._running.extend(rows)
-        self._sample(rows, torch.stack(row_logits))
+        self._sample(rows, last[torch.tensor(row_index, device=self.device)])
 
     def _decode_step(self) -> None:
         seqs = self._running
@@ -190,29 +215,52 @@ class Engine:
             self.speculator.decode_step(self, list(seqs))
             self._retire()
             return
-        ids = torch.tensor([[s.out[-1]] for s in seqs], device=self.device)
-        pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in seqs], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        routing = RoutingState(record=True) if self.capture_routes else None
-        out = self.model(ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing)
+        tokens = [s.out[-1] for s in seqs]
+        positions = [len(s.prompt) + len(s.out) - 1 for s in seqs]
+        if self.cuda_graph:  # on CPU this runs the same static-shape forward without capturing it
+            if self._graphs is None or self._graphs.cache is not self._cache:
+                self._graphs = DecodeGraphs(self.model, self._cache)
+            logits, routes = self._graphs.run(tokens, positions, [s.slot for s in seqs])
+        else:
+            ids = torch.tensor(tokens, device=self.device)[:, None]
+            pos = torch.tensor(positions, device=self.device)[:, None]
+            slots = torch.tensor([s.slot for s in seqs], device=self.device)
+            routing = RoutingState(record=True) if self.capture_routes else None
+            out = self.model(
+                ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing,
+                kv_len=max(positions) + 1,
+            )  # fmt: skip
+            logits = out.logits[:, -1]
+            routes = None if routing is None else torch.stack([t[:, 0] for t in routing.used_topk], dim=1)
         self.stats["decode_steps"] += 1
-        if routing is not None:
-            for i, s in enumerate(seqs):
-                s.routes.append(self._routes(routing, i, 1))
-        self._sample(list(seqs), out.logits[:, -1])
+        self._sample(list(seqs), logits, routes if self.capture_routes else None)
+
+    def _stack_routes(self, routing: RoutingState | None) -> np.ndarray | None:
+        """int32 [B, T, num_moe_layers, k] on the host, in one copy."""
+        if routing is None or not routing.used_topk:
+            return None
+        return torch.stack(routing.used_topk, dim=2).to(torch.int32).cpu().numpy()
 
     def _routes(self, routing: RoutingState, row: int, n: int) -> np.ndarray:
         per_layer = [t[row, :n] for t in routing.used_topk]  # each [n, k]
         return torch.stack(per_layer, dim=1).to(torch.int32).cpu().numpy()
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        dev = self.device
-        temp = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=dev)
-        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=dev)
-        tokens, logps = sample_tokens(logits, temp, top_p, top_k, self.generator)
-        for s, tok, lp in zip(seqs, tokens.tolist(), logps.tolist()):
-            self.accept(s, [tok], [lp])
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, routes: torch.Tensor | None = None) -> None:
+        """Sample one token per sequence, with one host sync for tokens and log-probs together."""
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        temp, top_p, top_k = self._slot_params[:, slots]
+        tokens, logps = sample_tokens(
+            logits, temp, top_p, top_k.long(), self.generator,
+            use_top_k=any(s.params.top_k > 0 for s in seqs),
+            use_top_p=any(s.params.top_p < 1 for s in seqs),
+        )  # fmt: skip
+        host = torch.stack([tokens.double(), logps.double()]).cpu()
+        host_routes = None if routes is None else routes.to(torch.int32).cpu().numpy()
+        toks, lps = host[0].long().tolist(), host[1].tolist()
+        for i, s in enumerate(seqs):
+            if host_routes is not None:
+                s.routes.append(host_routes[i : i + 1])
+            self.accept(s, [toks[i]], [lps[i]])
         self._retire()
 
     def accept(self, s: _Seq, tokens: list[int], log_probs: list[float]) -> int:
@@ -249,7 +297,7 @@ class Engine:
             if s.finish is None:
                 still.append(s)
                 continue
-            self._free.append(s.slot)
+            heapq.heappush(self._free, s.slot)
             routes = None
             if s.routes:
                 # The last sampled token is never fed back, so it has no routing row.

@@ -27,8 +27,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # The fused kernel computes x * rsqrt(mean(x^2) + eps) in fp32 in one pass (was 6 ops).
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * x.to(dtype)
 
 
@@ -92,6 +92,26 @@ class StepContext:
     position_ids: torch.Tensor | None = None  # long [B, T], absolute positions
     kv_len: int = 0  # keys 0..kv_len-1 of each slot are visible to some query
     mask: torch.Tensor | None = None  # bool [B, 1, T, kv_len], True = attend
+    # Row b is cache slot b (slots 0..B-1): keys are read as a view of the cache, with no gather.
+    contiguous_slots: bool = False
+    # Packed rows: input [1, sum(seq_lens)] holds several sequences back to back, each causal on its own.
+    seq_lens: list[int] | None = None
+    cu_seqlens: torch.Tensor | None = None  # int32 [len(seq_lens) + 1] on the device
+
+
+_VARLEN = None  # torch.nn.attention.varlen.varlen_attn (flash, CUDA) when this torch has it
+
+
+def _varlen_fn():
+    global _VARLEN
+    if _VARLEN is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            _VARLEN = varlen_attn
+        except ImportError:
+            _VARLEN = False
+    return _VARLEN
 
 
 class Attention(nn.Module):
@@ -120,17 +140,58 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        dt = q.dtype
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), ctx.cos, ctx.sin)
-        k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)
+        # Under autocast the projections are bf16 while norms and rope tables are fp32; keep q/k in the
+        # projection dtype so attention runs its bf16 kernels (a no-op without autocast).
+        cos, sin = ctx.cos.to(dt), ctx.sin.to(dt)
+        q = apply_rope(q.to(dt).transpose(1, 2), cos, sin)
+        k = apply_rope(k.to(dt).transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
-        if ctx.kv_cache is None:
-            out = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), is_causal=True)
-        else:
+        if ctx.kv_cache is not None:
             k, v = self._cache_step(k, v, ctx)
-            out = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), attn_mask=ctx.mask)
+            out = self._grouped_sdpa(q, k, v, ctx.mask)
+        elif ctx.seq_lens is not None:
+            out = self._packed(q, k, v, ctx)
+        else:
+            out = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _grouped_sdpa(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        """Masked attention with GQA done by folding each KV head's query heads into the query length:
+        q [B, H, T, D] -> [B, Hkv, rep*T, D], so K/V are read once instead of being copied rep times."""
+        b, _, t, d = q.shape
+        rep = self.num_heads // self.num_kv_heads
+        if rep == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        qg = q.reshape(b, self.num_kv_heads, rep * t, d)
+        mg = mask if t == 1 else mask.repeat(1, 1, rep, 1)  # [B, 1, rep*T, L], rows ordered (rep, T)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg)
+        return out.view(b, self.num_heads, t, d)
+
+    def _packed(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+        """Causal attention within each packed sequence (q/k/v [1, heads, total, D])."""
+        fn = _varlen_fn()
+        if fn and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            out = _varlen_call(fn, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), ctx)
+            if out is not None:
+                return out.transpose(0, 1).unsqueeze(0)
+        # Fallback: runs of equal-length sequences are contiguous, so each run is one batched SDPA call
+        # on a zero-copy view (the trainer packs sequences sorted by length).
+        outs, start, lens, i = [], 0, ctx.seq_lens, 0
+        while i < len(lens):
+            j = i
+            while j < len(lens) and lens[j] == lens[i]:
+                j += 1
+            n, length = j - i, lens[i]
+            sl = slice(start, start + n * length)
+            qs, ks, vs = (_runs(x, sl, n, length) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, self._expand(ks), self._expand(vs), is_causal=True)
+            outs.append(o.transpose(0, 1).reshape(self.num_heads, n * length, -1))
+            start += n * length
+            i = j
+        return torch.cat(outs, dim=1).unsqueeze(0)
 
     def _cache_step(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext):
         """Write this step's K/V at [slot, :, position], then read each slot's keys 0..kv_len-1."""
@@ -139,11 +200,50 @@ class Attention(nn.Module):
         # Advanced indices around a slice put the indexed dims first: the target view is [B, T, Hkv, D].
         kc[slots[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
         vc[slots[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
+        if ctx.contiguous_slots:
+            b = k.shape[0]
+            return kc[:b, :, : ctx.kv_len].to(k.dtype), vc[:b, :, : ctx.kv_len].to(v.dtype)
         return kc[slots, :, : ctx.kv_len].to(k.dtype), vc[slots, :, : ctx.kv_len].to(v.dtype)
 
     def _expand(self, kv: torch.Tensor) -> torch.Tensor:
         rep = self.num_heads // self.num_kv_heads
         return kv if rep == 1 else kv.repeat_interleave(rep, dim=1)
+
+
+def _runs(x: torch.Tensor, sl: slice, n: int, length: int) -> torch.Tensor:
+    """[1, heads, total, D] -> [n, heads, length, D]: n back-to-back sequences of one length."""
+    return x[0, :, sl].reshape(x.shape[1], n, length, -1).transpose(0, 1)
+
+
+_VARLEN_PARAMS: dict = {}
+
+
+def _varlen_params(fn) -> dict:
+    if fn not in _VARLEN_PARAMS:
+        import inspect
+
+        _VARLEN_PARAMS[fn] = dict(inspect.signature(fn).parameters)
+    return _VARLEN_PARAMS[fn]
+
+
+def _varlen_call(fn, q, k, v, ctx: StepContext) -> torch.Tensor | None:
+    """Flash varlen attention on [total, heads, D] tensors; None when this torch's signature differs."""
+    params = _varlen_params(fn)
+    m = max(ctx.seq_lens)
+    kw = {}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)
+    elif "is_causal" in params:
+        kw["is_causal"] = True
+    else:
+        return None
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return fn(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, m, m, **kw)
 
 
 class MLP(nn.Module):

@@ -32,14 +32,26 @@ class RoutingState:
         self.router_topk, self.used_topk = [], []
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+def _grouped_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype to run grouped GEMMs in on this input, or None when only the per-expert loop applies.
+
+    Under ``torch.autocast(bfloat16)`` (the trainer's --bf16) the input arrives in fp32 from the fp32
+    residual stream; it is cast so the training path also gets the grouped kernel instead of the loop.
+    """
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return None
+    if x.dtype == torch.bfloat16:
+        return torch.bfloat16
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16:
+        return torch.bfloat16
+    return None
 
 
 class Experts(nn.Module):
     """E SwiGLU experts stored as two 3-D parameters (the transformers 5 in-memory layout).
 
     gate_up_proj [E, 2I, H]: rows [:I] are gate_proj, rows [I:] up_proj; down_proj [E, H, I].
+    The forward never syncs with the host on the grouped path, so it can be captured in a CUDA graph.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
@@ -54,15 +66,20 @@ class Experts(nn.Module):
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
         order = flat.argsort(stable=True)  # token copies sorted by expert, so each expert is one matmul
-        token = order // k
-        xs = x[token]
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        if _grouped_mm_ok(x):
-            ys = self._grouped(xs, counts)
+        xs = x[order // k]
+        gdt = _grouped_dtype(x)
+        if gdt is not None:
+            # End offset of each expert's rows, found on the device (bincount would sync with the host).
+            bounds = torch.arange(1, self.num_experts + 1, device=x.device, dtype=flat.dtype)
+            offs = torch.searchsorted(flat[order], bounds).to(torch.int32)
+            ys = self._grouped(xs.to(gdt), offs, gdt)
         else:
-            ys = self._looped(xs, counts.tolist())
-        ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+            ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
+        # Undo the sort (a permutation: deterministic, unlike an atomic index_add) and sum the k copies.
+        unsorted = torch.empty_like(ys)
+        unsorted[order] = ys
+        w = topk_weight.reshape(n, k, 1).to(ys.dtype)
+        return (unsorted.view(n, k, -1) * w).sum(dim=1).to(x.dtype)
 
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs, start = [], 0
@@ -75,11 +92,10 @@ class Experts(nn.Module):
             start += c
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offs = counts.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)
+    def _grouped(self, xs: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        h = torch._grouped_mm(xs, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
 
 
 class SparseMoeBlock(nn.Module):

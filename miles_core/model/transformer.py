@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from miles_core.model.config import ModelConfig
 from miles_core.model.kv_cache import KVCache
@@ -23,6 +24,29 @@ from miles_core.types import UsageError
 class ModelOutput:
     logits: torch.Tensor  # [B, T, V] in the compute dtype
     hidden: torch.Tensor | None = None  # [B, T, H] after the final norm, when return_hidden
+
+
+class LazyLogitsOutput(ModelOutput):
+    """A `ModelOutput` whose full ``logits`` are computed from ``hidden`` only if someone reads them.
+
+    The trainer computes logits at response positions only; a hook that still reads ``.logits`` gets the
+    same tensor a plain forward returns (built on first access, then kept).
+    """
+
+    def __init__(self, hidden: torch.Tensor, lm_head: nn.Module) -> None:
+        self.hidden = hidden
+        self._lm_head = lm_head
+        self._logits: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:  # type: ignore[override]
+        if self._logits is None:
+            self._logits = self._lm_head(self.hidden)
+        return self._logits
+
+    @logits.setter
+    def logits(self, value: torch.Tensor) -> None:
+        self._logits = value
 
 
 class DecoderLayer(nn.Module):
@@ -41,8 +65,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: StepContext, routing: RoutingState | None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), ctx)
+        return h + self._ffn(h, routing)
+
+    def _ffn(self, h: torch.Tensor, routing: RoutingState | None) -> torch.Tensor:
         x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, routing) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(x))
+        return self.mlp(x, routing) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(x)
 
 
 class TransformerBody(nn.Module):
@@ -58,6 +85,22 @@ class TransformerBody(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        # Activation checkpointing while training (set by the trainer): None, "full" (recompute each
+        # decoder layer in backward) or "selective" (recompute only each layer's MLP / MoE block, whose
+        # expert activations are the largest; attention activations are kept).
+        self.recompute: str | None = None
+
+    def run_layers(self, h: torch.Tensor, ctx: StepContext, routing: RoutingState | None) -> torch.Tensor:
+        mode = self.recompute if (self.training and torch.is_grad_enabled()) else None
+        for layer in self.layers:
+            if mode == "full":
+                h = checkpoint(layer, h, ctx, routing, use_reentrant=False)
+            elif mode == "selective":
+                h = h + layer.self_attn(layer.input_layernorm(h), ctx)
+                h = h + checkpoint(layer._ffn, h, routing, use_reentrant=False)
+            else:
+                h = layer(h, ctx, routing)
+        return h
 
 
 class CausalLM(nn.Module):
@@ -87,6 +130,10 @@ class CausalLM(nn.Module):
         cache_slots: torch.Tensor | None = None,
         routing: RoutingState | None = None,
         return_hidden: bool = False,
+        kv_len: int | None = None,
+        contiguous_slots: bool = False,
+        seq_lens: list[int] | None = None,
+        compute_logits: bool = True,
     ) -> ModelOutput:
         """Logits for `input_ids` [B, T].
 
@@ -94,32 +141,54 @@ class CausalLM(nn.Module):
         With `kv_cache`: row b is cache slot `cache_slots[b]`; `position_ids` [B, T] (required) are absolute
         positions. Each token's K/V is written at its position and a query at p sees keys 0..p of its slot.
         Padding queries must use positions past the row's real tokens (and < max_len), e.g. keep counting.
+
+        Speed options (results are unchanged): `kv_len` (> every position) saves the host sync that finds
+        it; `contiguous_slots` promises ``cache_slots == arange(B)`` so keys are read as a view (the CUDA
+        graph decode path). `seq_lens` packs sequences into one row (B == 1): each is causal on its own and
+        `position_ids` restart per sequence. With ``compute_logits=False`` the logits are built from
+        ``hidden`` only when read (see `LazyLogitsOutput`), so a caller can project just the rows it needs.
         """
         b, t = input_ids.shape
         if position_ids is None:
             if kv_cache is not None:
                 raise ValueError("forward with kv_cache needs position_ids [B, T] (absolute positions)")
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            if seq_lens is not None:
+                position_ids = torch.cat([torch.arange(n, device=input_ids.device) for n in seq_lens])[None]
+            else:
+                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, h.dtype)
         ctx = StepContext(cos=cos, sin=sin)
         if kv_cache is not None:
-            if cache_slots is None:
-                raise ValueError("forward with kv_cache needs cache_slots [B] (one cache row per batch row)")
-            kv_len = int(position_ids.max()) + 1  # one host sync per forward, to attend over no more keys
-            if kv_len > kv_cache.max_len:
-                raise ValueError(f"position {kv_len - 1} is beyond the KV cache length {kv_cache.max_len}")
-            keys = torch.arange(kv_len, device=input_ids.device)
-            ctx = StepContext(
-                cos=cos, sin=sin, kv_cache=kv_cache, cache_slots=cache_slots.to(torch.long),
-                position_ids=position_ids, kv_len=kv_len, mask=keys <= position_ids[:, None, :, None],
-            )  # fmt: skip
+            ctx = self._cache_context(ctx, kv_cache, cache_slots, position_ids, kv_len, contiguous_slots)
+        elif seq_lens is not None:
+            if b != 1 or sum(seq_lens) != t:
+                raise ValueError(
+                    f"packed forward needs input [1, sum(seq_lens)], got {tuple(input_ids.shape)}"
+                )
+            cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            ctx.seq_lens, ctx.cu_seqlens = list(seq_lens), cu.to(input_ids.device)
         if routing is not None and routing.record:
             routing.clear()
-        for layer in self.model.layers:
-            h = layer(h, ctx, routing)
+        h = self.model.run_layers(h, ctx, routing)
         h = self.model.norm(h)
+        if not compute_logits:
+            return LazyLogitsOutput(h, self.lm_head)
         return ModelOutput(logits=self.lm_head(h), hidden=h if return_hidden else None)
+
+    def _cache_context(self, ctx, kv_cache, cache_slots, position_ids, kv_len, contiguous_slots):
+        if cache_slots is None:
+            raise ValueError("forward with kv_cache needs cache_slots [B] (one cache row per batch row)")
+        if kv_len is None:
+            kv_len = int(position_ids.max()) + 1  # one host sync per forward, to attend over no more keys
+        if kv_len > kv_cache.max_len:
+            raise ValueError(f"position {kv_len - 1} is beyond the KV cache length {kv_cache.max_len}")
+        keys = torch.arange(kv_len, device=position_ids.device)
+        return StepContext(
+            cos=ctx.cos, sin=ctx.sin, kv_cache=kv_cache, cache_slots=cache_slots.to(torch.long),
+            position_ids=position_ids, kv_len=kv_len, mask=keys <= position_ids[:, None, :, None],
+            contiguous_slots=contiguous_slots,
+        )  # fmt: skip
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -3,8 +3,10 @@
 One `train` call consumes one rollout: the "old" (and "ref") log-probs are computed for the whole
 batch, advantages come from the `advantage` hook, then the batch is split into
 ``num_steps_per_rollout`` optimizer steps of ``global_batch_size`` samples, each accumulated over
-micro-batches of ``micro_batch_size`` right-padded samples. Loss denominators are those of the whole
-step, so the accumulated gradient equals the gradient of the step-level loss.
+micro-batches of ``micro_batch_size`` right-padded samples, or, with ``--use-dynamic-batch-size``,
+of samples packed unpadded into one row of at most ``--max-tokens-per-gpu`` tokens. Loss denominators
+are those of the whole step, so the accumulated gradient equals the gradient of the step-level loss
+whatever the micro-batch layout. Logits are projected only at response positions.
 """
 
 from __future__ import annotations
@@ -28,25 +30,54 @@ from miles_core.train.losses import (
     mismatch_metrics,
     policy_loss,
 )
-from miles_core.types import TrainBatch
+from miles_core.types import TrainBatch, UsageError
 
 
 @dataclass
 class MicroBatch:
-    """A right-padded slice of a batch, as fed to the model."""
+    """A slice of a batch as fed to the model: right-padded rows, or one packed row.
+
+    Padded: ``input_ids`` is ``[B, T]``. Packed (``--use-dynamic-batch-size``): ``input_ids`` is
+    ``[1, sum(seq_lens)]`` with the samples back to back, ``position_ids`` restarting at 0 for each and
+    ``seq_lens`` their input lengths. Response-token fields are laid out the same way in both.
+    """
 
     index: list[int]  # positions of its samples in the batch
-    input_ids: torch.Tensor  # int64 [B, T]: tokens[:-1] of each sample, right-padded
+    input_ids: torch.Tensor  # int64 [B, T]: tokens[:-1] of each sample, right-padded (or [1, total])
     resp_rows: torch.Tensor  # int64 [N]: batch row of each response token
     resp_cols: torch.Tensor  # int64 [N]: input position that predicts it
     targets: torch.Tensor  # int64 [N]: the response token ids
     lengths: list[int]  # response length per sample
     loss_mask: torch.Tensor  # float32 [N]
     replay: list[torch.Tensor] | None = None  # per MoE layer int64 [B, T, k]
+    seq_lens: list[int] | None = None  # packed: input length (len(tokens) - 1) per sample
+    position_ids: torch.Tensor | None = None  # packed: int64 [1, total]
+    offsets: list[int] | None = None  # packed: start of each sample in the row
 
 
 def _cat(xs: list[torch.Tensor] | None, idx: list[int], device: torch.device) -> torch.Tensor | None:
     return None if xs is None else torch.cat([xs[i].float() for i in idx]).to(device)
+
+
+def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Group positions of `lengths` into bins of at most `max_tokens` tokens (first-fit decreasing).
+
+    A sequence longer than the budget gets a bin of its own. Inside a bin, sequences are ordered by
+    length so that runs of equal lengths are contiguous (the varlen attention fallback batches them).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    return bins
 
 
 class Trainer:
@@ -61,7 +92,18 @@ class Trainer:
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps,
             weight_decay=args.weight_decay,
+            fused=self.device.type == "cuda",  # one kernel per step instead of a foreach chain
         )
+        self.max_tokens = getattr(args, "max_tokens_per_gpu", None)
+        if getattr(args, "use_dynamic_batch_size", False) and not self.max_tokens:
+            raise UsageError(
+                "--use-dynamic-batch-size packs micro-batches by tokens; also pass --max-tokens-per-gpu N."
+            )
+        recompute = getattr(args, "recompute_granularity", None)
+        if recompute is None and getattr(args, "recompute_activations", False):
+            recompute = "selective"
+        if hasattr(model.model, "recompute"):
+            model.model.recompute = recompute
         self.step = 0
         self.total_steps = max(1, (args.num_rollout or 1) * (args.num_steps_per_rollout or 1))
         self.temperature = args.rollout_temperature if args.rollout_temperature > 0 else 1.0
@@ -69,24 +111,46 @@ class Trainer:
     # ------------------------------------------------------------------ batching and forward
 
     def micro_batches(self, batch: TrainBatch, idx: list[int]) -> Iterator[MicroBatch]:
+        if getattr(self.args, "use_dynamic_batch_size", False):
+            for group in pack_by_tokens([len(batch.tokens[i]) - 1 for i in idx], self.max_tokens):
+                yield self._make_packed_micro_batch(batch, [idx[j] for j in group])
+            return
         mbs = self.args.micro_batch_size
         for start in range(0, len(idx), mbs):
             yield self._make_micro_batch(batch, idx[start : start + mbs])
+
+    def _response_fields(
+        self, batch: TrainBatch, index: list[int], starts: list[int] | None
+    ) -> dict[str, Any]:
+        """Rows/cols/targets/mask of the response tokens. Padded (``starts`` None): sample b is row b;
+        packed: every sample is in row 0, its inputs beginning at column ``starts[b]``."""
+        rows, cols, targets, lengths = [], [], [], []
+        packed = starts is not None
+        starts = starts if packed else [0] * len(index)
+        for b, (i, start) in enumerate(zip(index, starts)):
+            s = batch.tokens[i]
+            r = batch.samples[i].response_length
+            p = len(s) - r
+            rows.append(torch.full((r,), 0 if packed else b, dtype=torch.long))
+            cols.append(torch.arange(start + p - 1, start + p - 1 + r))
+            targets.append(s[p:])
+            lengths.append(r)
+        dev = self.device
+        return dict(
+            resp_rows=torch.cat(rows).to(dev),
+            resp_cols=torch.cat(cols).to(dev),
+            targets=torch.cat(targets).long().to(dev),
+            lengths=lengths,
+            loss_mask=torch.cat([batch.loss_masks[i].float() for i in index]).to(dev),
+        )
 
     def _make_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
         dev = self.device
         seqs = [batch.tokens[i] for i in index]
         width = max(len(s) - 1 for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        rows, cols, targets, lengths = [], [], [], []
-        for b, (i, s) in enumerate(zip(index, seqs)):
+        for b, s in enumerate(seqs):
             ids[b, : len(s) - 1] = s[:-1]
-            r = batch.samples[i].response_length
-            p = len(s) - r
-            rows.append(torch.full((r,), b, dtype=torch.long))
-            cols.append(torch.arange(p - 1, p - 1 + r))
-            targets.append(s[p:])
-            lengths.append(r)
         replay = None
         if batch.replay_routes is not None:
             routes = [batch.replay_routes[i] for i in index]
@@ -95,16 +159,26 @@ class Trainer:
             for b, r in enumerate(routes):
                 table[b, : r.shape[0]] = torch.as_tensor(r, dtype=torch.long)
             replay = [table[:, :, m].to(dev) for m in range(num_layers)]
+        fields = self._response_fields(batch, index, None)
+        return MicroBatch(index=index, input_ids=ids.to(dev), replay=replay, **fields)
+
+    def _make_packed_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
+        dev = self.device
+        seq_lens = [len(batch.tokens[i]) - 1 for i in index]
+        offsets = [0]
+        for n in seq_lens[:-1]:
+            offsets.append(offsets[-1] + n)
+        ids = torch.cat([batch.tokens[i][:-1].long() for i in index])[None]
+        pos = torch.cat([torch.arange(n) for n in seq_lens])[None]
+        replay = None
+        if batch.replay_routes is not None:
+            table = torch.cat([torch.as_tensor(batch.replay_routes[i], dtype=torch.long) for i in index])
+            replay = [table[None, :, m].to(dev) for m in range(table.shape[1])]
+        fields = self._response_fields(batch, index, offsets)
         return MicroBatch(
-            index=index,
-            input_ids=ids.to(dev),
-            resp_rows=torch.cat(rows).to(dev),
-            resp_cols=torch.cat(cols).to(dev),
-            targets=torch.cat(targets).long().to(dev),
-            lengths=lengths,
-            loss_mask=torch.cat([batch.loss_masks[i].float() for i in index]).to(dev),
-            replay=replay,
-        )
+            index=index, input_ids=ids.to(dev), replay=replay, seq_lens=seq_lens,
+            position_ids=pos.to(dev), offsets=offsets, **fields,
+        )  # fmt: skip
 
     def _autocast(self):
         if self.args.bf16:
@@ -118,9 +192,18 @@ class Trainer:
             if (record or mb.replay is not None)
             else None
         )
+        packed = {} if mb.seq_lens is None else dict(position_ids=mb.position_ids, seq_lens=mb.seq_lens)
         with self._autocast():
-            out = model(mb.input_ids, routing=routing, return_hidden=True)
-        logits = out.logits[mb.resp_rows, mb.resp_cols] / self.temperature
+            if type(model).forward is CausalLM.forward:
+                # Project only the response positions: the [B, T, V] logits are never built (a hook
+                # reading out.logits still gets them, computed lazily).
+                out = model(mb.input_ids, routing=routing, return_hidden=True, compute_logits=False, **packed)
+                logits = model.lm_head(out.hidden[mb.resp_rows, mb.resp_cols])
+            else:
+                out = model(mb.input_ids, routing=routing, return_hidden=True, **packed)
+                logits = out.logits[mb.resp_rows, mb.resp_cols]
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         logp, ent = log_probs_and_entropy(logits, mb.targets, with_entropy=with_entropy)
         return logp, ent, out, routing
 
@@ -139,7 +222,11 @@ class Trainer:
                 out[i] = piece.float().cpu()
                 if batch.record_routes and routing is not None:
                     n = len(batch.tokens[i]) - 1
-                    recorded[i] = torch.stack([t[j, :n] for t in routing.router_topk], dim=1).int().cpu()
+                    if mb.offsets is None:
+                        rows = [t[j, :n] for t in routing.router_topk]
+                    else:
+                        rows = [t[0, mb.offsets[j] : mb.offsets[j] + n] for t in routing.router_topk]
+                    recorded[i] = torch.stack(rows, dim=1).int().cpu()
         if batch.record_routes:
             batch.recorded_routes = recorded
         return out

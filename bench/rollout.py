@@ -1,0 +1,203 @@
+"""Rollout throughput: the built-in engine vs HF transformers `generate` on the same weights.
+
+Both load one random Qwen3-MoE checkpoint written by `miles_core.model.save_model`, decode the same
+prompts with the same sampling settings (temperature 1, no top-k/top-p, no EOS so every sequence runs
+to the full length) and are timed in this process on this device. `roof_frac` compares the engine with
+the bandwidth roof: bytes of the weights a decode step must read at this batch size (every expert that
+some row routes to) over the measured device-memory bandwidth. Prints one JSON line.
+
+    python bench/rollout.py --preset cpu-small
+    python bench/rollout.py --preset gpu-0.7b --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from miles_core.engine import Engine
+from miles_core.model import ModelConfig, build_model, save_model
+
+BASE = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+    "tie_word_embeddings": False, "hidden_act": "silu", "initializer_range": 0.02,
+    "max_position_embeddings": 4096, "eos_token_id": None, "bos_token_id": None, "pad_token_id": 0,
+}  # fmt: skip
+PRESETS = {
+    # ~0.7B: the issue's config (vocab 32000, hidden 1024, 12 layers, 16/4 heads, 32 experts top-4).
+    "gpu-0.7b": dict(
+        config=dict(
+            vocab_size=32000,
+            hidden_size=1024,
+            num_hidden_layers=12,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+            num_experts=32,
+            num_experts_per_tok=4,
+            moe_intermediate_size=512,
+            intermediate_size=2816,
+        ),
+        device="cuda",
+        dtype=torch.bfloat16,
+        batch=64,
+        prompt_len=128,
+        new_tokens=256,
+    ),  # fmt: skip
+    "cpu-small": dict(
+        config=dict(
+            vocab_size=2048,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            intermediate_size=256,
+        ),
+        device="cpu",
+        dtype=torch.float32,
+        batch=8,
+        prompt_len=16,
+        new_tokens=32,
+    ),  # fmt: skip
+}
+
+
+def make_model(preset: dict, seed: int = 0):
+    """A random miles model for the preset, in its device and dtype."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_hf({**BASE, **preset["config"]})
+    return build_model(cfg, dtype=preset["dtype"], device=preset["device"]).eval().requires_grad_(False)
+
+
+def save_checkpoint(model, folder: str) -> str:
+    save_model(model, folder)
+    return folder
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_miles(model, prompts: list[list[int]], new_tokens: int, cuda_graph: bool = True) -> float:
+    engine = Engine(model, None, max_batch_size=len(prompts), seed=0)
+    engine.cuda_graph = cuda_graph and model.lm_head.weight.is_cuda
+    params = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": new_tokens}
+    engine.generate_batch(prompts, params)  # warm-up: allocates the cache and captures the graphs
+    sync(str(model.lm_head.weight.device))
+    t0 = time.perf_counter()
+    outs = engine.generate_batch(prompts, params)
+    sync(str(model.lm_head.weight.device))
+    wall = time.perf_counter() - t0
+    time_miles.step_ms = 1e3 * wall / max(1, engine.stats["decode_steps"] // 2)
+    time_miles.graph_ms = None
+    if engine._graphs is not None and engine._graphs.capture:  # where a step's time goes: the replay alone
+        n, pos = len(prompts), [len(prompts[0]) + new_tokens - 2] * len(prompts)
+        run = lambda: engine._graphs.run([1] * n, pos, list(range(n)))  # noqa: E731
+        with torch.inference_mode():  # the engine's buffers are inference tensors
+            run()
+            sync("cuda")
+            t1 = time.perf_counter()
+            for _ in range(20):
+                run()
+            sync("cuda")
+        time_miles.graph_ms = 1e3 * (time.perf_counter() - t1) / 20
+    return sum(len(o.output_ids) for o in outs) / wall
+
+
+def time_hf(folder: str, prompts: list[list[int]], new_tokens: int, device: str, dtype) -> float:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, **kw)
+        sync(device)
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, **kw)
+        sync(device)
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - t0)
+
+
+def measure_bandwidth(device: str) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read and written."""
+    n = (1 << 30) if device.startswith("cuda") else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync(device)
+    return 2 * n * 10 / (time.perf_counter() - t0)
+
+
+def decode_step_bytes(model, batch: int) -> float:
+    """Weight bytes one decode step reads: everything but the embedding table, and of the experts only
+    those some row routes to (expected count under uniform routing: E * (1 - (1 - k/E)^batch))."""
+    cfg = model.config
+    total = 0.0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        nbytes = p.numel() * p.element_size()
+        if ".experts." in name:
+            e, k = cfg.num_experts, cfg.num_experts_per_tok
+            nbytes *= 1 - (1 - k / e) ** batch
+        total += nbytes
+    return total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu-0.7b")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--hf-new-tokens", type=int, default=None, help="Shorter HF run (tok/s is per token).")
+    ap.add_argument("--eager", action="store_true", help="Also time the engine without CUDA graphs.")
+    a = ap.parse_args(argv)
+    preset = dict(PRESETS[a.preset])
+    batch = a.batch or preset["batch"]
+    new = a.new_tokens or preset["new_tokens"]
+    device = preset["device"]
+    model = make_model(preset)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, model.config.vocab_size, (batch, preset["prompt_len"]), generator=g).tolist()
+    miles = time_miles(model, prompts, new)
+    timing = {"decode_step_ms": round(time_miles.step_ms, 3)}
+    if time_miles.graph_ms is not None:
+        timing["graph_replay_ms"] = round(time_miles.graph_ms, 3)
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "preset": a.preset}
+    if a.eager:
+        result["miles_eager_tok_s"] = round(time_miles(model, prompts, new, cuda_graph=False), 1)
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(model, folder)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        hf = time_hf(folder, prompts, a.hf_new_tokens or new, device, preset["dtype"])
+        model = make_model(preset)  # same seed: same weights, for the byte count
+    bw = measure_bandwidth(device)
+    roof = batch * bw / decode_step_bytes(model, batch)
+    result.update(
+        miles_tok_s=round(miles, 1), hf_tok_s=round(hf, 1), ratio=round(miles / hf, 2),
+        roof_tok_s=round(roof, 1), roof_frac=round(miles / roof, 4), hbm_gb_s=round(bw / 1e9, 1),
+        batch=batch, prompt_len=preset["prompt_len"], new_tokens=new, **timing,
+    )  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

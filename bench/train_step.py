@@ -1,0 +1,128 @@
+"""Training-step throughput and MFU of the built-in trainer (policy loss, backward, AdamW step).
+
+The model is bench/rollout.py's (the ~0.7B Qwen3-MoE on GPU), trained with fp32 master weights under
+bf16 autocast on packed micro-batches (--use-dynamic-batch-size). MFU counts the FLOPs the step needs:
+6 x active (routed) non-embedding parameters per input token, the LM head only at response positions
+(the trainer projects nothing else), plus causal attention; the peak is the card's dense bf16 spec
+(989 TFLOP/s for H100/H200 SXM) and, as `mfu_vs_matmul`, a measured 8192^3 bf16 matmul. Prints one JSON line.
+
+    python bench/train_step.py --preset cpu-small
+    python bench/train_step.py --preset gpu-0.7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from rollout import PRESETS, make_model, sync
+
+from miles_core.args import parse_args
+from miles_core.plugins import get_plugin_manager
+from miles_core.train.trainer import Trainer
+from miles_core.types import Sample, Status, TrainBatch
+
+SHAPES = {  # samples per step, prompt and response lengths, token budget per packed micro-batch
+    "gpu-0.7b": dict(samples=64, prompt=128, response=256, max_tokens=12288),
+    "cpu-small": dict(samples=8, prompt=16, response=32, max_tokens=256),
+}
+SPEC_PEAK = {"H100": 989e12, "H200": 989e12}
+
+
+def make_batch(n: int, prompt: int, response: int, vocab: int, device: torch.device) -> TrainBatch:
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(1, vocab, (prompt + response,), generator=g) for _ in range(n)]
+    samples = [
+        Sample(group_index=i // 8, index=i, tokens=t.tolist(), response_length=response,
+               status=Status.TRUNCATED, reward=float(i % 2))
+        for i, t in enumerate(tokens)
+    ]  # fmt: skip
+    ones = [torch.ones(response) for _ in range(n)]
+    return TrainBatch(
+        samples=samples, rewards=torch.zeros(n), tokens=tokens, loss_masks=ones,
+        old_log_probs=[torch.full((response,), -10.0) for _ in range(n)],
+        advantages=[torch.randn(response, generator=g) for _ in range(n)],
+    )  # fmt: skip
+
+
+def step_flops(model, n: int, prompt: int, response: int) -> float:
+    cfg = model.config
+    active = 0.0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or name.startswith("lm_head"):
+            continue
+        frac = cfg.num_experts_per_tok / cfg.num_experts if ".experts." in name else 1.0
+        active += p.numel() * frac
+    seq = prompt + response - 1
+    dense = 6 * active * seq * n
+    head = 6 * cfg.hidden_size * cfg.vocab_size * response * n
+    attn = 6 * seq * seq * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers * n
+    return dense + head + attn
+
+
+def matmul_peak(device: str) -> float:
+    if device != "cuda":
+        a = torch.randn(1024, 1024)
+        reps, size = 5, 1024
+    else:
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        reps, size = 10, 8192
+    a @ a
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    sync(device)
+    return 2 * size**3 * reps / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(SHAPES), default="gpu-0.7b")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--recompute", choices=["full", "selective"], default=None)
+    a = ap.parse_args(argv)
+    preset, shape = PRESETS[a.preset], SHAPES[a.preset]
+    device = preset["device"]
+    model = make_model({**preset, "dtype": torch.float32}).requires_grad_(True)  # fp32 master weights
+    n = shape["samples"]
+    flags = ["--lr", "1e-6", "--global-batch-size", str(n), "--rollout-batch-size", str(n // 8 or 1),
+             "--n-samples-per-prompt", "8", "--num-rollout", "1", "--use-dynamic-batch-size",
+             "--max-tokens-per-gpu", str(shape["max_tokens"])]  # fmt: skip
+    if device == "cuda":
+        flags.append("--bf16")
+    if a.recompute:
+        flags += ["--recompute-granularity", a.recompute]
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
+    args = parse_args(flags, pm)
+    trainer = Trainer(args, pm, model)
+    batch = make_batch(n, shape["prompt"], shape["response"], model.config.vocab_size, trainer.device)
+    trainer._step(batch)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        trainer._step(batch)
+    sync(device)
+    dt = (time.perf_counter() - t0) / a.steps
+    tokens = n * (shape["prompt"] + shape["response"] - 1)
+    flops = step_flops(model, n, shape["prompt"], shape["response"])
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    measured = matmul_peak(device)
+    spec = next((v for k, v in SPEC_PEAK.items() if k in name), None)
+    peak = spec or measured
+    result = {
+        "device": name, "preset": a.preset, "tok_s": round(tokens / dt, 1),
+        "mfu": round(flops / dt / peak, 4),
+        "mfu_vs_matmul": round(flops / dt / measured, 4), "tflops": round(flops / dt / 1e12, 2),
+        "peak_tflops": round(peak / 1e12, 1), "matmul_tflops": round(measured / 1e12, 1),
+        "tokens_per_step": tokens, "step_s": round(dt, 4), "recompute": a.recompute,
+        "max_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
+    }  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

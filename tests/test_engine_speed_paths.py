@@ -1,0 +1,149 @@
+"""The engine's fast paths give the same outputs as its eager path: the static-shape decode behind CUDA
+graphs (run uncaptured on CPU, captured on CUDA), the sync-free sampler flags and the grouped experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miles_core.engine import Engine, sample_tokens
+from miles_core.engine.cuda_graph import DecodeGraphs, _bucket
+from miles_core.model import Experts, KVCache, build_model, load_model
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return load_model(tiny_ckpt).eval()
+
+
+def _prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]  # fmt: skip
+
+
+def _generate(model, prompts, params, *, graph: bool, capture_routes: bool = True, seed: int = 7):
+    engine = Engine(model, None, max_batch_size=8, seed=seed)
+    engine._eos = {5}  # a common token: some sequences stop early and free their slot mid-batch
+    engine.cuda_graph = graph
+    engine.capture_routes = capture_routes
+    return engine, engine.generate_batch(prompts, params)
+
+
+def _assert_same(a, b, atol: float) -> None:
+    for x, y in zip(a, b):
+        assert x.output_ids == y.output_ids
+        assert x.finish_reason == y.finish_reason
+        assert max(abs(p - q) for p, q in zip(x.log_probs, y.log_probs)) <= atol
+        if x.routed_experts is not None:
+            assert (x.routed_experts == y.routed_experts).all()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_decode_path_matches_eager(model, temperature):
+    # 11 prompts on 8 slots: continuous batching refills slots, so rows of free slots are exercised.
+    prompts = _prompts(model.config.vocab_size, 11)
+    params = {"temperature": temperature, "max_new_tokens": 9}
+    _, eager = _generate(model, prompts, params, graph=False)
+    engine, fast = _generate(model, prompts, params, graph=True)
+    _assert_same(eager, fast, atol=1e-5)
+    assert engine._graphs is not None and engine._graphs._graphs  # the static path really ran
+    assert all(o.routed_experts.shape[0] == len(p) + len(o.output_ids) - 1 for p, o in zip(prompts, fast))
+
+
+def test_lowest_free_slot_first_keeps_rows_compact(model):
+    engine, _ = _generate(model, _prompts(model.config.vocab_size, 3), {"max_new_tokens": 2}, graph=True)
+    rows = {k[0] for k in engine._graphs._graphs}
+    assert max(rows) <= 4  # 3 sequences on 8 slots use graph rows of a 4-slot bucket at most
+
+
+def test_buckets_cover_and_cap():
+    assert [_bucket(n, 48) for n in (1, 3, 4, 5, 33, 60)] == [1, 4, 4, 8, 48, 48]
+    assert _bucket(65, 448, 64) == 128 and _bucket(300, 448, 64) == 448
+
+
+def test_graphs_are_dropped_when_weights_move(model, tiny_ckpt):
+    m = load_model(tiny_ckpt).eval()
+    engine, _ = _generate(m, [[3, 4, 5]], {"max_new_tokens": 2}, graph=True)
+    old = engine._graphs
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())  # a plugin re-allocates
+    engine.generate_batch([[3, 4, 5]], {"max_new_tokens": 2})
+    assert engine._graphs is not old
+
+
+def test_sampler_host_flags_match_tensor_checks():
+    logits = torch.randn(6, 50)
+    temp = torch.tensor([0.0, 1.0, 0.7, 1.0, 1.2, 0.5])
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.5, 1.0, 1.0])
+    top_k = torch.tensor([-1, 5, -1, -1, 3, -1])
+    a = sample_tokens(logits, temp, top_p, top_k, torch.Generator().manual_seed(1))
+    b = sample_tokens(logits, temp, top_p, top_k, torch.Generator().manual_seed(1), use_top_k=True,
+                      use_top_p=True)  # fmt: skip
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_decode_graphs_rows_are_slots(model):
+    cache = KVCache(model.config, 4, 64)
+    graphs = DecodeGraphs(model, cache, capture=False)
+    with torch.no_grad():
+        logits, routes = graphs.run([7, 9], [0, 0], [2, 0])
+        ref = model(torch.tensor([[7], [9]])).logits[:, -1]
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert routes.shape == (2, model.num_moe_layers, model.config.num_experts_per_tok)
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_decode_matches_eager_bf16(tiny_ckpt):
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda").eval()
+    prompts = _prompts(model.config.vocab_size, 11)
+    params = {"temperature": 0.0, "max_new_tokens": 16}
+    _, eager = _generate(model, prompts, params, graph=False)
+    engine, fast = _generate(model, prompts, params, graph=True)
+    assert engine._graphs.capture and engine._graphs._graphs
+    _assert_same(eager, fast, atol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_decode_matches_eager_bf16_medium_model(tiny_ckpt):
+    from miles_core.model import ModelConfig
+
+    cfg = dict(load_model(tiny_ckpt).config.raw)
+    cfg.update(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+               moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
+               num_hidden_layers=3)  # fmt: skip
+    model = build_model(ModelConfig.from_hf(cfg), dtype=torch.bfloat16, device="cuda").eval()
+    prompts = _prompts(model.config.vocab_size, 40, seed=1)
+    params = {"temperature": 0.0, "max_new_tokens": 24}
+    _, eager = _generate(model, prompts, params, graph=False)
+    _, fast = _generate(model, prompts, params, graph=True)
+    _assert_same(eager, fast, atol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_grouped_experts_under_autocast_match_loop_with_grads():
+    torch.manual_seed(0)
+    experts = Experts(8, 64, 32).cuda()
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2)
+        experts.down_proj.normal_(0, 0.2)
+    x = torch.randn(50, 64, device="cuda", requires_grad=True)
+    idx = torch.stack([torch.randperm(8, device="cuda")[:2] for _ in range(50)])
+    w = torch.rand(50, 2, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = experts(x, idx, w)  # fp32 input under autocast takes the grouped bf16 kernel
+    fast.square().sum().backward()
+    g_fast = experts.gate_up_proj.grad.clone()
+    experts.zero_grad()
+    ref = experts(x.detach(), idx, w)
+    ref.square().sum().backward()
+    torch.testing.assert_close(fast.float(), ref, atol=5e-2, rtol=5e-2)
+    g_ref = experts.gate_up_proj.grad
+    assert ((g_fast - g_ref).norm() / g_ref.norm()).item() < 3e-2  # bf16 rounding, not a wrong gradient

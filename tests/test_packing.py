@@ -1,0 +1,112 @@
+"""Packed (unpadded) micro-batches and activation checkpointing change speed only: log-probs, losses,
+gradients, recorded and replayed routes equal those of the padded path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import make_args, rollout
+
+from miles_core.loop import make_train_batch
+from miles_core.model import load_model
+from miles_core.plugins import get_plugin_manager
+from miles_core.train.trainer import Trainer, pack_by_tokens
+from miles_core.types import UsageError
+
+PACKED = ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "40"]
+
+
+def _pm():
+    return get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
+
+
+def _train_grads(ckpt, extra, samples):
+    args = make_args(ckpt, extra)
+    batch = make_train_batch(samples, args)
+    trainer = Trainer(args, _pm(), load_model(ckpt))
+    trainer.optimizer.step = lambda: None  # keep weights fixed; compare the accumulated gradient
+    metrics = trainer.train(0, batch)[0]
+    grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return grad, metrics, batch
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_ckpt):
+    return rollout(tiny_ckpt, make_args(tiny_ckpt))
+
+
+def test_pack_by_tokens_respects_budget_and_covers_all():
+    lengths = [10, 3, 7, 7, 25, 2, 9, 9, 1]
+    bins = pack_by_tokens(lengths, 20)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    for b in bins:
+        assert sum(lengths[i] for i in b) <= 20 or len(b) == 1  # only an oversize sample exceeds it
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    assert len(bins) == 4  # 25 | 10 9 1 | 9 7 3 | 7 2 -> first-fit decreasing
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_packed_gradient_equals_padded(tiny_ckpt, samples, per_token):
+    extra = ["--calculate-per-token-loss"] if per_token else []
+    g_pad, m_pad, _ = _train_grads(tiny_ckpt, ["--micro-batch-size", "2", *extra], samples)
+    g_pack, m_pack, _ = _train_grads(tiny_ckpt, [*PACKED, *extra], samples)
+    torch.testing.assert_close(g_pack, g_pad, atol=1e-6, rtol=1e-4)
+    for key in ("pg_loss", "entropy", "ppo_kl", "train_rollout_logprob_abs_diff"):
+        assert m_pack[key] == pytest.approx(m_pad[key], abs=1e-6)
+
+
+def test_packed_micro_batches_are_unpadded(tiny_ckpt, samples):
+    args = make_args(tiny_ckpt, PACKED)
+    batch = make_train_batch(samples, args)
+    trainer = Trainer(args, _pm(), load_model(tiny_ckpt))
+    mbs = list(trainer.micro_batches(batch, list(range(len(batch)))))
+    assert sorted(i for mb in mbs for i in mb.index) == list(range(len(batch)))
+    for mb in mbs:
+        assert mb.input_ids.shape == (1, sum(mb.seq_lens)) and mb.position_ids.shape == mb.input_ids.shape
+        assert mb.input_ids.shape[1] <= 40 or len(mb.index) == 1
+        assert mb.targets.shape == mb.loss_mask.shape == (sum(mb.lengths),)
+
+
+def test_packed_log_probs_and_recorded_routes_equal_padded(tiny_ckpt, samples):
+    out = []
+    for extra in (["--micro-batch-size", "8"], PACKED):
+        args = make_args(tiny_ckpt, extra)
+        batch = make_train_batch(samples, args)
+        batch.record_routes = True
+        trainer = Trainer(args, _pm(), load_model(tiny_ckpt))
+        out.append((trainer.compute_log_probs(batch, "old"), batch.recorded_routes))
+    (lp_a, r_a), (lp_b, r_b) = out
+    for a, b in zip(lp_a, lp_b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(r_a, r_b):
+        assert torch.equal(a, b)
+
+
+def test_packed_replay_routes_are_used(tiny_ckpt, samples):
+    args = make_args(tiny_ckpt, PACKED)
+    batch = make_train_batch(samples, args)
+    trainer = Trainer(args, _pm(), load_model(tiny_ckpt))
+    free = trainer.compute_log_probs(batch, "old")
+    k = trainer.model.config.num_experts_per_tok
+    layers = trainer.model.num_moe_layers
+    # Replay expert set {0, 1} everywhere: log-probs must change, and equal the padded path's replay.
+    batch.replay_routes = [torch.tensor([0, 1][:k]).expand(len(t) - 1, layers, k) for t in batch.tokens]
+    packed = trainer.compute_log_probs(batch, "old")
+    args_pad = make_args(tiny_ckpt, ["--micro-batch-size", "8"])
+    padded = Trainer(args_pad, _pm(), trainer.model).compute_log_probs(batch, "old")
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(free, packed))
+    for a, b in zip(packed, padded):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flag", [["--recompute-granularity", "full"], ["--recompute-activations"]])
+def test_activation_checkpointing_keeps_gradient(tiny_ckpt, samples, flag):
+    g_ref, _, _ = _train_grads(tiny_ckpt, PACKED, samples)
+    g_rc, _, _ = _train_grads(tiny_ckpt, [*PACKED, *flag], samples)
+    torch.testing.assert_close(g_rc, g_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_dynamic_batch_size_needs_token_budget(tiny_ckpt):
+    args = make_args(tiny_ckpt, ["--use-dynamic-batch-size"])
+    with pytest.raises(UsageError, match="--max-tokens-per-gpu"):
+        Trainer(args, _pm(), load_model(tiny_ckpt))
