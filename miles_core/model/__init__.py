@@ -4,7 +4,14 @@ The engine and the trainer use only the names re-exported here.
 """
 
 from miles_core.model.config import ARCH_TRAITS, ModelConfig
-from miles_core.model.hf_io import load_config, load_hf_tensors, load_model, named_hf_tensors, save_model
+from miles_core.model.hf_io import (
+    load_config,
+    load_hf_tensors,
+    load_model,
+    named_hf_tensors,
+    save_model,
+    write_hf_checkpoint,
+)
 from miles_core.model.kv_cache import KVCache
 from miles_core.model.layers import MLP, Attention, RMSNorm
 from miles_core.model.moe import Experts, RoutingState, SparseMoeBlock
@@ -30,4 +37,5 @@ __all__ = [
     "named_hf_tensors",
     "save_model",
     "swap_modules",
+    "write_hf_checkpoint",
 ]

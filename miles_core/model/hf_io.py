@@ -238,15 +238,41 @@ def save_model(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write an HF-loadable checkpoint folder atomically: config.json, safetensors, tokenizer files."""
-    if tokenizer_src is not None and not Path(tokenizer_src).is_dir():
-        raise UsageError(f"tokenizer folder {tokenizer_src} does not exist; pass the original HF checkpoint.")
     tensors = dict(named_hf_tensors(model))
     out_dtype = dtype or next(iter(tensors.values())).dtype
     config = model.config.to_hf()
     dtype_key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
     config[dtype_key] = str(out_dtype).removeprefix("torch.")
-    elem = torch.empty(0, dtype=out_dtype).element_size()
-    shards = _plan_shards([(n, t.numel() * elem) for n, t in tensors.items()], max_shard_bytes)
+    return write_hf_checkpoint(tensors, config, out_dir, tokenizer_src, max_shard_bytes, dtype=out_dtype)
+
+
+def write_hf_checkpoint(
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    out_dir: str | Path,
+    tokenizer_src: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write HF-named ``tensors`` + ``config`` as a checkpoint folder, atomically.
+
+    One ``model.safetensors``, or shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``;
+    tokenizer files are copied from ``tokenizer_src``. Floating tensors are cast to ``dtype`` if given
+    (quantized checkpoints pass None and keep their fp8/int32 tensors as they are).
+    """
+    if tokenizer_src is not None and not Path(tokenizer_src).is_dir():
+        raise UsageError(f"tokenizer folder {tokenizer_src} does not exist; pass the original HF checkpoint.")
+
+    def stored(t: torch.Tensor) -> torch.Tensor:
+        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        # clone: per-expert slices share storage, which safetensors refuses to write.
+        return t.detach().to(device="cpu", dtype=cast).clone().contiguous()
+
+    def nbytes(t: torch.Tensor) -> int:
+        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return t.numel() * torch.empty(0, dtype=cast).element_size()
+
+    shards = _plan_shards([(n, nbytes(t)) for n, t in tensors.items()], max_shard_bytes)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -257,12 +283,10 @@ def save_model(
                 if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
-            # clone: per-expert slices share storage, which safetensors refuses to write.
-            chunk = {n: tensors[n].to(device="cpu", dtype=out_dtype).clone().contiguous() for n in names}
-            save_file(chunk, str(tmp / fname), metadata={"format": "pt"})
+            save_file({n: stored(tensors[n]) for n in names}, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(names, fname))
         if len(shards) > 1:
-            total = sum(t.numel() * elem for t in tensors.values())
+            total = sum(nbytes(t) for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer_src is not None:

@@ -10,13 +10,11 @@ Tensors are written as read, so a checkpoint loaded and saved again is bit-ident
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from miles_core import UsageError
 from miles_fp8.linear import is_high_precision
@@ -132,39 +130,9 @@ def save_tensors(
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Write config.json + safetensors (sharded past `max_shard_bytes`) + tokenizer files, atomically."""
-    from miles_core.atomic import atomic_dir
+    from miles_core.model import write_hf_checkpoint
 
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and used + n > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += n
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        weight_map: dict[str, str] = {}
-        for i, names in enumerate(shards):
-            fname = (
-                "model.safetensors"
-                if len(shards) == 1
-                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            )
-            chunk = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
-            save_file(chunk, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(names, fname))
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer_src is not None:
-            for fname in TOKENIZER_FILES:
-                if (Path(tokenizer_src) / fname).is_file():
-                    shutil.copy2(Path(tokenizer_src) / fname, tmp / fname)
-    return out_dir
+    return write_hf_checkpoint(tensors, config, out_dir, tokenizer_src, max_shard_bytes)
 
 
 def convert_to_fp8(input_dir: str | Path, output_dir: str | Path, keep: Iterable[str] = ()) -> Path:
