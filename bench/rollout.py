@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -166,7 +168,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--hf-new-tokens", type=int, default=None, help="Shorter HF run (tok/s is per token).")
     ap.add_argument("--eager", action="store_true", help="Also time the engine without CUDA graphs.")
+    ap.add_argument(
+        "--int4", action="store_true", help="INT4 (miles-int4qat) vs BF16 decode: bench/int4_rollout.py."
+    )
     a = ap.parse_args(argv)
+    if a.int4:  # same engine, same 0.7B config; the INT4 arms live with the plugin's bench
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import int4_rollout
+
+        preset = "gpu" if a.preset == "gpu-0.7b" else "cpu-small"
+        extra = [f"--batch={a.batch}"] if a.batch else []
+        return int4_rollout.main([f"--preset={preset}", "--arms=bf16,bf16_eager,int4", *extra])
     preset = dict(PRESETS[a.preset])
     batch = a.batch or preset["batch"]
     new = a.new_tokens or preset["new_tokens"]
