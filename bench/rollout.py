@@ -171,7 +171,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--int4", action="store_true", help="INT4 (miles-int4qat) vs BF16 decode: bench/int4_rollout.py."
     )
+    ap.add_argument(
+        "--fp8", action="store_true", help="FP8 (miles-fp8) vs BF16 decode: bench/fp8_rollout.py."
+    )
     a = ap.parse_args(argv)
+    if a.fp8:  # same engine, same 0.7B config; the FP8 arms live with the plugin's bench
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import fp8_rollout
+
+        preset = "gpu" if a.preset == "gpu-0.7b" else "cpu-small"
+        extra = [f"--batch={a.batch}"] if a.batch else []
+        extra += [f"--new-tokens={a.new_tokens}"] if a.new_tokens else []
+        return fp8_rollout.main([f"--preset={preset}", "--recipes=rowwise", *extra])
     if a.int4:  # same engine, same 0.7B config; the INT4 arms live with the plugin's bench
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import int4_rollout

@@ -179,6 +179,9 @@ class Fp8Experts(nn.Module):
             self.register_buffer(f"{kind}_fp8", q)
             self.register_buffer(f"{kind}_scale_inv", s)
 
+    def down_proj_is_cuda(self) -> bool:
+        return (self.down_proj if self.train_mode else self.down_proj_fp8).is_cuda
+
     def _master_view(self, experts: nn.Module, kind: str) -> torch.Tensor:
         i = self.intermediate
         if kind == "gate_proj":
@@ -291,6 +294,12 @@ def convert_model(model: nn.Module, recipe: Recipe, *, train: bool, keep: tuple[
     return swap_modules(model, fn)
 
 
+def uses_host_sync(model: nn.Module) -> bool:
+    """True if `model` has CUDA `Fp8Experts`, whose forward reads per-expert token counts on the host
+    (so its decode step cannot be captured in a CUDA graph)."""
+    return any(isinstance(m, Fp8Experts) and m.down_proj_is_cuda() for _, m in fp8_modules(model))
+
+
 def fp8_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8Experts))]
 
@@ -303,4 +312,5 @@ __all__ = [
     "fp8_mm",
     "fp8_modules",
     "is_high_precision",
+    "uses_host_sync",
 ]

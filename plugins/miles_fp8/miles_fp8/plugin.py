@@ -116,6 +116,14 @@ def _stats_due(args: argparse.Namespace, n: int) -> bool:
 def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> None:
     global _rollout_stats
     _rollout_stats = {}
+    if mode(args) and getattr(engine, "cuda_graph", False):
+        from miles_fp8.linear import uses_host_sync
+
+        if uses_host_sync(engine.model):
+            # Fp8Experts sizes its per-expert loop on the host (one sync per layer), which a CUDA graph
+            # cannot capture, so the engine decodes eagerly (README, limits).
+            engine.cuda_graph = False
+            engine.reset_graphs()
     if mode(args) and _stats_due(args, rollout_id) and hasattr(engine, "model"):
         from miles_fp8.stats import model_weight_stats
 

@@ -142,11 +142,18 @@ def quantize(
     :param tile: (rows, cols) of a tile, 0 = whole dim; e.g. (128, 128) weights, (1, 128) activations.
     :param name: when given, NaN/Inf raise UsageError naming this tensor (weights are checked; activations
         are not, to keep the forward free of host syncs).
-    :param fast: on CUDA, use the fused (torch.compile'd) kernel when it is bitwise equal to eager.
+    :param fast: on CUDA, use a fused kernel when it is bitwise equal to eager: the Triton one-pass kernel
+        (`miles_fp8.triton_quant`) for 2-D rowwise / 1x128 tiles, else torch.compile'd passes if opted in.
     :returns: ``(q, scale)``: q float8_e4m3fn shaped like x; scale fp32 [..., ceil(R/tr), ceil(C/tc)].
     """
     if name is not None:
         check_finite(x, name)
+    if fast and x.is_cuda:
+        from miles_fp8 import triton_quant  # one fused pass for per-row tiles (bitwise equal, probed)
+
+        fused = triton_quant.quantize_rows(x, tile)
+        if fused is not None:
+            return fused
     tiles, rows, cols = _tiles(x, tile)
     impl = _cuda_quantizer() if fast and x.is_cuda else _quantize_tiles
     q, scale = impl(tiles)

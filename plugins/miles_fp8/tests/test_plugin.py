@@ -113,3 +113,18 @@ def test_nan_master_weight_fails_the_sync_naming_the_tensor():
     bad[2, 5, 5] = float("inf")
     with pytest.raises(UsageError, match=r"model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight"):
         engine.update_weights([("model.layers.1.mlp.experts.2.down_proj.weight", bad[2])], 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pre_rollout_turns_cuda_graphs_off_for_fp8_experts_and_decoding_works():
+    pm = plugin_manager()
+    args = make_args(pm, "--fp8-recipe", "rowwise")
+    model = tiny_moe(hidden=128).to(device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    pm.hook.configure_model(args=args, model=model, role="rollout")
+    engine = Engine(model, max_batch_size=4, seed=0)
+    assert engine.cuda_graph
+    pm.hook.pre_rollout(args=args, rollout_id=0, engine=engine)
+    assert not engine.cuda_graph  # the per-expert loop syncs with the host: capturing it would fail
+    outs = engine.generate_batch([[5, 6, 7]] * 4, {"temperature": 1.0, "max_new_tokens": 8})
+    assert all(len(o.output_ids) == 8 for o in outs)
