@@ -110,7 +110,8 @@ def rollout_metrics(args: argparse.Namespace, rollout_id: int, samples: list[Sam
     """Report plugin metrics for one finished rollout (after rewards are assigned).
 
     Called by the driver once per rollout; the returned dicts are merged into the rollout's logged
-    metrics under the keys given (prefix them if they could clash).
+    metrics as ``rollout/<key>`` (the driver adds the prefix; use a plugin prefix inside the key,
+    e.g. ``int4/weight_bytes``, if it could clash).
 
     :param args: the parsed namespace.
     :param rollout_id: 0-based index of the rollout.
