@@ -30,12 +30,12 @@ for path in (ROOT, ROOT / "plugins" / "miles_fp8"):  # runnable from a checkout 
         sys.path.insert(0, str(path))
 
 import miles_fp8.plugin as fp8_plugin  # noqa: E402
+from moe_config import random_moe  # noqa: E402
 
 from miles_core import Sample, Status  # noqa: E402
 from miles_core.args import parse_args  # noqa: E402
 from miles_core.engine import Engine  # noqa: E402
 from miles_core.loop import make_train_batch  # noqa: E402
-from miles_core.model import ModelConfig, build_model  # noqa: E402
 from miles_core.plugins import configure_plugins, get_plugin_manager  # noqa: E402
 from miles_core.train.trainer import Trainer  # noqa: E402
 
@@ -48,20 +48,6 @@ PRESETS = {
         layers=8, experts=64, topk=8, hidden=1024, vocab=8192, prompts=64, n=8, new_tokens=128, init=0.05
     ),
 }
-
-
-def build(p: dict, device: torch.device, seed: int):
-    config = ModelConfig.from_hf(
-        {
-            "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": p["vocab"], "hidden_size": p["hidden"],
-            "intermediate_size": 2 * p["hidden"], "num_hidden_layers": p["layers"], "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": p["hidden"] // 4, "num_experts": p["experts"],
-            "num_experts_per_tok": p["topk"], "moe_intermediate_size": p["hidden"], "norm_topk_prob": True,
-            "initializer_range": p["init"], "max_position_embeddings": 1024,
-        }
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return build_model(config, dtype=torch.float32, device=device).eval()
 
 
 def make_args(pm, p: dict, ns: argparse.Namespace, *flags: str) -> argparse.Namespace:
@@ -121,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = ns.preset or ("gpu" if device.type == "cuda" else "cpu")
     p = PRESETS[preset]
     t0 = time.perf_counter()
-    model = build(p, device, ns.seed)
+    model = random_moe(p, device, seed=ns.seed, max_positions=1024)
     pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[fp8_plugin])
     dtype = getattr(torch, ns.rollout_dtype)
     samples = rollout(model, pm, make_args(pm, p, ns, "--fp8-recipe", ns.recipe), p, dtype, ns.seed)

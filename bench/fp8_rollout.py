@@ -2,9 +2,10 @@
 
 Same random Qwen3-MoE, same prompts, same sampling (temperature 1, no EOS) in every arm; the FP8 arm's
 model is converted by the plugin's own ``configure_model(role="rollout")`` hook and prepared by its
-``pre_rollout`` hook, exactly as in `miles train`. Presets (the values of bench/int4_rollout.py): ``gpu`` is
-the speed issue's ~0.7B model (vocab 32000, hidden 1024, 12 layers, 16/4 heads of 64, 32 experts top-4,
-expert FFN 512) at batch 64, 128 prompt + 256 new tokens; ``cpu-small`` is a smoke test (emulated FP8).
+``pre_rollout`` hook, exactly as in `miles train`. Presets (bench/moe_config.py, shared with
+bench/int4_rollout.py): ``gpu`` is the speed issue's ~0.7B model (vocab 32000, hidden 1024, 12 layers,
+16/4 heads of 64, 32 experts top-4, expert FFN 512) at batch 64, 128 prompt + 256 new tokens;
+``cpu-small`` is a smoke test (emulated FP8).
 
     python bench/fp8_rollout.py [--preset gpu|cpu-small] [--recipes rowwise,blockwise] [--batch N]
 
@@ -32,30 +33,11 @@ for path in (ROOT, ROOT / "plugins" / "miles_fp8"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from moe_config import ROLLOUT_PRESETS, random_moe  # noqa: E402
+
 from miles_core.engine import Engine  # noqa: E402
-from miles_core.model import ModelConfig, build_model  # noqa: E402
 
-# Copied from bench/int4_rollout.py (importing it would pull in the miles-int4qat plugin).
-PRESETS = {
-    "gpu": dict(vocab=32000, hidden=1024, layers=12, heads=16, kv=4, head_dim=64, experts=32, topk=4,
-                inter=512, dense=2816, batch=64, prompt=128, new=256),
-    "cpu-small": dict(vocab=512, hidden=128, layers=2, heads=4, kv=2, head_dim=32, experts=8, topk=2,
-                      inter=128, dense=256, batch=8, prompt=16, new=16),
-}  # fmt: skip
-
-
-def build(p: dict, device: torch.device):
-    config = ModelConfig.from_hf(
-        {
-            "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": p["vocab"], "hidden_size": p["hidden"],
-            "intermediate_size": p["dense"], "num_hidden_layers": p["layers"],
-            "num_attention_heads": p["heads"], "num_key_value_heads": p["kv"], "head_dim": p["head_dim"],
-            "num_experts": p["experts"], "num_experts_per_tok": p["topk"],
-            "moe_intermediate_size": p["inter"], "norm_topk_prob": True, "max_position_embeddings": 4096,
-        }
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return build_model(config, dtype=torch.bfloat16, device=device).eval().requires_grad_(False)
+PRESETS = ROLLOUT_PRESETS
 
 
 def fp8_args(recipe: str) -> argparse.Namespace:
@@ -122,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = ns.preset or ("gpu" if device.type == "cuda" else "cpu-small")
     p = dict(PRESETS[preset])
     p["new"], p["batch"] = ns.new_tokens or p["new"], ns.batch or p["batch"]
-    base = build(p, device)
+    base = random_moe(p, device, torch.bfloat16).requires_grad_(False)
     rng = random.Random(0)
     prompts = [[rng.randrange(p["vocab"]) for _ in range(p["prompt"])] for _ in range(p["batch"])]
     recipes = ns.recipes.split(",")

@@ -39,31 +39,11 @@ from miles_int4qat.modules import (  # noqa: E402
     scope_weight_numel,
     uses_host_sync,
 )
+from moe_config import ROLLOUT_PRESETS, random_moe  # noqa: E402
 
 from miles_core.engine import Engine  # noqa: E402
-from miles_core.model import ModelConfig, build_model  # noqa: E402
 
-PRESETS = {
-    "gpu": dict(vocab=32000, hidden=1024, layers=12, heads=16, kv=4, head_dim=64, experts=32, topk=4,
-                inter=512, dense=2816, batch=64, prompt=128, new=256),
-    "cpu-small": dict(vocab=512, hidden=128, layers=2, heads=4, kv=2, head_dim=32, experts=8, topk=2,
-                      inter=128, dense=256, batch=8, prompt=16, new=16),
-}  # fmt: skip
-
-
-def build(p: dict, device: torch.device, dtype: torch.dtype):
-    config = ModelConfig.from_hf(
-        {
-            "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": p["vocab"], "hidden_size": p["hidden"],
-            "intermediate_size": p["dense"], "num_hidden_layers": p["layers"],
-            "num_attention_heads": p["heads"], "num_key_value_heads": p["kv"], "head_dim": p["head_dim"],
-            "num_experts": p["experts"],
-            "num_experts_per_tok": p["topk"], "moe_intermediate_size": p["inter"], "norm_topk_prob": True,
-            "max_position_embeddings": 4096,
-        }
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return build_model(config, dtype=dtype, device=device).eval().requires_grad_(False)
+PRESETS = ROLLOUT_PRESETS
 
 
 def measure(model, p: dict, prompts: list[list[int]], device: torch.device, eager: bool = False) -> dict:
@@ -115,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p = dict(PRESETS[ns.preset or ("gpu" if device.type == "cuda" else "cpu-small")])
     p["new"] = ns.new_tokens or p["new"]
     p["batch"] = ns.batch or p["batch"]
-    base = build(p, device, torch.bfloat16)
+    base = random_moe(p, device, torch.bfloat16).requires_grad_(False)
     rng = random.Random(0)
     prompts = [[rng.randrange(p["vocab"]) for _ in range(p["prompt"])] for _ in range(p["batch"])]
     result: dict = {

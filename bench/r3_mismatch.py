@@ -31,12 +31,12 @@ for path in (ROOT, ROOT / "plugins" / "miles_r3"):  # runnable from a checkout w
 
 import miles_r3.plugin as r3_plugin  # noqa: E402
 from miles_r3.routes import MismatchCount, count_mismatch  # noqa: E402
+from moe_config import random_moe  # noqa: E402
 
 from miles_core import Sample, Status  # noqa: E402
 from miles_core.args import parse_args  # noqa: E402
 from miles_core.engine import Engine  # noqa: E402
 from miles_core.loop import make_train_batch  # noqa: E402
-from miles_core.model import ModelConfig, build_model  # noqa: E402
 from miles_core.plugins import configure_plugins, get_plugin_manager  # noqa: E402
 from miles_core.train.losses import mismatch_metrics  # noqa: E402
 from miles_core.train.trainer import Trainer  # noqa: E402
@@ -51,21 +51,11 @@ GATE_SCALE = 0.1  # shrinks router logits toward each other: bf16 noise then reo
 
 
 def build(p: dict, device: torch.device, seed: int):
-    config = ModelConfig.from_hf(
-        {
-            "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": p["vocab"], "hidden_size": p["hidden"],
-            "intermediate_size": 2 * p["hidden"], "num_hidden_layers": p["layers"], "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": p["hidden"] // 4, "num_experts": p["experts"],
-            "num_experts_per_tok": p["topk"], "moe_intermediate_size": p["hidden"], "norm_topk_prob": True,
-            "initializer_range": 0.1, "max_position_embeddings": 1024,
-        }
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = build_model(config, dtype=torch.float32, device=device)
+    model = random_moe({**p, "init": 0.1}, device, seed=seed, max_positions=1024)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate.weight.mul_(GATE_SCALE)
-    return model.eval()
+    return model
 
 
 def make_args(pm, p: dict, *flags: str) -> argparse.Namespace:
