@@ -10,6 +10,7 @@ import statistics
 import pluggy
 import pytest
 import torch
+from approx import close, t
 
 from miles_core import hookspecs
 from miles_core.train import advantages as adv_mod
@@ -21,16 +22,6 @@ from miles_core.train.advantages import (
     reinforce_plus_plus_returns,
 )
 from miles_core.types import Sample, TrainBatch, UsageError
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def close(a: torch.Tensor, expected: list[float], tol: float = 1e-5) -> None:
-    assert a.shape == (len(expected),)
-    for got, want in zip(a.tolist(), expected, strict=True):
-        assert got == pytest.approx(want, abs=tol), (a.tolist(), expected)
 
 
 def whitened(values: list[float]) -> list[float]:

@@ -9,20 +9,11 @@ import math
 import pluggy
 import pytest
 import torch
+from approx import close, t
 
 from miles_core import hookspecs
 from miles_core.train import corrections
 from miles_core.train.losses import LossTerms
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def close(a: torch.Tensor, expected: list[float], tol: float = 1e-5) -> None:
-    assert a.shape == (len(expected),)
-    for got, want in zip(a.tolist(), expected, strict=True):
-        assert got == pytest.approx(want, abs=tol), (a.tolist(), expected)
 
 
 def make_terms(ratios: list[float], mask: list[float], with_rollout: bool = True) -> LossTerms:

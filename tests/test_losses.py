@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from approx import close, t
 
 from miles_core.train.losses import (
     aggregate,
@@ -21,17 +22,6 @@ from miles_core.train.losses import (
     policy_loss,
 )
 from miles_core.types import UsageError
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def close(a: torch.Tensor, expected: list[float], tol: float = 1e-5) -> None:
-    assert a.shape == (len(expected),)
-    for got, want in zip(a.tolist(), expected, strict=True):
-        assert got == pytest.approx(want, abs=tol), (a.tolist(), expected)
-
 
 # ---- KL estimators (log_ratio = [0.5, -0.5]) -------------------------------------------------------------
 
