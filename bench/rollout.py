@@ -90,9 +90,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_miles(model, prompts: list[list[int]], new_tokens: int, cuda_graph: bool = True) -> float:
+def time_miles(
+    model, prompts: list[list[int]], new_tokens: int, cuda_graph: bool = True, compile: bool = True
+) -> float:
+    """The engine's tokens/s, timed on a second pass (the first compiles and captures).
+
+    `cuda_graph` (on CUDA) captures the static decode step; `compile` compiles it with torch.compile
+    (`--rollout-compile`; on CPU this is what puts decoding on the static-shape step).
+    """
     engine = Engine(model, None, max_batch_size=len(prompts), seed=0)
-    engine.cuda_graph = cuda_graph and model.lm_head.weight.is_cuda
+    engine.compile = compile
+    engine.cuda_graph = (cuda_graph and model.lm_head.weight.is_cuda) or compile
     params = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": new_tokens}
     engine.generate_batch(prompts, params)  # warm-up: allocates the cache and captures the graphs
     sync(str(model.lm_head.weight.device))
@@ -102,10 +110,12 @@ def time_miles(model, prompts: list[list[int]], new_tokens: int, cuda_graph: boo
     wall = time.perf_counter() - t0
     time_miles.step_ms = 1e3 * wall / max(1, engine.stats["decode_steps"] // 2)
     time_miles.graph_ms = None
-    if engine._graphs is not None and engine._graphs.capture:  # where a step's time goes: the replay alone
-        n, pos = len(prompts), [len(prompts[0]) + new_tokens - 2] * len(prompts)
-        run = lambda: engine._graphs.run([1] * n, pos, list(range(n)))  # noqa: E731
+    g = engine._graphs
+    if g is not None and g.capture:  # where a step's time goes: the replay alone
+        rows, kv_len = g.buckets(len(prompts), len(prompts[0]) + new_tokens)
+        run = lambda: g.step(rows, kv_len)  # noqa: E731  (rows idle at position 0: same kernels, same cost)
         with torch.inference_mode():  # the engine's buffers are inference tensors
+            g.load([], [], [], [])
             run()
             sync("cuda")
             t1 = time.perf_counter()
@@ -169,6 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hf-new-tokens", type=int, default=None, help="Shorter HF run (tok/s is per token).")
     ap.add_argument("--eager", action="store_true", help="Also time the engine without CUDA graphs.")
     ap.add_argument(
+        "--no-compile", dest="compile", action="store_false",
+        help="Time the engine without torch.compile of the decode step (--rollout-compile off).",
+    )  # fmt: skip
+    ap.add_argument(
+        "--also-uncompiled", action="store_true", help="Also time the engine without torch.compile."
+    )
+    ap.add_argument(
         "--int4", action="store_true", help="INT4 (miles-int4qat) vs BF16 decode: bench/int4_rollout.py."
     )
     ap.add_argument(
@@ -197,13 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
     model = make_model(preset)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, model.config.vocab_size, (batch, preset["prompt_len"]), generator=g).tolist()
-    miles = time_miles(model, prompts, new)
-    timing = {"decode_step_ms": round(time_miles.step_ms, 3)}
+    miles = time_miles(model, prompts, new, compile=a.compile)
+    timing = {"decode_step_ms": round(time_miles.step_ms, 3), "compile": a.compile}
     if time_miles.graph_ms is not None:
         timing["graph_replay_ms"] = round(time_miles.graph_ms, 3)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "preset": a.preset}
+    if a.also_uncompiled and a.compile:
+        result["miles_uncompiled_tok_s"] = round(time_miles(model, prompts, new, compile=False), 1)
     if a.eager:
-        result["miles_eager_tok_s"] = round(time_miles(model, prompts, new, cuda_graph=False), 1)
+        result["miles_eager_tok_s"] = round(time_miles(model, prompts, new, False, compile=False), 1)
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(model, folder)
         del model

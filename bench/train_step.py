@@ -78,11 +78,34 @@ def matmul_peak(device: str) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - t0)
 
 
+def profile_step(trainer: Trainer, batch: TrainBatch, device: str) -> None:
+    """One step under torch.profiler: device time per kernel name (top 30) and the step's busy time."""
+    import sys
+    from collections import defaultdict
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        trainer._step(batch)
+        sync(device)
+    per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[ev.name[:100]][0] += ev.device_time_total / 1e3
+            per_name[ev.name[:100]][1] += 1
+    total = sum(v[0] for v in per_name.values())
+    print(f"kernel time {total:.1f} ms in {sum(v[1] for v in per_name.values())} kernels", file=sys.stderr)
+    for name, (ms, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:30]:
+        print(f"{ms:9.2f} ms {count:6d}x  {name}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(SHAPES), default="gpu-0.7b")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--recompute", choices=["full", "selective"], default=None)
+    ap.add_argument("--profile", action="store_true", help="Also print one step's busiest kernels to stderr.")
     a = ap.parse_args(argv)
     preset, shape = PRESETS[a.preset], SHAPES[a.preset]
     device = preset["device"]
@@ -106,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer._step(batch)
     sync(device)
     dt = (time.perf_counter() - t0) / a.steps
+    if a.profile:
+        profile_step(trainer, batch, device)
     tokens = n * (shape["prompt"] + shape["response"] - 1)
     flops = step_flops(model, n, shape["prompt"], shape["response"])
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -77,6 +77,14 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
         "keeps every step eager.",
     )
     g.add_argument(
+        "--rollout-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Compile the static decode step with torch.compile (fuses norms, rope, router and sampler; "
+        "one compile per batch/key-length bucket on first use). With CUDA graphs on CUDA; on CPU it also "
+        "switches decoding to the static-shape step.",
+    )
+    g.add_argument(
         "--custom-generate-function-path",
         type=str,
         default=None,

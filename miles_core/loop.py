@@ -108,7 +108,9 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         seed=args.rollout_seed,
     )
     if hasattr(engine, "cuda_graph"):  # the built-in engine: graphs only where they pay (CUDA)
-        engine.cuda_graph = bool(getattr(args, "rollout_cuda_graph", True)) and device.type == "cuda"
+        graphs = bool(getattr(args, "rollout_cuda_graph", True)) and device.type == "cuda"
+        engine.compile = bool(getattr(args, "rollout_compile", False))
+        engine.cuda_graph = graphs or engine.compile  # compiling needs the static-shape step
     trainer = trainer_cls(args, pm, policy, ref)
     state: dict = {"next_rollout": 0}
     if resume:

@@ -205,3 +205,16 @@ def test_train_py_shim_shows_help():
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.returncode == 0 and "--rollout-batch-size" in out.stdout
+
+
+@pytest.mark.parametrize("flag,compiled", [([], False), (["--rollout-compile"], True)])
+def test_rollout_compile_flag_reaches_the_engine(tiny_ckpt, prompts_file, reward_file, tmp_path, flag, compiled):
+    from miles_core.args import parse_args
+    from miles_core.loop import build_run
+    from miles_core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
+    args = parse_args(base_argv(tiny_ckpt, prompts_file, tmp_path / "run", reward_file)[1:] + flag, pm)
+    run = build_run(args, pm)
+    # On CPU the static-shape step runs only when compiled (CUDA graphs need CUDA).
+    assert run.engine.compile is compiled and run.engine.cuda_graph is compiled

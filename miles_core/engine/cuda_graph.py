@@ -1,20 +1,32 @@
-"""CUDA graphs for the engine's decode step: one graph per (batch bucket, key-length bucket).
+"""The engine's static-shape decode step: forward, sampling and the next step's inputs in one graph.
 
 A decode step of a small MoE model is hundreds of tiny kernels, so launch overhead, not bandwidth, bounds
-it; replaying a captured graph removes that. Graph row b is cache slot b (the engine hands out the lowest
-free slot first, so running sequences sit in rows 0..n-1); rows of free slots decode a dummy token at
-position 0 of their own, unused slot, and are ignored. Inputs live in one static device buffer that the
-engine fills with a single host-to-device copy per step. `DecodeGraphs(..., capture=False)` runs the same
-static-shape forward eagerly, which is how the CPU tests check this path.
+it. `DecodeGraphs` runs one step over cache slots 0..B-1 (graph row b is cache slot b; the engine hands
+out the lowest free slot first, so running sequences sit in rows 0..n-1) with shapes fixed per
+(batch bucket, key-length bucket), which lets it
+
+- capture the step in a CUDA graph and replay it (`capture`, on CUDA),
+- compile it with `torch.compile` first (`compile`), which fuses the norms, rope, router and sampler into
+  a few kernels (on CPU too, where it removes most per-op dispatch).
+
+The step keeps its state on the device: the token each row feeds next, its position, its sampling key
+and whether the row is active. Sampling happens inside the step (with noise keyed per sequence, `keyed_exponentials`),
+and the step writes each active row's sampled token and next position back into that state, so the
+engine can launch step t+1 before it has looked at step t's tokens on the host. Rows of free slots
+decode a dummy token at a fixed position of their own, unused slot, and are ignored.
+`DecodeGraphs(..., capture=False)` runs the same static-shape step eagerly, which is how the CPU tests
+check this path.
 """
 
 from __future__ import annotations
 
 import torch
 
+from miles_core.engine.sampler import sample_tokens
 from miles_core.model import CausalLM, KVCache, RoutingState
 
 _MIN_KEYS = 64
+TOKEN, POSITION, KEY, ACTIVE = range(4)  # rows of DecodeGraphs.state
 
 
 def _bucket(n: int, limit: int, floor: int = 1) -> int:
@@ -26,57 +38,94 @@ def _bucket(n: int, limit: int, floor: int = 1) -> int:
 
 
 class DecodeGraphs:
-    """Captures and replays decode forwards over cache slots 0..B-1."""
+    """Captured (or compiled, or plain static-shape) decode steps over cache slots 0..B-1."""
 
-    def __init__(self, model: CausalLM, cache: KVCache, *, capture: bool = True) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        cache: KVCache,
+        slot_params: torch.Tensor | None = None,
+        *,
+        capture: bool = True,
+        compile: bool = False,
+    ) -> None:
         self.model, self.cache = model, cache
         self.capture = capture and cache.k[0].is_cuda
+        self.compile = compile
         self.num_slots = cache.num_slots
         dev = cache.k[0].device
-        # Row 0: input token per slot, row 1: its position; row 2 (not read by the graphs): the slots of
-        # the running sequences in the engine's order, used to pick their logits rows after the replay.
-        self.inputs = torch.zeros(3, self.num_slots, dtype=torch.long, device=dev)
-        self._host = torch.zeros(3, self.num_slots, dtype=torch.long, pin_memory=self.capture)
+        # float32 [3, slots]: temperature, top_p, top_k of the sequence in each slot (the engine's).
+        self.slot_params = (
+            slot_params if slot_params is not None else torch.ones(3, self.num_slots, device=dev)
+        )
+        self.state = torch.zeros(4, self.num_slots, dtype=torch.long, device=dev)
+        self._host = torch.zeros(4, self.num_slots, dtype=torch.long, pin_memory=self.capture)
         self._slots = torch.arange(self.num_slots, device=dev)
-        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._graphs: dict[tuple, object] = {}
         self._pool = None
+        self._step_fn = self._step
+        if compile:
+            from torch._dynamo import config as dynamo_config
+
+            # One compiled graph per bucket (a handful in practice), each specialised to its shapes.
+            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 128)
+            # On CPU the generated wrapper is C++ too (~15% off a small model's step; no CUDA graph there
+            # to hide the Python wrapper's per-kernel calls).
+            # Fused kernels round bf16 intermediates where the eager ops do, so compiled decoding keeps
+            # the eager path's tokens (greedy) and log-probs.
+            options = {"emulate_precision_casts": True}
+            if dev.type == "cpu":
+                options["cpp_wrapper"] = True
+            self._step_fn = torch.compile(self._step, dynamic=False, options=options)
         self.fingerprint = model_fingerprint(model)
 
     def buckets(self, rows: int, kv_len: int) -> tuple[int, int]:
         return _bucket(rows, self.num_slots), _bucket(kv_len, self.cache.max_len, _MIN_KEYS)
 
+    def load(self, tokens: list[int], positions: list[int], keys: list[int], slots: list[int]) -> None:
+        """Set the whole device state: these slots feed `tokens` at `positions`; every other row idles."""
+        host = self._host
+        host.zero_()
+        slot_t = torch.tensor(slots, dtype=torch.long)
+        host[TOKEN, slot_t] = torch.tensor(tokens, dtype=torch.long)
+        host[POSITION, slot_t] = torch.tensor(positions, dtype=torch.long)
+        host[KEY, slot_t] = torch.tensor(keys, dtype=torch.long)
+        host[ACTIVE, slot_t] = 1
+        self.state.copy_(host, non_blocking=self.capture)
+
+    def deactivate(self, slots: list[int]) -> None:
+        """Stop advancing these rows (their sequences finished while a later step was in flight)."""
+        self.state[ACTIVE, torch.tensor(slots, dtype=torch.long).to(self.state.device)] = 0
+
+    def step(
+        self, rows: int, kv_len: int, use_top_k: bool = False, use_top_p: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run one decode step over rows 0..rows-1 (`buckets` gives valid sizes) and advance the state.
+
+        Returns (tokens long [rows], log-probs float32 [rows], routes long [rows, num_moe_layers, k]),
+        views into step-owned memory that the next step overwrites.
+        """
+        key = (rows, kv_len, use_top_k, use_top_p)
+        if key not in self._graphs:
+            self._graphs[key] = self._build(*key)
+        return self._graphs[key]()
+
     def run(
         self, tokens: list[int], positions: list[int], slots: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step for the sequences in `slots` (their last `tokens` at `positions`).
-
-        Returns (logits [n, V] in the order of `slots`, routes long [n, num_moe_layers, k]); both are
-        views into graph-owned memory, valid until the next call.
-        """
-        n = len(slots)
+        """One forward for the sequences in `slots` (their last `tokens` at `positions`), without keeping
+        what it samples: (logits [n, V] in the order of `slots`, routes long [n, num_moe_layers, k])."""
         rows, kv_len = self.buckets(max(slots) + 1, max(positions) + 1)
-        host = self._host
-        host[:, :rows].zero_()
-        slot_t = torch.tensor(slots, dtype=torch.long)
-        host[0, slot_t] = torch.tensor(tokens, dtype=torch.long)
-        host[1, slot_t] = torch.tensor(positions, dtype=torch.long)
-        host[2, :n] = slot_t
-        self.inputs[:, :rows].copy_(host[:, :rows], non_blocking=self.capture)
-        logits, routes = self._get(rows, kv_len)()
-        pick = self.inputs[2, :n]
+        self.load(tokens, positions, [0] * len(slots), slots)
+        logits, routes = self._forward(rows, kv_len)
+        pick = torch.tensor(slots, device=logits.device)
         return logits[pick], routes[pick]
-
-    def _get(self, rows: int, kv_len: int):
-        key = (rows, kv_len)
-        if key not in self._graphs:
-            self._graphs[key] = self._build(rows, kv_len)
-        return self._graphs[key]
 
     def _forward(self, rows: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         routing = RoutingState(record=True)
         out = self.model(
-            self.inputs[0, :rows, None],
-            position_ids=self.inputs[1, :rows, None],
+            self.state[TOKEN, :rows, None],
+            position_ids=self.state[POSITION, :rows, None],
             kv_cache=self.cache,
             cache_slots=self._slots[:rows],
             routing=routing,
@@ -89,21 +138,43 @@ class DecodeGraphs:
             routes = torch.zeros(rows, 0, 0, dtype=torch.long, device=out.logits.device)
         return out.logits[:, -1], routes
 
-    def _build(self, rows: int, kv_len: int):
+    def _step(self, rows: int, kv_len: int, use_top_k: bool, use_top_p: bool):
+        logits, routes = self._forward(rows, kv_len)
+        st = self.state[:, :rows]
+        temp, top_p, top_k = self.slot_params[:, :rows]
+        pos, active = st[POSITION], st[ACTIVE]
+        tokens, logps = sample_tokens(
+            logits, temp, top_p, top_k.long(), None, use_top_k=use_top_k, use_top_p=use_top_p,
+            noise_key=(st[KEY], pos + 1),  # keyed by the index of the token being drawn
+        )  # fmt: skip
+        # The next step feeds each active row's token one position later; idle rows stay where they are.
+        st[TOKEN].copy_(torch.where(active > 0, tokens, st[TOKEN]))
+        st[POSITION].copy_(pos + active)
+        return tokens, logps, routes
+
+    def _build(self, rows: int, kv_len: int, use_top_k: bool, use_top_p: bool):
+        args = (rows, kv_len, use_top_k, use_top_p)
         if not self.capture:
-            return lambda: self._forward(rows, kv_len)
+            return lambda: self._step_fn(*args)
+        saved = self.state.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward(rows, kv_len)  # warm-up: lazy inits and autotuning stay out of the graph
+            for _ in range(2):  # warm-up: compilation, lazy inits and autotuning stay out of the graph
+                self.state.copy_(saved)
+                self._step_fn(*args)
         torch.cuda.current_stream().wait_stream(stream)
+        self.state.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self._forward(rows, kv_len)
+            outputs = self._step_fn(*args)
+        # The warm-ups ran the step for real: they wrote K/V at each row's current position (which the
+        # real step rewrites) and advanced the state, so put the state back.
+        self.state.copy_(saved)
 
-        def replay() -> tuple[torch.Tensor, torch.Tensor]:
+        def replay():
             graph.replay()
             return outputs
 

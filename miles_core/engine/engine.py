@@ -5,12 +5,19 @@ waiting requests into free cache slots (prefilling each distinct prompt once and
 the other samples of the group), runs one decode step for every running sequence, and resolves a
 request as soon as its sequence stops, freeing the slot for the next one. Everything runs on the
 caller's asyncio loop, so a custom generate function needs no threads.
+
+On the static decode path (CUDA graphs) the scheduler keeps one step in flight: it launches step t+1
+(whose inputs the device already holds) before it reads step t's tokens on the host, so the host's
+bookkeeping overlaps the GPU. A sequence that stops at step t has one more token computed at step t+1,
+which is dropped. Samples are drawn with per-sequence keyed noise (`keyed_exponentials`), so they do not depend on
+the path, the batch or this overlap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +52,18 @@ class _Seq:
     logps: list[float] = field(default_factory=list)
     routes: list[np.ndarray] = field(default_factory=list)  # chunks [n, L, k] in token order
     finish: str | None = None
+    key: int = 0  # sampling key: the token at index i is drawn with keyed_exponentials(key, i, V)
+    pos: int = 0  # static decode path: the position this sequence feeds at the next launched step
+
+
+@dataclass
+class _InFlight:
+    """A launched static decode step whose tokens the host has not read yet."""
+
+    seqs: list[_Seq]
+    host: torch.Tensor  # float64 [2, rows]: tokens, log-probs (filled asynchronously)
+    routes: torch.Tensor | None  # int32 [rows, L, k] on the host
+    event: Any  # torch.cuda.Event, or None on CPU (the copies were synchronous)
 
 
 class Engine:
@@ -64,13 +83,19 @@ class Engine:
         # engine.capture_routes). Positions follow from lengths, so rejected drafts need no cleanup.
         self.speculator: Any = None
         self.weight_version = 0
-        self.generator = torch.Generator(device=self.device)
+        self.generator = torch.Generator(device=self.device)  # for speculators and custom samplers
         self.generator.manual_seed(seed)
+        self._keys = random.Random(seed)  # per-sequence sampling keys, drawn in admission order
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
         # Decode through CUDA graphs (default on CUDA; not with a speculator); the loop sets it from
         # --rollout-cuda-graph. Outputs are the same as the eager path's.
         self.cuda_graph = self.device.type == "cuda"
+        # Compile the static decode step with torch.compile (the loop sets it from --rollout-compile):
+        # fuses the small kernels; costs a compile per batch/key-length bucket on first use.
+        self.compile = False
         self._graphs: DecodeGraphs | None = None
+        self._inflight: _InFlight | None = None
+        self._host_bufs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._eos = self._eos_ids()
         self._cache: KVCache | None = None
         self._slot_params: torch.Tensor | None = None  # float32 [3, slots]: temperature, top_p, top_k
@@ -84,6 +109,7 @@ class Engine:
     def reseed(self, seed: int) -> None:
         """Reset the sampling generator (the loop reseeds per rollout so resumed runs repeat)."""
         self.generator.manual_seed(seed)
+        self._keys.seed(seed)
 
     def reset_graphs(self) -> None:
         """Drop captured decode graphs (a plugin that re-allocates weights outside parameters or
@@ -126,11 +152,15 @@ class Engine:
         if self._graphs is not None and self._graphs.fingerprint != model_fingerprint(self.model):
             self._graphs = None
         try:
-            while self._waiting or self._running:
+            while self._waiting or self._running or self._inflight is not None:
                 with torch.inference_mode():
+                    if self._waiting and self._free:
+                        self._drain()  # admission changes the batch: settle the step in flight first
                     self._admit()
                     if self._running:
                         self._decode_step()
+                    else:
+                        self._drain()
                 await asyncio.sleep(0)
         except BaseException as e:  # surface the error to every waiting caller instead of hanging
             for seq in self._waiting + self._running:
@@ -138,9 +168,15 @@ class Engine:
                     seq.future.set_exception(e)
             self._waiting.clear()
             self._running.clear()
+            self._inflight = None
             self._free = list(range(self._cache.num_slots)) if self._cache is not None else []
             self._graphs = None
             raise
+        finally:
+            # Pinned buffers go back while CUDA is certainly alive (freeing one records a CUDA event;
+            # an engine collected at interpreter exit would do that after CUDA shut down).
+            if self._inflight is None:
+                self._host_bufs = []
 
     def _ensure_cache(self, need_len: int) -> None:
         if self._cache is not None and need_len <= self._cache.max_len:
@@ -164,6 +200,7 @@ class Engine:
             if len(seq.prompt) + seq.params.max_new_tokens > self._cache.max_len:
                 break
             seq.slot = heapq.heappop(self._free)
+            seq.key = self._keys.getrandbits(31)
             admitted.append(self._waiting.pop(0))
         if admitted:
             # Per-slot sampling parameters live on the device: written once here, gathered per step.
@@ -215,25 +252,100 @@ class Engine:
             self.speculator.decode_step(self, list(seqs))
             self._retire()
             return
+        if self.cuda_graph:  # on CPU this runs the same static-shape step without capturing it
+            self._static_step()
+            return
         tokens = [s.out[-1] for s in seqs]
         positions = [len(s.prompt) + len(s.out) - 1 for s in seqs]
-        if self.cuda_graph:  # on CPU this runs the same static-shape forward without capturing it
-            if self._graphs is None or self._graphs.cache is not self._cache:
-                self._graphs = DecodeGraphs(self.model, self._cache)
-            logits, routes = self._graphs.run(tokens, positions, [s.slot for s in seqs])
-        else:
-            ids = torch.tensor(tokens, device=self.device)[:, None]
-            pos = torch.tensor(positions, device=self.device)[:, None]
-            slots = torch.tensor([s.slot for s in seqs], device=self.device)
-            routing = RoutingState(record=True) if self.capture_routes else None
-            out = self.model(
-                ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing,
-                kv_len=max(positions) + 1,
-            )  # fmt: skip
-            logits = out.logits[:, -1]
-            routes = None if routing is None else torch.stack([t[:, 0] for t in routing.used_topk], dim=1)
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        pos = torch.tensor(positions, device=self.device)[:, None]
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        routing = RoutingState(record=True) if self.capture_routes else None
+        out = self.model(
+            ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing,
+            kv_len=max(positions) + 1,
+        )  # fmt: skip
+        logits = out.logits[:, -1]
+        routes = None if routing is None else torch.stack([t[:, 0] for t in routing.used_topk], dim=1)
         self.stats["decode_steps"] += 1
-        self._sample(list(seqs), logits, routes if self.capture_routes else None)
+        self._sample(list(seqs), logits, routes)
+
+    # ---------------------------------------------------------------- static decode path
+
+    def _static_step(self) -> None:
+        """Launch one static decode step, then settle the previous one (one step stays in flight)."""
+        g = self._graphs
+        if g is None or g.cache is not self._cache or g.compile != self.compile:
+            g = self._graphs = DecodeGraphs(self.model, self._cache, self._slot_params, compile=self.compile)
+            self._host_bufs = []
+        seqs = list(self._running)
+        prev, self._inflight = self._inflight, None
+        if prev is None:  # the batch changed: give the device the host's view of every running row
+            for s in seqs:
+                s.pos = len(s.prompt) + len(s.out) - 1
+            g.load([s.out[-1] for s in seqs], [s.pos for s in seqs], [s.key for s in seqs],
+                   [s.slot for s in seqs])  # fmt: skip
+        else:  # the device already fed each row's sampled token forward
+            for s in seqs:
+                s.pos += 1
+        rows, kv_len = g.buckets(max(s.slot for s in seqs) + 1, max(s.pos for s in seqs) + 1)
+        tokens, logps, routes = g.step(
+            rows, kv_len,
+            use_top_k=any(s.params.top_k > 0 for s in seqs),
+            use_top_p=any(s.params.top_p < 1 for s in seqs),
+        )  # fmt: skip
+        self.stats["decode_steps"] += 1
+        self._inflight = self._copy_out(seqs, rows, tokens, logps, routes)
+        if prev is not None:
+            self._settle(prev)
+
+    def _copy_out(self, seqs, rows, tokens, logps, routes) -> _InFlight:
+        """Start copying a step's outputs into one of two pinned host buffers (no sync)."""
+        cuda = self.device.type == "cuda"
+        want_routes = self.capture_routes and routes.numel() > 0
+        if self._host_bufs and (self._host_bufs[0][1] is not None) != want_routes:
+            self._host_bufs = []
+        if not self._host_bufs:
+            n = self._cache.num_slots
+            for _ in range(2):
+                hr = None
+                if want_routes:
+                    hr = torch.zeros((n, *routes.shape[1:]), dtype=torch.int32, pin_memory=cuda)
+                self._host_bufs.append((torch.zeros(2, n, dtype=torch.float64, pin_memory=cuda), hr))
+        self._host_bufs.reverse()  # alternate, so the buffer of the step in flight is never overwritten
+        host, host_routes = self._host_bufs[0]
+        host = host[:, :rows]
+        host.copy_(torch.stack([tokens.double(), logps.double()]), non_blocking=cuda)
+        if host_routes is not None:
+            host_routes = host_routes[:rows]
+            host_routes.copy_(routes.to(torch.int32), non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return _InFlight(seqs, host, host_routes, event)
+
+    def _settle(self, step: _InFlight) -> None:
+        """Wait for a launched step's outputs and hand its tokens to the sequences that still run."""
+        if step.event is not None:
+            step.event.synchronize()
+        toks, lps = step.host[0].long().tolist(), step.host[1].tolist()
+        for s in step.seqs:
+            if s.finish is not None:
+                continue  # stopped at the step before: this token was computed past the end, drop it
+            if step.routes is not None:
+                s.routes.append(step.routes[s.slot : s.slot + 1].numpy().copy())
+            self.accept(s, [toks[s.slot]], [lps[s.slot]])
+        done = [s.slot for s in self._running if s.finish is not None]
+        self._retire()
+        if done and self._inflight is not None:
+            self._graphs.deactivate(done)  # the step in flight advanced them; stop them there
+
+    def _drain(self) -> None:
+        """Settle the step in flight, if any."""
+        step, self._inflight = self._inflight, None
+        if step is not None:
+            self._settle(step)
 
     def _stack_routes(self, routing: RoutingState | None) -> np.ndarray | None:
         """int32 [B, T, num_moe_layers, k] on the host, in one copy."""
@@ -249,13 +361,15 @@ class Engine:
         """Sample one token per sequence, with one host sync for tokens and log-probs together."""
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
         temp, top_p, top_k = self._slot_params[:, slots]
+        keys = torch.tensor([[s.key, len(s.prompt) + len(s.out)] for s in seqs], device=self.device)
         tokens, logps = sample_tokens(
-            logits, temp, top_p, top_k.long(), self.generator,
+            logits, temp, top_p, top_k.long(), None,
             use_top_k=any(s.params.top_k > 0 for s in seqs),
             use_top_p=any(s.params.top_p < 1 for s in seqs),
+            noise_key=(keys[:, 0], keys[:, 1]),
         )  # fmt: skip
         host = torch.stack([tokens.double(), logps.double()]).cpu()
-        host_routes = None if routes is None else routes.to(torch.int32).cpu().numpy()
+        host_routes = None if routes is None or not self.capture_routes else routes.to(torch.int32).cpu().numpy()
         toks, lps = host[0].long().tolist(), host[1].tolist()
         for i, s in enumerate(seqs):
             if host_routes is not None:

@@ -47,6 +47,20 @@ def _grouped_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _expert_order(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The stable argsort of expert ids `flat` [M]. For few rows (decode) it is computed by counting
+    (a one-hot prefix sum gives each copy its rank within its expert), a few fusable elementwise kernels
+    instead of a device radix sort; both give the same permutation."""
+    if flat.numel() * num_experts > (1 << 16):
+        return flat.argsort(stable=True)
+    onehot = F.one_hot(flat, num_experts)  # [M, E]
+    counts = onehot.sum(0)
+    starts = counts.cumsum(0) - counts  # first sorted row of each expert
+    rank = (onehot.cumsum(0) * onehot).sum(-1) - 1  # copies of the same expert before this one
+    dest = starts[flat] + rank
+    return torch.empty_like(flat).scatter_(0, dest, torch.arange(flat.numel(), device=flat.device))
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as two 3-D parameters (the transformers 5 in-memory layout).
 
@@ -65,7 +79,7 @@ class Experts(nn.Module):
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] = sum_k weight * expert_k(x)."""
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
-        order = flat.argsort(stable=True)  # token copies sorted by expert, so each expert is one matmul
+        order = _expert_order(flat, self.num_experts)  # token copies by expert: one matmul per expert
         xs = x[order // k]
         gdt = _grouped_dtype(x)
         if gdt is not None:
@@ -73,6 +87,10 @@ class Experts(nn.Module):
             bounds = torch.arange(1, self.num_experts + 1, device=x.device, dtype=flat.dtype)
             offs = torch.searchsorted(flat[order], bounds).to(torch.int32)
             ys = self._grouped(xs.to(gdt), offs, gdt)
+        elif torch.compiler.is_compiling():
+            # Under torch.compile (the engine's compiled decode step) no host sync: each token copy is
+            # multiplied by its own expert's gathered weights (cheap at decode's few rows per step).
+            ys = self._gathered(xs, flat[order])
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
         # Undo the sort (a permutation: deterministic, unlike an atomic index_add) and sum the k copies.
@@ -91,6 +109,12 @@ class Experts(nn.Module):
             outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
             start += c
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+
+    def _gathered(self, xs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        h = torch.bmm(self.gate_up_proj[experts], xs.unsqueeze(-1)).squeeze(-1)
+        gate, up = h.chunk(2, dim=-1)
+        act = (F.silu(gate) * up).unsqueeze(-1)
+        return torch.bmm(self.down_proj[experts], act).squeeze(-1)
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         h = torch._grouped_mm(xs, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offs)

@@ -21,7 +21,7 @@ def rolled():
     """One bf16 rollout (routes captured) of one fp32 model; each test trains its own copy."""
     model = tiny_moe()
     pm = plugin_manager()
-    samples = rollout(model, pm, make_args(pm, "--record-routing-mismatch"))
+    samples = rollout(model, pm, make_args(pm, "--record-routing-mismatch"), new_tokens=16)
     assert all(s.rollout_routed_experts.shape == (len(s.tokens) - 1, 2, 2) for s in samples)
     return model, samples
 

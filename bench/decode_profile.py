@@ -1,0 +1,75 @@
+"""Where a decode step's GPU time goes: kernels of one static decode step, eager or compiled.
+
+Builds the rollout bench's model (`--preset`), warms the engine's static step up, then runs the step
+uncaptured under `torch.profiler` and prints a table of the busiest kernels to stderr and one JSON line:
+`{"device", "compile", "kernels_per_step", "kernel_ms_per_step", "top": [[name, ms_per_step], ...]}`.
+
+    python bench/decode_profile.py                 # compiled step (the engine's --rollout-compile)
+    python bench/decode_profile.py --no-compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+import torch
+from rollout import PRESETS, make_model
+
+from miles_core.engine import Engine
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu-0.7b")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--steps", type=int, default=10)
+    a = ap.parse_args(argv)
+    preset = PRESETS[a.preset]
+    batch = a.batch or preset["batch"]
+    model = make_model(preset)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, model.config.vocab_size, (batch, preset["prompt_len"]), generator=g).tolist()
+    engine = Engine(model, None, max_batch_size=batch, seed=0)
+    engine.cuda_graph, engine.compile = True, a.compile
+    engine.generate_batch(prompts, {"max_new_tokens": 8})
+    graphs = engine._graphs
+    rows, kv_len = graphs.buckets(batch, preset["prompt_len"] + 8)
+    step = lambda: graphs._step_fn(rows, kv_len, False, False)  # noqa: E731
+    with torch.inference_mode():
+        for _ in range(3):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(a.steps):
+                step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    per_name: dict[str, float] = defaultdict(float)
+    count = 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[ev.name[:90]] += ev.device_time_total / 1e3 / a.steps
+            count += 1
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:25]
+    for name, ms in top:
+        print(f"{ms * 1e3:9.1f} us  {name}", file=sys.stderr)
+    result = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "compile": a.compile, "batch": batch, "kernels_per_step": round(count / a.steps, 1),
+        "kernel_ms_per_step": round(sum(per_name.values()), 3),
+        "top": [[n, round(ms, 4)] for n, ms in top[:12]],
+    }  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
