@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", choices=sorted(SHAPES), default="gpu-0.7b")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--recompute", choices=["full", "selective"], default=None)
+    ap.add_argument("--compile", action="store_true", help="--train-compile: compiled decoder layers.")
     ap.add_argument("--profile", action="store_true", help="Also print one step's busiest kernels to stderr.")
     a = ap.parse_args(argv)
     preset, shape = PRESETS[a.preset], SHAPES[a.preset]
@@ -118,11 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
         flags.append("--bf16")
     if a.recompute:
         flags += ["--recompute-granularity", a.recompute]
+    if a.compile:
+        flags.append("--train-compile")
     pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
     args = parse_args(flags, pm)
     trainer = Trainer(args, pm, model)
     batch = make_batch(n, shape["prompt"], shape["response"], model.config.vocab_size, trainer.device)
-    trainer._step(batch)  # warm-up
+    trainer._step(batch)  # warm-up (and compilation)
+    if a.compile:
+        trainer._step(batch)  # a second shape may recompile with dynamic shapes
     sync(device)
     t0 = time.perf_counter()
     for _ in range(a.steps):
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mfu": round(flops / dt / peak, 4),
         "mfu_vs_matmul": round(flops / dt / measured, 4), "tflops": round(flops / dt / 1e12, 2),
         "peak_tflops": round(peak / 1e12, 1), "matmul_tflops": round(measured / 1e12, 1),
-        "tokens_per_step": tokens, "step_s": round(dt, 4), "recompute": a.recompute,
+        "tokens_per_step": tokens, "step_s": round(dt, 4), "recompute": a.recompute, "compile": a.compile,
         "max_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
     }  # fmt: skip
     print(json.dumps(result))

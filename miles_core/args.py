@@ -168,6 +168,13 @@ def _add_training(p: argparse.ArgumentParser) -> None:
         default=False,
         help="Shorthand for --recompute-granularity selective (as in Megatron).",
     )
+    g.add_argument(
+        "--train-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Compile each decoder layer of the policy with torch.compile (dynamic shapes; the packed "
+        "attention call stays eager): fuses norms, rope, casts and the MoE routing, forward and backward.",
+    )
     g.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda if available).")
 
 

@@ -135,3 +135,28 @@ def test_kl_loss_uses_reference_model(tiny_ckpt):
     assert first["kl_loss"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
     second = trainer.train(1, make_train_batch(rollout(tiny_ckpt, args, seed=1), args))[0]
     assert second["kl_loss"] > 0
+
+
+def test_compiled_layers_train_like_eager_layers_over_changing_packings(tiny_ckpt):
+    """--train-compile: same metrics and weights (fp32 rounding) over steps whose packings differ, and
+    no new graph for a new packing once shapes went dynamic (the packed attention call stays eager)."""
+    from torch._dynamo.utils import counters
+
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
+    results = []
+    for compile_flag in ([], ["--train-compile"]):
+        args = make_args(tiny_ckpt, ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "40", *compile_flag])
+        trainer = Trainer(args, pm, load_model(tiny_ckpt))
+        counters.clear()
+        metrics, graphs = [], []
+        for i in range(4):
+            metrics.append(trainer.train(i, make_train_batch(rollout(tiny_ckpt, args, seed=i), args))[0])
+            graphs.append(counters["stats"]["unique_graphs"])
+        results.append((metrics, [p.detach().clone() for p in trainer.model.parameters()]))
+    (m_eager, w_eager), (m_comp, w_comp) = results
+    for a, b in zip(m_eager, m_comp):
+        assert a["pg_loss"] == pytest.approx(b["pg_loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert max((a - b).abs().max().item() for a, b in zip(w_eager, w_comp)) < 1e-4
+    # Compiled: the first steps compile (static, then dynamic shapes); later packings reuse the graphs.
+    assert graphs[0] > 0 and graphs[3] == graphs[2]

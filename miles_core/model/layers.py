@@ -170,6 +170,9 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg)
         return out.view(b, self.num_heads, t, d)
 
+    # Outside torch.compile: the packing (sequence lengths) changes every micro-batch and would
+    # recompile a compiled layer each time; the layer's other ops compile around this call.
+    @torch.compiler.disable
     def _packed(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         """Causal attention within each packed sequence (q/k/v [1, heads, total, D])."""
         fn = _varlen_fn()

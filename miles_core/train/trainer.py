@@ -104,6 +104,11 @@ class Trainer:
             recompute = "selective"
         if hasattr(model.model, "recompute"):
             model.model.recompute = recompute
+        if getattr(args, "train_compile", False):
+            # One compiled graph serves every layer (parameters are graph inputs); shapes are dynamic so
+            # a new packing length does not recompile.
+            for layer in model.model.layers:
+                layer.compile(dynamic=True)
         self.step = 0
         self.total_steps = max(1, (args.num_rollout or 1) * (args.num_steps_per_rollout or 1))
         self.temperature = args.rollout_temperature if args.rollout_temperature > 0 else 1.0
@@ -286,7 +291,7 @@ class Trainer:
         idx = list(range(len(batch)))
         mask_all = torch.cat([m.float() for m in batch.loss_masks])
         denom = float(mask_all.sum().clamp(min=1)) if args.calculate_per_token_loss else float(len(batch))
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
         for g in self.optimizer.param_groups:
             g["lr"] = self._lr()
         self.optimizer.zero_grad(set_to_none=True)
@@ -299,8 +304,13 @@ class Trainer:
         )
         self.optimizer.step()
         self.step += 1
-        metrics = {k: v for k, v in sums.items()}
-        metrics.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"])
+        # Loss metrics stayed on the device through the micro-batches (no host sync between them, so
+        # the host queues micro-batch i+1 while the GPU runs i); one copy brings them all back.
+        names = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
+        values = torch.stack([sums[k].float().reshape(()) for k in names] + [grad_norm.float()]).tolist()
+        metrics = {k: float(v) for k, v in sums.items() if not isinstance(v, torch.Tensor)}
+        metrics.update(zip(names, values))
+        metrics.update(grad_norm=values[-1], lr=self.optimizer.param_groups[0]["lr"])
         self.model.eval()
         self.pm.hook.post_step(args=args, step=self.step, model=self.model, metrics=metrics)
         return metrics
@@ -335,20 +345,20 @@ class Trainer:
 
         pg_loss = agg(terms.pg_loss)
         loss = pg_loss
-        metrics = {
-            "pg_loss": pg_loss.item(),
-            "pg_clipfrac": agg(clipfrac).item(),
-            "ppo_kl": agg(ppo_kl).item(),
-            "entropy": agg(ent.detach()).item(),
+        metrics: dict[str, Any] = {  # device scalars; _step reads them all with one sync
+            "pg_loss": pg_loss.detach(),
+            "pg_clipfrac": agg(clipfrac).detach(),
+            "ppo_kl": agg(ppo_kl).detach(),
+            "entropy": agg(ent.detach()),
         }
         if args.entropy_coef:
             loss = loss - args.entropy_coef * agg(ent)
-        kl_loss = torch.zeros(())
+        kl_loss = torch.zeros((), device=pg_loss.device)
         if args.use_kl_loss:
             ref = _cat(batch.ref_log_probs, mb.index, self.device)
             kl_loss = agg(compute_approx_kl(logp, ref, args.kl_loss_type))
             loss = loss + args.kl_loss_coef * kl_loss
-        metrics["kl_loss"] = kl_loss.item()
+        metrics["kl_loss"] = kl_loss.detach()
         for aux in self.pm.hook.auxiliary_loss(args=args, model=self.model, inputs=mb, outputs=out):
             if aux is not None:
                 aux_loss, aux_metrics = aux
@@ -357,7 +367,9 @@ class Trainer:
         loss.backward()
         # Hook metrics are per-micro-batch means; weight them by this micro-batch's share of the step.
         share = (
-            (mb.loss_mask.sum().item() / denom) if args.calculate_per_token_loss else len(mb.index) / denom
+            (sum(float(batch.loss_masks[i].float().sum()) for i in mb.index) / denom)
+            if args.calculate_per_token_loss
+            else len(mb.index) / denom
         )
         metrics.update({k: v * share for k, v in extra.items()})
         return metrics
