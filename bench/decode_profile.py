@@ -21,12 +21,51 @@ from rollout import PRESETS, make_model
 from miles_core.engine import Engine
 
 
+def profile_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    import time
+
+    params = {"max_new_tokens": new_tokens}
+    engine.generate_batch(prompts, params)  # captures (and compiles) every bucket this run needs
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    steps0 = engine.stats["decode_steps"]
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        engine.generate_batch(prompts, params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels: dict[str, float] = defaultdict(float)
+    cpu_ops: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name[:90]] += ev.device_time_total / 1e3
+        else:
+            cpu_ops[ev.name[:90]] += ev.self_cpu_time_total / 1e3
+    for title, table in (("kernels (ms)", kernels), ("host ops, self time (ms)", cpu_ops)):
+        print(title, file=sys.stderr)
+        for name, ms in sorted(table.items(), key=lambda kv: -kv[1])[:15]:
+            print(f"{ms:10.2f}  {name}", file=sys.stderr)
+    result = {
+        "device": torch.cuda.get_device_name(), "compile": engine.compile, "batch": len(prompts),
+        "new_tokens": new_tokens, "wall_ms": round(wall * 1e3, 1),
+        "kernel_ms": round(sum(kernels.values()), 1), "host_op_ms": round(sum(cpu_ops.values()), 1),
+        "decode_steps": engine.stats["decode_steps"] - steps0,
+    }  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu-0.7b")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument(
+        "--generate", type=int, default=0, metavar="N",
+        help="Instead: profile a whole generate of N new tokens a sequence (prefill, steps, host work) "
+        "and report its wall time next to its kernel time.",
+    )  # fmt: skip
     a = ap.parse_args(argv)
     preset = PRESETS[a.preset]
     batch = a.batch or preset["batch"]
@@ -36,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     engine = Engine(model, None, max_batch_size=batch, seed=0)
     engine.cuda_graph, engine.compile = True, a.compile
     engine.generate_batch(prompts, {"max_new_tokens": 8})
+    if a.generate:
+        return profile_generate(engine, prompts, a.generate)
     graphs = engine._graphs
     rows, kv_len = graphs.buckets(batch, preset["prompt_len"] + 8)
     step = lambda: graphs._step_fn(rows, kv_len, False, False)  # noqa: E731
