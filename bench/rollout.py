@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from miles_core.engine import Engine
+from miles_core.engine.cuda_graph import ACTIVE
 from miles_core.model import ModelConfig, build_model, save_model
 
 BASE = {
@@ -113,9 +114,14 @@ def time_miles(
     g = engine._graphs
     if g is not None and g.capture:  # where a step's time goes: the replay alone
         rows, kv_len = g.buckets(len(prompts), len(prompts[0]) + new_tokens)
-        run = lambda: g.step(rows, kv_len)  # noqa: E731  (rows idle at position 0: same kernels, same cost)
+        run = lambda: g.step(rows, kv_len)  # noqa: E731
         with torch.inference_mode():  # the engine's buffers are inference tensors
-            g.load([], [], [], [])
+            # Rows feed distinct random tokens (so they route to as many experts as a real step) and
+            # are then marked idle, so replays do not advance them past the cache.
+            gen = torch.Generator().manual_seed(2)
+            toks = torch.randint(1, model.config.vocab_size, (rows,), generator=gen).tolist()
+            g.load(toks, [0] * rows, [0] * rows, list(range(rows)))
+            g.state[ACTIVE].zero_()
             run()
             sync("cuda")
             t1 = time.perf_counter()

@@ -208,7 +208,9 @@ def test_train_py_shim_shows_help():
 
 
 @pytest.mark.parametrize("flag,compiled", [([], False), (["--rollout-compile"], True)])
-def test_rollout_compile_flag_reaches_the_engine(tiny_ckpt, prompts_file, reward_file, tmp_path, flag, compiled):
+def test_rollout_compile_flag_reaches_the_engine(
+    tiny_ckpt, prompts_file, reward_file, tmp_path, flag, compiled
+):
     from miles_core.args import parse_args
     from miles_core.loop import build_run
     from miles_core.plugins import get_plugin_manager

@@ -10,10 +10,10 @@ out the lowest free slot first, so running sequences sit in rows 0..n-1) with sh
   a few kernels (on CPU too, where it removes most per-op dispatch).
 
 The step keeps its state on the device: the token each row feeds next, its position, its sampling key
-and whether the row is active. Sampling happens inside the step (with noise keyed per sequence, `keyed_exponentials`),
-and the step writes each active row's sampled token and next position back into that state, so the
-engine can launch step t+1 before it has looked at step t's tokens on the host. Rows of free slots
-decode a dummy token at a fixed position of their own, unused slot, and are ignored.
+and whether the row is active. Sampling happens inside the step (with noise keyed per sequence,
+`keyed_exponentials`), and the step writes each active row's sampled token and next position back into
+that state, so the engine can launch step t+1 before it has looked at step t's tokens on the host. Rows
+of free slots decode a dummy token at a fixed position of their own, unused slot, and are ignored.
 `DecodeGraphs(..., capture=False)` runs the same static-shape step eagerly, which is how the CPU tests
 check this path.
 """

@@ -9,8 +9,8 @@ caller's asyncio loop, so a custom generate function needs no threads.
 On the static decode path (CUDA graphs) the scheduler keeps one step in flight: it launches step t+1
 (whose inputs the device already holds) before it reads step t's tokens on the host, so the host's
 bookkeeping overlaps the GPU. A sequence that stops at step t has one more token computed at step t+1,
-which is dropped. Samples are drawn with per-sequence keyed noise (`keyed_exponentials`), so they do not depend on
-the path, the batch or this overlap.
+which is dropped. Samples are drawn with per-sequence keyed noise (`keyed_exponentials`), so they do
+not depend on the path, the batch or this overlap.
 """
 
 from __future__ import annotations
@@ -369,7 +369,9 @@ class Engine:
             noise_key=(keys[:, 0], keys[:, 1]),
         )  # fmt: skip
         host = torch.stack([tokens.double(), logps.double()]).cpu()
-        host_routes = None if routes is None or not self.capture_routes else routes.to(torch.int32).cpu().numpy()
+        host_routes = None
+        if routes is not None and self.capture_routes:
+            host_routes = routes.to(torch.int32).cpu().numpy()
         toks, lps = host[0].long().tolist(), host[1].tolist()
         for i, s in enumerate(seqs):
             if host_routes is not None:
