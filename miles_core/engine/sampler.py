@@ -69,6 +69,41 @@ def keyed_exponentials(key: torch.Tensor, index: torch.Tensor, vocab: int) -> to
     return -torch.log(u)
 
 
+def tempered_logits(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    use_top_k: bool | None = None,
+    use_top_p: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scaled, masked, greedy)``: fp32 ``logits / temperature`` (1 for greedy rows), the same with the
+    tokens outside each row's top-k / top-p set to -inf (softmax of it is what `sample_tokens` draws
+    from), and the bool ``[B]`` greedy rows. Arguments as in `sample_tokens`."""
+    logits = logits.float()
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    scaled = logits / temp
+    masked = scaled
+    if use_top_k is None:
+        use_top_k = bool((top_k > 0).any())
+    if use_top_p is None:
+        use_top_p = bool((top_p < 1).any())
+    if use_top_k:
+        vocab = logits.shape[-1]
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        kth = torch.sort(masked, dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
+        masked = masked.masked_fill(masked < kth, float("-inf"))
+    if use_top_p:
+        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass strictly before it already reaches top_p (always keep the first).
+        drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        masked = torch.full_like(masked, float("-inf")).scatter(-1, order, sorted_logits)
+    return scaled, masked, greedy
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -93,28 +128,8 @@ def sample_tokens(
         no host sync, capturable and compilable). None draws from `generator` instead.
     :returns: ``(tokens int64 [B], log_probs float32 [B])``.
     """
-    logits = logits.float()
-    greedy = temperature <= 0
-    temp = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
-    scaled = logits / temp
+    scaled, masked, greedy = tempered_logits(logits, temperature, top_p, top_k, use_top_k, use_top_p)
     log_probs_full = torch.log_softmax(scaled, dim=-1)
-    masked = scaled
-    if use_top_k is None:
-        use_top_k = bool((top_k > 0).any())
-    if use_top_p is None:
-        use_top_p = bool((top_p < 1).any())
-    if use_top_k:
-        vocab = logits.shape[-1]
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-        kth = torch.sort(masked, dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
-        masked = masked.masked_fill(masked < kth, float("-inf"))
-    if use_top_p:
-        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the mass strictly before it already reaches top_p (always keep the first).
-        drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        masked = torch.full_like(masked, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(masked, dim=-1)
     if noise_key is not None:
         # argmax(p / E) with E ~ Exp(1) draws from p exactly (the exponential race): one elementwise

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from miles_core.engine import tempered_logits
 from miles_core.model import KVCache, RoutingState
 from miles_specrl.drafters import Drafter
 
@@ -26,23 +27,9 @@ def target_probs(
 
     Greedy rows (temperature <= 0) become one-hot at the argmax.
     """
-    logits = logits.float()
-    greedy = temperature <= 0
-    temp = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
-    masked = logits / temp
-    vocab = logits.shape[-1]
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-        kth = torch.sort(masked, dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
-        masked = masked.masked_fill(masked < kth, float("-inf"))
-    if bool((top_p < 1).any()):
-        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        masked = torch.full_like(masked, float("-inf")).scatter(-1, order, sorted_logits)
+    _, masked, greedy = tempered_logits(logits, temperature, top_p, top_k)
     probs = torch.softmax(masked, dim=-1)
-    onehot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).to(probs.dtype)
+    onehot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
     return torch.where(greedy.unsqueeze(-1), onehot, probs)
 
 
