@@ -40,6 +40,7 @@ class EngineOutput:
     prompt_len: int
     weight_version: int
     routed_experts: np.ndarray | None = None  # int32 [prompt_len + len(output_ids) - 1, L, topk]
+    spec_info: dict = field(default_factory=dict)  # filled by a speculator (spec_accept_length, ...)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Seq:
     finish: str | None = None
     key: int = 0  # sampling key: the token at index i is drawn with keyed_exponentials(key, i, V)
     pos: int = 0  # static decode path: the position this sequence feeds at the next launched step
+    spec_info: dict = field(default_factory=dict)  # a speculator's per-sequence stats, passed on as is
 
 
 @dataclass
@@ -105,6 +107,12 @@ class Engine:
         self._task: asyncio.Task | None = None
 
     # ---------------------------------------------------------------- public interface
+
+    @property
+    def kv_cache(self) -> KVCache | None:
+        """The KV cache of the running sequences (row = slot), allocated on first use; a speculator
+        writes its verify pass here and may size its own draft cache after it."""
+        return self._cache
 
     def reseed(self, seed: int) -> None:
         """Reset the sampling generator (the loop reseeds per rollout so resumed runs repeat)."""
@@ -420,7 +428,9 @@ class Engine:
                 routes = np.concatenate(s.routes, axis=0)[: len(s.prompt) + len(s.out) - 1]
             if not s.future.done():
                 s.future.set_result(
-                    EngineOutput(s.out, s.logps, s.finish, len(s.prompt), self.weight_version, routes)
+                    EngineOutput(
+                        s.out, s.logps, s.finish, len(s.prompt), self.weight_version, routes, s.spec_info
+                    )
                 )
         self._running = still
 

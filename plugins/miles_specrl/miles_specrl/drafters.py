@@ -56,9 +56,9 @@ class Drafter:
         raise NotImplementedError
 
     def _sync_cache(self, engine: Any) -> None:
-        if self.cache is None or self._engine_cache is not engine._cache:
+        if self.cache is None or self._engine_cache is not engine.kv_cache:
             self.cache = self._make_cache(engine)
-            self._engine_cache = engine._cache
+            self._engine_cache = engine.kv_cache
             n, dev = self.cache.num_slots, engine.device
             self.buf_tok = torch.zeros(n, self.width, dtype=torch.long, device=dev)
             self.buf_len = torch.ones(n, dtype=torch.long, device=dev)
@@ -220,7 +220,7 @@ class MTPDrafter(Drafter):
             self._widths.add(ids.shape[1])
 
     def _make_cache(self, engine: Any) -> KVCache:
-        c = engine._cache
+        c = engine.kv_cache
         return KVCache(
             _dense_config(engine.model.config), c.num_slots, c.max_len, engine.dtype, engine.device
         )
@@ -271,7 +271,7 @@ class ModelDrafter(Drafter):
             )
 
     def _make_cache(self, engine: Any) -> KVCache:
-        c = engine._cache
+        c = engine.kv_cache
         dtype = next(self.model.parameters()).dtype
         return KVCache(self.model.config, c.num_slots, c.max_len, dtype, engine.device)
 

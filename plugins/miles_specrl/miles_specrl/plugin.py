@@ -205,11 +205,7 @@ def rollout_metrics(args: argparse.Namespace, rollout_id: int, samples: list[Sam
     spec = _state.speculator
     if spec is None:
         return None
-    for s in samples:
-        info = spec.pop_info(s.tokens)
-        if info is not None:
-            s.spec_info = info
-    t = spec.totals
+    t = spec.totals  # per-sample spec_info came with each EngineOutput (copied by generate_into)
     return {
         "spec_accept_length": t.emitted / t.steps if t.steps else 0.0,
         "spec_accept_rate": t.accepted / t.drafted if t.drafted else 0.0,

@@ -66,7 +66,6 @@ class Speculator:
     def __init__(self, drafter: Drafter, num_steps: int, verifier: str = "rejection") -> None:
         self.drafter, self.k, self.verifier = drafter, num_steps, verifier
         self._states: dict[int, _State] = {}
-        self.finished: dict[tuple[int, ...], list[dict[str, float]]] = {}  # token tuple -> spec_info
         self.totals = SeqStats()
 
     def attach(self, engine: Any) -> None:
@@ -75,7 +74,6 @@ class Speculator:
 
     def reset(self) -> None:
         self._states.clear()
-        self.finished.clear()
         self.totals = SeqStats()
         self.drafter.reset()
 
@@ -83,7 +81,7 @@ class Speculator:
 
     @torch.no_grad()
     def decode_step(self, engine: Any, seqs: list[Any]) -> None:
-        cache: KVCache = engine._cache
+        cache: KVCache = engine.kv_cache
         dev = engine.device
         for s in seqs:
             if id(s) not in self._states:
@@ -181,12 +179,7 @@ class Speculator:
         self.drafter.end(s)
         for f in ("steps", "drafted", "accepted", "emitted"):
             setattr(self.totals, f, getattr(self.totals, f) + getattr(st, f))
-        self.finished.setdefault(tuple(s.prompt) + tuple(s.out), []).append(st.info())
-
-    def pop_info(self, tokens: list[int]) -> dict[str, float] | None:
-        """The spec_info of the finished sequence with exactly these prompt + output tokens, if any."""
-        got = self.finished.get(tuple(tokens))
-        return got.pop(0) if got else None
+        s.spec_info = st.info()  # the engine hands it out as EngineOutput.spec_info
 
 
 def _params(seqs: list[Any], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

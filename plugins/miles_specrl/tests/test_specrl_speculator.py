@@ -45,8 +45,33 @@ def test_draft_model_equal_to_target_accepts_every_draft():
     assert spec.totals.accepted == spec.totals.drafted > 0
     # 12 tokens after the first: three full steps of 4 tokens each.
     assert spec.totals.emitted / spec.totals.steps == 4.0
-    info = spec.pop_info(PROMPTS[0] + out[0].output_ids)
+    info = out[0].spec_info
     assert info["spec_accept_rate"] == 1.0 and info["spec_accept_length"] == 4.0
+
+
+def test_generate_function_copies_spec_info_onto_the_sample():
+    import argparse
+    import asyncio
+
+    from miles_core.rollout.generate import RolloutContext, rollout_context, single_turn
+    from miles_core.types import Sample
+
+    model = tiny_model()
+    spec = model_speculator(copy.deepcopy(model), 3)
+    eng = engine(copy.deepcopy(model), 4, spec=spec)
+
+    class _Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    with rollout_context(RolloutContext(engine=eng, tokenizer=_Tok(), pm=None)):
+        sample = asyncio.run(
+            single_turn(
+                argparse.Namespace(), Sample(tokens=list(PROMPTS[1])), {"temperature": 0, "max_new_tokens": 9}
+            )
+        )
+    assert sample.response_length == 9
+    assert sample.spec_info["spec_accept_rate"] == 1.0 and sample.spec_info["spec_verify_steps"] == 2.0
 
 
 def test_mtp_draft_sees_exactly_what_training_computes(monkeypatch):
