@@ -9,20 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 _PLUGIN_ROOT = Path(__file__).resolve().parents[1]
 for _path in (_PLUGIN_ROOT, _PLUGIN_ROOT.parents[1], Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: one thread is as fast, and on a busy CPU several threads' OpenMP waits make
-    small bf16 matmuls ~100x slower. Restored after each test so other test directories are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from miles_core.testing import one_torch_thread  # noqa: E402, F401  (autouse: one torch thread)
