@@ -3,15 +3,14 @@ plugin, and a saved checkpoint with a small BPE tokenizer for end-to-end runs.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import miles_int4qat.plugin as int4_plugin
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from miles_core.model import CausalLM, ModelConfig, build_model, save_model
 from miles_core.plugins import get_plugin_manager
+from miles_core.testing import write_sum_tokenizer
 
 VOCAB = 64
 
@@ -40,29 +39,9 @@ def tiny_moe(seed: int = 0, **kw) -> CausalLM:
     return build_model(moe_config(**kw), dtype=torch.float32).eval()
 
 
-def _tokenizer(out: Path) -> int:
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=280, special_tokens=["<|endoftext|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator([f"{a}+{b}={a + b}" for a in range(20) for b in range(20)], trainer)
-    out.mkdir(parents=True)
-    tok.save(str(out / "tokenizer.json"))
-    cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return tok.get_vocab_size()
-
-
 def checkpoint(tmp_path: Path) -> Path:
     """A saved tiny Qwen3-MoE (hidden 32, expert FFN 32) with its tokenizer."""
-    vocab = _tokenizer(tmp_path / "tok")
+    vocab = write_sum_tokenizer(tmp_path / "tok")
     torch.manual_seed(0)
     model = build_model(moe_config(vocab=vocab, eos_token_id=1))
     return save_model(model, tmp_path / "ckpt", tokenizer_src=tmp_path / "tok")

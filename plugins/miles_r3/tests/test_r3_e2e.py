@@ -8,12 +8,12 @@ from pathlib import Path
 
 import miles_r3.plugin as r3_plugin
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import miles_core.plugins
 from miles_core import cli
 from miles_core.model import ModelConfig, build_model, save_model
 from miles_core.plugins import get_plugin_manager
+from miles_core.testing import write_sum_tokenizer
 
 REWARD = """
 async def reward(args, sample):
@@ -21,29 +21,8 @@ async def reward(args, sample):
 """
 
 
-def _tokenizer(out: Path) -> int:
-    """A byte-level BPE trained on a few sums; returns its vocabulary size."""
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=280, special_tokens=["<|endoftext|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator([f"{a}+{b}={a + b}" for a in range(20) for b in range(20)], trainer)
-    out.mkdir(parents=True)
-    tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    return tok.get_vocab_size()
-
-
 def _checkpoint(tmp_path: Path) -> Path:
-    vocab = _tokenizer(tmp_path / "tok")
+    vocab = write_sum_tokenizer(tmp_path / "tok")
     config = ModelConfig.from_hf(
         {
             "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": vocab, "hidden_size": 32,
