@@ -213,3 +213,28 @@ def test_compiled_static_step_matches_eager_on_cpu(model):
     fast = engine.generate_batch(prompts, params)
     assert engine._graphs.compile
     _assert_same(eager, fast, atol=1e-4)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_a_request_needing_a_longer_cache_waits_for_idle_and_matches(model, graph):
+    """A request that arrives mid-batch and needs a longer cache is admitted once the engine is idle
+    (the cache grows then); with a step in flight the others keep decoding meanwhile."""
+    import asyncio
+
+    async def run(engine):
+        first = [asyncio.ensure_future(engine.generate([3, 4, 5 + i], {"temperature": 0, "max_new_tokens": 6}))
+                 for i in range(3)]  # fmt: skip
+        for _ in range(3):
+            await asyncio.sleep(0)  # let the scheduler start decoding them
+        late = await engine.generate([7, 8], {"temperature": 0, "max_new_tokens": 90})
+        return [await f for f in first] + [late]
+
+    outs = {}
+    for g in (False, graph):
+        engine = Engine(model, None, max_batch_size=4, seed=3)
+        engine._eos = set()
+        engine.cuda_graph = g
+        outs[g] = asyncio.run(run(engine))
+        assert engine.kv_cache.max_len >= 92
+    assert [o.output_ids for o in outs[False]] == [o.output_ids for o in outs[graph]]
+    assert [len(o.output_ids) for o in outs[graph]] == [6, 6, 6, 90]

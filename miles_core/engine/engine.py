@@ -162,7 +162,7 @@ class Engine:
         try:
             while self._waiting or self._running or self._inflight is not None:
                 with torch.inference_mode():
-                    if self._waiting and self._free:
+                    if self._inflight is not None and self._admissible():
                         self._drain()  # admission changes the batch: settle the step in flight first
                     self._admit()
                     if self._running:
@@ -196,6 +196,15 @@ class Engine:
         self._free = list(range(self.max_batch_size))  # a heap: the lowest free slot is taken first
         self._graphs = None
         self._slot_params = torch.ones(3, self.max_batch_size, dtype=torch.float32, device=self.device)
+
+    def _admissible(self) -> bool:
+        """Whether `_admit` would take the first waiting request now (a free slot, and a cache long
+        enough, or none yet / an idle engine that may grow it)."""
+        if not (self._waiting and self._free):
+            return False
+        seq = self._waiting[0]
+        need = len(seq.prompt) + seq.params.max_new_tokens
+        return self._cache is None or need <= self._cache.max_len or not self._running
 
     def _admit(self) -> None:
         if not self._waiting:
