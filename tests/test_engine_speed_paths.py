@@ -222,8 +222,8 @@ def test_a_request_needing_a_longer_cache_waits_for_idle_and_matches(model, grap
     import asyncio
 
     async def run(engine):
-        first = [asyncio.ensure_future(engine.generate([3, 4, 5 + i], {"temperature": 0, "max_new_tokens": 6}))
-                 for i in range(3)]  # fmt: skip
+        params = {"temperature": 0, "max_new_tokens": 6}
+        first = [asyncio.ensure_future(engine.generate([3, 4, 5 + i], params)) for i in range(3)]
         for _ in range(3):
             await asyncio.sleep(0)  # let the scheduler start decoding them
         late = await engine.generate([7, 8], {"temperature": 0, "max_new_tokens": 90})

@@ -63,7 +63,7 @@ class _InFlight:
     """A launched static decode step whose tokens the host has not read yet."""
 
     seqs: list[_Seq]
-    host: torch.Tensor  # float64 [2, rows]: tokens, log-probs (filled asynchronously)
+    host: torch.Tensor  # float64 [rows, 2]: token, log-prob per row (filled asynchronously)
     routes: torch.Tensor | None  # int32 [rows, L, k] on the host
     event: Any  # torch.cuda.Event, or None on CPU (the copies were synchronous)
 
@@ -328,11 +328,13 @@ class Engine:
                 hr = None
                 if want_routes:
                     hr = torch.zeros((n, *routes.shape[1:]), dtype=torch.int32, pin_memory=cuda)
-                self._host_bufs.append((torch.zeros(2, n, dtype=torch.float64, pin_memory=cuda), hr))
+                self._host_bufs.append((torch.zeros(n, 2, dtype=torch.float64, pin_memory=cuda), hr))
         self._host_bufs.reverse()  # alternate, so the buffer of the step in flight is never overwritten
         host, host_routes = self._host_bufs[0]
-        host = host[:, :rows]
-        host.copy_(torch.stack([tokens.double(), logps.double()]), non_blocking=cuda)
+        # Leading-dim slices stay contiguous: a non-contiguous pinned target would make the copy
+        # go through a pageable temporary, which waits for the step.
+        host = host[:rows]
+        host.copy_(torch.stack([tokens.double(), logps.double()], dim=1), non_blocking=cuda)
         if host_routes is not None:
             host_routes = host_routes[:rows]
             host_routes.copy_(routes.to(torch.int32), non_blocking=cuda)
@@ -346,7 +348,7 @@ class Engine:
         """Wait for a launched step's outputs and hand its tokens to the sequences that still run."""
         if step.event is not None:
             step.event.synchronize()
-        toks, lps = step.host[0].long().tolist(), step.host[1].tolist()
+        toks, lps = step.host[:, 0].long().tolist(), step.host[:, 1].tolist()
         for s in step.seqs:
             if s.finish is not None:
                 continue  # stopped at the step before: this token was computed past the end, drop it
