@@ -95,7 +95,12 @@ class DecodeGraphs:
 
     def deactivate(self, slots: list[int]) -> None:
         """Stop advancing these rows (their sequences finished while a later step was in flight)."""
-        self.state[ACTIVE, torch.tensor(slots, dtype=torch.long).to(self.state.device)] = 0
+        idx = torch.tensor(slots, dtype=torch.long)
+        if (
+            self.capture
+        ):  # from pinned memory without waiting: a plain copy would sync with the step in flight
+            idx = idx.pin_memory().to(self.state.device, non_blocking=True)
+        self.state[ACTIVE, idx.to(self.state.device)] = 0
 
     def step(
         self, rows: int, kv_len: int, use_top_k: bool = False, use_top_p: bool = False
