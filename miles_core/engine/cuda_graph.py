@@ -96,9 +96,7 @@ class DecodeGraphs:
     def deactivate(self, slots: list[int]) -> None:
         """Stop advancing these rows (their sequences finished while a later step was in flight)."""
         idx = torch.tensor(slots, dtype=torch.long)
-        if (
-            self.capture
-        ):  # from pinned memory without waiting: a plain copy would sync with the step in flight
+        if self.capture:  # from pinned memory, not waiting: a plain copy syncs with the step in flight
             idx = idx.pin_memory().to(self.state.device, non_blocking=True)
         self.state[ACTIVE, idx.to(self.state.device)] = 0
 
