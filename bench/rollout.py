@@ -23,7 +23,7 @@ import torch
 
 from miles_core.engine import Engine
 from miles_core.engine.cuda_graph import ACTIVE
-from miles_core.model import ModelConfig, build_model, save_model
+from miles_core.model import ModelConfig, build_model, save_model, set_fused_moe
 
 BASE = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "decoder_sparse_step": 1,
@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="Time the engine without torch.compile of the decode step (--rollout-compile off).",
     )  # fmt: skip
     ap.add_argument(
+        "--fused-moe", action="store_true",
+        help="Also time the engine with the Triton expert kernels (--rollout-fused-moe; needs triton, CUDA).",
+    )  # fmt: skip
+    ap.add_argument(
         "--also-uncompiled", action="store_true", help="Also time the engine without torch.compile."
     )
     ap.add_argument(
@@ -227,6 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "preset": a.preset}
     if a.also_uncompiled and a.compile:
         result["miles_uncompiled_tok_s"] = round(time_miles(model, prompts, new, compile=False), 1)
+    if a.fused_moe:
+        set_fused_moe(model, batch * model.config.num_experts_per_tok)
+        result["miles_fused_moe_tok_s"] = round(time_miles(model, prompts, new, compile=a.compile), 1)
+        set_fused_moe(model, 0)
     if a.eager:
         result["miles_eager_tok_s"] = round(time_miles(model, prompts, new, False, compile=False), 1)
     with tempfile.TemporaryDirectory() as folder:

@@ -85,6 +85,13 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
         "switches decoding to the static-shape step.",
     )
     g.add_argument(
+        "--rollout-fused-moe",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Decode-sized MoE batches run on Triton expert kernels (miles_core.model.fused_moe) instead "
+        "of grouped GEMMs; needs triton and CUDA.",
+    )
+    g.add_argument(
         "--custom-generate-function-path",
         type=str,
         default=None,

@@ -22,7 +22,7 @@ from miles_core.atomic import atomic_write_json
 from miles_core.data import PromptDataset, RolloutDataSource, Tokenizer
 from miles_core.engine import Engine
 from miles_core.logging import MetricsLogger, get_logger, plot_curves, progress
-from miles_core.model import load_model, save_model
+from miles_core.model import fused_moe, load_model, save_model, set_fused_moe
 from miles_core.rollout.manager import RolloutManager
 from miles_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from miles_core.train.trainer import Trainer
@@ -111,6 +111,16 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         graphs = bool(getattr(args, "rollout_cuda_graph", True)) and device.type == "cuda"
         engine.compile = bool(getattr(args, "rollout_compile", False))
         engine.cuda_graph = graphs or engine.compile  # compiling needs the static-shape step
+        if getattr(args, "rollout_fused_moe", False):
+            if not fused_moe.available(next(engine_model.parameters())):
+                raise UsageError(
+                    "--rollout-fused-moe runs Triton kernels on CUDA: install triton and roll out on a "
+                    "GPU, or drop the flag."
+                )
+            # Every decode step has at most batch x top-k token copies; larger (prefill) batches keep
+            # the grouped GEMMs.
+            top_k = getattr(engine_model.config, "num_experts_per_tok", 1) or 1
+            set_fused_moe(engine_model, engine.max_batch_size * top_k)
     trainer = trainer_cls(args, pm, policy, ref)
     state: dict = {"next_rollout": 0}
     if resume:

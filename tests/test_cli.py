@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from miles_core.cli import main
@@ -220,3 +221,10 @@ def test_rollout_compile_flag_reaches_the_engine(
     run = build_run(args, pm)
     # On CPU the static-shape step runs only when compiled (CUDA graphs need CUDA).
     assert run.engine.compile is compiled and run.engine.cuda_graph is compiled
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fused_moe_on_cpu_is_refused_in_one_sentence(tiny_ckpt, prompts_file, reward_file, tmp_path, capsys):
+    argv = base_argv(tiny_ckpt, prompts_file, tmp_path / "r", reward_file) + ["--rollout-fused-moe"]
+    msg = error_of(capsys, argv)
+    assert "--rollout-fused-moe" in msg and "drop the flag" in msg

@@ -14,7 +14,7 @@ from miles_core.model.hf_io import (
 )
 from miles_core.model.kv_cache import KVCache
 from miles_core.model.layers import MLP, Attention, RMSNorm
-from miles_core.model.moe import Experts, RoutingState, SparseMoeBlock
+from miles_core.model.moe import Experts, RoutingState, SparseMoeBlock, set_fused_moe
 from miles_core.model.transformer import MODEL_CLASSES, CausalLM, ModelOutput, build_model, swap_modules
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "RMSNorm",
     "RoutingState",
     "SparseMoeBlock",
+    "set_fused_moe",
     "build_model",
     "load_config",
     "load_hf_tensors",

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miles_core.model import fused_moe
+
 
 @dataclass
 class RoutingState:
@@ -74,14 +76,25 @@ class Experts(nn.Module):
         self.intermediate = intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        # Token copies up to which the Triton decode kernels (`fused_moe`) replace the grouped GEMMs;
+        # 0 = never. Set on the rollout model by --rollout-fused-moe (see `set_fused_moe`).
+        self.fused_max_rows = 0
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] = sum_k weight * expert_k(x)."""
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
         order = _expert_order(flat, self.num_experts)  # token copies by expert: one matmul per expert
-        xs = x[order // k]
         gdt = _grouped_dtype(x)
+        if 0 < n * k <= self.fused_max_rows and fused_moe.available(x) and not torch.is_grad_enabled():
+            # The kernels read each copy's token row themselves: no gathered copy of x.
+            bounds = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=x.device)
+            experts = torch.arange(1, self.num_experts + 1, device=x.device, dtype=flat.dtype)
+            bounds[1:] = torch.searchsorted(flat[order], experts).to(torch.int32)
+            src = (order // k).to(torch.int32)
+            ys = fused_moe.fused_experts(x, src, bounds, self.gate_up_proj, self.down_proj)
+            return self._combine(ys, order, topk_weight, n, k, x.dtype)
+        xs = x[order // k]
         if gdt is not None:
             # End offset of each expert's rows, found on the device (bincount would sync with the host).
             bounds = torch.arange(1, self.num_experts + 1, device=x.device, dtype=flat.dtype)
@@ -93,11 +106,16 @@ class Experts(nn.Module):
             ys = self._gathered(xs, flat[order])
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
-        # Undo the sort (a permutation: deterministic, unlike an atomic index_add) and sum the k copies.
+        return self._combine(ys, order, topk_weight, n, k, x.dtype)
+
+    @staticmethod
+    def _combine(ys, order, topk_weight, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """Undo the sort (a permutation: deterministic, unlike an atomic index_add) and sum the k
+        weighted copies of each token."""
         unsorted = torch.empty_like(ys)
         unsorted[order] = ys
         w = topk_weight.reshape(n, k, 1).to(ys.dtype)
-        return (unsorted.view(n, k, -1) * w).sum(dim=1).to(x.dtype)
+        return (unsorted.view(n, k, -1) * w).sum(dim=1).to(dtype)
 
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs, start = [], 0
@@ -120,6 +138,15 @@ class Experts(nn.Module):
         h = torch._grouped_mm(xs, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
+
+
+def set_fused_moe(model: nn.Module, max_rows: int) -> int:
+    """Let every `Experts` of `model` use the Triton decode kernels for up to `max_rows` token copies
+    (0 turns them off); returns how many modules were set. Meant for the rollout model only."""
+    mods = [m for m in model.modules() if isinstance(m, Experts)]
+    for m in mods:
+        m.fused_max_rows = max_rows
+    return len(mods)
 
 
 class SparseMoeBlock(nn.Module):
