@@ -203,3 +203,25 @@ def test_check_loss_args():
         check_loss_args(
             argparse.Namespace(use_tis=True, use_icepop=True, tis_clip=2.0, icepop_low=0.5, icepop_high=5.0)
         )
+
+
+def test_per_sample_reductions_match_a_loop_with_empty_samples_and_tensor_lengths():
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 0, 5, 1]
+    values = torch.randn(9, generator=g, requires_grad=True)
+    mask = (torch.rand(9, generator=g) > 0.3).float()
+    ref = (
+        sum((v * m).sum() / m.sum().clamp(min=1) for v, m in zip(values.split(lengths), mask.split(lengths)))
+        / 4
+    )
+    for lens in (lengths, torch.tensor(lengths)):
+        got = aggregate(values, mask, lens, per_token=False)
+        assert torch.allclose(got, ref, atol=1e-6)
+        (gv,) = torch.autograd.grad(got, values)
+        (gr,) = torch.autograd.grad(ref, values, retain_graph=True)
+        assert torch.allclose(gv, gr, atol=1e-6)
+    old = torch.randn(9, generator=g)
+    lr = gspo_log_ratio(values, old, mask, torch.tensor(lengths))
+    seq = [((v.detach() - o) * m).sum() / m.sum().clamp(min=1) for v, o, m in
+           zip(values.split(lengths), old.split(lengths), mask.split(lengths))]  # fmt: skip
+    assert torch.allclose(lr.detach(), torch.cat([s.expand(n) for s, n in zip(seq, lengths)]), atol=1e-6)

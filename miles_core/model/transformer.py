@@ -167,7 +167,7 @@ class CausalLM(nn.Module):
                     f"packed forward needs input [1, sum(seq_lens)], got {tuple(input_ids.shape)}"
                 )
             cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            ctx.seq_lens, ctx.cu_seqlens = list(seq_lens), cu.to(input_ids.device)
+            ctx.seq_lens, ctx.cu_seqlens = list(seq_lens), cu.to(input_ids.device, non_blocking=True)
         if routing is not None and routing.record:
             routing.clear()
         h = self.model.run_layers(h, ctx, routing)

@@ -21,8 +21,9 @@ except ImportError:  # pragma: no cover - depends on what else is installed
     hookimpl = pluggy.HookimplMarker("miles")
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A detached device scalar: the trainer reads every metric of a step with one host sync."""
+    return ((x * mask).sum() / mask.sum().clamp(min=1)).detach()
 
 
 def _train_rollout_ratio(terms: LossTerms) -> torch.Tensor:

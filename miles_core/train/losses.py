@@ -118,7 +118,10 @@ def policy_loss(
 
 
 def gspo_log_ratio(
-    log_probs: torch.Tensor, old_log_probs: torch.Tensor, loss_mask: torch.Tensor, lengths: list[int]
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    lengths: list[int] | torch.Tensor,
 ) -> torch.Tensor:
     """GSPO's sequence-level log importance ratio, broadcast to each token of its sample.
 
@@ -128,17 +131,28 @@ def gspo_log_ratio(
     Flat ``[num_tokens]`` in and out; pass the result to ``policy_loss(..., log_ratio=...)``.
     """
     diff = (log_probs.detach().float() - old_log_probs.float()) * loss_mask
-    seq = []
-    for d, m, n in zip(diff.split(lengths), loss_mask.split(lengths), lengths, strict=True):
-        seq.append((d.sum() / m.sum().clamp(min=1)).expand(n))
-    seq_log_ratio = torch.cat(seq) if seq else diff
+    lens = _lengths_tensor(lengths, diff.device)
+    means = sample_sums(diff, lens) / sample_sums(loss_mask.float(), lens).clamp(min=1)
+    seq_log_ratio = means.repeat_interleave(lens, output_size=diff.numel())
     return seq_log_ratio + (log_probs.float() - log_probs.detach().float())
+
+
+def _lengths_tensor(lengths: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(lengths, torch.Tensor):
+        return lengths.to(device)
+    return torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
+
+
+def sample_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sample sums of flat ``values [num_tokens]`` laid out as consecutive runs of ``lengths [B]``
+    (a run may be empty): one segmented reduction, deterministic, differentiable."""
+    return torch.segment_reduce(values, "sum", lengths=lengths)
 
 
 def aggregate(
     values: torch.Tensor,
     loss_mask: torch.Tensor,
-    lengths: list[int],
+    lengths: list[int] | torch.Tensor,
     per_token: bool,
     denom: float | None = None,
 ) -> torch.Tensor:
@@ -149,18 +163,17 @@ def aggregate(
     samples). The trainer passes the whole optimizer step's token / sample count as ``denom`` so that
     summing the micro-batch losses reproduces the step-level mean exactly.
     """
-    if sum(lengths) != values.numel():
+    if not isinstance(lengths, torch.Tensor) and sum(lengths) != values.numel():
         raise ValueError(f"lengths sum to {sum(lengths)} but there are {values.numel()} values")
     masked = values * loss_mask
     if per_token:
         d = loss_mask.sum().clamp(min=1) if denom is None else denom
         return masked.sum() / d
-    means = [
-        v.sum() / m.sum().clamp(min=1)
-        for v, m in zip(masked.split(lengths), loss_mask.split(lengths), strict=True)
-    ]
-    total = torch.stack(means).sum() if means else masked.sum()
-    return total / (len(lengths) if denom is None else denom)
+    if len(lengths) == 0:
+        return masked.sum()
+    lens = _lengths_tensor(lengths, values.device)
+    means = sample_sums(masked, lens) / sample_sums(loss_mask.to(masked.dtype), lens).clamp(min=1)
+    return means.sum() / (len(lengths) if denom is None else denom)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class MicroBatch:
     resp_cols: torch.Tensor  # int64 [N]: input position that predicts it
     targets: torch.Tensor  # int64 [N]: the response token ids
     lengths: list[int]  # response length per sample
+    lengths_t: torch.Tensor  # the same, int64 on the device (for segmented per-sample reductions)
     loss_mask: torch.Tensor  # float32 [N]
     replay: list[torch.Tensor] | None = None  # per MoE layer int64 [B, T, k]
     seq_lens: list[int] | None = None  # packed: input length (len(tokens) - 1) per sample
@@ -55,8 +56,16 @@ class MicroBatch:
     offsets: list[int] | None = None  # packed: start of each sample in the row
 
 
+def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host -> device without waiting for the GPU: through pinned memory, non-blocking (a plain copy
+    would synchronise the stream, so the host could not queue micro-batch i+1 while the GPU runs i)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _cat(xs: list[torch.Tensor] | None, idx: list[int], device: torch.device) -> torch.Tensor | None:
-    return None if xs is None else torch.cat([xs[i].float() for i in idx]).to(device)
+    return None if xs is None else _to_device(torch.cat([xs[i].float() for i in idx]), device)
 
 
 def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -142,11 +151,12 @@ class Trainer:
             lengths.append(r)
         dev = self.device
         return dict(
-            resp_rows=torch.cat(rows).to(dev),
-            resp_cols=torch.cat(cols).to(dev),
-            targets=torch.cat(targets).long().to(dev),
+            resp_rows=_to_device(torch.cat(rows), dev),
+            resp_cols=_to_device(torch.cat(cols), dev),
+            targets=_to_device(torch.cat(targets).long(), dev),
             lengths=lengths,
-            loss_mask=torch.cat([batch.loss_masks[i].float() for i in index]).to(dev),
+            lengths_t=_to_device(torch.tensor(lengths, dtype=torch.long), dev),
+            loss_mask=_to_device(torch.cat([batch.loss_masks[i].float() for i in index]), dev),
         )
 
     def _make_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
@@ -163,9 +173,9 @@ class Trainer:
             table = torch.zeros(len(seqs), width, num_layers, k, dtype=torch.long)
             for b, r in enumerate(routes):
                 table[b, : r.shape[0]] = torch.as_tensor(r, dtype=torch.long)
-            replay = [table[:, :, m].to(dev) for m in range(num_layers)]
+            replay = [_to_device(table[:, :, m], dev) for m in range(num_layers)]
         fields = self._response_fields(batch, index, None)
-        return MicroBatch(index=index, input_ids=ids.to(dev), replay=replay, **fields)
+        return MicroBatch(index=index, input_ids=_to_device(ids, dev), replay=replay, **fields)
 
     def _make_packed_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
         dev = self.device
@@ -178,11 +188,11 @@ class Trainer:
         replay = None
         if batch.replay_routes is not None:
             table = torch.cat([torch.as_tensor(batch.replay_routes[i], dtype=torch.long) for i in index])
-            replay = [table[None, :, m].to(dev) for m in range(table.shape[1])]
+            replay = [_to_device(table[None, :, m], dev) for m in range(table.shape[1])]
         fields = self._response_fields(batch, index, offsets)
         return MicroBatch(
-            index=index, input_ids=ids.to(dev), replay=replay, seq_lens=seq_lens,
-            position_ids=pos.to(dev), offsets=offsets, **fields,
+            index=index, input_ids=_to_device(ids, dev), replay=replay, seq_lens=seq_lens,
+            position_ids=_to_device(pos, dev), offsets=offsets, **fields,
         )  # fmt: skip
 
     def _autocast(self):
@@ -323,7 +333,7 @@ class Trainer:
         adv = _cat(batch.advantages, mb.index, self.device)
         log_ratio = None
         if args.advantage_estimator == "gspo":
-            log_ratio = gspo_log_ratio(logp, old, mb.loss_mask, mb.lengths)
+            log_ratio = gspo_log_ratio(logp, old, mb.loss_mask, mb.lengths_t)
         pg, clipfrac, ppo_kl = policy_loss(
             logp, old, adv, args.eps_clip, args.eps_clip_high, args.eps_clip_c, log_ratio=log_ratio
         )
@@ -341,7 +351,7 @@ class Trainer:
             extra.update(m or {})
 
         def agg(x: torch.Tensor, mask: torch.Tensor = terms.loss_mask) -> torch.Tensor:
-            return aggregate(x, mask, mb.lengths, args.calculate_per_token_loss, denom)
+            return aggregate(x, mask, mb.lengths_t, args.calculate_per_token_loss, denom)
 
         pg_loss = agg(terms.pg_loss)
         loss = pg_loss
