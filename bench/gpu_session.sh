@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The speed issue's GPU measurements, grouped so that each group fits one device call (< 10 min).
+#
+#   bash bench/gpu_session.sh tests     # pytest -m gpu over the core and every plugin (~1 min)
+#   bash bench/gpu_session.sh rollout   # engine vs HF at batch 64 (compiled, uncompiled, fused-MoE) and 256
+#   bash bench/gpu_session.sh train     # train step, eager and compiled layers, with a kernel profile
+#   bash bench/gpu_session.sh profile   # one whole generate: wall time vs kernel time, top kernels
+#
+# On the device machine first: python -m pip install --no-deps <carried wheels> (stevedore, pytest).
+# Every bench prints one JSON line; stderr carries the profiles.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".:plugins/miles_rewards:plugins/miles_r3:plugins/miles_fp8:plugins/miles_int4qat:plugins/miles_specrl"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for group in "${@:-tests}"; do
+  case "$group" in
+    tests) python -m pytest -q -m gpu tests plugins -p no:cacheprovider 2>&1 | tail -5 ;;
+    rollout)
+      python bench/rollout.py --batch 64 --also-uncompiled --fused-moe 2>&1 | grep -E '^\{|Error'
+      python bench/rollout.py --batch 256 --hf-new-tokens 64 2>&1 | grep -E '^\{|Error' ;;
+    train)
+      python bench/train_step.py 2>&1 | grep -E '^\{|Error'
+      python bench/train_step.py --compile --profile 2>&1 | grep -v -i warn | tail -34 ;;
+    profile) python bench/decode_profile.py --generate 256 2>&1 | grep -v -i warn | tail -34 ;;
+    *) echo "unknown group $group (tests, rollout, train, profile)" >&2; exit 2 ;;
+  esac
+done
