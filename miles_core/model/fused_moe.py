@@ -52,7 +52,7 @@ if triton is not None:
         start = tl.load(bounds_ptr + e)
         end = tl.load(bounds_ptr + e + 1)
         w_gate = w_ptr + e * stride_we + n[:, None] * hidden  # rows [0, inter) of gate_up_proj[e]
-        w_up = w_ptr + e * stride_we + (inter + n)[:, None] * hidden  # rows [inter, 2I)
+        w_up = w_ptr + e * stride_we + (inter + n)[:, None] * hidden  # rows [inter, 2 * inter)
         # The loop bound is static (enough chunks for every copy) and empty chunks are skipped: a
         # data-dependent bound would need the expert's row count on the host.
         for c in range(0, n_chunks):
