@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from miles_core.devices import to_device
 from miles_core.engine.sampler import sample_tokens
 from miles_core.model import CausalLM, KVCache, RoutingState
 
@@ -95,10 +96,8 @@ class DecodeGraphs:
 
     def deactivate(self, slots: list[int]) -> None:
         """Stop advancing these rows (their sequences finished while a later step was in flight)."""
-        idx = torch.tensor(slots, dtype=torch.long)
-        if self.capture:  # from pinned memory, not waiting: a plain copy syncs with the step in flight
-            idx = idx.pin_memory().to(self.state.device, non_blocking=True)
-        self.state[ACTIVE, idx.to(self.state.device)] = 0
+        # Not waiting for the step in flight to finish.
+        self.state[ACTIVE, to_device(torch.tensor(slots, dtype=torch.long), self.state.device)] = 0
 
     def step(
         self, rows: int, kv_len: int, use_top_k: bool = False, use_top_p: bool = False
@@ -167,15 +166,14 @@ class DecodeGraphs:
                 self.state.copy_(saved)
                 self._step_fn(*args)
         torch.cuda.current_stream().wait_stream(stream)
+        # The warm-ups ran the step for real: they wrote K/V at each row's current position (which the
+        # real step rewrites) and advanced the state, so put the state back. Capturing runs nothing.
         self.state.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = self._step_fn(*args)
-        # The warm-ups ran the step for real: they wrote K/V at each row's current position (which the
-        # real step rewrites) and advanced the state, so put the state back.
-        self.state.copy_(saved)
 
         def replay():
             graph.replay()

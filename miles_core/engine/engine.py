@@ -202,9 +202,11 @@ class Engine:
         enough, or none yet / an idle engine that may grow it)."""
         if not (self._waiting and self._free):
             return False
-        seq = self._waiting[0]
-        need = len(seq.prompt) + seq.params.max_new_tokens
-        return self._cache is None or need <= self._cache.max_len or not self._running
+        return self._cache is None or self._fits(self._waiting[0]) or not self._running
+
+    def _fits(self, seq: _Seq) -> bool:
+        """Whether the cache holds `seq`'s prompt and every token it may generate."""
+        return len(seq.prompt) + seq.params.max_new_tokens <= self._cache.max_len
 
     def _admit(self) -> None:
         if not self._waiting:
@@ -214,7 +216,7 @@ class Engine:
         admitted = []
         while self._waiting and self._free:
             seq = self._waiting[0]
-            if len(seq.prompt) + seq.params.max_new_tokens > self._cache.max_len:
+            if not self._fits(seq):
                 break
             seq.slot = heapq.heappop(self._free)
             seq.key = self._keys.getrandbits(31)

@@ -89,17 +89,13 @@ class Experts(nn.Module):
         if 0 < n * k <= self.fused_max_rows and fused_moe.available(x) and not torch.is_grad_enabled():
             # The kernels read each copy's token row themselves: no gathered copy of x.
             bounds = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=x.device)
-            experts = torch.arange(1, self.num_experts + 1, device=x.device, dtype=flat.dtype)
-            bounds[1:] = torch.searchsorted(flat[order], experts).to(torch.int32)
+            bounds[1:] = self._expert_ends(flat[order])
             src = (order // k).to(torch.int32)
             ys = fused_moe.fused_experts(x, src, bounds, self.gate_up_proj, self.down_proj)
             return self._combine(ys, order, topk_weight, n, k, x.dtype)
         xs = x[order // k]
         if gdt is not None:
-            # End offset of each expert's rows, found on the device (bincount would sync with the host).
-            bounds = torch.arange(1, self.num_experts + 1, device=x.device, dtype=flat.dtype)
-            offs = torch.searchsorted(flat[order], bounds).to(torch.int32)
-            ys = self._grouped(xs.to(gdt), offs, gdt)
+            ys = self._grouped(xs.to(gdt), self._expert_ends(flat[order]), gdt)
         elif torch.compiler.is_compiling() and xs.shape[0] <= 16 * self.num_experts:
             # Under torch.compile (the engine's compiled decode step) no host sync: each token copy is
             # multiplied by its own expert's gathered weights (cheap at decode's few rows per step).
@@ -107,6 +103,12 @@ class Experts(nn.Module):
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
         return self._combine(ys, order, topk_weight, n, k, x.dtype)
+
+    def _expert_ends(self, sorted_experts: torch.Tensor) -> torch.Tensor:
+        """int32 [E]: one past the last sorted copy of each expert, found on the device (bincount would
+        sync with the host)."""
+        ids = torch.arange(1, self.num_experts + 1, device=sorted_experts.device, dtype=sorted_experts.dtype)
+        return torch.searchsorted(sorted_experts, ids).to(torch.int32)
 
     @staticmethod
     def _combine(ys, order, topk_weight, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:

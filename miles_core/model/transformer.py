@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from miles_core.devices import to_device
 from miles_core.model.config import ModelConfig
 from miles_core.model.kv_cache import KVCache
 from miles_core.model.layers import MLP, Attention, RMSNorm, RotaryEmbedding, StepContext
@@ -167,7 +168,7 @@ class CausalLM(nn.Module):
                     f"packed forward needs input [1, sum(seq_lens)], got {tuple(input_ids.shape)}"
                 )
             cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            ctx.seq_lens, ctx.cu_seqlens = list(seq_lens), cu.to(input_ids.device, non_blocking=True)
+            ctx.seq_lens, ctx.cu_seqlens = list(seq_lens), to_device(cu, input_ids.device)
         if routing is not None and routing.record:
             routing.clear()
         h = self.model.run_layers(h, ctx, routing)

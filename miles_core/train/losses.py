@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from miles_core.devices import to_device
 from miles_core.types import UsageError
 
 KL_TYPES = ("k1", "k2", "k3", "low_var_kl")
@@ -140,7 +141,7 @@ def gspo_log_ratio(
 def _lengths_tensor(lengths: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(lengths, torch.Tensor):
         return lengths.to(device)
-    return torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
+    return to_device(torch.tensor(lengths, dtype=torch.long), device)
 
 
 def sample_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

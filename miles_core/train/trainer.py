@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from miles_core.devices import to_device
 from miles_core.model import CausalLM, RoutingState, named_hf_tensors
 from miles_core.train.losses import (
     LossTerms,
@@ -56,16 +57,8 @@ class MicroBatch:
     offsets: list[int] | None = None  # packed: start of each sample in the row
 
 
-def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Host -> device without waiting for the GPU: through pinned memory, non-blocking (a plain copy
-    would synchronise the stream, so the host could not queue micro-batch i+1 while the GPU runs i)."""
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _cat(xs: list[torch.Tensor] | None, idx: list[int], device: torch.device) -> torch.Tensor | None:
-    return None if xs is None else _to_device(torch.cat([xs[i].float() for i in idx]), device)
+    return None if xs is None else to_device(torch.cat([xs[i].float() for i in idx]), device)
 
 
 def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -151,12 +144,12 @@ class Trainer:
             lengths.append(r)
         dev = self.device
         return dict(
-            resp_rows=_to_device(torch.cat(rows), dev),
-            resp_cols=_to_device(torch.cat(cols), dev),
-            targets=_to_device(torch.cat(targets).long(), dev),
+            resp_rows=to_device(torch.cat(rows), dev),
+            resp_cols=to_device(torch.cat(cols), dev),
+            targets=to_device(torch.cat(targets).long(), dev),
             lengths=lengths,
-            lengths_t=_to_device(torch.tensor(lengths, dtype=torch.long), dev),
-            loss_mask=_to_device(torch.cat([batch.loss_masks[i].float() for i in index]), dev),
+            lengths_t=to_device(torch.tensor(lengths, dtype=torch.long), dev),
+            loss_mask=to_device(torch.cat([batch.loss_masks[i].float() for i in index]), dev),
         )
 
     def _make_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
@@ -173,9 +166,9 @@ class Trainer:
             table = torch.zeros(len(seqs), width, num_layers, k, dtype=torch.long)
             for b, r in enumerate(routes):
                 table[b, : r.shape[0]] = torch.as_tensor(r, dtype=torch.long)
-            replay = [_to_device(table[:, :, m], dev) for m in range(num_layers)]
+            replay = [to_device(table[:, :, m], dev) for m in range(num_layers)]
         fields = self._response_fields(batch, index, None)
-        return MicroBatch(index=index, input_ids=_to_device(ids, dev), replay=replay, **fields)
+        return MicroBatch(index=index, input_ids=to_device(ids, dev), replay=replay, **fields)
 
     def _make_packed_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
         dev = self.device
@@ -188,11 +181,11 @@ class Trainer:
         replay = None
         if batch.replay_routes is not None:
             table = torch.cat([torch.as_tensor(batch.replay_routes[i], dtype=torch.long) for i in index])
-            replay = [_to_device(table[None, :, m], dev) for m in range(table.shape[1])]
+            replay = [to_device(table[None, :, m], dev) for m in range(table.shape[1])]
         fields = self._response_fields(batch, index, offsets)
         return MicroBatch(
-            index=index, input_ids=_to_device(ids, dev), replay=replay, seq_lens=seq_lens,
-            position_ids=_to_device(pos, dev), offsets=offsets, **fields,
+            index=index, input_ids=to_device(ids, dev), replay=replay, seq_lens=seq_lens,
+            position_ids=to_device(pos, dev), offsets=offsets, **fields,
         )  # fmt: skip
 
     def _autocast(self):
