@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -30,13 +29,12 @@ for path in (ROOT, ROOT / "plugins" / "miles_fp8"):  # runnable from a checkout 
         sys.path.insert(0, str(path))
 
 import miles_fp8.plugin as fp8_plugin  # noqa: E402
-from moe_config import random_moe  # noqa: E402
+from moe_config import group_args, random_group_samples, random_moe  # noqa: E402
 
-from miles_core import Sample, Status  # noqa: E402
-from miles_core.args import parse_args  # noqa: E402
+from miles_core import Sample  # noqa: E402
 from miles_core.engine import Engine  # noqa: E402
 from miles_core.loop import make_train_batch  # noqa: E402
-from miles_core.plugins import configure_plugins, get_plugin_manager  # noqa: E402
+from miles_core.plugins import get_plugin_manager  # noqa: E402
 from miles_core.train.trainer import Trainer  # noqa: E402
 
 PRESETS = {
@@ -52,31 +50,15 @@ PRESETS = {
 
 def make_args(pm, p: dict, ns: argparse.Namespace, *flags: str) -> argparse.Namespace:
     tis = ["--tis-clip", str(ns.tis_clip), "--tis-clip-low", str(ns.tis_clip_low)]
-    args = parse_args(["--n-samples-per-prompt", str(p["n"]), "--micro-batch-size", "16", "--lr", "0",
-                       *tis, *flags], pm)  # fmt: skip
-    args.rollout_batch_size, args.num_rollout = p["prompts"], 1
-    args.global_batch_size, args.num_steps_per_rollout = p["prompts"] * p["n"], 1
-    configure_plugins(pm, args)
-    return args
+    return group_args(pm, p, "--lr", "0", *tis, *flags)
 
 
 def rollout(model, pm, args, p: dict, dtype: torch.dtype, seed: int) -> list[Sample]:
     """Generate from an FP8 engine built from a copy of the master weights (the plugin swaps its layers)."""
     engine_model = copy.deepcopy(model).to(dtype).requires_grad_(False)
     pm.hook.configure_model(args=args, model=engine_model, role="rollout")
-    n = p["prompts"] * p["n"]
-    engine = Engine(engine_model, max_batch_size=n, seed=seed)
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(p["vocab"]) for _ in range(rng.randint(8, 16))] for _ in range(p["prompts"])]
-    prompts = [q for q in prompts for _ in range(p["n"])]
-    outs = engine.generate_batch(prompts, {"temperature": 1.0, "max_new_tokens": p["new_tokens"]})
-    samples = []
-    for i, (q, out) in enumerate(zip(prompts, outs)):
-        s = Sample(group_index=i // p["n"], index=i, tokens=q + out.output_ids, reward=rng.random())
-        s.response_length, s.status = len(out.output_ids), Status.TRUNCATED
-        s.rollout_log_probs, s.loss_mask = out.log_probs, [1] * len(out.output_ids)
-        samples.append(s)
-    return samples
+    engine = Engine(engine_model, max_batch_size=p["prompts"] * p["n"], seed=seed)
+    return random_group_samples(engine, p, seed, random_rewards=True)
 
 
 def train_arm(model, p: dict, ns, samples: list[Sample], *flags: str) -> dict[str, float]:

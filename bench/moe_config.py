@@ -6,9 +6,16 @@
 
 from __future__ import annotations
 
+import argparse
+import random
+from collections.abc import Callable
+
 import torch
 
+from miles_core import Sample, Status
+from miles_core.args import parse_args
 from miles_core.model import CausalLM, ModelConfig, build_model
+from miles_core.plugins import configure_plugins
 
 ROLLOUT_PRESETS = {
     "gpu": dict(vocab=32000, hidden=1024, layers=12, heads=16, kv=4, head_dim=64, experts=32, topk=4,
@@ -43,3 +50,35 @@ def random_moe(
         hf["initializer_range"] = p["init"]
     torch.manual_seed(seed)
     return build_model(ModelConfig.from_hf(hf), dtype=dtype, device=device).eval()
+
+
+def group_args(pm, p: dict, *flags: str) -> argparse.Namespace:
+    """Parsed flags for one rollout of ``p["prompts"]`` groups of ``p["n"]`` trained in one step, after
+    every plugin's ``configure``."""
+    args = parse_args(["--n-samples-per-prompt", str(p["n"]), "--micro-batch-size", "16", *flags], pm)
+    args.rollout_batch_size, args.num_rollout = p["prompts"], 1
+    args.global_batch_size, args.num_steps_per_rollout = p["prompts"] * p["n"], 1
+    configure_plugins(pm, args)
+    return args
+
+
+def random_group_samples(
+    engine, p: dict, seed: int, *, random_rewards: bool, each: Callable[[Sample, object], None] | None = None
+) -> list[Sample]:
+    """``p["prompts"]`` random prompts (8-16 tokens below ``p["vocab"]``), each sampled ``p["n"]`` times
+    at temperature 1 for ``p["new_tokens"]`` tokens, as truncated samples; rewards are uniform random or
+    0. ``each(sample, engine_output)`` runs on every sample (route recording, say)."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(p["vocab"]) for _ in range(rng.randint(8, 16))] for _ in range(p["prompts"])]
+    prompts = [q for q in prompts for _ in range(p["n"])]
+    outs = engine.generate_batch(prompts, {"temperature": 1.0, "max_new_tokens": p["new_tokens"]})
+    samples = []
+    for i, (q, out) in enumerate(zip(prompts, outs)):
+        reward = rng.random() if random_rewards else 0.0
+        s = Sample(group_index=i // p["n"], index=i, tokens=q + out.output_ids, reward=reward)
+        s.response_length, s.status = len(out.output_ids), Status.TRUNCATED
+        s.rollout_log_probs, s.loss_mask = out.log_probs, [1] * len(out.output_ids)
+        if each is not None:
+            each(s, out)
+        samples.append(s)
+    return samples

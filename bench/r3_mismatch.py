@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -31,13 +30,12 @@ for path in (ROOT, ROOT / "plugins" / "miles_r3"):  # runnable from a checkout w
 
 import miles_r3.plugin as r3_plugin  # noqa: E402
 from miles_r3.routes import MismatchCount, count_mismatch  # noqa: E402
-from moe_config import random_moe  # noqa: E402
+from moe_config import group_args, random_group_samples, random_moe  # noqa: E402
 
-from miles_core import Sample, Status  # noqa: E402
-from miles_core.args import parse_args  # noqa: E402
+from miles_core import Sample  # noqa: E402
 from miles_core.engine import Engine  # noqa: E402
 from miles_core.loop import make_train_batch  # noqa: E402
-from miles_core.plugins import configure_plugins, get_plugin_manager  # noqa: E402
+from miles_core.plugins import get_plugin_manager  # noqa: E402
 from miles_core.train.losses import mismatch_metrics  # noqa: E402
 from miles_core.train.trainer import Trainer  # noqa: E402
 
@@ -58,37 +56,22 @@ def build(p: dict, device: torch.device, seed: int):
     return model
 
 
-def make_args(pm, p: dict, *flags: str) -> argparse.Namespace:
-    args = parse_args(["--n-samples-per-prompt", str(p["n"]), "--micro-batch-size", "16", *flags], pm)
-    args.rollout_batch_size, args.num_rollout = p["prompts"], 1
-    args.global_batch_size, args.num_steps_per_rollout = p["prompts"] * p["n"], 1
-    configure_plugins(pm, args)
-    return args
-
-
 def rollout(model, pm, args, p: dict, seed: int) -> list[Sample]:
     """bf16 generation from a copy of the fp32 weights; routes reach the samples through on_route_record."""
     n = p["prompts"] * p["n"]
     engine = Engine(copy.deepcopy(model).to(torch.bfloat16), max_batch_size=n, seed=seed)
     pm.hook.pre_rollout(args=args, rollout_id=0, engine=engine)
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(p["vocab"]) for _ in range(rng.randint(8, 16))] for _ in range(p["prompts"])]
-    prompts = [q for q in prompts for _ in range(p["n"])]
-    outs = engine.generate_batch(prompts, {"temperature": 1.0, "max_new_tokens": p["new_tokens"]})
-    samples = []
-    for i, (q, out) in enumerate(zip(prompts, outs)):
-        s = Sample(group_index=i // p["n"], index=i, tokens=q + out.output_ids, reward=0.0)
-        s.response_length, s.status = len(out.output_ids), Status.TRUNCATED
-        s.rollout_log_probs, s.loss_mask = out.log_probs, [1] * len(out.output_ids)
+
+    def record(s: Sample, out) -> None:
         pm.hook.on_route_record(args=args, sample=s, routed_experts=out.routed_experts)
-        samples.append(s)
-    return samples
+
+    return random_group_samples(engine, p, seed, random_rewards=False, each=record)
 
 
 def old_forward(model, p: dict, samples: list[Sample], *flags: str) -> dict[str, float]:
     """The trainer's "old" log-prob pass, the plugin configured by ``flags``; returns the arm's numbers."""
     pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[r3_plugin])
-    args = make_args(pm, p, *flags)
+    args = group_args(pm, p, *flags)
     batch = make_train_batch(copy.deepcopy(samples), args)
     trainer = Trainer(args, pm, model)
     used = MismatchCount()
@@ -131,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model = build(p, device, ns.seed)
     pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[r3_plugin])
-    samples = rollout(model, pm, make_args(pm, p, "--record-routing-mismatch"), p, ns.seed)
+    samples = rollout(model, pm, group_args(pm, p, "--record-routing-mismatch"), p, ns.seed)
     t_rollout = time.perf_counter() - t0
     plain = old_forward(model, p, samples, "--record-routing-mismatch")
     r3 = old_forward(model, p, samples, "--use-rollout-routing-replay")
