@@ -73,6 +73,29 @@ def test_graphs_are_dropped_when_weights_move(model, tiny_ckpt):
     assert engine._graphs is not old
 
 
+def test_fused_qkv_follows_weight_updates_and_reallocations(tiny_ckpt):
+    from miles_core.model import named_hf_tensors
+    from miles_core.model.layers import Attention
+
+    m = load_model(tiny_ckpt).eval()
+    other = load_model(tiny_ckpt).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts, params = _prompts(m.config.vocab_size, 5), {"temperature": 0.0, "max_new_tokens": 6}
+    engine, _ = _generate(m, prompts, params, graph=True)
+    attn = next(mod for mod in m.modules() if isinstance(mod, Attention))
+    assert attn._qkv is not None and attn.q_proj.weight.data_ptr() == attn._qkv[0].data_ptr()
+    # A weight sync copies into the views: the fused buffer sees the new weights.
+    engine.update_weights(named_hf_tensors(other), version=1)
+    _, want = _generate(other, prompts, params, graph=False)
+    _assert_same(engine.generate_batch(prompts, params), want, atol=1e-5)
+    # A re-allocated projection (a plugin assigning a new tensor) is fused again, not read stale.
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone())
+    _assert_same(engine.generate_batch(prompts, params), want, atol=1e-5)
+    assert attn.k_proj.weight.data_ptr() == attn._qkv[0].data_ptr() + attn.q_proj.weight.nbytes
+
+
 def test_sampler_host_flags_match_tensor_checks():
     logits = torch.randn(6, 50)
     temp = torch.tensor([0.0, 1.0, 0.7, 1.0, 1.2, 0.5])
@@ -111,12 +134,26 @@ def test_keyed_sampler_draws_the_tempered_distribution_and_is_a_function_of_its_
     assert _chi2_pvalue(torch.bincount(pairs, minlength=36), torch.outer(probs, probs).reshape(-1)) > 0.01
 
 
-@pytest.mark.parametrize("m,e", [(1, 4), (16, 8), (256, 32), (3000, 32)])
+@pytest.mark.parametrize("m,e", [(1, 4), (16, 8), (256, 32), (1024, 32), (1025, 32), (3000, 32)])
 def test_expert_order_is_the_stable_argsort(m, e):
     from miles_core.model.moe import _expert_order
 
     flat = torch.randint(0, e, (m,), generator=torch.Generator().manual_seed(m))
-    assert torch.equal(_expert_order(flat, e), flat.argsort(stable=True))
+    order, dest = _expert_order(flat, e)
+    assert torch.equal(order, flat.argsort(stable=True))
+    assert torch.equal(order[dest], torch.arange(m))
+
+
+def test_compiled_router_topk_is_torch_topk():
+    from miles_core.model.moe import _topk
+
+    probs = torch.softmax(torch.randn(40, 32, generator=torch.Generator().manual_seed(0)), -1)
+    probs[0, 7] = probs[0, 3] = probs[0].max() + 0.1  # a tie: the lower expert ranks first
+    fn = torch.compile(lambda p: _topk(p, 4), dynamic=False)
+    vals, idx = fn(probs)
+    want_vals, want_idx = torch.topk(probs, 4)
+    assert torch.equal(vals, want_vals) and torch.equal(idx[1:], want_idx[1:])
+    assert idx[0, :2].tolist() == [3, 7]
 
 
 def test_decode_graphs_rows_are_slots(model):
@@ -159,6 +196,51 @@ def test_cuda_graph_decode_matches_eager_bf16_medium_model(tiny_ckpt):
     _, eager = _generate(model, prompts, params, graph=False)
     _, fast = _generate(model, prompts, params, graph=True)
     _assert_same(eager, fast, atol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_step_matches_masked_sdpa(tiny_ckpt, dtype):
+    """One decode step over the same prefilled cache, with the kernel and with masked SDPA: same
+    logits (to the dtype's rounding) and the same K/V written. Teacher-forced, so a near-tied greedy
+    token of this random model cannot make the two runs diverge."""
+    from miles_core.model import ModelConfig
+    from miles_core.model import decode_attention as da
+
+    cfg = dict(load_model(tiny_ckpt).config.raw)
+    cfg.update(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+               moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4)  # fmt: skip
+    model = build_model(ModelConfig.from_hf(cfg), dtype=dtype, device="cuda").eval()
+    g = torch.Generator().manual_seed(0)
+    lens = [1, 5, 63, 64, 65, 130]  # key counts around the kernel's 64-key blocks
+    slots = torch.tensor([5, 0, 3, 1, 7, 2], device="cuda")
+    cache = KVCache(model.config, 8, 256, dtype, "cuda")
+    with torch.no_grad():
+        for n, slot in zip(lens, slots.tolist()):
+            ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g).cuda()
+            pos = torch.arange(n, device="cuda")[None]
+            model(ids, position_ids=pos, kv_cache=cache, cache_slots=slots.new_tensor([slot]))
+        ids = torch.randint(3, model.config.vocab_size, (len(lens), 1), generator=g).cuda()
+        pos = torch.tensor(lens, device="cuda")[:, None]
+        caches, logits = [], []
+        for enabled in (True, False):
+            c = KVCache(model.config, 8, 256, dtype, "cuda")
+            for dst, src in zip(c.k + c.v, cache.k + cache.v):
+                dst.copy_(src)
+            da.ENABLED = enabled
+            try:
+                logits.append(model(ids, position_ids=pos, kv_cache=c, cache_slots=slots).logits.float())
+            finally:
+                da.ENABLED = True
+            caches.append(c)
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+    else:  # two bf16 attention kernels round differently: compare relative error over all logits
+        assert ((logits[0] - logits[1]).norm() / logits[1].norm()).item() < 1e-2
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ import torch
 from miles_core.devices import to_device
 from miles_core.engine.sampler import sample_tokens
 from miles_core.model import CausalLM, KVCache, RoutingState
+from miles_core.model.layers import fuse_qkv
 
 _MIN_KEYS = 64
 TOKEN, POSITION, KEY, ACTIVE = range(4)  # rows of DecodeGraphs.state
@@ -78,6 +79,7 @@ class DecodeGraphs:
             if dev.type == "cpu":
                 options["cpp_wrapper"] = True
             self._step_fn = torch.compile(self._step, dynamic=False, options=options)
+        fuse_qkv(model)  # one q/k/v GEMM per layer in the step (views: the weights stay where they are)
         self.fingerprint = model_fingerprint(model)
 
     def buckets(self, rows: int, kv_len: int) -> tuple[int, int]:

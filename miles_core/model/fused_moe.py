@@ -29,7 +29,12 @@ except ImportError:  # the CPU-only install: the grouped / looped paths serve
     triton = None
     tl = None
 
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+BLOCK_M = 16  # rows of one expert per tile: decode batches route a few rows to each expert
+# Tile widths and launch settings of the two kernels (bench/fused_moe_tune.py measures the choices).
+# H200, batch 64 (256 copies over 32 experts): both kernels together 0.031 ms vs 0.061 ms for the two
+# grouped GEMMs, ~3.2 TB/s of expert weights; the top settings were within 3% of each other.
+GATE_UP = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+DOWN = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
 
 
 def available(x: torch.Tensor) -> bool:
@@ -109,6 +114,9 @@ if triton is not None:
                 )
 
 
+# A custom op, so a compiled decode step calls the two launches as one opaque op (nothing for dynamo to
+# trace inside), and CUDA-graph capture records them like any other kernel.
+@torch.library.custom_op("miles::fused_experts", mutates_args=())
 def fused_experts(
     x: torch.Tensor, src: torch.Tensor, bounds: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
@@ -131,14 +139,24 @@ def fused_experts(
     if m == 0:
         return out
     chunks = triton.cdiv(m, BLOCK_M)  # enough for an expert that got every copy
-    grid1 = (num_experts, triton.cdiv(inter, BLOCK_N))
+    c1, c2 = _launch_config(GATE_UP), _launch_config(DOWN)
+    grid1 = (num_experts, triton.cdiv(inter, c1["BLOCK_N"]))
     _gate_up_act_kernel[grid1](
         x, gate_up, src, bounds, act, hidden, inter, x.stride(0), gate_up.stride(0), chunks,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_M=BLOCK_M, **c1,
     )  # fmt: skip
-    grid2 = (num_experts, triton.cdiv(hidden, BLOCK_N))
-    _down_kernel[grid2](
-        act, down, bounds, out, hidden, inter, down.stride(0), chunks,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-    )  # fmt: skip
+    grid2 = (num_experts, triton.cdiv(hidden, c2["BLOCK_N"]))
+    _down_kernel[grid2](act, down, bounds, out, hidden, inter, down.stride(0), chunks, BLOCK_M=BLOCK_M, **c2)
     return out
+
+
+def _launch_config(cfg: dict) -> dict:
+    """The kernel arguments of a config; pipelining settings only where they mean something (CUDA)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+    return dict(cfg)
+
+
+@fused_experts.register_fake
+def _(x, src, bounds, gate_up, down):
+    return x.new_empty(src.shape[0], gate_up.shape[-1])

@@ -6,13 +6,33 @@ A forward with a cache writes its K/V at the given absolute positions and reads 
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 
 from miles_core.model.config import ModelConfig
 
 
+_REGISTRY: weakref.WeakValueDictionary[int, KVCache] = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count()
+
+
+def cache_by_key(key: int) -> KVCache:
+    """The live `KVCache` whose `key` this is (ops that address the cache by key, see `KVCache.key`)."""
+    cache = _REGISTRY.get(key)
+    if cache is None:
+        raise RuntimeError(f"no live KV cache has key {key}")
+    return cache
+
+
 class KVCache:
-    """K and V buffers [num_slots, n_kv_heads, max_len, head_dim] per decoder layer, allocated once."""
+    """K and V buffers [num_slots, n_kv_heads, max_len, head_dim] per decoder layer, allocated once.
+
+    Each cache has an integer `key`. The decode attention op (`decode_attention`) takes the key rather
+    than the buffers, so a compiled step treats the cache as state outside its graph (as serving engines
+    do): it is updated in place, never copied.
+    """
 
     def __init__(
         self,
@@ -28,6 +48,8 @@ class KVCache:
         shape = (num_slots, config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.key = next(_NEXT_KEY)
+        _REGISTRY[self.key] = self
 
     @property
     def nbytes(self) -> int:

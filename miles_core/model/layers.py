@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miles_core.model.config import ModelConfig
+from miles_core.model.decode_attention import decode_attention
 from miles_core.model.kv_cache import KVCache
 
 
@@ -97,6 +98,8 @@ class StepContext:
     # Packed rows: input [1, sum(seq_lens)] holds several sequences back to back, each causal on its own.
     seq_lens: list[int] | None = None
     cu_seqlens: torch.Tensor | None = None  # int32 [len(seq_lens) + 1] on the device
+    # One token per row over the cache: write K/V and attend in one kernel (`decode_attention`).
+    decode_kernel: bool = False
 
 
 _VARLEN = None  # torch.nn.attention.varlen.varlen_attn (flash, CUDA) when this torch has it
@@ -134,12 +137,46 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        # (weight, bias) of q/k/v stacked, set by `fuse_qkv`: the three weights are views into it.
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse_qkv(self) -> bool:
+        """Store the q/k/v projections in one buffer (each weight becomes a view into it), so the static
+        decode step computes all three in one GEMM. Returns whether they are fused now; projections a
+        plugin swapped for its own modules are left alone. Weight updates that copy into the weights
+        (`load_hf_tensors`) update the fused buffer too; a weight replaced by a new tensor is re-fused
+        by the next `fuse_qkv` (the decode graphs call it whenever the model's memory changed)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if any(type(p) is not nn.Linear for p in projs) or len({p.bias is None for p in projs}) != 1:
+            self._qkv = None
+            return False
+        ws = [p.weight for p in projs]
+        if self._qkv is not None and _are_views_of(ws, self._qkv[0]):
+            return True
+        with torch.no_grad():
+            weight = torch.cat([w.detach() for w in ws])
+            bias = None if projs[0].bias is None else torch.cat([p.bias.detach() for p in projs])
+            for i, p in enumerate(projs):
+                rows = slice(sum(w.shape[0] for w in ws[:i]), sum(w.shape[0] for w in ws[: i + 1]))
+                p.weight.data = weight[rows]
+                if bias is not None:
+                    p.bias.data = bias[rows]
+        self._qkv = (weight, bias)
+        return True
+
+    def _project(self, x: torch.Tensor, ctx: StepContext):
+        if self._qkv is not None and ctx.contiguous_slots:  # the static decode step
+            qkv = F.linear(x, *self._qkv)
+            qd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            return qkv.split([qd, kvd, kvd], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project(x, ctx)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         dt = q.dtype
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -149,6 +186,10 @@ class Attention(nn.Module):
         q = apply_rope(q.to(dt).transpose(1, 2), cos, sin)
         k = apply_rope(k.to(dt).transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
+        if ctx.decode_kernel:
+            out = decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], ctx.cache_slots,
+                                   ctx.position_ids[:, 0], ctx.kv_cache.key, self.layer_idx)  # fmt: skip
+            return self.o_proj(out.reshape(b, t, -1))
         if ctx.kv_cache is not None:
             k, v = self._cache_step(k, v, ctx)
             out = self._grouped_sdpa(q, k, v, ctx.mask)
@@ -168,7 +209,7 @@ class Attention(nn.Module):
         qg = q.reshape(b, self.num_kv_heads, rep * t, d)
         mg = mask if t == 1 else mask.repeat(1, 1, rep, 1)  # [B, 1, rep*T, L], rows ordered (rep, T)
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg)
-        return out.view(b, self.num_heads, t, d)
+        return out.reshape(b, self.num_heads, t, d)  # fp32 kernels may return another layout
 
     # Outside torch.compile: the packing (sequence lengths) changes every micro-batch and would
     # recompile a compiled layer each time; the layer's other ops compile around this call.
@@ -211,6 +252,21 @@ class Attention(nn.Module):
     def _expand(self, kv: torch.Tensor) -> torch.Tensor:
         rep = self.num_heads // self.num_kv_heads
         return kv if rep == 1 else kv.repeat_interleave(rep, dim=1)
+
+
+def _are_views_of(parts: list[torch.Tensor], whole: torch.Tensor) -> bool:
+    """Whether `parts` are, in order, the consecutive row blocks of `whole`."""
+    ptr, step = whole.data_ptr(), whole.element_size() * whole.stride(0)
+    for p in parts:
+        if p.data_ptr() != ptr or p.dtype != whole.dtype or p.stride() != whole.stride():
+            return False
+        ptr += step * p.shape[0]
+    return ptr == whole.data_ptr() + step * whole.shape[0]
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """`Attention.fuse_qkv` on every attention module of `model`; returns how many are fused."""
+    return sum(m.fuse_qkv() for m in model.modules() if isinstance(m, Attention))
 
 
 def _runs(x: torch.Tensor, sl: slice, n: int, length: int) -> torch.Tensor:

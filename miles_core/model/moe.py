@@ -49,18 +49,36 @@ def _grouped_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def _expert_order(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """The stable argsort of expert ids `flat` [M]. For few rows (decode) it is computed by counting
-    (a one-hot prefix sum gives each copy its rank within its expert), a few fusable elementwise kernels
-    instead of a device radix sort; both give the same permutation."""
-    if flat.numel() * num_experts > (1 << 16):
-        return flat.argsort(stable=True)
-    onehot = F.one_hot(flat, num_experts)  # [M, E]
-    counts = onehot.sum(0)
-    starts = counts.cumsum(0) - counts  # first sorted row of each expert
-    rank = (onehot.cumsum(0) * onehot).sum(-1) - 1  # copies of the same expert before this one
-    dest = starts[flat] + rank
-    return torch.empty_like(flat).scatter_(0, dest, torch.arange(flat.numel(), device=flat.device))
+def _expert_order(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, dest): the stable argsort of expert ids `flat` [M] and its inverse (copy i is sorted row
+    dest[i]). For few rows (decode) each copy's destination is counted directly, in one fusable
+    comparison-and-sum over all pairs of copies, instead of a device radix sort: copy i goes after every
+    copy of a lower expert and every earlier copy of its own expert. Both give the same permutation."""
+    m = flat.numel()
+    i = torch.arange(m, device=flat.device)
+    if m * m > (1 << 20):
+        order = flat.argsort(stable=True)
+        return order, torch.empty_like(order).scatter_(0, order, i)
+    a, b = flat[:, None], flat[None, :]  # [M, 1] this copy's expert, [1, M] every other copy's
+    dest = ((b < a) | ((b == a) & (i[None, :] < i[:, None]))).sum(1)
+    return torch.empty_like(flat).scatter_(0, dest, i), dest
+
+
+def _topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of `probs` over the last dim, largest first; equal values rank the lower expert
+    first (bf16 router logits tie often, and torch.topk leaves the order of ties open, so the compiled
+    and eager paths would route differently). Eagerly a stable sort; under torch.compile (the decode
+    step) a ranking that fuses into a couple of small kernels instead of torch's two per layer."""
+    if not torch.compiler.is_compiling():
+        vals, idx = probs.sort(dim=-1, descending=True, stable=True)
+        return vals[..., :k], idx[..., :k]
+    e = probs.shape[-1]
+    j = torch.arange(e, device=probs.device)
+    p, q = probs[..., :, None], probs[..., None, :]  # [N, E, 1] each expert, [N, 1, E] every other
+    rank = ((q > p) | ((q == p) & (j < j[:, None]))).sum(-1)  # [N, E]: experts ahead of each one
+    slots = torch.arange(k, device=probs.device)
+    idx = ((rank[..., None] == slots) * j[:, None]).sum(-2)  # [N, k]: the expert at each rank
+    return probs.gather(-1, idx), idx
 
 
 class Experts(nn.Module):
@@ -84,40 +102,38 @@ class Experts(nn.Module):
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] = sum_k weight * expert_k(x)."""
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
-        order = _expert_order(flat, self.num_experts)  # token copies by expert: one matmul per expert
+        # Token copies by expert: one matmul per expert.
+        order, dest = _expert_order(flat, self.num_experts)
         gdt = _grouped_dtype(x)
         if 0 < n * k <= self.fused_max_rows and fused_moe.available(x) and not torch.is_grad_enabled():
             # The kernels read each copy's token row themselves: no gathered copy of x.
-            bounds = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=x.device)
-            bounds[1:] = self._expert_ends(flat[order])
+            bounds = F.pad(self._expert_ends(flat), (1, 0))
             src = (order // k).to(torch.int32)
             ys = fused_moe.fused_experts(x, src, bounds, self.gate_up_proj, self.down_proj)
-            return self._combine(ys, order, topk_weight, n, k, x.dtype)
+            return self._combine(ys, dest, topk_weight, n, k, x.dtype)
         xs = x[order // k]
         if gdt is not None:
-            ys = self._grouped(xs.to(gdt), self._expert_ends(flat[order]), gdt)
+            ys = self._grouped(xs.to(gdt), self._expert_ends(flat), gdt)
         elif torch.compiler.is_compiling() and xs.shape[0] <= 16 * self.num_experts:
             # Under torch.compile (the engine's compiled decode step) no host sync: each token copy is
             # multiplied by its own expert's gathered weights (cheap at decode's few rows per step).
             ys = self._gathered(xs, flat[order])
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
-        return self._combine(ys, order, topk_weight, n, k, x.dtype)
+        return self._combine(ys, dest, topk_weight, n, k, x.dtype)
 
-    def _expert_ends(self, sorted_experts: torch.Tensor) -> torch.Tensor:
-        """int32 [E]: one past the last sorted copy of each expert, found on the device (bincount would
-        sync with the host)."""
-        ids = torch.arange(1, self.num_experts + 1, device=sorted_experts.device, dtype=sorted_experts.dtype)
-        return torch.searchsorted(sorted_experts, ids).to(torch.int32)
+    def _expert_ends(self, flat: torch.Tensor) -> torch.Tensor:
+        """int32 [E]: one past the last sorted copy of each expert (copies routed to experts <= e),
+        counted on the device in one reduction (bincount would sync with the host)."""
+        ids = torch.arange(self.num_experts, device=flat.device, dtype=flat.dtype)
+        return (flat[None, :] <= ids[:, None]).sum(1, dtype=torch.int32)
 
     @staticmethod
-    def _combine(ys, order, topk_weight, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-        """Undo the sort (a permutation: deterministic, unlike an atomic index_add) and sum the k
-        weighted copies of each token."""
-        unsorted = torch.empty_like(ys)
-        unsorted[order] = ys
+    def _combine(ys, dest, topk_weight, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """Undo the sort (gather each copy's sorted row: a permutation, deterministic, unlike an atomic
+        index_add) and sum the k weighted copies of each token."""
         w = topk_weight.reshape(n, k, 1).to(ys.dtype)
-        return (unsorted.view(n, k, -1) * w).sum(dim=1).to(dtype)
+        return (ys[dest].view(n, k, -1) * w).sum(dim=1).to(dtype)
 
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs, start = [], 0
@@ -166,7 +182,7 @@ class SparseMoeBlock(nn.Module):
     def route(self, x: torch.Tensor, routing: RoutingState | None, shape: tuple[int, int]):
         """x [N, H] -> (topk_idx long [N, k], topk_weight [N, k] in x's dtype)."""
         probs = F.softmax(self.gate(x).float(), dim=-1)
-        own_w, own_idx = torch.topk(probs, self.top_k, dim=-1)
+        own_w, own_idx = _topk(probs, self.top_k)
         idx, w = own_idx, own_w
         if routing is not None and routing.replay is not None:
             m = self.moe_index

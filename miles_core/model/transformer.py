@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from miles_core.devices import to_device
 from miles_core.model.config import ModelConfig
+from miles_core.model import decode_attention
 from miles_core.model.kv_cache import KVCache
 from miles_core.model.layers import MLP, Attention, RMSNorm, RotaryEmbedding, StepContext
 from miles_core.model.moe import Experts, RoutingState, SparseMoeBlock
@@ -48,6 +49,36 @@ class LazyLogitsOutput(ModelOutput):
     @logits.setter
     def logits(self, value: torch.Tensor) -> None:
         self._logits = value
+
+
+def cache_context(
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: KVCache,
+    cache_slots: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    head_dim: int,
+    kv_len: int | None = None,
+    contiguous_slots: bool = False,
+) -> StepContext:
+    """The `StepContext` of a forward over `kv_cache`: rows are slots `cache_slots`, tokens at the
+    absolute `position_ids` [B, T]; a query at p sees keys 0..p of its slot."""
+    if cache_slots is None:
+        raise ValueError("forward with kv_cache needs cache_slots [B] (one cache row per batch row)")
+    if kv_len is None:
+        kv_len = int(position_ids.max()) + 1  # one host sync per forward, to attend over no more keys
+    if kv_len > kv_cache.max_len:
+        raise ValueError(f"position {kv_len - 1} is beyond the KV cache length {kv_cache.max_len}")
+    ctx = StepContext(
+        cos=cos, sin=sin, kv_cache=kv_cache, cache_slots=cache_slots.to(torch.long),
+        position_ids=position_ids, kv_len=kv_len, contiguous_slots=contiguous_slots,
+    )  # fmt: skip
+    if position_ids.shape[1] == 1 and decode_attention.use_for_decode(position_ids, head_dim):
+        # One new token per row: the decode kernel writes K/V and reads each row's own keys, no mask.
+        ctx.decode_kernel = True
+    else:
+        ctx.mask = torch.arange(kv_len, device=position_ids.device) <= position_ids[:, None, :, None]
+    return ctx
 
 
 class DecoderLayer(nn.Module):
@@ -161,7 +192,9 @@ class CausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, h.dtype)
         ctx = StepContext(cos=cos, sin=sin)
         if kv_cache is not None:
-            ctx = self._cache_context(ctx, kv_cache, cache_slots, position_ids, kv_len, contiguous_slots)
+            ctx = cache_context(
+                cos, sin, kv_cache, cache_slots, position_ids, self.config.head_dim, kv_len, contiguous_slots
+            )
         elif seq_lens is not None:
             if b != 1 or sum(seq_lens) != t:
                 raise ValueError(
@@ -176,20 +209,6 @@ class CausalLM(nn.Module):
         if not compute_logits:
             return LazyLogitsOutput(h, self.lm_head)
         return ModelOutput(logits=self.lm_head(h), hidden=h if return_hidden else None)
-
-    def _cache_context(self, ctx, kv_cache, cache_slots, position_ids, kv_len, contiguous_slots):
-        if cache_slots is None:
-            raise ValueError("forward with kv_cache needs cache_slots [B] (one cache row per batch row)")
-        if kv_len is None:
-            kv_len = int(position_ids.max()) + 1  # one host sync per forward, to attend over no more keys
-        if kv_len > kv_cache.max_len:
-            raise ValueError(f"position {kv_len - 1} is beyond the KV cache length {kv_cache.max_len}")
-        keys = torch.arange(kv_len, device=position_ids.device)
-        return StepContext(
-            cos=ctx.cos, sin=ctx.sin, kv_cache=kv_cache, cache_slots=cache_slots.to(torch.long),
-            position_ids=position_ids, kv_len=kv_len, mask=keys <= position_ids[:, None, :, None],
-            contiguous_slots=contiguous_slots,
-        )  # fmt: skip
 
     @torch.no_grad()
     def init_weights(self) -> None:

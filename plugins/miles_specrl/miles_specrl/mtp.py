@@ -25,7 +25,7 @@ from miles_core import UsageError
 from miles_core.atomic import atomic_dir
 from miles_core.model import KVCache, ModelConfig, RMSNorm, load_config
 from miles_core.model.layers import StepContext
-from miles_core.model.transformer import CausalLM, DecoderLayer
+from miles_core.model.transformer import CausalLM, DecoderLayer, cache_context
 
 NEXTN_KEY = "num_nextn_predict_layers"
 INDEX_NAME = "model.safetensors.index.json"
@@ -89,12 +89,7 @@ def step_context(
     cos, sin = model.model.rotary_emb(position_ids, dtype)
     if cache is None:
         return StepContext(cos=cos, sin=sin)
-    kv_len = int(position_ids.max()) + 1
-    keys = torch.arange(kv_len, device=position_ids.device)
-    return StepContext(
-        cos=cos, sin=sin, kv_cache=cache, cache_slots=slots.to(torch.long), position_ids=position_ids,
-        kv_len=kv_len, mask=keys <= position_ids[:, None, :, None],
-    )  # fmt: skip
+    return cache_context(cos, sin, cache, slots, position_ids, model.config.head_dim)
 
 
 def head_logits(model: CausalLM, normed: torch.Tensor) -> torch.Tensor:
