@@ -2,7 +2,7 @@
 # The speed issue's GPU measurements, grouped so that each group fits one device call (< 10 min).
 #
 #   bash bench/gpu_session.sh tests     # pytest -m gpu over the core and every plugin (~1 min)
-#   bash bench/gpu_session.sh rollout   # engine vs HF at batch 64 (compiled, uncompiled, fused-MoE) and 256
+#   bash bench/gpu_session.sh rollout   # engine vs HF at batch 64 (compiled, uncompiled, both MoE decode paths) and 256
 #   bash bench/gpu_session.sh train     # train step, eager and compiled layers, with a kernel profile
 #   bash bench/gpu_session.sh profile   # one whole generate: wall time vs kernel time, top kernels
 #
@@ -16,8 +16,8 @@ for group in "${@:-tests}"; do
   case "$group" in
     tests) python -m pytest -q -m gpu tests plugins -p no:cacheprovider 2>&1 | tail -5 ;;
     rollout)
-      python bench/rollout.py --batch 64 --also-uncompiled --fused-moe 2>&1 | grep -E '^\{|Error'
-      python bench/rollout.py --batch 256 --hf-new-tokens 64 2>&1 | grep -E '^\{|Error' ;;
+      python bench/rollout.py --batch 64 --also-uncompiled --compare-moe 2>&1 | grep -E '^\{|Error'
+      python bench/rollout.py --batch 256 --hf-new-tokens 64 --compare-moe 2>&1 | grep -E '^\{|Error' ;;
     train)
       python bench/train_step.py 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --compile --profile 2>&1 | grep -v -i warn | tail -34 ;;

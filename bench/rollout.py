@@ -23,7 +23,7 @@ import torch
 
 from miles_core.engine import Engine
 from miles_core.engine.cuda_graph import ACTIVE
-from miles_core.model import ModelConfig, build_model, save_model, set_fused_moe
+from miles_core.model import ModelConfig, build_model, fused_moe, save_model, set_fused_moe
 
 BASE = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "decoder_sparse_step": 1,
@@ -189,8 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="Time the engine without torch.compile of the decode step (--rollout-compile off).",
     )  # fmt: skip
     ap.add_argument(
-        "--fused-moe", action="store_true",
-        help="Also time the engine with the Triton expert kernels (--rollout-fused-moe; needs triton, CUDA).",
+        "--compare-moe", action="store_true",
+        help="Also time the engine with the other MoE decode path: grouped GEMMs where the Triton expert "
+        "kernels serve by default (--rollout-fused-moe: CUDA with triton, up to ~16 copies an expert), "
+        "the kernels elsewhere on CUDA.",
     )  # fmt: skip
     ap.add_argument(
         "--also-uncompiled", action="store_true", help="Also time the engine without torch.compile."
@@ -224,6 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = make_model(preset)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, model.config.vocab_size, (batch, preset["prompt_len"]), generator=g).tolist()
+    cfg = model.config
+    fused_rows = fused_moe.default_max_rows(cfg.num_experts, cfg.num_experts_per_tok, batch)
+    # The engine's default, as `miles train` sets it up: the Triton kernels where they run, for decode
+    # steps of up to ~16 copies an expert.
+    usable = fused_moe.available(model.lm_head.weight)
+    default_fused = usable and fused_rows >= batch * cfg.num_experts_per_tok
+    set_fused_moe(model, fused_rows if usable else 0)
     miles = time_miles(model, prompts, new, compile=a.compile)
     timing = {"decode_step_ms": round(time_miles.step_ms, 3), "compile": a.compile}
     if time_miles.graph_ms is not None:
@@ -231,10 +240,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "preset": a.preset}
     if a.also_uncompiled and a.compile:
         result["miles_uncompiled_tok_s"] = round(time_miles(model, prompts, new, compile=False), 1)
-    if a.fused_moe:
-        set_fused_moe(model, batch * model.config.num_experts_per_tok)
-        result["miles_fused_moe_tok_s"] = round(time_miles(model, prompts, new, compile=a.compile), 1)
-        set_fused_moe(model, 0)
+    result["moe_decode"] = "triton" if default_fused else "grouped"
+    if a.compare_moe and usable:
+        set_fused_moe(model, 0 if default_fused else batch * cfg.num_experts_per_tok)
+        other = "grouped" if default_fused else "triton"
+        result[f"miles_{other}_moe_tok_s"] = round(time_miles(model, prompts, new, compile=a.compile), 1)
+    set_fused_moe(model, fused_rows if usable else 0)
     if a.eager:
         result["miles_eager_tok_s"] = round(time_miles(model, prompts, new, False, compile=False), 1)
     with tempfile.TemporaryDirectory() as folder:

@@ -87,9 +87,10 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--rollout-fused-moe",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="Decode-sized MoE batches run on Triton expert kernels (miles_core.model.fused_moe) instead "
-        "of grouped GEMMs; needs triton and CUDA.",
+        default=None,
+        help="Decode-sized MoE batches (up to ~16 token copies an expert) run on Triton expert kernels "
+        "(miles_core.model.fused_moe) instead of grouped GEMMs. Default: on where triton and CUDA are; "
+        "--rollout-fused-moe insists (an error without them), --no-rollout-fused-moe turns it off.",
     )
     g.add_argument(
         "--custom-generate-function-path",

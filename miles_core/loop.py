@@ -111,16 +111,19 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         graphs = bool(getattr(args, "rollout_cuda_graph", True)) and device.type == "cuda"
         engine.compile = bool(getattr(args, "rollout_compile", False))
         engine.cuda_graph = graphs or engine.compile  # compiling needs the static-shape step
-        if getattr(args, "rollout_fused_moe", False):
-            if not fused_moe.available(next(engine_model.parameters())):
-                raise UsageError(
-                    "--rollout-fused-moe runs Triton kernels on CUDA: install triton and roll out on a "
-                    "GPU, or drop the flag."
-                )
-            # Every decode step has at most batch x top-k token copies; larger (prefill) batches keep
-            # the grouped GEMMs.
-            top_k = getattr(engine_model.config, "num_experts_per_tok", 1) or 1
-            set_fused_moe(engine_model, engine.max_batch_size * top_k)
+        fused = getattr(args, "rollout_fused_moe", None)
+        usable = fused_moe.available(next(engine_model.parameters()))
+        if fused and not usable:
+            raise UsageError(
+                "--rollout-fused-moe runs Triton kernels on CUDA: install triton and roll out on a "
+                "GPU, or drop the flag."
+            )
+        cfg = engine_model.config
+        if fused is not False and usable and getattr(cfg, "num_experts", 0):
+            # Decode steps with a few rows an expert use the kernels; larger batches (prefill, big
+            # decode batches) keep the grouped GEMMs.
+            batch = engine.max_batch_size
+            set_fused_moe(engine_model, fused_moe.default_max_rows(cfg.num_experts, cfg.num_experts_per_tok, batch))
     trainer = trainer_cls(args, pm, policy, ref)
     state: dict = {"next_rollout": 0}
     if resume:

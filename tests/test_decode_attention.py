@@ -20,64 +20,86 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_fused_moe import _interpreter_usable  # noqa: E402
 
 
-def _naive(q, k, v, kc, vc, slots, pos):
-    """Row by row, head by head, in float64: write, then softmax over keys 0..pos."""
-    kc, vc = kc.clone().double(), vc.clone().double()
-    out = torch.empty(q.shape, dtype=torch.float64)
-    rep = q.shape[1] // k.shape[1]
-    for b in range(q.shape[0]):
-        s, p = int(slots[b]), int(pos[b])
-        kc[s, :, p], vc[s, :, p] = k[b].double(), v[b].double()
-        for h in range(q.shape[1]):
-            keys, vals = kc[s, h // rep, : p + 1], vc[s, h // rep, : p + 1]
-            w = torch.softmax(keys @ q[b, h].double() / q.shape[-1] ** 0.5, dim=0)
-            out[b, h] = w @ vals
+def _naive(c: dict):
+    """Row by row, head by head, in float64: q/k norm, rope, write, then softmax over keys 0..pos."""
+    kc, vc = c["k_cache"].clone().double(), c["v_cache"].clone().double()
+    h, hkv = c["num_heads"], c["num_kv_heads"]
+    b = c["qkv"].shape[0]
+    q, k, v = c["qkv"].double().view(b, h + 2 * hkv, -1).split([h, hkv, hkv], dim=1)
+    d = q.shape[-1]
+
+    def norm_rope(x, w):
+        if w is not None:
+            x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + c["eps"]) * w.double()
+        x1, x2 = x.chunk(2, dim=-1)
+        cos, sin = c["cos"].double()[:, None], c["sin"].double()[:, None]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    q, k = norm_rope(q, c["q_norm_w"]), norm_rope(k, c["k_norm_w"])
+    out = torch.empty(b, h, d, dtype=torch.float64)
+    rep = h // hkv
+    for i in range(b):
+        s, p = int(c["slots"][i]), int(c["pos"][i])
+        kc[s, :, p], vc[s, :, p] = k[i], v[i]
+        for j in range(h):
+            keys, vals = kc[s, j // rep, : p + 1], vc[s, j // rep, : p + 1]
+            out[i, j] = torch.softmax(keys @ q[i, j] / d**0.5, dim=0) @ vals
     return out, kc, vc
 
 
-def _case(dtype=torch.float32, heads=8, kv_heads=2, d=16, seed=0):
+def _case(dtype=torch.float32, heads=8, kv_heads=2, d=32, norm=True, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     b, num_slots, length = 5, 7, 150
-    kc = torch.randn(num_slots, kv_heads, length, d, generator=g).to(dtype)
-    vc = torch.randn(num_slots, kv_heads, length, d, generator=g).to(dtype)
-    q = torch.randn(b, heads, d, generator=g).to(dtype)
-    k = torch.randn(b, kv_heads, d, generator=g).to(dtype)
-    v = torch.randn(b, kv_heads, d, generator=g).to(dtype)
-    slots = torch.tensor([6, 0, 3, 2, 5])
     pos = torch.tensor([0, 1, 63, 64, 149])  # empty cache, block edges, the last position
-    return q, k, v, kc, vc, slots, pos
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = pos[:, None].float() * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return {
+        "qkv": torch.randn(b, (heads + 2 * kv_heads) * d, generator=g).to(dtype),
+        "cos": emb.cos().to(dtype), "sin": emb.sin().to(dtype),
+        "q_norm_w": (1 + 0.1 * torch.randn(d, generator=g)).to(dtype) if norm else None,
+        "k_norm_w": (1 + 0.1 * torch.randn(d, generator=g)).to(dtype) if norm else None,
+        "eps": 1e-6,
+        "k_cache": torch.randn(num_slots, kv_heads, length, d, generator=g).to(dtype),
+        "v_cache": torch.randn(num_slots, kv_heads, length, d, generator=g).to(dtype),
+        "slots": torch.tensor([6, 0, 3, 2, 5]), "pos": pos, "num_heads": heads, "num_kv_heads": kv_heads,
+    }  # fmt: skip
 
 
-@pytest.mark.parametrize("kv_heads", [2, 8])
-def test_reference_path_writes_the_cache_and_attends_over_each_rows_keys(kv_heads):
-    q, k, v, kc, vc, slots, pos = _case(kv_heads=kv_heads)
-    want, want_kc, want_vc = _naive(q, k, v, kc, vc, slots, pos)
-    out = da._reference(q, k, v, kc, vc, slots, pos)
+@pytest.mark.parametrize("kv_heads,norm", [(2, True), (8, True), (2, False)])
+def test_reference_path_norms_ropes_writes_and_attends_over_each_rows_keys(kv_heads, norm):
+    c = _case(kv_heads=kv_heads, norm=norm)
+    want, want_kc, want_vc = _naive(c)
+    out = da._reference(**c)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kc.double(), want_kc)
-    torch.testing.assert_close(vc.double(), want_vc)
+    torch.testing.assert_close(c["k_cache"].double(), want_kc, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c["v_cache"].double(), want_vc, atol=1e-5, rtol=1e-5)
 
 
 def test_op_addresses_the_cache_by_key_and_writes_it_in_place():
     from miles_core.model import KVCache, ModelConfig
 
-    q, k, v, kc, vc, slots, pos = _case()
+    c = _case()
+    kc, vc = c.pop("k_cache"), c.pop("v_cache")
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=8,
-                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=16)  # fmt: skip
-    cache = KVCache(cfg, kc.shape[0], kc.shape[2])
-    cache.k[1].copy_(kc), cache.v[1].copy_(vc)
-    want, want_kc, want_vc = _naive(q, k, v, kc, vc, slots, pos)
-    out = torch.ops.miles.decode_attention(q, k, v, slots, pos, cache.key, 1)
+                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32)  # fmt: skip
+    caches = []
+    for _ in range(2):
+        cache = KVCache(cfg, kc.shape[0], kc.shape[2])
+        cache.k[1].copy_(kc), cache.v[1].copy_(vc)
+        caches.append(cache)
+    want, want_kc, want_vc = _naive({**c, "k_cache": kc, "v_cache": vc})
+    args = [c[n] for n in ("qkv", "cos", "sin", "q_norm_w", "k_norm_w", "eps", "slots", "pos")]
+    heads = (c["num_heads"], c["num_kv_heads"])
+    out = torch.ops.miles.decode_attention(*args, caches[0].key, 1, *heads)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache.k[1].double(), want_kc)
-    torch.testing.assert_close(cache.v[1].double(), want_vc)
-    assert not cache.k[0].any()  # other layers untouched
+    torch.testing.assert_close(caches[0].k[1].double(), want_kc, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[0].v[1].double(), want_vc, atol=1e-5, rtol=1e-5)
+    assert not caches[0].k[0].any()  # other layers untouched
     # Compiled, the call is one opaque op that still writes the cache (and copies none of it).
-    fresh = KVCache(cfg, kc.shape[0], kc.shape[2])
-    fresh.k[1].copy_(kc), fresh.v[1].copy_(vc)
     fn = torch.compile(lambda *a: torch.ops.miles.decode_attention(*a) * 2, dynamic=False)
-    torch.testing.assert_close(fn(q, k, v, slots, pos, fresh.key, 1), 2 * out)
-    assert torch.equal(fresh.k[1], cache.k[1]) and torch.equal(fresh.v[1], cache.v[1])
+    torch.testing.assert_close(fn(*args, caches[1].key, 1, *heads), 2 * out)
+    assert torch.equal(caches[1].k[1], caches[0].k[1]) and torch.equal(caches[1].v[1], caches[0].v[1])
 
 
 CHECK = """
@@ -86,15 +108,13 @@ from miles_core.model import decode_attention as da
 import test_decode_attention as t
 
 # float32 only: Triton 3.6's interpreter gets bf16 tl.dot wrong (CUDA checks bf16 below).
-for dtype, atol in ((torch.float32, 1e-5),):
-    for kv_heads in (2, 8):
-        q, k, v, kc, vc, slots, pos = t._case(dtype, kv_heads=kv_heads)
-        want, want_kc, want_vc = t._naive(q, k, v, kc, vc, slots, pos)
-        assert da.kernel_available(q, 16)
-        out = da.attend(q, k, v, kc, vc, slots, pos)
-        torch.testing.assert_close(out.double(), want, atol=atol, rtol=atol)
-        torch.testing.assert_close(kc.double(), want_kc, atol=atol, rtol=atol)
-        torch.testing.assert_close(vc.double(), want_vc, atol=atol, rtol=atol)
+for kv_heads, norm in ((2, True), (8, True), (2, False)):
+    c = t._case(torch.float32, kv_heads=kv_heads, norm=norm)
+    assert da.kernel_available(c["qkv"], 32)
+    want = t._naive(c)
+    out = da.attend(**c)
+    for got, ref in zip((out, c["k_cache"], c["v_cache"]), want):
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
 print("ok")
 """
 
@@ -109,10 +129,14 @@ def test_kernel_matches_under_the_triton_interpreter():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernel_matches_on_cuda():
-    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-        q, k, v, kc, vc, slots, pos = (x.cuda() for x in _case(dtype, heads=16, kv_heads=4, d=64))
-        want, want_kc, want_vc = _naive(*(x.cpu() for x in (q, k, v, kc, vc, slots, pos)))
-        out = da.attend(q, k, v, kc, vc, slots, pos)
-        torch.testing.assert_close(out.double().cpu(), want, atol=atol, rtol=atol)
-        torch.testing.assert_close(kc.double().cpu(), want_kc, atol=atol, rtol=atol)
-        torch.testing.assert_close(vc.double().cpu(), want_vc, atol=atol, rtol=atol)
+    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        for norm in (True, False):
+            c = _case(dtype, heads=16, kv_heads=4, d=64, norm=norm)
+            gpu = {n: x.cuda() if isinstance(x, torch.Tensor) else x for n, x in c.items()}
+            out = da.attend(**gpu).cpu()
+            c["k_cache"], c["v_cache"] = gpu["k_cache"].cpu(), gpu["v_cache"].cpu()
+            cpu = _case(dtype, heads=16, kv_heads=4, d=64, norm=norm)  # the caches before the write
+            want, want_kc, want_vc = _naive(cpu)
+            torch.testing.assert_close(out.double(), want, atol=atol, rtol=atol)
+            torch.testing.assert_close(c["k_cache"].double(), want_kc, atol=atol, rtol=atol)
+            torch.testing.assert_close(c["v_cache"].double(), want_vc, atol=atol, rtol=atol)

@@ -237,7 +237,7 @@ def test_decode_attention_kernel_step_matches_masked_sdpa(tiny_ckpt, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
     else:  # two bf16 attention kernels round differently: compare relative error over all logits
-        assert ((logits[0] - logits[1]).norm() / logits[1].norm()).item() < 1e-2
+        assert ((logits[0] - logits[1]).norm() / logits[1].norm()).item() < 3e-2
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)

@@ -110,3 +110,11 @@ def test_engine_decodes_with_fused_experts_under_compiled_cuda_graphs(tiny_ckpt)
         outs.append(engine.generate_batch(prompts, params))
     same = sum(a == b for x, y in zip(*outs) for a, b in zip(x.output_ids, y.output_ids))
     assert same >= 0.9 * 6 * 16  # bf16 rounding differs (fp32 SwiGLU in the kernel): near-ties may flip
+
+
+def test_default_limit_keeps_the_kernels_to_a_few_rows_an_expert():
+    from miles_core.model.fused_moe import BLOCK_M, default_max_rows
+
+    assert default_max_rows(32, 4, 64) == 256  # the whole batch: 8 copies an expert
+    assert default_max_rows(32, 4, 256) == BLOCK_M * 32  # 32 an expert: grouped GEMMs from there on
+    assert default_max_rows(128, 8, 8) == 64

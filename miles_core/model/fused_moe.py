@@ -37,6 +37,14 @@ GATE_UP = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 DOWN = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
 
 
+def default_max_rows(num_experts: int, top_k: int, batch: int) -> int:
+    """The token-copy limit (`set_fused_moe`) the engine uses by default: every decode step of up to
+    `batch` rows, as long as an expert gets about one ``BLOCK_M`` tile of rows on average. Beyond that
+    the kernels stream an expert's weights once per tile and the grouped GEMMs win (H200, 0.7B bench
+    model: batch 64, 8 rows an expert, 55.9k vs 45.0k tok/s; batch 256, 32 rows, 112.0k vs 129.1k)."""
+    return min(batch * top_k, BLOCK_M * num_experts)
+
+
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on `x`'s device (CUDA, or Triton's interpreter on CPU)."""
     if triton is None:

@@ -164,16 +164,27 @@ class Attention(nn.Module):
         self._qkv = (weight, bias)
         return True
 
-    def _project(self, x: torch.Tensor, ctx: StepContext):
+    def _project(self, x: torch.Tensor, ctx: StepContext, joined: bool):
+        """(q, k, v) projections of x, or with `joined` one [..., (H + 2 Hkv) D] tensor of them."""
         if self._qkv is not None and ctx.contiguous_slots:  # the static decode step
             qkv = F.linear(x, *self._qkv)
             qd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            return qkv.split([qd, kvd, kvd], dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return qkv if joined else qkv.split([qd, kvd, kvd], dim=-1)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return torch.cat([q, k, v], dim=-1) if joined else (q, k, v)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self._project(x, ctx)
+        if ctx.decode_kernel:  # one token per row: norm, rope, cache write and attention in one kernel
+            norm = self.q_norm is not None
+            out = decode_attention(
+                self._project(x, ctx, joined=True)[:, 0], ctx.cos[:, 0], ctx.sin[:, 0],
+                self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                self.q_norm.eps if norm else 0.0, ctx.cache_slots, ctx.position_ids[:, 0],
+                ctx.kv_cache.key, self.layer_idx, self.num_heads, self.num_kv_heads,
+            )  # fmt: skip
+            return self.o_proj(out.reshape(b, t, -1))
+        q, k, v = self._project(x, ctx, joined=False)
         q = q.view(b, t, self.num_heads, self.head_dim)
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
@@ -186,10 +197,6 @@ class Attention(nn.Module):
         q = apply_rope(q.to(dt).transpose(1, 2), cos, sin)
         k = apply_rope(k.to(dt).transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
-        if ctx.decode_kernel:
-            out = decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], ctx.cache_slots,
-                                   ctx.position_ids[:, 0], ctx.kv_cache.key, self.layer_idx)  # fmt: skip
-            return self.o_proj(out.reshape(b, t, -1))
         if ctx.kv_cache is not None:
             k, v = self._cache_step(k, v, ctx)
             out = self._grouped_sdpa(q, k, v, ctx.mask)
