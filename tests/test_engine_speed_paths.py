@@ -239,8 +239,10 @@ def test_decode_attention_kernel_step_matches_masked_sdpa(tiny_ckpt, dtype):
     else:  # two bf16 attention kernels round differently: compare relative error over all logits
         assert ((logits[0] - logits[1]).norm() / logits[1].norm()).item() < 3e-2
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
-        tol = 1e-4 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        else:  # layer 1's K/V inherit layer 0's attention rounding (and k_norm scales it up)
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
 
 
 @pytest.mark.gpu

@@ -110,7 +110,7 @@ class Experts(nn.Module):
             bounds = F.pad(self._expert_ends(flat), (1, 0))
             src = (order // k).to(torch.int32)
             ys = fused_moe.fused_experts(x, src, bounds, self.gate_up_proj, self.down_proj)
-            return self._combine(ys, dest, topk_weight, n, k, x.dtype)
+            return self._combine(ys, order, dest, topk_weight, n, k, x.dtype)
         xs = x[order // k]
         if gdt is not None:
             ys = self._grouped(xs.to(gdt), self._expert_ends(flat), gdt)
@@ -120,7 +120,7 @@ class Experts(nn.Module):
             ys = self._gathered(xs, flat[order])
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
-        return self._combine(ys, dest, topk_weight, n, k, x.dtype)
+        return self._combine(ys, order, dest, topk_weight, n, k, x.dtype)
 
     def _expert_ends(self, flat: torch.Tensor) -> torch.Tensor:
         """int32 [E]: one past the last sorted copy of each expert (copies routed to experts <= e),
@@ -129,11 +129,17 @@ class Experts(nn.Module):
         return (flat[None, :] <= ids[:, None]).sum(1, dtype=torch.int32)
 
     @staticmethod
-    def _combine(ys, dest, topk_weight, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-        """Undo the sort (gather each copy's sorted row: a permutation, deterministic, unlike an atomic
-        index_add) and sum the k weighted copies of each token."""
+    def _combine(ys, order, dest, topk_weight, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """Undo the sort (a permutation: deterministic, unlike an atomic index_add) and sum the k
+        weighted copies of each token. Without autograd it gathers (fuses into the weighted sum);
+        with it, it scatters, whose backward is a gather (a gather's backward would sort indices)."""
+        if ys.requires_grad:
+            unsorted = torch.empty_like(ys)
+            unsorted[order] = ys
+        else:
+            unsorted = ys[dest]
         w = topk_weight.reshape(n, k, 1).to(ys.dtype)
-        return (ys[dest].view(n, k, -1) * w).sum(dim=1).to(dtype)
+        return (unsorted.view(n, k, -1) * w).sum(dim=1).to(dtype)
 
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs, start = [], 0
