@@ -1,8 +1,9 @@
 """Triton expert kernels for decode-sized MoE batches (a few rows per expert).
 
 `Experts` calls `fused_experts` instead of its two grouped GEMMs when the module's `fused_max_rows` allows
-it (the engine sets it from --rollout-fused-moe). Two kernels, each with a static grid over
-(expert, output tile), so they can be captured in a CUDA graph:
+it. The training loop sets that on the rollout model: by default on CUDA with triton, for decode steps
+of up to ~16 token copies an expert (`default_max_rows`); --no-rollout-fused-moe turns it off. Two
+kernels, each with a static grid over (expert, output tile), so they can be captured in a CUDA graph:
 
 1. gate/up + SwiGLU: for expert e, read its routed rows of x straight from the token rows (no gathered
    copy), multiply by the e-th gate and up tiles and write ``silu(gate) * up`` (fp32 accumulate);

@@ -95,7 +95,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         # Token copies up to which the Triton decode kernels (`fused_moe`) replace the grouped GEMMs;
-        # 0 = never. Set on the rollout model by --rollout-fused-moe (see `set_fused_moe`).
+        # 0 = never. The loop sets it on the rollout model (--rollout-fused-moe, on by default where
+        # triton runs; see `set_fused_moe` and `fused_moe.default_max_rows`).
         self.fused_max_rows = 0
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
