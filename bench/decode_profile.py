@@ -19,7 +19,7 @@ import torch
 from rollout import PRESETS, make_model
 
 from miles_core.engine import Engine
-from miles_core.model import set_fused_moe
+from miles_core.model import fused_moe, set_fused_moe
 
 
 def profile_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--fused-moe", action="store_true", help="Triton expert kernels (--rollout-fused-moe).")
+    ap.add_argument(
+        "--grouped-moe", action="store_true",
+        help="Grouped-GEMM experts (--no-rollout-fused-moe) where the engine's default uses the Triton kernels.",
+    )  # fmt: skip
     ap.add_argument(
         "--generate", type=int, default=0, metavar="N",
         help="Instead: profile a whole generate of N new tokens a sequence (prefill, steps, host work) "
@@ -73,8 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     preset = PRESETS[a.preset]
     batch = a.batch or preset["batch"]
     model = make_model(preset)
-    if a.fused_moe:
-        set_fused_moe(model, batch * model.config.num_experts_per_tok)
+    cfg = model.config
+    if fused_moe.available(model.lm_head.weight) and not a.grouped_moe:  # the engine's default
+        set_fused_moe(model, fused_moe.default_max_rows(cfg.num_experts, cfg.num_experts_per_tok, batch))
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, model.config.vocab_size, (batch, preset["prompt_len"]), generator=g).tolist()
     engine = Engine(model, None, max_batch_size=batch, seed=0)
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{ms * 1e3:9.1f} us  {name}", file=sys.stderr)
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "compile": a.compile, "fused_moe": a.fused_moe, "batch": batch, "kernels_per_step": round(count / a.steps, 1),
+        "compile": a.compile, "grouped_moe": a.grouped_moe, "batch": batch, "kernels_per_step": round(count / a.steps, 1),
         "kernel_ms_per_step": round(sum(per_name.values()), 3),
         "top": [[n, round(ms, 4)] for n, ms in top[:12]],
     }  # fmt: skip
