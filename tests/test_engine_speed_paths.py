@@ -96,6 +96,23 @@ def test_fused_qkv_follows_weight_updates_and_reallocations(tiny_ckpt):
     assert attn.k_proj.weight.data_ptr() == attn._qkv[0].data_ptr() + attn.q_proj.weight.nbytes
 
 
+def test_per_row_key_attention_uses_one_key_bucket_and_matches(model, monkeypatch):
+    """Where the decode attention op serves (CUDA with triton; here its torch reference path, forced),
+    the static step needs no key-length buckets: one compiled/captured step per row bucket."""
+    from miles_core.model import decode_attention as da
+
+    prompts = _prompts(model.config.vocab_size, 11)
+    params = {"temperature": 0.0, "max_new_tokens": 40}
+    _, want = _generate(model, prompts, params, graph=False)  # masked SDPA over bucketed keys
+    monkeypatch.setattr(da, "use_for_decode", lambda x, head_dim: True)
+    _, eager = _generate(model, prompts, params, graph=False)
+    engine, static = _generate(model, prompts, params, graph=True)
+    assert engine._graphs.per_row_keys
+    assert {key[1] for key in engine._graphs._graphs} == {engine._cache.max_len}
+    _assert_same(eager, want, atol=1e-4)
+    _assert_same(static, want, atol=1e-4)
+
+
 def test_sampler_host_flags_match_tensor_checks():
     logits = torch.randn(6, 50)
     temp = torch.tensor([0.0, 1.0, 0.7, 1.0, 1.2, 0.5])

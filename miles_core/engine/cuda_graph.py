@@ -24,7 +24,7 @@ import torch
 
 from miles_core.devices import to_device
 from miles_core.engine.sampler import sample_tokens
-from miles_core.model import CausalLM, KVCache, RoutingState
+from miles_core.model import CausalLM, KVCache, RoutingState, decode_attention
 from miles_core.model.layers import fuse_qkv
 
 _MIN_KEYS = 64
@@ -81,8 +81,14 @@ class DecodeGraphs:
             self._step_fn = torch.compile(self._step, dynamic=False, options=options)
         fuse_qkv(model)  # one q/k/v GEMM per layer in the step (views: the weights stay where they are)
         self.fingerprint = model_fingerprint(model)
+        # With the decode attention kernel each row reads its own keys: the step does not depend on
+        # the key-length bucket, so one bucket (the whole cache) serves every length, and a compiled
+        # step compiles once per row bucket instead of once per (row, key-length) pair.
+        self.per_row_keys = decode_attention.use_for_decode(cache.k[0], model.config.head_dim)
 
     def buckets(self, rows: int, kv_len: int) -> tuple[int, int]:
+        if self.per_row_keys:
+            return _bucket(rows, self.num_slots), self.cache.max_len
         return _bucket(rows, self.num_slots), _bucket(kv_len, self.cache.max_len, _MIN_KEYS)
 
     def load(self, tokens: list[int], positions: list[int], keys: list[int], slots: list[int]) -> None:
