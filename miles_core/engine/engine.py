@@ -245,10 +245,12 @@ class Engine:
         slots = torch.tensor([h.slot for h in heads], device=self.device)
         routing = RoutingState(record=True) if self.capture_routes else None
         out = self.model(
-            ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing, kv_len=width
-        )
+            ids, position_ids=pos, kv_cache=self._cache, cache_slots=slots, routing=routing, kv_len=width,
+            compute_logits=False,
+        )  # fmt: skip
         self.stats["prefill_tokens"] += sum(host_lens)
-        last = out.logits[torch.arange(len(heads), device=self.device), lens - 1]
+        # Only each prompt's last position is sampled from: project just those rows onto the vocab.
+        last = out.project(torch.arange(len(heads), device=self.device), lens - 1)
         all_routes = self._stack_routes(routing)  # one device-to-host copy for every prompt
         rows, row_index = [], []
         for i, group in enumerate(groups.values()):

@@ -50,6 +50,13 @@ class LazyLogitsOutput(ModelOutput):
     def logits(self, value: torch.Tensor) -> None:
         self._logits = value
 
+    def project(self, *index: torch.Tensor) -> torch.Tensor:
+        """Logits of ``hidden[index]`` only (e.g. each row's last position), without the full [B, T, V]
+        (taken from the full logits if something already built them)."""
+        if self._logits is not None:
+            return self._logits[index]
+        return self._lm_head(self.hidden[index])
+
 
 def cache_context(
     cos: torch.Tensor,
