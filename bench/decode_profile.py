@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument(
         "--grouped-moe", action="store_true",
-        help="Grouped-GEMM experts (--no-rollout-fused-moe) where the engine's default uses the Triton kernels.",
+        help="Grouped-GEMM experts (--no-rollout-fused-moe) where the engine's default uses Triton kernels.",
     )  # fmt: skip
     ap.add_argument(
         "--generate", type=int, default=0, metavar="N",
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{ms * 1e3:9.1f} us  {name}", file=sys.stderr)
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "compile": a.compile, "grouped_moe": a.grouped_moe, "batch": batch, "kernels_per_step": round(count / a.steps, 1),
+        "compile": a.compile, "grouped_moe": a.grouped_moe, "batch": batch,
+        "kernels_per_step": round(count / a.steps, 1),
         "kernel_ms_per_step": round(sum(per_name.values()), 3),
         "top": [[n, round(ms, 4)] for n, ms in top[:12]],
     }  # fmt: skip

@@ -4,7 +4,8 @@ For the rollout bench's 0.7B MoE layer (32 experts, hidden 1024, expert FFN 512,
 batch (`--batch`, default 64: 256 token copies), times each kernel of `fused_experts` under every
 setting in a small grid (CUDA graph of 20 calls, so launch overhead is out), and the grouped GEMMs
 (`torch._grouped_mm`) of the same layer for comparison. Prints one JSON line with the best setting per
-kernel and its effective bandwidth (weight bytes streamed / time); the winners go into
+kernel (timed together with the other kernel at its current setting) and the current pair's effective
+bandwidth (expert weight bytes streamed / time); the winners go into
 `fused_moe.GATE_UP` / `fused_moe.DOWN` by hand.
 
     python bench/fused_moe_tune.py [--batch 64]
@@ -53,7 +54,6 @@ def main(argv: list[str] | None = None) -> dict:
         experts.down_proj.normal_(0, 0.02)
     x = torch.randn(a.batch, h, device="cuda", dtype=torch.bfloat16)
     idx = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(a.batch)])
-    w = torch.rand(a.batch, k, device="cuda", dtype=torch.bfloat16)
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
     bounds = torch.zeros(e + 1, dtype=torch.int32, device="cuda")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"device": torch.cuda.get_device_name(), "batch": a.batch, "experts_used": used,
            "current_ms": round(both_ms, 4), "grouped_mm_ms": round(grouped_ms, 4)}  # fmt: skip
     # Each arm times both kernels; the other kernel's share is the same in every arm of a sweep.
-    for which, nbytes in (("gate_up", gate_up_bytes), ("down", down_bytes)):
+    for which in ("gate_up", "down"):
         ok = sorted((r for r in results[which] if r[1] is not None), key=lambda r: r[1])
         best = ok[0]
         out[f"{which}_best"] = best[0]
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         out[f"{which}_top5"] = [[r[0], round(r[1], 4)] for r in ok[:5]]
         out[f"{which}_failed"] = sum(r[1] is None for r in results[which])
     out["weight_gb"] = round((gate_up_bytes + down_bytes) / 1e9, 3)
+    out["current_tb_s"] = round((gate_up_bytes + down_bytes) / (both_ms * 1e-3) / 1e12, 2)
     print(json.dumps(out))
     return out
 

@@ -122,8 +122,8 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         if fused is not False and usable and getattr(cfg, "num_experts", 0):
             # Decode steps with a few rows an expert use the kernels; larger batches (prefill, big
             # decode batches) keep the grouped GEMMs.
-            batch = engine.max_batch_size
-            set_fused_moe(engine_model, fused_moe.default_max_rows(cfg.num_experts, cfg.num_experts_per_tok, batch))
+            rows = fused_moe.default_max_rows(cfg.num_experts, cfg.num_experts_per_tok, engine.max_batch_size)
+            set_fused_moe(engine_model, rows)
     trainer = trainer_cls(args, pm, policy, ref)
     state: dict = {"next_rollout": 0}
     if resume:

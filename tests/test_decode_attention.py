@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from miles_core.model import decode_attention as da
 
@@ -81,8 +80,10 @@ def test_op_addresses_the_cache_by_key_and_writes_it_in_place():
 
     c = _case()
     kc, vc = c.pop("k_cache"), c.pop("v_cache")
-    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=8,
-                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32)  # fmt: skip
+    cfg = ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=8,
+        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+    )  # fmt: skip
     caches = []
     for _ in range(2):
         cache = KVCache(cfg, kc.shape[0], kc.shape[2])

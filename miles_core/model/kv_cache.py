@@ -13,7 +13,6 @@ import torch
 
 from miles_core.model.config import ModelConfig
 
-
 _REGISTRY: weakref.WeakValueDictionary[int, KVCache] = weakref.WeakValueDictionary()
 _NEXT_KEY = itertools.count()
 

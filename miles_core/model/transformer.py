@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from miles_core.devices import to_device
-from miles_core.model.config import ModelConfig
 from miles_core.model import decode_attention
+from miles_core.model.config import ModelConfig
 from miles_core.model.kv_cache import KVCache
 from miles_core.model.layers import MLP, Attention, RMSNorm, RotaryEmbedding, StepContext
 from miles_core.model.moe import Experts, RoutingState, SparseMoeBlock
