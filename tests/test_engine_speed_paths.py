@@ -8,7 +8,7 @@ import torch
 
 from miles_core.engine import Engine, sample_tokens
 from miles_core.engine.cuda_graph import DecodeGraphs, _bucket
-from miles_core.model import Experts, KVCache, build_model, load_model
+from miles_core.model import Experts, KVCache, ModelConfig, build_model, load_model
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -94,6 +94,21 @@ def test_fused_qkv_follows_weight_updates_and_reallocations(tiny_ckpt):
     attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone())
     _assert_same(engine.generate_batch(prompts, params), want, atol=1e-5)
     assert attn.k_proj.weight.data_ptr() == attn._qkv[0].data_ptr() + attn.q_proj.weight.nbytes
+
+
+def test_fused_qkv_refuses_a_reallocated_bias():
+    from miles_core.model.layers import Attention
+
+    cfg = ModelConfig(
+        architecture="Qwen2ForCausalLM", vocab_size=16, hidden_size=32, intermediate_size=16,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8, qkv_bias=True,
+    )  # fmt: skip
+    attn = Attention(cfg, 0)
+    assert attn.fuse_qkv() and attn.v_proj.bias.data_ptr() != attn.q_proj.bias.data_ptr()
+    attn.v_proj.bias = torch.nn.Parameter(torch.randn(16))  # a plugin re-allocates one bias
+    assert attn.fuse_qkv()
+    torch.testing.assert_close(attn._qkv[1][-16:], attn.v_proj.bias.detach())
+    assert attn.v_proj.bias.data_ptr() == attn._qkv[1].data_ptr() + 4 * (32 + 16)  # fp32 q and k biases
 
 
 def test_per_row_key_attention_uses_one_key_bucket_and_matches(model, monkeypatch):

@@ -152,7 +152,9 @@ class Attention(nn.Module):
             return False
         ws = [p.weight for p in projs]
         if self._qkv is not None and _are_views_of(ws, self._qkv[0]):
-            return True
+            bias = self._qkv[1]
+            if bias is None or _are_views_of([p.bias for p in projs], bias):
+                return True
         with torch.no_grad():
             weight = torch.cat([w.detach() for w in ws])
             bias = None if projs[0].bias is None else torch.cat([p.bias.detach() for p in projs])
