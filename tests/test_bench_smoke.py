@@ -15,10 +15,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+PLUGINS = ("miles_fp8", "miles_int4qat", "miles_r3", "miles_rewards")
+
+
+def _run(script: str, *args: str, preset: str | None = "cpu-small") -> dict:
+    path = os.pathsep.join([str(ROOT), *(str(ROOT / "plugins" / p) for p in PLUGINS)])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--preset", "cpu-small", *args],
+        [sys.executable, str(ROOT / "bench" / script), *(["--preset", preset] if preset else []), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -50,3 +54,18 @@ def test_decode_profile_runs_on_cpu():
 def test_grpo_vs_trl_bench_prints_its_json_line():
     r = _run("grpo_vs_trl.py")
     assert {"device", "miles_samples_s", "trl_samples_s", "ratio"} <= r.keys()
+
+
+@pytest.mark.parametrize(
+    "script,preset,keys",
+    [
+        ("fp8_rollout.py", "cpu-small", {"bf16_tok_s", "fp8_rowwise_expert_bytes"}),
+        ("int4_rollout.py", "cpu-small", {"bf16_tok_s", "bf16_expert_bytes"}),
+        ("r3_mismatch.py", "cpu-small", {"mismatch_no_r3", "mismatch_r3"}),
+        ("fp8_mismatch.py", None, {"recipe", "rollout_dtype"}),
+        ("int4_memory.py", None, {"bf16_bytes", "int4_bytes", "ratio"}),
+    ],
+)  # fmt: skip
+def test_plugin_benches_print_their_json_line(script, preset, keys):
+    r = _run(script, preset=preset)
+    assert r["device"] == "cpu" and r["bench"] == script.removesuffix(".py") and keys <= r.keys()
