@@ -310,11 +310,7 @@ class Engine:
             for s in seqs:
                 s.pos += 1
         rows, kv_len = g.buckets(max(s.slot for s in seqs) + 1, max(s.pos for s in seqs) + 1)
-        tokens, logps, routes = g.step(
-            rows, kv_len,
-            use_top_k=any(s.params.top_k > 0 for s in seqs),
-            use_top_p=any(s.params.top_p < 1 for s in seqs),
-        )  # fmt: skip
+        tokens, logps, routes = g.step(rows, kv_len, **_filter_flags(seqs))
         self.stats["decode_steps"] += 1
         self._inflight = self._copy_out(seqs, rows, tokens, logps, routes)
         if prev is not None:
@@ -376,21 +372,14 @@ class Engine:
             return None
         return torch.stack(routing.used_topk, dim=2).to(torch.int32).cpu().numpy()
 
-    def _routes(self, routing: RoutingState, row: int, n: int) -> np.ndarray:
-        per_layer = [t[row, :n] for t in routing.used_topk]  # each [n, k]
-        return torch.stack(per_layer, dim=1).to(torch.int32).cpu().numpy()
-
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor, routes: torch.Tensor | None = None) -> None:
         """Sample one token per sequence, with one host sync for tokens and log-probs together."""
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
         temp, top_p, top_k = self._slot_params[:, slots]
         keys = torch.tensor([[s.key, len(s.prompt) + len(s.out)] for s in seqs], device=self.device)
         tokens, logps = sample_tokens(
-            logits, temp, top_p, top_k.long(), None,
-            use_top_k=any(s.params.top_k > 0 for s in seqs),
-            use_top_p=any(s.params.top_p < 1 for s in seqs),
-            noise_key=(keys[:, 0], keys[:, 1]),
-        )  # fmt: skip
+            logits, temp, top_p, top_k.long(), None, noise_key=(keys[:, 0], keys[:, 1]), **_filter_flags(seqs)
+        )
         host = torch.stack([tokens.double(), logps.double()]).cpu()
         host_routes = None
         if routes is not None and self.capture_routes:
@@ -460,3 +449,12 @@ class Engine:
         if tok_eos is not None:
             ids.add(int(tok_eos))
         return ids
+
+
+def _filter_flags(seqs: list[_Seq]) -> dict[str, bool]:
+    """Whether any of these sequences samples with top-k / top-p (the sampler skips each filter, and
+    the host sync that would find out, when none does)."""
+    return {
+        "use_top_k": any(s.params.top_k > 0 for s in seqs),
+        "use_top_p": any(s.params.top_p < 1 for s in seqs),
+    }
