@@ -5,11 +5,14 @@ The engine and the trainer use only the names re-exported here.
 
 from miles_core.model.config import ARCH_TRAITS, ModelConfig
 from miles_core.model.hf_io import (
+    iter_safetensors,
     load_config,
     load_hf_tensors,
     load_model,
     named_hf_tensors,
     save_model,
+    set_config_dtype,
+    weight_files,
     write_hf_checkpoint,
 )
 from miles_core.model.kv_cache import KVCache
@@ -32,11 +35,14 @@ __all__ = [
     "SparseMoeBlock",
     "set_fused_moe",
     "build_model",
+    "iter_safetensors",
     "load_config",
     "load_hf_tensors",
     "load_model",
     "named_hf_tensors",
     "save_model",
+    "set_config_dtype",
     "swap_modules",
+    "weight_files",
     "write_hf_checkpoint",
 ]

@@ -157,7 +157,8 @@ def _split_names(model: CausalLM, fused: str) -> Iterator[tuple[str, None]]:
             yield f"{prefix}.{e}.{kind}.weight", None
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF checkpoint folder: every shard its index names, or the single file."""
     index = path / INDEX_NAME
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -177,7 +178,8 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (name, tensor) of these safetensors files, in file order, read on the CPU."""
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
             for key in fh.keys():
@@ -200,7 +202,7 @@ def load_model(
     """Build the model described by `path/config.json` and fill it from the folder's safetensors."""
     path = Path(path)
     config = load_config(path)
-    files = _weight_files(path)
+    files = weight_files(path)
     model = build_model(config, dtype=dtype, device=device, init=False)
     params = model.state_dict(keep_vars=True)
     unknown: list[str] = []
@@ -212,7 +214,7 @@ def load_model(
             else:
                 unknown.append(name)
 
-    load_hf_tensors(model, known(_iter_safetensors(files)), strict=True)
+    load_hf_tensors(model, known(iter_safetensors(files)), strict=True)
     if unknown:  # e.g. MTP heads that a plugin loads separately
         log.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unknown), unknown[0])
     return model
@@ -241,9 +243,15 @@ def save_model(
     tensors = dict(named_hf_tensors(model))
     out_dtype = dtype or next(iter(tensors.values())).dtype
     config = model.config.to_hf()
-    dtype_key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
-    config[dtype_key] = str(out_dtype).removeprefix("torch.")
+    set_config_dtype(config, out_dtype)
     return write_hf_checkpoint(tensors, config, out_dir, tokenizer_src, max_shard_bytes, dtype=out_dtype)
+
+
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+    """Record the weights' dtype in an HF ``config`` dict: under ``dtype`` where the config already uses
+    that key (transformers 5) and has no ``torch_dtype``, else under ``torch_dtype``."""
+    key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
+    config[key] = str(dtype).removeprefix("torch.")
 
 
 def write_hf_checkpoint(
@@ -253,10 +261,12 @@ def write_hf_checkpoint(
     tokenizer_src: str | Path | None = None,
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
+    shards: list[list[str]] | None = None,
 ) -> Path:
     """Write HF-named ``tensors`` + ``config`` as a checkpoint folder, atomically.
 
-    One ``model.safetensors``, or shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``;
+    One ``model.safetensors``, or shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``
+    (or as given: ``shards`` lists the tensor names of each file, e.g. to keep a source's layout);
     tokenizer files are copied from ``tokenizer_src``. Floating tensors are cast to ``dtype`` if given
     (quantized checkpoints pass None and keep their fp8/int32 tensors as they are).
     """
@@ -272,7 +282,8 @@ def write_hf_checkpoint(
         cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
         return t.numel() * torch.empty(0, dtype=cast).element_size()
 
-    shards = _plan_shards([(n, nbytes(t)) for n, t in tensors.items()], max_shard_bytes)
+    if shards is None:
+        shards = _plan_shards([(n, nbytes(t)) for n, t in tensors.items()], max_shard_bytes)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

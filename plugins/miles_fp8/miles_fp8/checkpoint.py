@@ -14,18 +14,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from miles_core import UsageError
+from miles_core.model import iter_safetensors, set_config_dtype, weight_files, write_hf_checkpoint
 from miles_fp8.linear import is_high_precision
 from miles_fp8.quant import BLOCK, FP8_DTYPE, dequantize, quantize
 
 SCALE_SUFFIX = "_scale_inv"
-INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-)  # fmt: skip
 
 
 def quantization_config(keep: Iterable[str] = ()) -> dict:
@@ -68,20 +63,7 @@ def _block_tile(config: dict) -> tuple[int, int]:
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every (name, tensor) of a safetensors checkpoint folder (single file or sharded with an index)."""
-    path = Path(path)
-    index = path / INDEX_NAME
-    if index.is_file():
-        files = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise UsageError(f"no model.safetensors or {INDEX_NAME} in {path}; pass a safetensors checkpoint.")
-    for f in files:
-        if not (path / f).is_file():
-            raise UsageError(f"shard {path / f} is missing; re-download or re-save the checkpoint.")
-        with safe_open(str(path / f), framework="pt", device="cpu") as fh:
-            for key in fh.keys():
-                yield key, fh.get_tensor(key)
+    return iter_safetensors(weight_files(Path(path)))
 
 
 def should_quantize(name: str, tensor: torch.Tensor, keep: Iterable[str] = ()) -> bool:
@@ -122,19 +104,6 @@ def dequantize_tensors(
             yield name, t.to(dtype) if t.is_floating_point() else t
 
 
-def save_tensors(
-    tensors: dict[str, torch.Tensor],
-    config: dict,
-    out_dir: str | Path,
-    tokenizer_src: str | Path | None = None,
-    max_shard_bytes: int = 5 * 2**30,
-) -> Path:
-    """Write config.json + safetensors (sharded past `max_shard_bytes`) + tokenizer files, atomically."""
-    from miles_core.model import write_hf_checkpoint
-
-    return write_hf_checkpoint(tensors, config, out_dir, tokenizer_src, max_shard_bytes)
-
-
 def convert_to_fp8(input_dir: str | Path, output_dir: str | Path, keep: Iterable[str] = ()) -> Path:
     """`miles convert --to fp8`: quantize an HF checkpoint's linear weights to blockwise e4m3."""
     config = read_config(input_dir)
@@ -144,7 +113,7 @@ def convert_to_fp8(input_dir: str | Path, output_dir: str | Path, keep: Iterable
         )
     tensors = dict(quantize_tensors(iter_tensors(input_dir), keep))
     config["quantization_config"] = quantization_config(keep)
-    return save_tensors(tensors, config, output_dir, tokenizer_src=input_dir)
+    return write_hf_checkpoint(tensors, config, output_dir, tokenizer_src=input_dir)
 
 
 def convert_from_fp8(input_dir: str | Path, output_dir: str | Path, dtype: torch.dtype) -> Path:
@@ -156,6 +125,5 @@ def convert_from_fp8(input_dir: str | Path, output_dir: str | Path, dtype: torch
         )
     tensors = dict(dequantize_tensors(dict(iter_tensors(input_dir)), config, dtype))
     config.pop("quantization_config")
-    key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
-    config[key] = str(dtype).removeprefix("torch.")
-    return save_tensors(tensors, config, output_dir, tokenizer_src=input_dir)
+    set_config_dtype(config, dtype)
+    return write_hf_checkpoint(tensors, config, output_dir, tokenizer_src=input_dir)

@@ -9,12 +9,12 @@ import miles_fp8.plugin as fp8_plugin
 import pytest
 import torch
 from fp8_helpers import make_args, plugin_manager, tiny_moe
-from miles_fp8.checkpoint import convert_from_fp8, iter_tensors, read_config, save_tensors
+from miles_fp8.checkpoint import convert_from_fp8, iter_tensors, read_config
 from miles_fp8.quant import dequantize, quantize
 from safetensors.torch import load_file
 
 from miles_core import UsageError
-from miles_core.model import load_model, save_model
+from miles_core.model import load_model, save_model, write_hf_checkpoint
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_convert_writes_the_hf_fp8_layout(fp8_dir):
 def test_fp8_checkpoint_round_trips_bit_exactly(fp8_dir):
     _, tmp = fp8_dir
     cfg, tensors = read_config(tmp / "fp8"), dict(iter_tensors(tmp / "fp8"))
-    save_tensors(tensors, cfg, tmp / "again")
+    write_hf_checkpoint(tensors, cfg, tmp / "again")
     assert (tmp / "again" / "model.safetensors").read_bytes() == (
         tmp / "fp8" / "model.safetensors"
     ).read_bytes()

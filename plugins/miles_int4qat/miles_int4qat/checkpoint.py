@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from miles_core import UsageError
-from miles_core.atomic import atomic_dir
-from miles_core.model.hf_io import INDEX_NAME, TOKENIZER_FILES
+from miles_core.model import iter_safetensors, weight_files, write_hf_checkpoint
 from miles_int4qat.packing import check_group_size, dequantize, quantize_pack
 
 _EXPERT_W = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
@@ -40,7 +37,7 @@ def _is_linear(name: str) -> bool:
 
 def iter_scope_tensors(path: str | Path, scope: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The unquantized checkpoint's tensors in ``scope``, as stored (e.g. fp32 masters)."""
-    for f in _weight_files(Path(path)):
+    for f in weight_files(Path(path)):
         with safe_open(str(f), framework="pt", device="cpu") as fh:
             for key in fh.keys():
                 if in_scope(key, scope):
@@ -73,39 +70,6 @@ def quantization_config(group_size: int, ignore: list[str]) -> dict:
     }
 
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / INDEX_NAME
-    if index.is_file():
-        return [path / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    raise UsageError(f"no model.safetensors or {INDEX_NAME} in {path}; pass an HF safetensors checkpoint.")
-
-
-def _read(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    with safe_open(str(f), framework="pt", device="cpu") as fh:
-        for key in fh.keys():
-            yield key, fh.get_tensor(key)
-
-
-def _write(tmp: Path, shards: list[dict[str, torch.Tensor]], config: dict, src: Path) -> None:
-    weight_map: dict[str, str] = {}
-    for i, tensors in enumerate(shards):
-        fname = (
-            "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
-        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, fname))
-    if len(shards) > 1:
-        total = sum(t.nbytes for s in shards for t in s.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for fname in TOKENIZER_FILES:
-        if (src / fname).is_file():
-            shutil.copy2(src / fname, tmp / fname)
-
-
 def export_int4(
     input_dir: str | Path, output_dir: str | Path, group_size: int = 128, scope: str = "experts"
 ) -> Path:
@@ -114,10 +78,11 @@ def export_int4(
     config = json.loads((src / "config.json").read_text())
     if "quantization_config" in config:
         raise UsageError(f"{src} is already quantized; convert from the unquantized checkpoint.")
-    shards, ignore = [], {"lm_head"}
-    for f in _weight_files(src):
-        tensors: dict[str, torch.Tensor] = {}
-        for name, t in _read(f):
+    tensors: dict[str, torch.Tensor] = {}
+    shards, ignore = [], {"lm_head"}  # one output file per input file: the source's layout
+    for f in weight_files(src):
+        first = len(tensors)
+        for name, t in iter_safetensors([f]):
             if not in_scope(name, scope):
                 if _is_linear(name):
                     ignore.add(name.removesuffix(".weight"))
@@ -129,11 +94,9 @@ def export_int4(
             tensors[f"{base}.weight_packed"] = packed.contiguous()
             tensors[f"{base}.weight_scale"] = scale.to(t.dtype).contiguous()
             tensors[f"{base}.weight_shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
-        shards.append(tensors)
+        shards.append(list(tensors)[first:])
     config["quantization_config"] = quantization_config(group_size, sorted(ignore))
-    with atomic_dir(out) as tmp:
-        _write(tmp, shards, config, src)
-    return out
+    return write_hf_checkpoint(tensors, config, out, tokenizer_src=src, shards=shards)
 
 
 def int4_group_size(path: str | Path) -> int | None:
@@ -161,8 +124,8 @@ def iter_dequantized(
         raise UsageError(
             f"{path} is not a pack-quantized INT4 checkpoint (config.json has no such quantization)."
         )
-    for f in _weight_files(path):
-        tensors = dict(_read(f))
+    for f in weight_files(path):
+        tensors = dict(iter_safetensors([f]))
         for name, t in tensors.items():
             if name.endswith((".weight_scale", ".weight_shape")):
                 continue
@@ -182,6 +145,4 @@ def import_int4(input_dir: str | Path, output_dir: str | Path, dtype: torch.dtyp
     tensors = {n: t.contiguous() for n, t in iter_dequantized(src, dtype)}
     config.pop("quantization_config", None)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    with atomic_dir(out) as tmp:
-        _write(tmp, [tensors], config, src)
-    return out
+    return write_hf_checkpoint(tensors, config, out, tokenizer_src=src, shards=[list(tensors)])
