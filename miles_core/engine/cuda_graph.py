@@ -20,6 +20,8 @@ check this path.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from miles_core.devices import to_device
@@ -31,12 +33,68 @@ _MIN_KEYS = 64
 TOKEN, POSITION, KEY, ACTIVE = range(4)  # rows of DecodeGraphs.state
 
 
-def _bucket(n: int, limit: int, floor: int = 1) -> int:
+def bucket(n: int, limit: int, floor: int = 1) -> int:
     """Smallest power of two (times `floor`) >= n, capped at `limit`."""
     b = floor
     while b < n:
         b *= 2
     return min(b, limit)
+
+
+def compile_step(fn, device: torch.device):
+    """``torch.compile`` of a static-shape step function, set up as the engine's decode step is."""
+    from torch._dynamo import config as dynamo_config
+
+    # One compiled graph per bucket (a handful in practice), each specialised to its shapes.
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 128)
+    # Fused kernels round bf16 intermediates where the eager ops do, so compiled decoding keeps
+    # the eager path's tokens (greedy) and log-probs.
+    options = {"emulate_precision_casts": True}
+    if device.type == "cpu":
+        # On CPU the generated wrapper is C++ too (~15% off a small model's step; no CUDA graph there
+        # to hide the Python wrapper's per-kernel calls).
+        options["cpp_wrapper"] = True
+    return torch.compile(fn, dynamic=False, options=options)
+
+
+def capture_step(fn, args: tuple, restore: list[torch.Tensor], pool):
+    """Capture ``fn(*args)`` in a CUDA graph; returns a function that replays it and returns its outputs.
+
+    ``fn`` runs twice first on a side stream (compilation, lazy inits and autotuning stay out of the
+    graph). Those runs are real, so every tensor in ``restore`` (state the step advances) is put back
+    after each; whatever else they wrote (K/V at the rows' current positions) the replay rewrites.
+    ``pool`` is a ``torch.cuda.graph_pool_handle()`` shared by one owner's graphs.
+    """
+    saved = [t.clone() for t in restore]
+
+    def put_back():
+        for t, s in zip(restore, saved):
+            t.copy_(s)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            put_back()
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    put_back()  # capturing runs nothing
+    graph = torch.cuda.CUDAGraph()
+    # A garbage collection during capture could free another, unreachable graph (an old engine's), and
+    # destroying a graph is not allowed while a stream captures: it would invalidate this capture.
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn(*args)
+    finally:
+        gc.enable()
+
+    def replay():
+        graph.replay()
+        return outputs
+
+    return replay
 
 
 class DecodeGraphs:
@@ -67,18 +125,7 @@ class DecodeGraphs:
         self._pool = None
         self._step_fn = self._step
         if compile:
-            from torch._dynamo import config as dynamo_config
-
-            # One compiled graph per bucket (a handful in practice), each specialised to its shapes.
-            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 128)
-            # On CPU the generated wrapper is C++ too (~15% off a small model's step; no CUDA graph there
-            # to hide the Python wrapper's per-kernel calls).
-            # Fused kernels round bf16 intermediates where the eager ops do, so compiled decoding keeps
-            # the eager path's tokens (greedy) and log-probs.
-            options = {"emulate_precision_casts": True}
-            if dev.type == "cpu":
-                options["cpp_wrapper"] = True
-            self._step_fn = torch.compile(self._step, dynamic=False, options=options)
+            self._step_fn = compile_step(self._step, dev)
         fuse_qkv(model)  # one q/k/v GEMM per layer in the step (views: the weights stay where they are)
         self.fingerprint = model_fingerprint(model)
         # With the decode attention kernel each row reads its own keys: the step does not depend on
@@ -88,8 +135,8 @@ class DecodeGraphs:
 
     def buckets(self, rows: int, kv_len: int) -> tuple[int, int]:
         if self.per_row_keys:
-            return _bucket(rows, self.num_slots), self.cache.max_len
-        return _bucket(rows, self.num_slots), _bucket(kv_len, self.cache.max_len, _MIN_KEYS)
+            return bucket(rows, self.num_slots), self.cache.max_len
+        return bucket(rows, self.num_slots), bucket(kv_len, self.cache.max_len, _MIN_KEYS)
 
     def load(self, tokens: list[int], positions: list[int], keys: list[int], slots: list[int]) -> None:
         """Set the whole device state: these slots feed `tokens` at `positions`; every other row idles."""
@@ -166,28 +213,9 @@ class DecodeGraphs:
         args = (rows, kv_len, use_top_k, use_top_p)
         if not self.capture:
             return lambda: self._step_fn(*args)
-        saved = self.state.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: compilation, lazy inits and autotuning stay out of the graph
-                self.state.copy_(saved)
-                self._step_fn(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        # The warm-ups ran the step for real: they wrote K/V at each row's current position (which the
-        # real step rewrites) and advanced the state, so put the state back. Capturing runs nothing.
-        self.state.copy_(saved)
-        graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self._step_fn(*args)
-
-        def replay():
-            graph.replay()
-            return outputs
-
-        return replay
+        return capture_step(self._step_fn, args, [self.state], self._pool)
 
 
 def model_fingerprint(model: torch.nn.Module) -> tuple:

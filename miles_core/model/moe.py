@@ -49,6 +49,14 @@ def _grouped_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _no_sync(x: torch.Tensor, few_rows: bool) -> bool:
+    """Whether the experts must run without a host sync: compiling a decode-sized step, or capturing
+    a CUDA graph (outside torch.compile, which never traces the capture itself)."""
+    if torch.compiler.is_compiling():
+        return few_rows
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _expert_order(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, dest): the stable argsort of expert ids `flat` [M] and its inverse (copy i is sorted row
     dest[i]). For few rows (decode) each copy's destination is counted directly, in one fusable
@@ -115,9 +123,10 @@ class Experts(nn.Module):
         xs = x[order // k]
         if gdt is not None:
             ys = self._grouped(xs.to(gdt), self._expert_ends(flat), gdt)
-        elif torch.compiler.is_compiling() and xs.shape[0] <= 16 * self.num_experts:
-            # Under torch.compile (the engine's compiled decode step) no host sync: each token copy is
-            # multiplied by its own expert's gathered weights (cheap at decode's few rows per step).
+        elif _no_sync(x, xs.shape[0] <= 16 * self.num_experts):
+            # Under torch.compile (the engine's compiled decode step) or CUDA graph capture (an fp32
+            # model's captured step) no host sync: each token copy is multiplied by its own expert's
+            # gathered weights (cheap at decode's few rows per step).
             ys = self._gathered(xs, flat[order])
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
