@@ -46,10 +46,17 @@ def _naive(c: dict):
     return out, kc, vc
 
 
-def _case(dtype=torch.float32, heads=8, kv_heads=2, d=32, norm=True, seed=0) -> dict:
+def _case(dtype=torch.float32, heads=8, kv_heads=2, d=32, norm=True, seed=0, multi=False) -> dict:
+    """Rows of new tokens; ``multi``: four consecutive tokens of each of four sequences (the rows of a
+    speculative verify step), which must see each other's keys."""
     g = torch.Generator().manual_seed(seed)
-    b, num_slots, length = 5, 7, 150
+    num_slots, length = 7, 150
     pos = torch.tensor([0, 1, 63, 64, 149])  # empty cache, block edges, the last position
+    slots = torch.tensor([6, 0, 3, 2, 5])
+    if multi:
+        pos = (torch.tensor([10, 0, 61, 146])[:, None] + torch.arange(4)).reshape(-1)  # across block 64
+        slots = torch.tensor([6, 0, 3, 2]).repeat_interleave(4)
+    b = len(pos)
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     freqs = pos[:, None].float() * inv
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -61,13 +68,14 @@ def _case(dtype=torch.float32, heads=8, kv_heads=2, d=32, norm=True, seed=0) -> 
         "eps": 1e-6,
         "k_cache": torch.randn(num_slots, kv_heads, length, d, generator=g).to(dtype),
         "v_cache": torch.randn(num_slots, kv_heads, length, d, generator=g).to(dtype),
-        "slots": torch.tensor([6, 0, 3, 2, 5]), "pos": pos, "num_heads": heads, "num_kv_heads": kv_heads,
+        "slots": slots, "pos": pos, "num_heads": heads, "num_kv_heads": kv_heads,
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("kv_heads,norm", [(2, True), (8, True), (2, False)])
-def test_reference_path_norms_ropes_writes_and_attends_over_each_rows_keys(kv_heads, norm):
-    c = _case(kv_heads=kv_heads, norm=norm)
+@pytest.mark.parametrize("kv_heads,norm,multi", [(2, True, False), (8, True, False), (2, False, False),
+                                                  (2, True, True)])  # fmt: skip
+def test_reference_path_norms_ropes_writes_and_attends_over_each_rows_keys(kv_heads, norm, multi):
+    c = _case(kv_heads=kv_heads, norm=norm, multi=multi)
     want, want_kc, want_vc = _naive(c)
     out = da._reference(**c)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
@@ -109,11 +117,11 @@ from miles_core.model import decode_attention as da
 import test_decode_attention as t
 
 # float32 only: Triton 3.6's interpreter gets bf16 tl.dot wrong (CUDA checks bf16 below).
-for kv_heads, norm in ((2, True), (8, True), (2, False)):
-    c = t._case(torch.float32, kv_heads=kv_heads, norm=norm)
+for kv_heads, norm, multi in ((2, True, False), (8, True, False), (2, False, False), (2, True, True)):
+    c = t._case(torch.float32, kv_heads=kv_heads, norm=norm, multi=multi)
     assert da.kernel_available(c["qkv"], 32)
     want = t._naive(c)
-    out = da.attend(**c)
+    out = da.attend(**c, multi_token=multi)
     for got, ref in zip((out, c["k_cache"], c["v_cache"]), want):
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
 print("ok")
@@ -131,12 +139,12 @@ def test_kernel_matches_under_the_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernel_matches_on_cuda():
     for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        for norm in (True, False):
-            c = _case(dtype, heads=16, kv_heads=4, d=64, norm=norm)
+        for norm, multi in ((True, False), (False, False), (True, True)):
+            c = _case(dtype, heads=16, kv_heads=4, d=64, norm=norm, multi=multi)
             gpu = {n: x.cuda() if isinstance(x, torch.Tensor) else x for n, x in c.items()}
-            out = da.attend(**gpu).cpu()
+            out = da.attend(**gpu, multi_token=multi).cpu()
             c["k_cache"], c["v_cache"] = gpu["k_cache"].cpu(), gpu["v_cache"].cpu()
-            cpu = _case(dtype, heads=16, kv_heads=4, d=64, norm=norm)  # the caches before the write
+            cpu = _case(dtype, heads=16, kv_heads=4, d=64, norm=norm, multi=multi)  # caches before the write
             want, want_kc, want_vc = _naive(cpu)
             torch.testing.assert_close(out.double(), want, atol=atol, rtol=atol)
             torch.testing.assert_close(c["k_cache"].double(), want_kc, atol=atol, rtol=atol)

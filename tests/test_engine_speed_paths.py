@@ -233,7 +233,8 @@ def test_cuda_graph_decode_matches_eager_bf16_medium_model(tiny_ckpt):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_kernel_step_matches_masked_sdpa(tiny_ckpt, dtype):
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_decode_attention_kernel_step_matches_masked_sdpa(tiny_ckpt, dtype, tokens):
     """One decode step over the same prefilled cache, with the kernel and with masked SDPA: same
     logits (to the dtype's rounding) and the same K/V written. Teacher-forced, so a near-tied greedy
     token of this random model cannot make the two runs diverge."""
@@ -253,8 +254,9 @@ def test_decode_attention_kernel_step_matches_masked_sdpa(tiny_ckpt, dtype):
             ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g).cuda()
             pos = torch.arange(n, device="cuda")[None]
             model(ids, position_ids=pos, kv_cache=cache, cache_slots=slots.new_tensor([slot]))
-        ids = torch.randint(3, model.config.vocab_size, (len(lens), 1), generator=g).cuda()
-        pos = torch.tensor(lens, device="cuda")[:, None]
+        # `tokens` new tokens a row (4: a speculative verify step, whose rows see each other's keys).
+        ids = torch.randint(3, model.config.vocab_size, (len(lens), tokens), generator=g).cuda()
+        pos = torch.tensor(lens, device="cuda")[:, None] + torch.arange(tokens, device="cuda")
         caches, logits = [], []
         for enabled in (True, False):
             c = KVCache(model.config, 8, 256, dtype, "cuda")

@@ -1,4 +1,4 @@
-"""One-token decode attention over the KV cache in one Triton kernel (flash-decoding without a split).
+"""Decode attention over the KV cache in one Triton kernel (flash-decoding without a split).
 
 A decode step's attention is, per layer: q/k RMSNorm (Qwen3), rotary embedding, write the new token's K/V
 into the cache at its position, then attend over that slot's keys ``0..pos``. Done with plain ops that is
@@ -11,6 +11,11 @@ the row's q/k/v straight from the projection output:
 3. stream the cached keys ``0..pos-1`` of that slot and head in blocks, with an online softmax over the
    ``rep`` query heads (GQA: each K/V block is read once for all of them), and finish with the new key,
    taken from registers rather than read back.
+
+A forward with a few new tokens per row (up to `MAX_TOKENS`: a speculative verify or draft step) is
+flattened to one row per token, several rows sharing a slot (``multi_token``). Each such row must see
+the keys of its sequence's earlier new tokens, so the kernel then runs twice: a launch that only does
+steps 1-2 for every row, then one that does 1 and 3.
 
 Each row reads only its own ``pos`` keys, so there is no mask and no ``kv_len`` padding; the grid is
 static, so the kernel can be captured in a CUDA graph. It is registered as the custom op
@@ -42,6 +47,9 @@ except ImportError:  # the CPU-only install
     tl = None
 
 BLOCK_KEYS = 64
+# Forwards over the cache with up to this many new tokens a row use the op (speculative verify and draft
+# steps: a few tokens a row); longer ones (prefill) use masked SDPA, which tiles the queries.
+MAX_TOKENS = 8
 # Whether forwards over the KV cache use the kernel for one-token steps where it can run (tests turn it
 # off to compare with the masked-SDPA path).
 ENABLED = True
@@ -87,6 +95,7 @@ if triton is not None:
         s_qkv, s_cs, sc_s, sc_h, sc_l, so_b, so_h, scale, eps,
         H: tl.constexpr, HKV: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
         HALF: tl.constexpr, BLOCK: tl.constexpr, QK_NORM: tl.constexpr, PRECISION: tl.constexpr,
+        STORE: tl.constexpr, ATTEND: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -112,33 +121,35 @@ if triton is not None:
         ka, kb = _norm_rope(ka, kb, kw_ptr, c, sn, eps, D, HALF, QK_NORM, cdt)
         base = slot * sc_s + h * sc_h
         new = base + pos * sc_l
-        tl.store(kc_ptr + new + dh[None, :], ka)
-        tl.store(kc_ptr + new + HALF + dh[None, :], kb)
-        tl.store(vc_ptr + new + d, v_new)
-        # The new key first (it is always visible): it starts the running max and sum.
-        m_i = tl.sum(qa.to(tl.float32) * ka.to(tl.float32), axis=1)
-        m_i = (m_i + tl.sum(qb.to(tl.float32) * kb.to(tl.float32), axis=1)) * scale  # [REP_P]
-        l_i = tl.full((REP_P,), 1.0, tl.float32)
-        acc = tl.zeros((REP_P, D), tl.float32) + v_new.to(tl.float32)[None, :]
-        for start in range(0, pos, BLOCK):
-            n = start + tl.arange(0, BLOCK)
-            n_ok = n < pos
-            off = base + n[:, None] * sc_l
-            k_a = tl.load(kc_ptr + off + dh[None, :], mask=n_ok[:, None], other=0.0)
-            k_b = tl.load(kc_ptr + off + HALF + dh[None, :], mask=n_ok[:, None], other=0.0)
-            s = tl.dot(qa, tl.trans(k_a), input_precision=PRECISION)
-            s = (s + tl.dot(qb, tl.trans(k_b), input_precision=PRECISION)) * scale  # [REP_P, BLOCK]
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            v = tl.load(vc_ptr + off + d[None, :], mask=n_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision=PRECISION)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
-        out = acc / l_i[:, None]
-        o_ptr = out_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
-        tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+        if STORE:
+            tl.store(kc_ptr + new + dh[None, :], ka)
+            tl.store(kc_ptr + new + HALF + dh[None, :], kb)
+            tl.store(vc_ptr + new + d, v_new)
+        if ATTEND:
+            # The new key first (it is always visible): it starts the running max and sum.
+            m_i = tl.sum(qa.to(tl.float32) * ka.to(tl.float32), axis=1)
+            m_i = (m_i + tl.sum(qb.to(tl.float32) * kb.to(tl.float32), axis=1)) * scale  # [REP_P]
+            l_i = tl.full((REP_P,), 1.0, tl.float32)
+            acc = tl.zeros((REP_P, D), tl.float32) + v_new.to(tl.float32)[None, :]
+            for start in range(0, pos, BLOCK):
+                n = start + tl.arange(0, BLOCK)
+                n_ok = n < pos
+                off = base + n[:, None] * sc_l
+                k_a = tl.load(kc_ptr + off + dh[None, :], mask=n_ok[:, None], other=0.0)
+                k_b = tl.load(kc_ptr + off + HALF + dh[None, :], mask=n_ok[:, None], other=0.0)
+                s = tl.dot(qa, tl.trans(k_a), input_precision=PRECISION)
+                s = (s + tl.dot(qb, tl.trans(k_b), input_precision=PRECISION)) * scale  # [REP_P, BLOCK]
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                v = tl.load(vc_ptr + off + d[None, :], mask=n_ok[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision=PRECISION)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
+            out = acc / l_i[:, None]
+            o_ptr = out_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
+            tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -154,8 +165,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def _reference(qkv, cos, sin, q_norm_w, k_norm_w, eps, k_cache, v_cache, slots, pos, num_heads, num_kv_heads):
-    """The op with torch ops, as `Attention` computes it: norm, rope, write K/V, then masked attention
-    over keys 0..pos of each row's slot."""
+    """The op with torch ops, as `Attention` computes it: norm, rope, write every row's K/V, then masked
+    attention over keys 0..pos of each row's slot (so rows sharing a slot see each other's earlier keys)."""
     b = qkv.shape[0]
     d = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     q, k, v = qkv.view(b, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
@@ -178,9 +189,13 @@ def _reference(qkv, cos, sin, q_norm_w, k_norm_w, eps, k_cache, v_cache, slots, 
 def decode_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_norm_w: torch.Tensor | None,
     k_norm_w: torch.Tensor | None, eps: float, slots: torch.Tensor, pos: torch.Tensor, cache_key: int,
-    layer: int, num_heads: int, num_kv_heads: int,
+    layer: int, num_heads: int, num_kv_heads: int, multi_token: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of one new token per row over its slot's cache, writing the token's K/V first.
+
+    With ``multi_token`` several rows may share a slot (a few new tokens of one sequence at consecutive
+    positions, as a speculative verify step feeds them): every row's K/V is written first (one launch),
+    then each row attends over its slot's keys 0..pos (a second launch).
 
     :param qkv: ``[B, (H + 2 Hkv) D]`` the q/k/v projections of each row's new token (before norm/rope).
     :param cos: ``[B, D]`` rope table at each row's position (and ``sin``), as `RotaryEmbedding` gives.
@@ -192,16 +207,18 @@ def decode_attention(
     """
     cache = cache_by_key(cache_key)
     args = (qkv, cos, sin, q_norm_w, k_norm_w, eps, cache.k[layer], cache.v[layer], slots, pos)
-    return attend(*args, num_heads, num_kv_heads)
+    return attend(*args, num_heads, num_kv_heads, multi_token)
 
 
 @decode_attention.register_fake
-def _(qkv, cos, sin, q_norm_w, k_norm_w, eps, slots, pos, cache_key, layer, num_heads, num_kv_heads):
+def _(qkv, cos, sin, q_norm_w, k_norm_w, eps, slots, pos, cache_key, layer, num_heads, num_kv_heads,
+      multi_token=False):  # fmt: skip
     d = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     return qkv.new_empty(qkv.shape[0], num_heads, d)
 
 
-def attend(qkv, cos, sin, q_norm_w, k_norm_w, eps, k_cache, v_cache, slots, pos, num_heads, num_kv_heads):
+def attend(qkv, cos, sin, q_norm_w, k_norm_w, eps, k_cache, v_cache, slots, pos, num_heads, num_kv_heads,
+           multi_token=False):  # fmt: skip
     """`decode_attention` on explicit cache buffers (the kernel where it runs, else `_reference`)."""
     b = qkv.shape[0]
     d = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
@@ -219,12 +236,15 @@ def attend(qkv, cos, sin, q_norm_w, k_norm_w, eps, k_cache, v_cache, slots, pos,
     slots, pos = slots.contiguous(), pos.contiguous()
     norm = q_norm_w is not None
     qw, kw = (q_norm_w, k_norm_w) if norm else (cos, cos)  # unread without the norm
-    _decode_attn_kernel[(b, num_kv_heads)](
-        qkv, cos, sin, qw, kw, k_cache, v_cache, slots, pos, out,
-        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), 1.0 / math.sqrt(d), eps,
-        H=num_heads, HKV=num_kv_heads, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=d,
-        HALF=d // 2, BLOCK=BLOCK_KEYS, QK_NORM=norm,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
+    # One launch writes and attends (each row reads only keys before its own, which earlier steps
+    # wrote); rows sharing a slot need every write done first: a write-only launch, then attention.
+    for store, attn in ((True, False), (False, True)) if multi_token else ((True, True),):
+        _decode_attn_kernel[(b, num_kv_heads)](
+            qkv, cos, sin, qw, kw, k_cache, v_cache, slots, pos, out,
+            qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            out.stride(0), out.stride(1), 1.0 / math.sqrt(d), eps,
+            H=num_heads, HKV=num_kv_heads, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=d,
+            HALF=d // 2, BLOCK=BLOCK_KEYS, QK_NORM=norm,
+            PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", STORE=store, ATTEND=attn,
+        )  # fmt: skip
     return out

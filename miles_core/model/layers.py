@@ -177,13 +177,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         b, t, _ = x.shape
-        if ctx.decode_kernel:  # one token per row: norm, rope, cache write and attention in one kernel
+        if ctx.decode_kernel:  # a few tokens per row: norm, rope, cache write and attention in the op
             norm = self.q_norm is not None
+            slots = ctx.cache_slots if t == 1 else ctx.cache_slots[:, None].expand(b, t).reshape(-1)
             out = decode_attention(
-                self._project(x, ctx, joined=True)[:, 0], ctx.cos[:, 0], ctx.sin[:, 0],
-                self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
-                self.q_norm.eps if norm else 0.0, ctx.cache_slots, ctx.position_ids[:, 0],
-                ctx.kv_cache.key, self.layer_idx, self.num_heads, self.num_kv_heads,
+                self._project(x, ctx, joined=True).reshape(b * t, -1), ctx.cos.reshape(b * t, -1),
+                ctx.sin.reshape(b * t, -1), self.q_norm.weight if norm else None,
+                self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, slots,
+                ctx.position_ids.reshape(-1), ctx.kv_cache.key, self.layer_idx, self.num_heads,
+                self.num_kv_heads, t > 1,
             )  # fmt: skip
             return self.o_proj(out.reshape(b, t, -1))
         q, k, v = self._project(x, ctx, joined=False)

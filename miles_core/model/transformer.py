@@ -80,8 +80,10 @@ def cache_context(
         cos=cos, sin=sin, kv_cache=kv_cache, cache_slots=cache_slots.to(torch.long),
         position_ids=position_ids, kv_len=kv_len, contiguous_slots=contiguous_slots,
     )  # fmt: skip
-    if position_ids.shape[1] == 1 and decode_attention.use_for_decode(position_ids, head_dim):
-        # One new token per row: the decode kernel writes K/V and reads each row's own keys, no mask.
+    if position_ids.shape[1] <= decode_attention.MAX_TOKENS and decode_attention.use_for_decode(
+        position_ids, head_dim
+    ):
+        # A few new tokens per row: the decode kernel writes K/V and reads each row's own keys, no mask.
         ctx.decode_kernel = True
     else:
         ctx.mask = torch.arange(kv_len, device=position_ids.device) <= position_ids[:, None, :, None]
