@@ -1,9 +1,12 @@
 """Draft proposers for the speculator: the model's own MTP head, or a separate small draft model.
 
-Each drafter keeps its own KV cache, slot-for-slot with the engine's, and a per-sequence list of pending
-entries: the tokens (and, for MTP, target hidden states) the verify step confirmed but the draft has not
-yet seen. A draft step first runs those pending entries (which yields the first draft token) and then
-feeds its own drafts back, one token per step; rejected drafts are simply overwritten next time.
+Each drafter keeps its own KV cache, slot-for-slot with the engine's, and per-slot device buffers of
+pending entries: the tokens (and, for MTP, target hidden states) that verification confirmed but the
+draft has not seen yet, at most k + 1 of them. A draft step runs a row's pending entries (which yields the
+first draft token) and then feeds its own drafts back, one token per step; rejected drafts are simply
+overwritten next time. Every shape in a draft step is fixed by (rows, k), so the speculator can capture
+it in a CUDA graph with the verify forward. A sequence fresh from prefill has more pending entries (its
+whole prompt): `begin` runs all but the last k + 1 of them eagerly and leaves those in the buffers.
 """
 
 from __future__ import annotations
@@ -13,8 +16,26 @@ from typing import Any
 import torch
 
 from miles_core import UsageError
+from miles_core.engine.sampler import keyed_exponentials
 from miles_core.model import CausalLM, KVCache
 from miles_specrl.mtp import _dense_config, embed, head_logits, step_context
+
+# Noise streams of the speculative step, XORed into a sequence's sampling key (stream 0, the engine's
+# own draws, is the key itself): each random choice gets its own counter-based draws.
+DRAFT_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM = 0x5BD1E995, 0x27D4EB2F, 0x165667B1
+
+
+def race(probs: torch.Tensor, key: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """One sample per row of ``probs`` [B, V] by the exponential race, with noise keyed by
+    (key ^ stream, index): a pure function of the sequence, the token position and the stream."""
+    return (probs / keyed_exponentials(key ^ stream, index, probs.shape[-1])).argmax(-1)
+
+
+def keyed_uniform(key: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """float32 U(0, 1) draws of the shape of ``index`` (``key`` broadcast to it): exp(-E), E ~ Exp(1)."""
+    key, index = torch.broadcast_tensors(key, index)
+    e = keyed_exponentials((key ^ stream).reshape(-1), index.reshape(-1), 1)
+    return torch.exp(-e).view(index.shape)
 
 
 def draft_probs(logits: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
@@ -27,12 +48,8 @@ def draft_probs(logits: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
 
 
 class Drafter:
-    """Common draft loop; subclasses define how pending entries and single steps run.
-
-    Steady-state pending entries live in per-slot device buffers (tokens, lengths, first position and,
-    for MTP, target hidden states), written once per step for the whole batch, so a step costs a fixed
-    number of kernels however many sequences run. A sequence just out of prefill starts from its prompt.
-    """
+    """Common draft loop; subclasses say what a new sequence's pending entries are and how a forward of
+    the draft runs (`_body`) and projects onto the vocabulary (`_head`)."""
 
     needs_hidden = False
     offset = 0  # first pending position relative to the verify forward's first position
@@ -40,130 +57,139 @@ class Drafter:
     def __init__(self) -> None:
         self.cache: KVCache | None = None
         self._engine_cache: Any = None
-        self._new: dict[int, tuple[list[int], torch.Tensor | None]] = {}
         self.vocab = 0
         self.width = 1
         self.buf_tok = self.buf_len = self.buf_pos = self.buf_hid = None
 
     def attach(self, engine: Any, width: int = 4) -> None:
         self.vocab = engine.model.config.vocab_size
+        if width != self.width:
+            self._engine_cache = None  # buffers are sized by the width
         self.width = width
 
     def reset(self) -> None:
-        self._new.clear()
+        pass
 
     def _make_cache(self, engine: Any) -> KVCache:
         raise NotImplementedError
 
-    def _sync_cache(self, engine: Any) -> None:
-        if self.cache is None or self._engine_cache is not engine.kv_cache:
-            self.cache = self._make_cache(engine)
-            self._engine_cache = engine.kv_cache
-            n, dev = self.cache.num_slots, engine.device
-            self.buf_tok = torch.zeros(n, self.width, dtype=torch.long, device=dev)
-            self.buf_len = torch.ones(n, dtype=torch.long, device=dev)
-            self.buf_pos = torch.zeros(n, dtype=torch.long, device=dev)
-            if self.needs_hidden:
-                h = engine.model.config.hidden_size
-                self.buf_hid = torch.zeros(n, self.width, h, dtype=engine.dtype, device=dev)
+    def sync(self, engine: Any) -> bool:
+        """Size the draft cache and the pending buffers after the engine's cache; True if re-made."""
+        if self.cache is not None and self._engine_cache is engine.kv_cache:
+            return False
+        self.cache = self._make_cache(engine)
+        self._engine_cache = engine.kv_cache
+        n, dev = self.cache.num_slots, engine.device
+        self.buf_tok = torch.zeros(n, self.width, dtype=torch.long, device=dev)
+        self.buf_len = torch.ones(n, dtype=torch.long, device=dev)
+        self.buf_pos = torch.zeros(n, dtype=torch.long, device=dev)
+        if self.needs_hidden:
+            h = engine.model.config.hidden_size
+            self.buf_hid = torch.zeros(n, self.width, h, dtype=engine.dtype, device=dev)
+        return True
 
-    def begin(self, seq: Any) -> None:
+    def buffers(self) -> list[torch.Tensor]:
+        """The device state a draft step advances (restored after the warm-ups of a graph capture)."""
+        return [t for t in (self.buf_tok, self.buf_len, self.buf_pos, self.buf_hid) if t is not None]
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Modules whose weights a draft step reads besides the engine's model (for graph validity)."""
+        return []
+
+    def entries(self, seq: Any) -> tuple[list[int], torch.Tensor | None]:
+        """A sequence's pending entries right after prefill (tokens, and hidden states [n, H] for MTP),
+        the first at position 0."""
         raise NotImplementedError
 
     def end(self, seq: Any) -> None:
-        self._new.pop(id(seq), None)
-
-    def advance(self, slots: torch.Tensor, hidden: torch.Tensor | None, tokens: torch.Tensor,
-                counts: torch.Tensor, start: torch.Tensor) -> None:  # fmt: skip
-        """After verification, for the whole batch: row i's next pending entries are ``tokens[i, :counts[i]]``
-        (with ``hidden[i, :counts[i]]``), the first at position ``start[i] + offset``."""
-        w = tokens.shape[1]
-        self.buf_tok[slots, :w] = tokens
-        self.buf_len[slots] = counts
-        self.buf_pos[slots] = start + self.offset
-        if hidden is not None:
-            self.buf_hid[slots, :w] = hidden.to(self.buf_hid.dtype)
-
-    def _run(self, engine: Any, hidden: Any, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor):
-        """One draft forward over ``ids`` [B, T] at ``pos``; returns (logits [B, T, V], carry or None)."""
-        raise NotImplementedError
-
-    def _extend(self, engine: Any, seqs: list[Any]) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """Run every sequence's pending entries; (logits, carry, position) at each row's last entry."""
-        dev = engine.device
-        new = [i for i, s in enumerate(seqs) if id(s) in self._new]
-        old = [i for i, s in enumerate(seqs) if id(s) not in self._new]
-        parts = []
-        for idx, fn in ((old, self._extend_old), (new, self._extend_new)):
-            if idx:
-                parts.append((torch.tensor(idx, device=dev), fn(engine, [seqs[i] for i in idx])))
-        if len(parts) == 1:
-            return parts[0][1]
-        (ia, (la, ca, pa)), (ib, (lb, cb, pb)) = parts
-        order = torch.argsort(torch.cat([ia, ib]))
-        cat = lambda a, b: None if a is None else torch.cat([a, b])[order]  # noqa: E731
-        return cat(la, lb), cat(ca, cb), cat(pa, pb)
-
-    def _extend_old(self, engine: Any, seqs: list[Any]):
-        dev = engine.device
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        ids, lens = self.buf_tok[slots], self.buf_len[slots]
-        pos = (self.buf_pos[slots][:, None] + torch.arange(self.width, device=dev)[None, :]).clamp(
-            max=self.cache.max_len - 1
-        )
-        hidden = self.buf_hid[slots] if self.needs_hidden else None
-        logits, carry = self._run(engine, hidden, ids, pos, slots)
-        rows = torch.arange(len(seqs), device=dev)
-        return logits[rows, lens - 1], None if carry is None else carry[rows, lens - 1], pos[rows, lens - 1]
-
-    def _extend_new(self, engine: Any, seqs: list[Any]):
-        """Sequences fresh from prefill: their pending entries are the whole prompt (right-padded)."""
-        dev = engine.device
-        entries = [self._new.pop(id(s)) for s in seqs]
-        lens = [len(t) for t, _ in entries]
-        n = max(lens)
-        # One host->device copy for the ids and one padded stack for the states (no per-row kernels).
-        ids = torch.tensor([t + [0] * (n - len(t)) for t, _ in entries], device=dev)
-        hidden = None
-        if self.needs_hidden:
-            hidden = torch.nn.utils.rnn.pad_sequence([h for _, h in entries], batch_first=True)
-            hidden = hidden[:, :n].to(engine.dtype)
-        pos = torch.arange(n, device=dev)[None, :].expand(len(seqs), n).clamp(max=self.cache.max_len - 1)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        logits, carry = self._run(engine, hidden, ids, pos, slots)
-        rows, last = torch.arange(len(seqs), device=dev), torch.tensor(lens, device=dev) - 1
-        return logits[rows, last], None if carry is None else carry[rows, last], pos[rows, last]
-
-    def _step(self, engine: Any, carry: Any, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor):
-        logits, carry = self._run(
-            engine, None if carry is None else carry[:, None], tokens[:, None], pos[:, None], slots
-        )
-        return logits[:, 0], None if carry is None else carry[:, 0]
+        pass
 
     @torch.no_grad()
-    def draft(
-        self, engine: Any, seqs: list[Any], k: int, temp: torch.Tensor, gen: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``k`` draft tokens per sequence and the draft distributions they were sampled from.
+    def begin(self, engine: Any, seqs: list[Any]) -> None:
+        """Take sequences fresh from prefill: run all but each one's last ``width`` pending entries into
+        the draft cache (one padded forward) and put those last entries in its slot's buffers."""
+        self.sync(engine)
+        dev, w = engine.device, self.width
+        entries = [self.entries(s) for s in seqs]
+        heads = [(s, t, h) for s, (t, h) in zip(seqs, entries) if len(t) > w]
+        if heads:
+            n = max(len(t) - w for _, t, _ in heads)
+            ids = torch.tensor([t[: len(t) - w] + [0] * (n - len(t) + w) for _, t, _ in heads], device=dev)
+            hidden = None
+            if self.needs_hidden:
+                hidden = torch.nn.utils.rnn.pad_sequence(
+                    [h[: len(t) - w] for _, t, h in heads], batch_first=True
+                )
+                hidden = hidden.to(engine.dtype)
+            pos = torch.arange(n, device=dev)[None, :].expand(len(heads), n)
+            slots = torch.tensor([s.slot for s, _, _ in heads], device=dev)
+            self._body(engine, hidden, ids, pos, slots, n, False)  # padding writes are overwritten later
+        for s, (t, h) in zip(seqs, entries):
+            m = min(len(t), w)
+            self.buf_tok[s.slot, :m] = torch.tensor(t[len(t) - m :], device=dev)
+            self.buf_len[s.slot] = m
+            self.buf_pos[s.slot] = len(t) - m
+            if self.needs_hidden:
+                self.buf_hid[s.slot, :m] = h[len(h) - m :].to(self.buf_hid.dtype)
 
-        :returns: ``(drafts int64 [B, k], q float32 [B, k, V])``.
+    def advance(self, rows: int, hidden: torch.Tensor | None, tokens: torch.Tensor, counts: torch.Tensor,
+                start: torch.Tensor) -> None:  # fmt: skip
+        """After verification, for slots 0..rows-1: slot i's next pending entries are
+        ``tokens[i, :counts[i]]`` (with ``hidden[i, :counts[i]]``), the first at ``start[i] + offset``."""
+        self.buf_tok[:rows].copy_(tokens)
+        self.buf_len[:rows].copy_(counts)
+        self.buf_pos[:rows].copy_(start + self.offset)
+        if hidden is not None:
+            self.buf_hid[:rows].copy_(hidden)
+
+    def _body(self, engine: Any, hidden: Any, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+              kv_len: int, contiguous: bool) -> tuple[torch.Tensor, Any]:  # fmt: skip
+        """One draft forward over ``ids`` [B, T] at ``pos`` through the draft cache: (states [B, T, H] for
+        `_head`, carry [B, T, H] for the next draft step or None)."""
+        raise NotImplementedError
+
+    def _head(self, engine: Any, states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def first(self, engine: Any, rows: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Run slots 0..rows-1's pending entries: (draft logits [rows, V], carry, position) at each row's
+        last entry."""
+        dev, w, max_len = engine.device, self.width, self.cache.max_len
+        slots = torch.arange(rows, device=dev)
+        ids, lens = self.buf_tok[:rows], self.buf_len[:rows]
+        pos = (self.buf_pos[:rows, None] + torch.arange(w, device=dev)[None, :]).clamp(max=max_len - 1)
+        hidden = self.buf_hid[:rows] if self.needs_hidden else None
+        states, carry = self._body(engine, hidden, ids, pos, slots, max_len, True)
+        last = (lens - 1)[:, None]
+        pick = lambda x: x.gather(1, last[..., None].expand(-1, 1, x.shape[-1]))[:, 0]  # noqa: E731
+        logits = self._head(engine, pick(states))
+        return logits, None if carry is None else pick(carry), pos.gather(1, last)[:, 0]
+
+    def draft(self, engine: Any, rows: int, k: int, temp: torch.Tensor, key: torch.Tensor,
+              start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``k`` draft tokens for slots 0..rows-1 and the draft distributions they were drawn from.
+
+        Draft t is the token at position ``start + 1 + t`` (``start``: the position of the token the verify
+        forward starts with) and is drawn with noise keyed by that position.
+
+        :returns: ``(drafts int64 [rows, k], q float32 [rows, k, V])``.
         """
-        self._sync_cache(engine)
-        dev = engine.device
-        logits, carry, last_pos = self._extend(engine, seqs)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        logits, carry, last_pos = self.first(engine, rows)
+        slots = torch.arange(rows, device=engine.device)
+        max_len = self.cache.max_len
         drafts, qs = [], []
         for t in range(k):
             if t:
-                pos = (last_pos + t).clamp(max=self.cache.max_len - 1)
-                logits, carry = self._step(engine, carry, drafts[-1], pos, slots)
+                pos = (last_pos + t).clamp(max=max_len - 1)[:, None]
+                states, carry = self._body(
+                    engine, None if carry is None else carry[:, None], drafts[-1][:, None], pos, slots,
+                    max_len, True,
+                )  # fmt: skip
+                logits = self._head(engine, states[:, 0])
+                carry = None if carry is None else carry[:, 0]
             q = draft_probs(logits[:, : self.vocab], temp)
             qs.append(q)
-            drafts.append(torch.multinomial(q, 1, generator=gen).squeeze(-1))
-        if not k:
-            return torch.zeros(len(seqs), 0, dtype=torch.long, device=dev), torch.zeros(
-                len(seqs), 0, self.vocab, device=dev
-            )
+            drafts.append(race(q, key, start + 1 + t, DRAFT_STREAM))
         return torch.stack(drafts, 1), torch.stack(qs, 1)
 
 
@@ -198,14 +224,15 @@ class MTPDrafter(Drafter):
             self._model = model
 
     def reset(self) -> None:
-        super().reset()
         self._prefills.clear()
         self._widths.clear()
 
     @staticmethod
     def _is_prefill(kwargs: dict) -> bool:
         pos = kwargs.get("position_ids")
-        return kwargs.get("kv_cache") is not None and pos is not None and bool((pos[:, 0] == 0).all())
+        if kwargs.get("kv_cache") is None or pos is None or kwargs.get("contiguous_slots"):
+            return False  # the speculative step's verify forwards (contiguous slots) are never prefills
+        return bool((pos[:, 0] == 0).all())
 
     def _pre(self, module: Any, args: tuple, kwargs: dict):
         if self._is_prefill(kwargs):
@@ -225,7 +252,7 @@ class MTPDrafter(Drafter):
             _dense_config(engine.model.config), c.num_slots, c.max_len, engine.dtype, engine.device
         )
 
-    def begin(self, seq: Any) -> None:
+    def entries(self, seq: Any) -> tuple[list[int], torch.Tensor]:
         n = len(seq.prompt)
         hidden = None
         for width in self._widths:  # one width per prefill batch
@@ -237,19 +264,20 @@ class MTPDrafter(Drafter):
             ids = torch.tensor([seq.prompt], device=self._model.lm_head.weight.device)
             hidden = self._model(ids, return_hidden=True).hidden[0]
         # Entry i pairs the target state at position i with token i+1; the last one with the sampled token.
-        self._new[id(seq)] = (list(seq.prompt[1:]) + list(seq.out[:1]), hidden)
+        return list(seq.prompt[1:]) + list(seq.out[:1]), hidden
 
-    def _extend(self, engine: Any, seqs: list[Any]):
-        out = super()._extend(engine, seqs)
-        self._prefills.clear()  # every new sequence of this step has begun
+    def begin(self, engine: Any, seqs: list[Any]) -> None:
+        super().begin(engine, seqs)
+        self._prefills.clear()  # every sequence of those prefills has begun
         self._widths.clear()
-        return out
 
-    def _run(self, engine: Any, hidden: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, slots):
+    def _body(self, engine, hidden, ids, pos, slots, kv_len, contiguous):
         model = engine.model
-        ctx = step_context(model, pos, hidden.dtype, self.cache, slots)
-        carry, normed = model.mtp.layers[0](hidden, embed(model, ids).to(hidden.dtype), ctx)
-        return head_logits(model, normed), carry
+        ctx = step_context(model, pos, hidden.dtype, self.cache, slots, kv_len, contiguous)
+        return model.mtp.layers[0](hidden, embed(model, ids).to(hidden.dtype), ctx)[::-1]
+
+    def _head(self, engine: Any, states: torch.Tensor) -> torch.Tensor:
+        return head_logits(engine.model, states)
 
 
 class ModelDrafter(Drafter):
@@ -270,13 +298,23 @@ class ModelDrafter(Drafter):
                 f"({self.vocab}); use a draft model with the target's tokenizer."
             )
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
     def _make_cache(self, engine: Any) -> KVCache:
         c = engine.kv_cache
         dtype = next(self.model.parameters()).dtype
         return KVCache(self.model.config, c.num_slots, c.max_len, dtype, engine.device)
 
-    def begin(self, seq: Any) -> None:
-        self._new[id(seq)] = (list(seq.prompt) + list(seq.out[:1]), None)
+    def entries(self, seq: Any) -> tuple[list[int], None]:
+        return list(seq.prompt) + list(seq.out[:1]), None
 
-    def _run(self, engine: Any, hidden: Any, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor):
-        return self.model(ids, position_ids=pos, kv_cache=self.cache, cache_slots=slots).logits, None
+    def _body(self, engine, hidden, ids, pos, slots, kv_len, contiguous):
+        out = self.model(
+            ids, position_ids=pos, kv_cache=self.cache, cache_slots=slots, kv_len=kv_len,
+            contiguous_slots=contiguous, compute_logits=False,
+        )  # fmt: skip
+        return out.hidden, None
+
+    def _head(self, engine: Any, states: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(states)

@@ -84,12 +84,17 @@ def step_context(
     dtype: torch.dtype,
     cache: KVCache | None = None,
     slots: torch.Tensor | None = None,
+    kv_len: int | None = None,
+    contiguous_slots: bool = False,
 ) -> StepContext:
-    """The `StepContext` an MTP layer needs, built like `CausalLM.forward` builds its own."""
+    """The `StepContext` an MTP layer needs, built like `CausalLM.forward` builds its own (`kv_len` and
+    `contiguous_slots` as there: the static speculative step passes both, so it never syncs)."""
     cos, sin = model.model.rotary_emb(position_ids, dtype)
     if cache is None:
         return StepContext(cos=cos, sin=sin)
-    return cache_context(cos, sin, cache, slots, position_ids, model.config.head_dim)
+    return cache_context(
+        cos, sin, cache, slots, position_ids, model.config.head_dim, kv_len, contiguous_slots
+    )
 
 
 def head_logits(model: CausalLM, normed: torch.Tensor) -> torch.Tensor:

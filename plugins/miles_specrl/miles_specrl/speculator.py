@@ -5,6 +5,12 @@ model's MTP depth reused autoregressively, EAGLE-style, or with a separate small
 target forward over ``[last token, d_1..d_k]`` through the engine's KV cache, and accepts by rejection
 sampling (Leviathan et al., 2023), so every token follows the target's sampling distribution exactly at
 any temperature / top-p / top-k; the reported log-probs are the target's (tempered, as the sampler's).
+
+The whole step (draft, verify, accept) has static shapes over cache slots 0..rows-1, as the engine's own
+decode step does (`miles_core.engine.cuda_graph`): on CUDA it is captured in a CUDA graph per row bucket
+(and compiled first with the engine's ``compile`` flag); elsewhere the same step runs eagerly. Its
+random choices use noise keyed by (sequence key, token position, stream), so a sequence's samples do not
+depend on its batch, its bucket or on whether the step was captured.
 """
 
 from __future__ import annotations
@@ -16,18 +22,25 @@ import numpy as np
 import torch
 
 from miles_core.engine import tempered_logits
-from miles_core.model import KVCache, RoutingState
-from miles_specrl.drafters import Drafter
+from miles_core.engine.cuda_graph import bucket, capture_step, compile_step, model_fingerprint
+from miles_core.model import RoutingState
+from miles_core.model.layers import fuse_qkv
+from miles_specrl.drafters import ACCEPT_STREAM, RESIDUAL_STREAM, Drafter, keyed_uniform, race
 
 
 def target_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    use_top_k: bool | None = None,
+    use_top_p: bool | None = None,
 ) -> torch.Tensor:
     """The distribution `miles_core.engine.sample_tokens` samples from, per row of ``logits`` [N, V].
 
-    Greedy rows (temperature <= 0) become one-hot at the argmax.
+    Greedy rows (temperature <= 0) become one-hot at the argmax. ``use_top_k`` / ``use_top_p`` as there.
     """
-    _, masked, greedy = tempered_logits(logits, temperature, top_p, top_k)
+    _, masked, greedy = tempered_logits(logits, temperature, top_p, top_k, use_top_k, use_top_p)
     probs = torch.softmax(masked, dim=-1)
     onehot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
     return torch.where(greedy.unsqueeze(-1), onehot, probs)
@@ -64,115 +77,96 @@ class Speculator:
     """
 
     def __init__(self, drafter: Drafter, num_steps: int, verifier: str = "rejection") -> None:
+        if num_steps < 1:
+            raise ValueError(f"speculative decoding needs num_steps >= 1, got {num_steps}")
         self.drafter, self.k, self.verifier = drafter, num_steps, verifier
         self._states: dict[int, _State] = {}
         self.totals = SeqStats()
+        self._steps: SpecSteps | None = None
+        self._inflight: _InFlight | None = None
 
     def attach(self, engine: Any) -> None:
         self.drafter.attach(engine, self.k + 1)
         engine.speculator = self
 
     def reset(self) -> None:
+        self._inflight = None
         self._states.clear()
         self.totals = SeqStats()
         self.drafter.reset()
 
     # ------------------------------------------------------------------ the decode step
 
+    def _runner(self, engine: Any) -> SpecSteps:
+        remade = self.drafter.sync(engine)
+        capture = bool(engine.cuda_graph) and engine.device.type == "cuda"
+        r = self._steps
+        if (
+            remade or r is None or r.engine is not engine or r.cache is not engine.kv_cache
+            or r.capture != capture or r.compile != bool(engine.compile) or r.fingerprint != r.current()
+        ):  # fmt: skip
+            r = self._steps = SpecSteps(self, engine, capture=capture, compile=bool(engine.compile))
+        return r
+
     @torch.no_grad()
     def decode_step(self, engine: Any, seqs: list[Any]) -> None:
-        cache: KVCache = engine.kv_cache
-        dev = engine.device
-        for s in seqs:
-            if id(s) not in self._states:
-                self._states[id(s)] = _State(seq=s)
-                self.drafter.begin(s)
-        # Never draft past max_new_tokens: it keeps every position inside the cache (see _positions).
-        ks = [max(0, min(self.k, s.params.max_new_tokens - len(s.out) - 1)) for s in seqs]
-        kmax = max(ks)
-        temp, top_p, top_k = _params(seqs, dev)
-        drafts, q = self.drafter.draft(engine, seqs, kmax, temp, engine.generator)  # [B, K], [B, K, V]
-        logits, hidden, routing = self._verify(engine, cache, seqs, drafts, kmax)
-        n_acc, extra = self._judge(logits, drafts, q, ks, temp, top_p, top_k, engine.generator)
+        """Launch one speculative step for ``seqs``, then settle the step launched before it.
+
+        One step stays in flight, as in the engine's own decode path: the step advances each row's state
+        on the device (next token, position, remaining budget), so step t+1 is launched before the host
+        has read step t's tokens. A sequence that step t finishes (EOS, stop) has one wasted row in step
+        t+1, which settling drops. A batch with new sequences first settles the step in flight.
+        """
+        runner = self._runner(engine)
+        prev, self._inflight = self._inflight, None
+        new = [s for s in seqs if id(s) not in self._states]
+        if prev is not None and (new or prev.runner is not runner):
+            self._settle(engine, prev)
+            prev = None
+            seqs = [s for s in seqs if s.finish is None]
+            if not seqs:
+                return
+        for s in new:
+            self._states[id(s)] = _State(seq=s)
+        if new:
+            self.drafter.begin(engine, new)
+        if prev is None:  # give the device the host's view of every running row
+            runner.load(seqs)
+        flags = (any(s.params.top_k > 0 for s in seqs), any(s.params.top_p < 1 for s in seqs))
+        rows = runner.rows(max(s.slot for s in seqs) + 1)
+        self._inflight = runner.launch(seqs, rows, *flags, routes=engine.capture_routes)
         engine.stats["decode_steps"] += 1
-        # Row i appends drafts[:a_i] then the extra token: one matrix, one gather, one host copy.
-        rows = torch.arange(len(seqs), device=dev)
-        toks = torch.cat([drafts, drafts.new_zeros(len(seqs), 1)], dim=1)
-        toks[rows, n_acc] = extra
-        lp = torch.log_softmax(logits.float() / _safe_temp(temp)[:, None, None], dim=-1)
-        lp = lp.gather(-1, toks.unsqueeze(-1)).squeeze(-1)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        start = torch.tensor([len(s.prompt) + len(s.out) - 1 for s in seqs], device=dev)
-        self.drafter.advance(slots, hidden, toks, n_acc + 1, start)
-        n_acc_l, toks_l, lp_l = n_acc.tolist(), toks.tolist(), lp.tolist()
-        for i, s in enumerate(seqs):
-            a = n_acc_l[i]
+        if prev is not None:
+            self._settle(engine, prev)
+
+    def _settle(self, engine: Any, step: _InFlight) -> None:
+        """Wait for a launched step and append its tokens to the sequences that still run."""
+        if step.event is not None:
+            step.event.synchronize()
+        w = self.k + 1
+        host = step.host
+        toks_l, lp_l = host[:, :w].long().tolist(), host[:, w : 2 * w].tolist()
+        n_l, cap_l = host[:, 2 * w].long().tolist(), host[:, 2 * w + 1].long().tolist()
+        done = []
+        for s in step.seqs:
+            if s.finish is not None:
+                continue  # finished at the step before: this row ran past its end
+            i, a = s.slot, n_l[s.slot]
             taken = engine.accept(s, toks_l[i][: a + 1], lp_l[i][: a + 1])
-            if routing is not None:  # rows of the fed tokens that stay: the old last token and kept drafts
-                kept = [t[i, :taken] for t in routing.used_topk]
-                s.routes.append(torch.stack(kept, dim=1).to(torch.int32).cpu().numpy())
+            if (
+                step.routes is not None
+            ):  # rows of the fed tokens that stay: the old last token and kept drafts
+                s.routes.append(step.routes[i, :taken].copy())
             st = self._states[id(s)].stats
             st.steps += 1
-            st.drafted += ks[i]
+            st.drafted += cap_l[i]
             st.accepted += min(a, taken)
             st.emitted += taken
             if s.finish is not None:
                 self._finish(s)
-
-    def _verify(self, engine: Any, cache: KVCache, seqs: list[Any], drafts: torch.Tensor, kmax: int):
-        dev = engine.device
-        last = torch.tensor([[s.out[-1]] for s in seqs], device=dev)
-        ids = torch.cat([last, drafts], dim=1)
-        start = torch.tensor([len(s.prompt) + len(s.out) - 1 for s in seqs], device=dev)
-        pos = _positions(start, kmax + 1, cache.max_len)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        routing = RoutingState(record=True) if engine.capture_routes else None
-        want_hidden = self.drafter.needs_hidden
-        out = engine.model(
-            ids,
-            position_ids=pos,
-            kv_cache=cache,
-            cache_slots=slots,
-            routing=routing,
-            return_hidden=want_hidden,
-        )
-        return out.logits, out.hidden, routing
-
-    def _judge(self, logits, drafts, q, ks, temp, top_p, top_k, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """(number of accepted drafts [B], the extra token [B]: the residual sample or the bonus)."""
-        b, kp1, vocab = logits.shape
-        kmax = kp1 - 1
-        rep = kp1
-        p = target_probs(
-            logits.reshape(-1, vocab),
-            temp.repeat_interleave(rep),
-            top_p.repeat_interleave(rep),
-            top_k.repeat_interleave(rep),
-        ).view(b, kp1, vocab)
-        dev = logits.device
-        limit = torch.arange(kmax, device=dev)[None, :] < torch.tensor(ks, device=dev)[:, None]
-        if kmax:
-            pd = p[:, :kmax].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-            qd = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-            u = torch.rand(b, kmax, generator=gen, device=dev)
-            ok = (u * qd < pd) if self.verifier == "rejection" else torch.ones_like(pd, dtype=torch.bool)
-            ok = ok & limit
-            n_acc = ok.long().cumprod(dim=1).sum(dim=1)
-        else:
-            n_acc = torch.zeros(b, dtype=torch.long, device=dev)
-        rows = torch.arange(b, device=dev)
-        p_at = p[rows, n_acc]
-        rejected = n_acc < torch.tensor(ks, device=dev)
-        if kmax:
-            q_at = q[rows, n_acc.clamp(max=kmax - 1)]
-            resid = (p_at - q_at).clamp(min=0)
-            # p == q leaves no residual mass; rejection then cannot happen, so any choice is exact.
-            use = rejected & (resid.sum(-1) > 0)
-            dist = torch.where(use[:, None], resid, p_at)
-        else:
-            dist = p_at
-        extra = torch.multinomial(dist / dist.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
-        return n_acc, extra
+                done.append(s.slot)
+        if done and self._inflight is not None:
+            self._inflight.runner.deactivate(done)  # the step in flight advanced them; stop them there
 
     def _finish(self, s: Any) -> None:
         st = self._states.pop(id(s)).stats
@@ -182,23 +176,182 @@ class Speculator:
         s.spec_info = st.info()  # the engine hands it out as EngineOutput.spec_info
 
 
-def _params(seqs: list[Any], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    temp = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=dev)
-    top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
-    top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=dev)
-    return temp, top_p, top_k
+@dataclass
+class _InFlight:
+    """A launched speculative step whose outputs the host has not read yet."""
+
+    runner: SpecSteps
+    seqs: list[Any]
+    host: torch.Tensor  # float64 [rows, 2(k+1) + 2]: tokens, log-probs, accepted drafts, draft cap per row
+    routes: Any  # int32 numpy [rows, k+1, L, k_e] view of a pinned buffer, or None
+    event: Any  # torch.cuda.Event, or None on CPU (the copies were synchronous)
+
+
+LAST, START, KEY, REMAIN, ACTIVE = range(5)  # rows of SpecSteps.state
+
+
+class SpecSteps:
+    """Static-shape speculative steps over cache slots 0..rows-1: captured per (rows, top-k, top-p)
+    bucket on CUDA (compiled first with ``compile``), run as they are elsewhere.
+
+    Row b is slot b; rows of free slots run dummy work in their own slots and are ignored. The device
+    state per row: the token the verify forward starts with, its position, the sequence's sampling key,
+    how many more tokens it may take after that one (drafts are capped by it) and whether it is active.
+    The host loads it when the batch changes (`load`); each step advances the active rows itself.
+    """
+
+    def __init__(self, spec: Speculator, engine: Any, *, capture: bool, compile: bool) -> None:
+        self.spec, self.engine, self.cache = spec, engine, engine.kv_cache
+        self.capture, self.compile = capture, compile
+        n, dev = self.cache.num_slots, engine.device
+        self.state = torch.zeros(5, n, dtype=torch.long, device=dev)
+        self.params = torch.ones(3, n, dtype=torch.float32, device=dev)  # temperature, top_p, top_k
+        self._host = torch.zeros(5, n, dtype=torch.long, pin_memory=capture)
+        self._host_params = torch.ones(3, n, dtype=torch.float32, pin_memory=capture)
+        self._out: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # two pinned output buffers
+        self._graphs: dict[tuple, Any] = {}
+        self._pool = None
+        self._fn = compile_step(self._step, dev) if compile else self._step
+        fuse_qkv(engine.model)  # contiguous-slot forwards use one q/k/v GEMM per layer
+        self.fingerprint = self.current()
+
+    def current(self) -> tuple:
+        return tuple(model_fingerprint(m) for m in [self.engine.model, *self.spec.drafter.modules()])
+
+    def rows(self, n: int) -> int:
+        """Rows of the step covering slots 0..n-1: a power-of-two bucket where shapes are reused."""
+        return bucket(n, self.cache.num_slots) if self.capture or self.compile else n
+
+    def load(self, seqs: list[Any]) -> None:
+        host, hp = self._host, self._host_params
+        host.zero_()
+        # REMAIN: tokens a row may take after the one it feeds next (drafts past max_new_tokens are
+        # never accepted, which keeps every real position inside the cache).
+        vals = [
+            [s.out[-1], len(s.prompt) + len(s.out) - 1, s.key, s.params.max_new_tokens - len(s.out) - 1, 1]
+            for s in seqs
+        ]
+        slots = torch.tensor([s.slot for s in seqs])
+        host[:, slots] = torch.tensor(vals, dtype=torch.long).T
+        hp[:, slots] = torch.tensor(
+            [[s.params.temperature, s.params.top_p, float(s.params.top_k)] for s in seqs], dtype=torch.float32
+        ).T
+        self.state.copy_(host, non_blocking=self.capture)
+        self.params.copy_(hp, non_blocking=self.capture)
+
+    def deactivate(self, slots: list[int]) -> None:
+        self.state[ACTIVE, torch.tensor(slots, device=self.state.device)] = 0
+
+    def launch(self, seqs: list[Any], rows: int, use_top_k: bool, use_top_p: bool, routes: bool) -> _InFlight:
+        """Run one step over rows 0..rows-1 and start copying its outputs to the host (no sync)."""
+        key = (rows, use_top_k, use_top_p)
+        if key not in self._graphs:
+            self._graphs[key] = self._build(*key)
+        out, route_t = self._graphs[key]()
+        cuda = self.capture
+        want = routes and route_t.numel() > 0
+        if not self._out or (self._out[0][1] is not None) != want or self._out[0][0].shape[1] != out.shape[1]:
+            n = self.cache.num_slots
+            self._out = [
+                (
+                    torch.zeros(n, out.shape[1], dtype=torch.float64, pin_memory=cuda),
+                    torch.zeros((n, *route_t.shape[1:]), dtype=torch.int32, pin_memory=cuda)
+                    if want
+                    else None,
+                )
+                for _ in range(2)
+            ]
+        self._out.reverse()  # alternate, so the buffer of the step in flight is never overwritten
+        host, host_routes = self._out[0]
+        host = host[:rows]
+        host.copy_(out, non_blocking=cuda)
+        if host_routes is not None:
+            host_routes = host_routes[:rows]
+            host_routes.copy_(route_t, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return _InFlight(self, seqs, host, None if host_routes is None else host_routes.numpy(), event)
+
+    def _build(self, *args):
+        if not self.capture:
+            return lambda: self._fn(*args)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return capture_step(self._fn, args, [self.state, *self.spec.drafter.buffers()], self._pool)
+
+    def _step(self, rows: int, use_top_k: bool, use_top_p: bool):
+        eng, drafter, k = self.engine, self.spec.drafter, self.spec.k
+        dev, max_len = eng.device, self.cache.max_len
+        st = self.state[:, :rows]
+        last, start, key, remain, active = st
+        cap = remain.clamp(min=0, max=k)  # never accept drafts past max_new_tokens
+        temp, top_p, top_k = self.params[:, :rows]
+        top_k = top_k.long()
+        drafts, q = drafter.draft(eng, rows, k, temp, key, start)  # [rows, k], [rows, k, V]
+        # Verify: ONE forward of [last, d_1..d_k] at start..start+k. Positions past a row's real tokens
+        # are clamped into the cache; real positions stay <= max_len - 2 (caps stop drafts before
+        # max_new_tokens), so a clamped padding write at max_len - 1 never lands on a real token.
+        ids = torch.cat([last[:, None], drafts], dim=1)
+        pos = (start[:, None] + torch.arange(k + 1, device=dev)[None, :]).clamp(max=max_len - 1)
+        routing = RoutingState(record=True) if eng.capture_routes else None
+        out = eng.model(
+            ids, position_ids=pos, kv_cache=self.cache, cache_slots=torch.arange(rows, device=dev),
+            routing=routing, return_hidden=drafter.needs_hidden, kv_len=max_len, contiguous_slots=True,
+        )  # fmt: skip
+        logits = out.logits
+        n_acc, extra = self._judge(
+            logits, drafts, q, cap, temp, top_p, top_k, key, start, use_top_k, use_top_p
+        )
+        # Row i appends drafts[:a_i] then the extra token.
+        col = torch.arange(k + 1, device=dev)[None, :]
+        toks = torch.cat([drafts, drafts.new_zeros(rows, 1)], dim=1)
+        toks = torch.where(col == n_acc[:, None], extra[:, None], toks)
+        lp = torch.log_softmax(logits.float() / _safe_temp(temp)[:, None, None], dim=-1)
+        lp = lp.gather(-1, toks.unsqueeze(-1)).squeeze(-1)
+        drafter.advance(rows, out.hidden, toks, n_acc + 1, start)
+        # The next step starts from each active row's extra token; idle rows stay where they are.
+        taken = (n_acc + 1) * active
+        st[LAST].copy_(torch.where(active > 0, extra, last))
+        st[START].copy_(start + taken)
+        st[REMAIN].copy_(remain - taken)
+        if routing is not None and routing.used_topk:
+            routes = torch.stack(routing.used_topk, dim=2).to(torch.int32)
+        else:
+            routes = torch.zeros(rows, k + 1, 0, 0, dtype=torch.int32, device=dev)
+        host = torch.cat([toks.double(), lp.double(), n_acc.double()[:, None], cap.double()[:, None]], dim=1)
+        return host, routes
+
+    def _judge(self, logits, drafts, q, cap, temp, top_p, top_k, key, start, use_top_k, use_top_p):
+        """(number of accepted drafts [B], the extra token [B]: the residual sample or the bonus)."""
+        b, kp1, vocab = logits.shape
+        k = kp1 - 1
+        p = target_probs(
+            logits.reshape(-1, vocab), temp.repeat_interleave(kp1), top_p.repeat_interleave(kp1),
+            top_k.repeat_interleave(kp1), use_top_k, use_top_p,
+        ).view(b, kp1, vocab)  # fmt: skip
+        dev = logits.device
+        index = start[:, None] + 1 + torch.arange(k, device=dev)[None, :]  # positions of the drafts
+        pd = p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+        qd = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+        if self.spec.verifier == "rejection":
+            ok = keyed_uniform(key[:, None], index, ACCEPT_STREAM) * qd < pd
+        else:
+            ok = torch.ones_like(pd, dtype=torch.bool)
+        ok = ok & (torch.arange(k, device=dev)[None, :] < cap[:, None])
+        n_acc = ok.long().cumprod(dim=1).sum(dim=1)
+        pick = lambda x, i: x.gather(1, i[:, None, None].expand(-1, 1, vocab))[:, 0]  # noqa: E731
+        p_at = pick(p, n_acc)
+        resid = (p_at - pick(q, n_acc.clamp(max=k - 1))).clamp(min=0)
+        # p == q leaves no residual mass; rejection then cannot happen, so any choice is exact.
+        use = (n_acc < cap) & (resid.sum(-1) > 0)
+        dist = torch.where(use[:, None], resid, p_at)
+        return n_acc, race(dist, key, start + 1 + n_acc, RESIDUAL_STREAM)
 
 
 def _safe_temp(temp: torch.Tensor) -> torch.Tensor:
     return torch.where(temp <= 0, torch.ones_like(temp), temp)
-
-
-def _positions(start: torch.Tensor, width: int, max_len: int) -> torch.Tensor:
-    """[B, width] positions start, start+1, ...; padding past a row's real tokens is clamped into the
-    cache. Real positions stay <= max_len - 2 (drafts stop before max_new_tokens), so a clamped padding
-    write at max_len - 1 never lands on a real token."""
-    pos = start[:, None] + torch.arange(width, device=start.device)[None, :]
-    return pos.clamp(max=max_len - 1)
 
 
 def aggregate(infos: list[dict[str, float]]) -> dict[str, float]:

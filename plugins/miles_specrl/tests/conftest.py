@@ -16,3 +16,7 @@ for _path in (_PLUGIN_ROOT, _PLUGIN_ROOT.parents[1], Path(__file__).resolve().pa
         sys.path.insert(0, str(_path))
 
 from miles_core.testing import one_torch_thread  # noqa: E402, F401  (autouse: one torch thread)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU)")

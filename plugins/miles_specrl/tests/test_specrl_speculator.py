@@ -79,14 +79,15 @@ def test_mtp_draft_sees_exactly_what_training_computes(monkeypatch):
     without any cache: the pending-entry bookkeeping loses or repeats nothing."""
     model = with_mtp(tiny_model(seed=2))
     seen = []
-    orig = MTPDrafter._extend
+    orig = MTPDrafter.first
 
-    def spy(self, eng, seqs):
-        logits, carry, last = orig(self, eng, seqs)
-        seen.extend((tuple(s.prompt), int(p), lg.clone()) for s, p, lg in zip(seqs, last, logits))
+    def spy(self, eng, rows):
+        logits, carry, last = orig(self, eng, rows)
+        # Row i is slot i; rows of free slots are dummies.
+        seen.extend((tuple(s.prompt), int(last[s.slot]), logits[s.slot].clone()) for s in eng._running)
         return logits, carry, last
 
-    monkeypatch.setattr(MTPDrafter, "_extend", spy)
+    monkeypatch.setattr(MTPDrafter, "first", spy)
     eng = engine(model, 8, spec=mtp_speculator(2))
     outs = eng.generate_batch(PROMPTS[:3], {"temperature": 1.0, "max_new_tokens": 11})
     assert seen
@@ -177,3 +178,81 @@ def test_target_probs_matches_the_engine_sampler():
     assert list(itertools.chain(*[(p[i] > 0).nonzero().flatten().tolist() for i in [2]])) == [
         int(logits[2].argmax())
     ]
+
+
+def test_samples_do_not_depend_on_the_batch():
+    """Keyed noise: at temperature 1 a sequence's tokens (drafts, acceptances, residual draws) are the
+    same alone and in a batch of other sequences (its key is the engine's first either way)."""
+    model = with_mtp(tiny_model(seed=3, std=0.3), std=0.4)
+    params = {"temperature": 1.0, "max_new_tokens": 12}
+    spec = mtp_speculator(3)
+    alone = engine(copy.deepcopy(model), 8, seed=4, spec=spec).generate_batch(PROMPTS[1:2], params)
+    assert 0 < spec.totals.accepted < spec.totals.drafted
+    crowd = engine(copy.deepcopy(model), 8, seed=4, spec=mtp_speculator(3)).generate_batch(
+        PROMPTS[1:2] + PROMPTS[:1] + PROMPTS[2:], params
+    )
+    assert alone[0].output_ids == crowd[0].output_ids
+    torch.testing.assert_close(alone[0].log_probs, crowd[0].log_probs, atol=1e-5, rtol=0)
+
+
+def test_step_runs_over_a_fixed_row_bucket_on_cpu_when_compiled_or_captured():
+    from miles_specrl.speculator import SpecSteps
+
+    spec = mtp_speculator(2)
+    eng = engine(with_mtp(tiny_model()), 8, spec=spec)
+    eng.generate_batch(PROMPTS[:3], {"temperature": 0, "max_new_tokens": 5})
+    assert isinstance(spec._steps, SpecSteps) and not spec._steps.capture
+    assert spec._steps.rows(3) == 3  # eager: exactly the slots in use
+    spec._steps.compile = True
+    assert spec._steps.rows(3) == 4 and spec._steps.rows(8) == 8
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _medium(dtype):
+    """A small Qwen3-MoE on CUDA with head_dim 32 (the decode attention kernel serves its T=1 steps)."""
+    model = tiny_model(seed=7, vocab=256, hidden=128, moe=True, std=0.05, layers=3)
+    return with_mtp(model, std=0.05).to(device="cuda", dtype=dtype)
+
+
+def _run(model, prompts, params, *, graph, compile=False, seed=0, k=3):
+    spec = mtp_speculator(k)
+    eng = engine(copy.deepcopy(model), 16, seed=seed, spec=spec)
+    eng.cuda_graph, eng.compile = graph, compile
+    outs = eng.generate_batch(prompts, params)
+    return outs, spec
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("temp", [0.0, 1.0])
+def test_captured_speculative_step_matches_the_uncaptured_one_bf16(temp):
+    model = _medium(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 2, 11)]
+    params = {"temperature": temp, "max_new_tokens": 40}
+    eager, _ = _run(model, prompts, params, graph=False)
+    fast, spec = _run(model, prompts, params, graph=True)
+    assert spec._steps.capture and spec._steps._graphs
+    for a, b in zip(eager, fast):
+        assert a.output_ids == b.output_ids
+        torch.testing.assert_close(torch.tensor(b.log_probs), torch.tensor(a.log_probs), atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_speculation_gives_plain_greedy_tokens_fp32(compile):
+    model = _medium(torch.float32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
+    params = {"temperature": 0.0, "max_new_tokens": 32}
+    plain = engine(copy.deepcopy(model), 16).generate_batch(prompts, params)  # the engine's CUDA graphs
+    fast, spec = _run(model, prompts, params, graph=True, compile=compile)
+    assert spec.totals.steps > 0
+    for a, b in zip(plain, fast):
+        assert a.output_ids == b.output_ids
+        torch.testing.assert_close(torch.tensor(b.log_probs), torch.tensor(a.log_probs), atol=1e-4, rtol=0)
