@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Weight of the MTP loss (mean over depths) added to the training loss.",
     )
     g.add_argument(
+        "--mtp-train-chain",
+        type=int,
+        default=0,
+        help="Train MTP depth 1 chained N times, fed its own output state, the way EAGLE drafting reuses "
+        "it for N draft tokens (set it to --sglang-speculative-num-steps); 0: DeepSeek-V3's loss per depth.",
+    )
+    g.add_argument(
         "--sglang-speculative-algorithm",
         type=str,
         default=None,
@@ -102,6 +109,10 @@ def configure(args: argparse.Namespace) -> bool:
         raise UsageError(f"--mtp-num-layers must be >= 0, got {args.mtp_num_layers}.")
     if args.enable_mtp_training and not _mtp_layers(args):
         raise UsageError("--enable-mtp-training needs MTP heads; pass --mtp-num-layers N (N >= 1).")
+    if args.mtp_train_chain < 0:
+        raise UsageError(f"--mtp-train-chain must be >= 0, got {args.mtp_train_chain}.")
+    if args.mtp_train_chain and not args.enable_mtp_training:
+        raise UsageError("--mtp-train-chain applies to online MTP training; add --enable-mtp-training.")
     if not _spec_on(args):
         return bool(_mtp_layers(args))
     algo = args.sglang_speculative_algorithm.upper()
@@ -176,7 +187,9 @@ def configure_model(args: argparse.Namespace, model: Any, role: str) -> None:
         if train:
             from miles_specrl.training import MTPTrainer
 
-            _state.mtp_trainer = MTPTrainer(args.mtp_loss_scaling_factor, args.clip_grad)
+            _state.mtp_trainer = MTPTrainer(
+                args.mtp_loss_scaling_factor, args.clip_grad, args.mtp_train_chain
+            )
             _state.mtp_trainer.install(heads)
     if role == "rollout" and _spec_on(args) and args.sglang_speculative_draft_model_path:
         from miles_core.model import load_model

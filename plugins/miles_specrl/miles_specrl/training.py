@@ -36,12 +36,19 @@ def full_sequences(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mtp_losses(
-    model: CausalLM, heads: MTPHeads, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    model: CausalLM,
+    heads: MTPHeads,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    chain: list[nn.Module] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per depth d (1-based): (summed CE, number of correct argmax predictions, token count).
 
     Depth d at position i reads its input hidden state (the policy's for d = 1, else depth d-1's output)
     and the embedding of token i+d, and predicts token i+d+1 (DeepSeek-V3's sequential MTP).
+    ``chain`` replaces ``heads.layers`` as the depths: ``[heads.layers[0]] * k`` trains depth 1 the way
+    the EAGLE drafter uses it, fed its own output state for k - 1 more tokens.
 
     :param hidden: [B, T, H] the policy's final hidden states (detached here).
     :param ids: int64 [B, T+1] whole sequences; ``mask`` float32 [B, T+1] weights of target tokens.
@@ -51,7 +58,7 @@ def mtp_losses(
     pos = torch.arange(t, device=ids.device).expand(b, t)
     ctx = step_context(model, pos, h.dtype)
     out = []
-    for d, layer in enumerate(heads.layers, start=1):
+    for d, layer in enumerate(heads.layers if chain is None else chain, start=1):
         if d + 1 > t:
             break
         # Token i+d for i in [0, t); past the end of the row the values are padding and masked out.
@@ -72,8 +79,9 @@ def mtp_losses(
 class MTPTrainer:
     """Per-run state of online MTP training: the step's token counts and the parked MTP gradients."""
 
-    def __init__(self, scale: float, clip: float) -> None:
+    def __init__(self, scale: float, clip: float, chain: int = 0) -> None:
         self.scale, self.clip = scale, clip
+        self.chain = chain  # > 0: train depth 1 chained this many times (--mtp-train-chain)
         self.step_counts: list[float] | None = None  # per depth, target tokens of the current step
         self.parked: dict[nn.Parameter, torch.Tensor] = {}
         self.last_grad_norm = 0.0
@@ -116,6 +124,7 @@ class MTPTrainer:
 
     def count_step(self, batch: Any, num_depths: int) -> None:
         """Target-token count per depth over one optimizer step (the loss denominators), from pre_forward."""
+        num_depths = self.chain or num_depths
         counts = [0.0] * num_depths
         for s, m in zip(batch.samples, batch.loss_masks):
             p = s.prompt_length
@@ -128,7 +137,8 @@ class MTPTrainer:
     def loss(self, model: CausalLM, inputs: Any, outputs: Any) -> tuple[torch.Tensor, dict[str, float]]:
         heads: MTPHeads = model.mtp
         ids, mask = full_sequences(inputs)
-        parts = mtp_losses(model, heads, outputs.hidden, ids, mask)
+        chain = [heads.layers[0]] * self.chain if self.chain else None
+        parts = mtp_losses(model, heads, outputs.hidden, ids, mask, chain)
         counts = self.step_counts or [float(c.item()) for _, _, c in parts]
         total = outputs.hidden.new_zeros((), dtype=torch.float32)
         metrics: dict[str, float] = {}

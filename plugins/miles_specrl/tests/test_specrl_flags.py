@@ -21,6 +21,8 @@ from miles_core import UsageError
           "--sglang-speculative-num-steps", "2", "--sglang-speculative-num-draft-tokens", "8"], "use 3"),
         (["--sglang-speculative-algorithm", "EAGLE", "--sglang-speculative-draft-model-path", "/nope"],
          "does not exist"),
+        (["--mtp-num-layers", "1", "--mtp-train-chain", "3"], "add --enable-mtp-training"),
+        (["--mtp-num-layers", "1", "--enable-mtp-training", "--mtp-train-chain", "-1"], ">= 0"),
     ],
 )  # fmt: skip
 def test_bad_combinations(flags, match):

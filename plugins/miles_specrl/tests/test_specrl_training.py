@@ -30,9 +30,9 @@ def _samples(n: int = 4, seed: int = 0) -> list[Sample]:
     return out
 
 
-def _train_once(ckpt, train_mtp: bool):
+def _train_once(ckpt, train_mtp: bool, *extra: str):
     pm = plugin_manager()
-    flags = ["--hf-checkpoint", str(ckpt), "--mtp-num-layers", "2"]
+    flags = ["--hf-checkpoint", str(ckpt), "--mtp-num-layers", "2", *extra]
     args = make_args(pm, *flags, *(["--enable-mtp-training"] if train_mtp else []), "--clip-grad", "0.5")
     model = load_model(ckpt)
     pm.hook.configure_model(args=args, model=model, role="train")
@@ -59,6 +59,39 @@ def test_policy_update_is_bitwise_unchanged_and_mtp_trains(tmp_path):
     assert all(changed)
     assert met1["mtp_loss"] > 0 and 0 <= met1["mtp_acc_1"] <= 1 and "mtp_acc_2" in met1
     assert met1["mtp_grad_norm"] > 0
+
+
+def test_chained_depth_one_training_leaves_the_policy_alone_and_trains_depth_one_only(tmp_path):
+    """--mtp-train-chain 3: depth 1 is trained as the drafter uses it (three tokens, fed its own state);
+    the policy's update is still bitwise unchanged and depth 2 gets no gradient."""
+    ckpt = checkpoint_with_mtp(tmp_path, tiny_model(), num_layers=2)
+    m0, _, g0, met0 = _train_once(ckpt, False)
+    m1, before1, g1, met1 = _train_once(ckpt, True, "--mtp-train-chain", "3")
+    policy = [n for n, _ in m0.named_parameters() if not n.startswith("mtp.")]
+    assert all(torch.equal(g0[n], g1[n]) for n in policy) and met0["grad_norm"] == met1["grad_norm"]
+    assert {"mtp_acc_1", "mtp_acc_2", "mtp_acc_3"} <= set(met1) and "mtp_acc_4" not in met1
+    moved = {
+        n.split(".")[2]
+        for n, p in m1.named_parameters()
+        if n.startswith("mtp.") and not torch.equal(before1[n], p)
+    }
+    assert moved == {"0"}
+
+
+def test_chain_of_one_is_the_plain_depth_one_loss():
+    from miles_specrl.mtp import attach_mtp
+    from miles_specrl.training import mtp_losses
+
+    model = tiny_model(seed=4, vocab=16).requires_grad_(False)
+    heads = attach_mtp(model, 2)
+    ids = torch.randint(0, 16, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9)
+    hidden = model(ids[:, :-1], return_hidden=True).hidden
+    plain = mtp_losses(model, heads, hidden, ids, mask)
+    one = mtp_losses(model, heads, hidden, ids, mask, chain=[heads.layers[0]])
+    three = mtp_losses(model, heads, hidden, ids, mask, chain=[heads.layers[0]] * 3)
+    assert len(one) == 1 and len(three) == 3 and torch.equal(one[0][0], plain[0][0])
+    assert torch.equal(three[0][0], plain[0][0]) and not torch.equal(three[1][0], plain[1][0])
 
 
 def test_mtp_gradient_comes_from_the_mtp_loss_alone(tmp_path):
