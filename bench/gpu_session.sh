@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh rollout   # engine vs HF at batch 64 (compiled, uncompiled, both MoE decode paths) and 256
 #   bash bench/gpu_session.sh train     # train step, eager and compiled layers, with a kernel profile
 #   bash bench/gpu_session.sh profile   # one whole generate: wall time vs kernel time, top kernels
+#   bash bench/gpu_session.sh specrl    # speculative decoding vs none on a GSM8K-trained target (~5 min;
+#                                       # GSM8K in $GSM8K, default ../shared/data/gsm8k)
 #
 # On the device machine first: python -m pip install --no-deps <carried wheels> (stevedore, pytest).
 # Every bench prints one JSON line; stderr carries the profiles.
@@ -22,6 +24,8 @@ for group in "${@:-tests}"; do
       python bench/train_step.py 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --compile --profile 2>&1 | grep -v -i warn | tail -34 ;;
     profile) python bench/decode_profile.py --generate 256 2>&1 | grep -v -i warn | tail -34 ;;
-    *) echo "unknown group $group (tests, rollout, train, profile)" >&2; exit 2 ;;
+    specrl)
+      python bench/specrl.py --mode gpu --data "${GSM8K:-../shared/data/gsm8k}" 2>&1 | grep -E '^(\{|target|mtp)|Error' ;;
+    *) echo "unknown group $group (tests, rollout, train, profile, specrl)" >&2; exit 2 ;;
   esac
 done

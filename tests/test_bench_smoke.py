@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-PLUGINS = ("miles_fp8", "miles_int4qat", "miles_r3", "miles_rewards")
+PLUGINS = ("miles_fp8", "miles_int4qat", "miles_r3", "miles_rewards", "miles_specrl")
 
 
 def _run(script: str, *args: str, preset: str | None = "cpu-small") -> dict:
@@ -69,3 +69,28 @@ def test_grpo_vs_trl_bench_prints_its_json_line():
 def test_plugin_benches_print_their_json_line(script, preset, keys):
     r = _run(script, preset=preset)
     assert r["device"] == "cpu" and r["bench"] == script.removesuffix(".py") and keys <= r.keys()
+
+
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+
+
+@pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason="needs ../shared/data/gsm8k")
+def test_specrl_gpu_mode_runs_its_arms_on_a_small_target():
+    """The GPU measurement of speculative decoding end to end on a tiny target: train it on GSM8K, train
+    an MTP depth on its samples, decode with and without speculation (compiled arms skipped: slow)."""
+    r = _run("specrl.py", "--mode", "gpu", "--target", "cpu-small", "--data", str(GSM8K), "--target-steps",
+             "20", "--mtp-steps", "10", "--mtp-prompts", "8", "--target-batch", "4", "--seq-len", "512",
+             "--batches", "2", "--new-tokens", "12", "--compile-batches", "", preset=None)  # fmt: skip
+    for key in ("greedy", "t1"):
+        assert r[f"b2_{key}_tok_s_nospec"] > 0 and r[f"b2_{key}_tok_s_spec"] > 0
+        assert 1.0 <= r[f"b2_{key}_accept_len"] <= 4.0
+    assert r["device"] == "cpu" and r["num_steps"] == 3
+
+
+@pytest.mark.slow
+def test_specrl_cpu_bench_prints_the_issue_keys():
+    """The demo-task GRPO comparison (no speculation, frozen draft, online draft), shortened."""
+    r = _run("specrl.py", "--rollouts", "8", "--warmup-steps", "60", preset=None)
+    keys = {"accept_len_frozen", "accept_len_online", "tok_s_nospec", "tok_s_frozen", "tok_s_online"}
+    assert keys <= r.keys() and all(r[k] > 0 for k in keys)
+    assert 1.0 <= r["accept_len_frozen"] <= 4.0 and 1.0 <= r["accept_len_online"] <= 4.0
