@@ -97,13 +97,16 @@ class Speculator:
 
     # ------------------------------------------------------------------ the decode step
 
-    def _runner(self, engine: Any) -> SpecSteps:
+    def _runner(self, engine: Any, weights: bool) -> SpecSteps:
+        """The steps for this engine, re-made when its cache, flags or (checked only with ``weights``:
+        walking every parameter costs host time a step cannot spare) weight memory changed."""
         remade = self.drafter.sync(engine)
         capture = bool(engine.cuda_graph) and engine.device.type == "cuda"
         r = self._steps
         if (
             remade or r is None or r.engine is not engine or r.cache is not engine.kv_cache
-            or r.capture != capture or r.compile != bool(engine.compile) or r.fingerprint != r.current()
+            or r.capture != capture or r.compile != bool(engine.compile)
+            or (weights and r.fingerprint != r.current())
         ):  # fmt: skip
             r = self._steps = SpecSteps(self, engine, capture=capture, compile=bool(engine.compile))
         return r
@@ -117,15 +120,18 @@ class Speculator:
         has read step t's tokens. A sequence that step t finishes (EOS, stop) has one wasted row in step
         t+1, which settling drops. A batch with new sequences first settles the step in flight.
         """
-        runner = self._runner(engine)
         prev, self._inflight = self._inflight, None
         new = [s for s in seqs if id(s) not in self._states]
-        if prev is not None and (new or prev.runner is not runner):
+        if prev is not None and new:  # the batch changed (weights may have, between generates)
             self._settle(engine, prev)
             prev = None
-            seqs = [s for s in seqs if s.finish is None]
-            if not seqs:
-                return
+        runner = self._runner(engine, weights=prev is None)
+        if prev is not None and prev.runner is not runner:
+            self._settle(engine, prev)
+            prev = None
+        seqs = [s for s in seqs if s.finish is None]
+        if not seqs:
+            return
         for s in new:
             self._states[id(s)] = _State(seq=s)
         if new:

@@ -256,3 +256,19 @@ def test_graphed_speculation_gives_plain_greedy_tokens_fp32(compile):
     for a, b in zip(plain, fast):
         assert a.output_ids == b.output_ids
         torch.testing.assert_close(torch.tensor(b.log_probs), torch.tensor(a.log_probs), atol=1e-4, rtol=0)
+
+
+def test_steps_are_remade_when_the_weights_move_between_generates():
+    spec = mtp_speculator(2)
+    eng = engine(with_mtp(tiny_model()), 8, spec=spec)
+    params = {"temperature": 0, "max_new_tokens": 5}
+    eng.generate_batch(PROMPTS[:2], params)
+    first = spec._steps
+    eng.generate_batch(PROMPTS[:2], params)
+    assert spec._steps is first  # same memory: the steps (and on CUDA their graphs) are kept
+    with torch.no_grad():
+        eng.model.mtp.layers[0].eh_proj.weight = torch.nn.Parameter(
+            eng.model.mtp.layers[0].eh_proj.weight * 1
+        )
+    eng.generate_batch(PROMPTS[:2], params)
+    assert spec._steps is not first
