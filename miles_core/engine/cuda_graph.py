@@ -218,6 +218,52 @@ class DecodeGraphs:
         return capture_step(self._step_fn, args, [self.state], self._pool)
 
 
+class HostCopies:
+    """Two alternating host buffers (pinned on CUDA) that a launched step's outputs are copied into
+    without waiting for the step: the buffer of the step still in flight is never overwritten.
+
+    :param rows: the most rows a step returns (the cache's slots).
+    """
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.rows, self.cuda = rows, device.type == "cuda"
+        self._bufs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._shapes: tuple | None = None
+
+    def copy(self, out: torch.Tensor, routes: torch.Tensor | None = None):
+        """Start copying ``out`` (as float64) and ``routes`` (as int32, optional) to the host.
+
+        :returns: ``(host out, host routes or None, event or None)``: views of the first ``len(out)`` rows,
+            valid once the event (recorded after the copies, on CUDA) has completed.
+        """
+        shapes = (tuple(out.shape[1:]), None if routes is None else tuple(routes.shape[1:]))
+        if shapes != self._shapes:
+            self._bufs = [
+                (
+                    torch.zeros((self.rows, *shapes[0]), dtype=torch.float64, pin_memory=self.cuda),
+                    None if routes is None
+                    else torch.zeros((self.rows, *shapes[1]), dtype=torch.int32, pin_memory=self.cuda),
+                )
+                for _ in range(2)
+            ]  # fmt: skip
+            self._shapes = shapes
+        self._bufs.reverse()
+        host, host_routes = self._bufs[0]
+        n = out.shape[0]
+        # Leading-dim slices stay contiguous: a non-contiguous pinned target would make the copy go
+        # through a pageable temporary, which waits for the step.
+        host = host[:n]
+        host.copy_(out, non_blocking=self.cuda)
+        if host_routes is not None:
+            host_routes = host_routes[:n]
+            host_routes.copy_(routes.to(torch.int32), non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return host, host_routes, event
+
+
 def model_fingerprint(model: torch.nn.Module) -> tuple:
     """Addresses, shapes and dtypes of every parameter and buffer: a graph is valid only while the
     model still reads the same memory (a plugin that swaps modules or re-allocates weights changes it)."""

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from miles_core.engine.cuda_graph import DecodeGraphs, model_fingerprint
+from miles_core.engine.cuda_graph import DecodeGraphs, HostCopies, model_fingerprint
 from miles_core.engine.sampler import SamplingParams, sample_tokens
 from miles_core.model import CausalLM, KVCache, RoutingState, load_hf_tensors
 
@@ -97,7 +97,7 @@ class Engine:
         self.compile = False
         self._graphs: DecodeGraphs | None = None
         self._inflight: _InFlight | None = None
-        self._host_bufs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._host_copies: HostCopies | None = None
         self._eos = self._eos_ids()
         self._cache: KVCache | None = None
         self._slot_params: torch.Tensor | None = None  # float32 [3, slots]: temperature, top_p, top_k
@@ -184,7 +184,7 @@ class Engine:
             # Pinned buffers go back while CUDA is certainly alive (freeing one records a CUDA event;
             # an engine collected at interpreter exit would do that after CUDA shut down).
             if self._inflight is None:
-                self._host_bufs = []
+                self._host_copies = None
 
     def _ensure_cache(self, need_len: int) -> None:
         if self._cache is not None and need_len <= self._cache.max_len:
@@ -298,7 +298,7 @@ class Engine:
         g = self._graphs
         if g is None or g.cache is not self._cache or g.compile != self.compile:
             g = self._graphs = DecodeGraphs(self.model, self._cache, self._slot_params, compile=self.compile)
-            self._host_bufs = []
+            self._host_copies = None
         seqs = list(self._running)
         prev, self._inflight = self._inflight, None
         if prev is None:  # the batch changed: give the device the host's view of every running row
@@ -312,36 +312,18 @@ class Engine:
         rows, kv_len = g.buckets(max(s.slot for s in seqs) + 1, max(s.pos for s in seqs) + 1)
         tokens, logps, routes = g.step(rows, kv_len, **_filter_flags(seqs))
         self.stats["decode_steps"] += 1
-        self._inflight = self._copy_out(seqs, rows, tokens, logps, routes)
+        self._inflight = self._copy_out(seqs, tokens, logps, routes)
         if prev is not None:
             self._settle(prev)
 
-    def _copy_out(self, seqs, rows, tokens, logps, routes) -> _InFlight:
-        """Start copying a step's outputs into one of two pinned host buffers (no sync)."""
-        cuda = self.device.type == "cuda"
+    def _copy_out(self, seqs, tokens, logps, routes) -> _InFlight:
+        """Start copying a step's outputs into one of two host buffers (no sync)."""
+        if self._host_copies is None:
+            self._host_copies = HostCopies(self._cache.num_slots, self.device)
         want_routes = self.capture_routes and routes.numel() > 0
-        if self._host_bufs and (self._host_bufs[0][1] is not None) != want_routes:
-            self._host_bufs = []
-        if not self._host_bufs:
-            n = self._cache.num_slots
-            for _ in range(2):
-                hr = None
-                if want_routes:
-                    hr = torch.zeros((n, *routes.shape[1:]), dtype=torch.int32, pin_memory=cuda)
-                self._host_bufs.append((torch.zeros(n, 2, dtype=torch.float64, pin_memory=cuda), hr))
-        self._host_bufs.reverse()  # alternate, so the buffer of the step in flight is never overwritten
-        host, host_routes = self._host_bufs[0]
-        # Leading-dim slices stay contiguous: a non-contiguous pinned target would make the copy
-        # go through a pageable temporary, which waits for the step.
-        host = host[:rows]
-        host.copy_(torch.stack([tokens.double(), logps.double()], dim=1), non_blocking=cuda)
-        if host_routes is not None:
-            host_routes = host_routes[:rows]
-            host_routes.copy_(routes.to(torch.int32), non_blocking=cuda)
-        event = None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
+        host, host_routes, event = self._host_copies.copy(
+            torch.stack([tokens.double(), logps.double()], dim=1), routes if want_routes else None
+        )
         return _InFlight(seqs, host, host_routes, event)
 
     def _settle(self, step: _InFlight) -> None:

@@ -101,9 +101,6 @@ class Drafter:
         the first at position 0."""
         raise NotImplementedError
 
-    def end(self, seq: Any) -> None:
-        pass
-
     @torch.no_grad()
     def begin(self, engine: Any, seqs: list[Any]) -> None:
         """Take sequences fresh from prefill: run all but each one's last ``width`` pending entries into

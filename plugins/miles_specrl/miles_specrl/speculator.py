@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from miles_core.engine import tempered_logits
-from miles_core.engine.cuda_graph import bucket, capture_step, compile_step, model_fingerprint
+from miles_core.engine.cuda_graph import HostCopies, bucket, capture_step, compile_step, model_fingerprint
 from miles_core.model import RoutingState
 from miles_core.model.layers import fuse_qkv
 from miles_specrl.drafters import ACCEPT_STREAM, RESIDUAL_STREAM, Drafter, keyed_uniform, race
@@ -41,6 +41,11 @@ def target_probs(
     Greedy rows (temperature <= 0) become one-hot at the argmax. ``use_top_k`` / ``use_top_p`` as there.
     """
     _, masked, greedy = tempered_logits(logits, temperature, top_p, top_k, use_top_k, use_top_p)
+    return _probs(logits, masked, greedy)
+
+
+def _probs(logits: torch.Tensor, masked: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """softmax of `tempered_logits`' masked logits; one-hot at the argmax on greedy rows."""
     probs = torch.softmax(masked, dim=-1)
     onehot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
     return torch.where(greedy.unsqueeze(-1), onehot, probs)
@@ -159,9 +164,8 @@ class Speculator:
                 continue  # finished at the step before: this row ran past its end
             i, a = s.slot, n_l[s.slot]
             taken = engine.accept(s, toks_l[i][: a + 1], lp_l[i][: a + 1])
-            if (
-                step.routes is not None
-            ):  # rows of the fed tokens that stay: the old last token and kept drafts
+            if step.routes is not None:
+                # Rows of the fed tokens that stay: the old last token and the kept drafts.
                 s.routes.append(step.routes[i, :taken].copy())
             st = self._states[id(s)].stats
             st.steps += 1
@@ -176,7 +180,6 @@ class Speculator:
 
     def _finish(self, s: Any) -> None:
         st = self._states.pop(id(s)).stats
-        self.drafter.end(s)
         for f in ("steps", "drafted", "accepted", "emitted"):
             setattr(self.totals, f, getattr(self.totals, f) + getattr(st, f))
         s.spec_info = st.info()  # the engine hands it out as EngineOutput.spec_info
@@ -214,7 +217,7 @@ class SpecSteps:
         self.params = torch.ones(3, n, dtype=torch.float32, device=dev)  # temperature, top_p, top_k
         self._host = torch.zeros(5, n, dtype=torch.long, pin_memory=capture)
         self._host_params = torch.ones(3, n, dtype=torch.float32, pin_memory=capture)
-        self._out: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # two pinned output buffers
+        self._host_copies = HostCopies(n, dev)
         self._graphs: dict[tuple, Any] = {}
         self._pool = None
         self._fn = compile_step(self._step, dev) if compile else self._step
@@ -254,30 +257,8 @@ class SpecSteps:
         if key not in self._graphs:
             self._graphs[key] = self._build(*key)
         out, route_t = self._graphs[key]()
-        cuda = self.capture
         want = routes and route_t.numel() > 0
-        if not self._out or (self._out[0][1] is not None) != want or self._out[0][0].shape[1] != out.shape[1]:
-            n = self.cache.num_slots
-            self._out = [
-                (
-                    torch.zeros(n, out.shape[1], dtype=torch.float64, pin_memory=cuda),
-                    torch.zeros((n, *route_t.shape[1:]), dtype=torch.int32, pin_memory=cuda)
-                    if want
-                    else None,
-                )
-                for _ in range(2)
-            ]
-        self._out.reverse()  # alternate, so the buffer of the step in flight is never overwritten
-        host, host_routes = self._out[0]
-        host = host[:rows]
-        host.copy_(out, non_blocking=cuda)
-        if host_routes is not None:
-            host_routes = host_routes[:rows]
-            host_routes.copy_(route_t, non_blocking=cuda)
-        event = None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
+        host, host_routes, event = self._host_copies.copy(out, route_t if want else None)
         return _InFlight(self, seqs, host, None if host_routes is None else host_routes.numpy(), event)
 
     def _build(self, *args):
@@ -306,15 +287,20 @@ class SpecSteps:
             ids, position_ids=pos, kv_cache=self.cache, cache_slots=torch.arange(rows, device=dev),
             routing=routing, return_hidden=drafter.needs_hidden, kv_len=max_len, contiguous_slots=True,
         )  # fmt: skip
-        logits = out.logits
-        n_acc, extra = self._judge(
-            logits, drafts, q, cap, temp, top_p, top_k, key, start, use_top_k, use_top_p
+        # Target distributions p at every fed position (the sampler's: temperature, top-k, top-p) and
+        # the tempered logits the reported log-probs come from.
+        flat = out.logits.reshape(rows * (k + 1), -1)
+        rep = lambda x: x.repeat_interleave(k + 1)  # noqa: E731
+        scaled, masked, greedy = tempered_logits(
+            flat, rep(temp), rep(top_p), rep(top_k), use_top_k, use_top_p
         )
+        p = _probs(flat, masked, greedy).view(rows, k + 1, -1)
+        n_acc, extra = self._judge(p, drafts, q, cap, key, start)
         # Row i appends drafts[:a_i] then the extra token.
         col = torch.arange(k + 1, device=dev)[None, :]
         toks = torch.cat([drafts, drafts.new_zeros(rows, 1)], dim=1)
         toks = torch.where(col == n_acc[:, None], extra[:, None], toks)
-        lp = torch.log_softmax(logits.float() / _safe_temp(temp)[:, None, None], dim=-1)
+        lp = torch.log_softmax(scaled, dim=-1).view(rows, k + 1, -1)
         lp = lp.gather(-1, toks.unsqueeze(-1)).squeeze(-1)
         drafter.advance(rows, out.hidden, toks, n_acc + 1, start)
         # The next step starts from each active row's extra token; idle rows stay where they are.
@@ -329,15 +315,12 @@ class SpecSteps:
         host = torch.cat([toks.double(), lp.double(), n_acc.double()[:, None], cap.double()[:, None]], dim=1)
         return host, routes
 
-    def _judge(self, logits, drafts, q, cap, temp, top_p, top_k, key, start, use_top_k, use_top_p):
-        """(number of accepted drafts [B], the extra token [B]: the residual sample or the bonus)."""
-        b, kp1, vocab = logits.shape
+    def _judge(self, p, drafts, q, cap, key, start):
+        """Rejection sampling of the drafts against the target distributions ``p`` [B, k+1, V]:
+        (number of accepted drafts [B], the extra token [B]: the residual sample or the bonus)."""
+        b, kp1, vocab = p.shape
         k = kp1 - 1
-        p = target_probs(
-            logits.reshape(-1, vocab), temp.repeat_interleave(kp1), top_p.repeat_interleave(kp1),
-            top_k.repeat_interleave(kp1), use_top_k, use_top_p,
-        ).view(b, kp1, vocab)  # fmt: skip
-        dev = logits.device
+        dev = p.device
         index = start[:, None] + 1 + torch.arange(k, device=dev)[None, :]  # positions of the drafts
         pd = p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
         qd = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
@@ -354,10 +337,6 @@ class SpecSteps:
         use = (n_acc < cap) & (resid.sum(-1) > 0)
         dist = torch.where(use[:, None], resid, p_at)
         return n_acc, race(dist, key, start + 1 + n_acc, RESIDUAL_STREAM)
-
-
-def _safe_temp(temp: torch.Tensor) -> torch.Tensor:
-    return torch.where(temp <= 0, torch.ones_like(temp), temp)
 
 
 def aggregate(infos: list[dict[str, float]]) -> dict[str, float]:
