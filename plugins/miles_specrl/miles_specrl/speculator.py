@@ -23,6 +23,7 @@ import torch
 
 from miles_core.engine import tempered_logits
 from miles_core.engine.cuda_graph import HostCopies, bucket, capture_step, compile_step, model_fingerprint
+from miles_core.engine.engine import _filter_flags
 from miles_core.model import RoutingState
 from miles_core.model.layers import fuse_qkv
 from miles_specrl.drafters import ACCEPT_STREAM, RESIDUAL_STREAM, Drafter, keyed_uniform, race
@@ -143,9 +144,8 @@ class Speculator:
             self.drafter.begin(engine, new)
         if prev is None:  # give the device the host's view of every running row
             runner.load(seqs)
-        flags = (any(s.params.top_k > 0 for s in seqs), any(s.params.top_p < 1 for s in seqs))
         rows = runner.rows(max(s.slot for s in seqs) + 1)
-        self._inflight = runner.launch(seqs, rows, *flags, routes=engine.capture_routes)
+        self._inflight = runner.launch(seqs, rows, routes=engine.capture_routes, **_filter_flags(seqs))
         engine.stats["decode_steps"] += 1
         if prev is not None:
             self._settle(engine, prev)
@@ -251,7 +251,9 @@ class SpecSteps:
     def deactivate(self, slots: list[int]) -> None:
         self.state[ACTIVE, torch.tensor(slots, device=self.state.device)] = 0
 
-    def launch(self, seqs: list[Any], rows: int, use_top_k: bool, use_top_p: bool, routes: bool) -> _InFlight:
+    def launch(
+        self, seqs: list[Any], rows: int, *, use_top_k: bool, use_top_p: bool, routes: bool
+    ) -> _InFlight:
         """Run one step over rows 0..rows-1 and start copying its outputs to the host (no sync)."""
         key = (rows, use_top_k, use_top_p)
         if key not in self._graphs:
