@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -182,6 +183,53 @@ def aggregate(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _chunk_forward(logits: torch.Tensor, targets: torch.Tensor | None, with_entropy: bool):
+    """fp32 (row max, logsumexp of the max-shifted row, target log-prob, entropy) of ``[n, V]`` rows."""
+    # Shift by the row max first: with logits ~1e3, sum(p * x) would lose the entropy to fp32 rounding
+    # (an ulp of 1e3 times 1e3); the shifted values keep it exact. Out of place: `.float()` of fp32
+    # logits is the logits themselves, which the backward reads again.
+    row_max = logits.float().amax(dim=-1)
+    x = logits.float() - row_max[:, None]
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(-1, targets[:, None]).squeeze(-1) - lse if targets is not None else None
+    ent = None
+    if with_entropy:
+        p_x = (torch.exp(x - lse[:, None]) * x).nan_to_num(nan=0.0)  # 0 * -inf -> 0
+        ent = lse - p_x.sum(-1)
+    return row_max, lse, logp, ent
+
+
+def _chunk_backward(logits, targets, row_max, lse, ent, grad_logp, grad_ent) -> torch.Tensor:
+    """d(sum grad_logp * logp + grad_ent * ent) / d logits for ``[n, V]`` rows, in the logits' dtype."""
+    x = logits.float() - row_max[:, None]
+    p = torch.exp(x - lse[:, None])
+    g = torch.zeros_like(x)
+    if grad_logp is not None:
+        # d logp_t / dx = onehot(t) - softmax
+        gl = grad_logp.float()
+        g = g - p * gl[:, None]
+        g = g.scatter_add(-1, targets[:, None], gl[:, None])
+    if grad_ent is not None:
+        # dH / dx_j = -p_j * (x_j - E_p[x]), with E_p[x] = lse - H in shifted units
+        centred = ((x - (lse - ent)[:, None]) * p).nan_to_num(nan=0.0)
+        g = g - centred * grad_ent.float()[:, None]
+    return g.to(logits.dtype)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _chunk_fns(fused: bool):
+    """The per-chunk forward/backward, compiled into a few fused kernels when `fused` (CUDA + triton):
+    eagerly each is ~10 passes over an fp32 copy of the chunk, compiled ~2 over the bf16 logits."""
+    if not fused:
+        return _chunk_forward, _chunk_backward
+    if not _COMPILED:
+        _COMPILED["fwd"] = torch.compile(_chunk_forward, dynamic=True)
+        _COMPILED["bwd"] = torch.compile(_chunk_backward, dynamic=True)
+    return _COMPILED["fwd"], _COMPILED["bwd"]
+
+
 class _ChunkedLogProbEntropy(torch.autograd.Function):
     """Target log-probs and entropy of ``[N, V]`` logits, upcasting only a chunk of rows at a time.
 
@@ -191,50 +239,40 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, chunk_rows, with_entropy):
+    def forward(ctx, logits, targets, chunk_rows, with_entropy, fused):
         n = logits.shape[0]
-        row_max = logits.new_empty(n, dtype=torch.float32)
-        lse = logits.new_empty(n, dtype=torch.float32)  # logsumexp of the max-shifted row
-        logp = logits.new_empty(n, dtype=torch.float32)
-        ent = logits.new_empty(n if with_entropy else 0, dtype=torch.float32)
-        for s in range(0, n, chunk_rows):
-            rows = slice(s, s + chunk_rows)
-            # Shift by the row max first: with logits ~1e3, sum(p * x) would lose the entropy to fp32
-            # rounding (an ulp of 1e3 times 1e3), the shifted values keep it exact.
-            x = logits[rows].float()
-            row_max[rows] = x.max(dim=-1).values
-            x -= row_max[rows, None]
-            lse[rows] = torch.logsumexp(x, dim=-1)
-            if targets is not None:
-                logp[rows] = x.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
-            if with_entropy:
-                p_x = torch.exp(x - lse[rows, None]).mul_(x).nan_to_num_(nan=0.0)  # 0 * -inf -> 0
-                ent[rows] = lse[rows] - p_x.sum(-1)
+        fwd, _ = _chunk_fns(fused)
+        parts = [
+            fwd(logits[s : s + chunk_rows], None if targets is None else targets[s : s + chunk_rows],
+                with_entropy)
+            for s in range(0, n, chunk_rows)
+        ]  # fmt: skip
+        row_max, lse = torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
+        empty = logits.new_empty(0, dtype=torch.float32)
+        logp = torch.cat([q[2] for q in parts]) if targets is not None and parts else empty
+        ent = torch.cat([q[3] for q in parts]) if with_entropy and parts else empty
         saved_targets = targets if targets is not None else logits.new_empty(0, dtype=torch.long)
         ctx.save_for_backward(logits, saved_targets, row_max, lse, ent)
-        ctx.chunk_rows, ctx.has_targets = chunk_rows, targets is not None
+        ctx.chunk_rows, ctx.has_targets, ctx.fused = chunk_rows, targets is not None, fused
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
         logits, targets, row_max, lse, ent = ctx.saved_tensors
+        _, bwd = _chunk_fns(ctx.fused)
+        if not ctx.has_targets:
+            grad_logp = None
+        if not ent.numel():
+            grad_ent = None
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.chunk_rows):
-            rows = slice(s, s + ctx.chunk_rows)
-            x = logits[rows].float() - row_max[rows, None]
-            p = torch.exp(x - lse[rows, None])
-            g = torch.zeros_like(x)
-            if ctx.has_targets and grad_logp is not None:
-                # d logp_t / dx = onehot(t) - softmax
-                gl = grad_logp[rows].float()
-                g -= p * gl[:, None]
-                g.scatter_add_(-1, targets[rows, None], gl[:, None])
-            if grad_ent is not None and ent.numel():
-                # dH / dx_j = -p_j * (x_j - E_p[x]), with E_p[x] = lse - H in shifted units
-                centred = (x - (lse[rows] - ent[rows])[:, None]).mul_(p).nan_to_num_(nan=0.0)
-                g -= centred * grad_ent[rows].float()[:, None]
-            grad[rows] = g.to(logits.dtype)
-        return grad, None, None, None
+            r = slice(s, s + ctx.chunk_rows)
+            grad[r] = bwd(
+                logits[r], targets[r] if ctx.has_targets else None, row_max[r], lse[r],
+                ent[r] if grad_ent is not None else None,
+                None if grad_logp is None else grad_logp[r], None if grad_ent is None else grad_ent[r],
+            )  # fmt: skip
+        return grad, None, None, None, None
 
 
 def _chunk_rows(logits: torch.Tensor, chunk_rows: int | None) -> int:
@@ -242,12 +280,17 @@ def _chunk_rows(logits: torch.Tensor, chunk_rows: int | None) -> int:
 
 
 def log_probs_and_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True, chunk_rows: int | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    with_entropy: bool = True,
+    chunk_rows: int | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``targets [N]`` under ``logits [N, V]`` and the entropy of each row, both float32
-    ``[N]``, in one chunked pass (entropy is ``None`` unless ``with_entropy``). Differentiable."""
+    ``[N]``, in one chunked pass (entropy is ``None`` unless ``with_entropy``). Differentiable.
+    ``fused`` compiles the per-chunk maths (the trainer's ``--train-compile`` on CUDA)."""
     rows = _chunk_rows(logits, chunk_rows)
-    logp, ent = _ChunkedLogProbEntropy.apply(logits, targets.long(), rows, with_entropy)
+    logp, ent = _ChunkedLogProbEntropy.apply(logits, targets.long(), rows, with_entropy, fused)
     return logp, (ent if with_entropy else None)
 
 
@@ -264,7 +307,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_rows: int | None = None) -> 
     ``H = logsumexp(x) - sum(softmax(x) * x)``, stable for large logits. Differentiable."""
     flat = logits.reshape(-1, logits.shape[-1])
     rows = _chunk_rows(flat, chunk_rows)
-    _, ent = _ChunkedLogProbEntropy.apply(flat, None, rows, True)
+    _, ent = _ChunkedLogProbEntropy.apply(flat, None, rows, True, False)
     return ent.reshape(logits.shape[:-1])
 
 
