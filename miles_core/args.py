@@ -149,7 +149,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true", default=False, help="bf16 compute, fp32 master weights.")
+    g.add_argument(
+        "--bf16", action="store_true", default=False,
+        help="bf16 weights and compute; fp32 master weights, gradients and moments in the optimizer.",
+    )  # fmt: skip
     g.add_argument(
         "--max-tokens-per-gpu",
         type=int,

@@ -31,6 +31,7 @@ from miles_core.train.losses import (
     mismatch_metrics,
     policy_loss,
 )
+from miles_core.train.optim import MasterAdamW
 from miles_core.types import TrainBatch, UsageError
 
 
@@ -82,20 +83,35 @@ def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return bins
 
 
+def _cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point parameters in place; buffers (e.g. a quantizer's scales) keep their dtype."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 class Trainer:
-    """Owns the policy (fp32 master weights), the optional reference model and the optimizer."""
+    """Owns the policy, the optional reference model and the optimizer.
+
+    Without ``--bf16`` the policy trains in its own dtype (fp32) with `torch.optim.AdamW`. With it, the
+    policy's weights become bf16 and the fp32 masters live in the optimizer (`MasterAdamW`): forward
+    and backward run in bf16 throughout, gradients add up in fp32. The reference model is cast to bf16.
+    """
 
     def __init__(self, args: argparse.Namespace, pm: Any, model: CausalLM, ref_model: CausalLM | None = None):
         self.args, self.pm, self.model, self.ref_model = args, pm, model, ref_model
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=args.lr,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps,
-            weight_decay=args.weight_decay,
-            fused=self.device.type == "cuda",  # one kernel per step instead of a foreach chain
-        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        adam = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                    weight_decay=args.weight_decay)  # fmt: skip
+        if args.bf16:
+            self.optimizer: torch.optim.Optimizer = MasterAdamW(params, dtype=torch.bfloat16, **adam)
+            _cast_weights(model, torch.bfloat16)  # the frozen ones; MasterAdamW cast the rest
+            if ref_model is not None:
+                _cast_weights(ref_model, torch.bfloat16)
+        else:
+            # fused: one kernel per step instead of a foreach chain
+            self.optimizer = torch.optim.AdamW(params, fused=self.device.type == "cuda", **adam)
         self.max_tokens = getattr(args, "max_tokens_per_gpu", None)
         if getattr(args, "use_dynamic_batch_size", False) and not self.max_tokens:
             raise UsageError(
@@ -188,8 +204,10 @@ class Trainer:
             position_ids=to_device(pos, dev), offsets=offsets, **fields,
         )  # fmt: skip
 
-    def _autocast(self):
-        if self.args.bf16:
+    def _autocast(self, model: CausalLM):
+        """bf16 autocast for a --bf16 forward of a model still holding fp32 weights (e.g. a plugin's
+        model passed in later); the trainer's own models are bf16 already and need none."""
+        if self.args.bf16 and next(model.parameters()).dtype == torch.float32:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -201,7 +219,7 @@ class Trainer:
             else None
         )
         packed = {} if mb.seq_lens is None else dict(position_ids=mb.position_ids, seq_lens=mb.seq_lens)
-        with self._autocast():
+        with self._autocast(model):
             if type(model).forward is CausalLM.forward:
                 # Project only the response positions: the [B, T, V] logits are never built (a hook
                 # reading out.logits still gets them, computed lazily).
@@ -301,10 +319,12 @@ class Trainer:
         for mb in self.micro_batches(batch, idx):
             for k, v in self._micro_step(batch, mb, denom).items():
                 sums[k] = sums.get(k, 0.0) + v
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, args.clip_grad if args.clip_grad > 0 else float("inf")
-        )
+        max_norm = args.clip_grad if args.clip_grad > 0 else float("inf")
+        if isinstance(self.optimizer, MasterAdamW):
+            grad_norm = self.optimizer.clip_grad_norm_(max_norm)
+        else:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
         self.step += 1
         # Loss metrics stayed on the device through the micro-batches (no host sync between them, so
@@ -368,6 +388,8 @@ class Trainer:
                 loss = loss + aux_loss
                 metrics.update(aux_metrics or {})
         loss.backward()
+        if isinstance(self.optimizer, MasterAdamW):
+            self.optimizer.accumulate()  # fp32 sum over micro-batches
         # Hook metrics are per-micro-batch means; weight them by this micro-batch's share of the step.
         share = (
             (sum(float(batch.loss_masks[i].float().sum()) for i in mb.index) / denom)
