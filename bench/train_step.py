@@ -96,8 +96,25 @@ def profile_step(trainer: Trainer, batch: TrainBatch, device: str) -> None:
             per_name[ev.name[:100]][1] += 1
     total = sum(v[0] for v in per_name.values())
     print(f"kernel time {total:.1f} ms in {sum(v[1] for v in per_name.values())} kernels", file=sys.stderr)
-    for name, (ms, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:30]:
+    for name, (ms, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:40]:
         print(f"{ms:9.2f} ms {count:6d}x  {name}", file=sys.stderr)
+    # The optimizer on its own (gradient norm, clip, AdamW, masters -> weights), with stand-in gradients.
+    opt, params = trainer.optimizer, [p for p in trainer.model.parameters() if p.requires_grad]
+    times = []
+    for _ in range(4):
+        opt.zero_grad()
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        sync(device)
+        t0 = time.perf_counter()
+        if hasattr(opt, "clip_grad_norm_"):
+            opt.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    print(f"optimizer step (norm, clip, AdamW): {min(times[1:]) * 1e3:.2f} ms", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,8 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recompute", choices=["full", "selective"], default=None)
     ap.add_argument("--compile", action="store_true", help="--train-compile: compiled decoder layers.")
     ap.add_argument("--profile", action="store_true", help="Also print one step's busiest kernels to stderr.")
+    ap.add_argument("--samples", type=int, default=None, help="Samples per step (default: the preset's).")
+    ap.add_argument("--max-tokens", type=int, default=None, help="--max-tokens-per-gpu (default: preset's).")
     a = ap.parse_args(argv)
-    preset, shape = PRESETS[a.preset], SHAPES[a.preset]
+    preset, shape = PRESETS[a.preset], dict(SHAPES[a.preset])
+    shape.update({k: v for k, v in (("samples", a.samples), ("max_tokens", a.max_tokens)) if v})
     device = preset["device"]
     model = make_model({**preset, "dtype": torch.float32}).requires_grad_(True)  # fp32 master weights
     n = shape["samples"]

@@ -31,15 +31,12 @@ def test_masters_follow_torch_adamw(clip):
     for _ in range(4):
         opt_ref.zero_grad()
         opt.zero_grad()
-        for _micro in range(2):  # two micro-batches: their gradients add up in fp32
+        for micro in range(2):  # two micro-batches: their gradients add up in fp32
             grads = [torch.randn(p.shape, generator=g) for p in ref]
             for p, q, x in zip(ref, ours, grads):
                 p.grad = x.clone() if p.grad is None else p.grad + x
-                q.grad = x.to(torch.bfloat16)
-            opt.accumulate()
-        # The reference sees the same bf16-rounded gradients, summed in fp32.
-        for p, q in zip(ref, ours):
-            assert q.grad is None
+                q.grad += x.to(torch.bfloat16)  # as backward does: in place into the flat buffer
+            opt.accumulate(last=micro == 1)
         norm_ref = torch.nn.utils.clip_grad_norm_(ref, clip)
         norm = opt.clip_grad_norm_(clip)
         opt_ref.step()
@@ -60,22 +57,25 @@ def test_exact_when_gradients_are_bf16_values():
     opt_ref, opt = torch.optim.AdamW(ref, fused=True, **ADAM), MasterAdamW(ours, **ADAM)
     for step in range(3):
         grads = [torch.full(p.shape, 0.25 * (step + 1)) for p in ref]
+        opt.zero_grad()
         for p, q, x in zip(ref, ours, grads):
-            p.grad, q.grad = x.clone(), x.to(torch.bfloat16)
-        opt.accumulate()
+            p.grad, q.grad = x.clone(), x.to(torch.bfloat16)  # a replaced .grad is folded in too
+        opt.accumulate(last=True)
         opt_ref.step()
         opt.step()
     for p, q in zip(ref, ours):
         torch.testing.assert_close(opt.state[q]["master"], p.data, atol=1e-6, rtol=1e-6)
 
 
-def test_late_gradient_is_not_clipped():
-    """A gradient put back into .grad after clipping (how miles-specrl hands back its MTP gradients)
-    is applied as given; the clipped ones are scaled."""
+def test_hooked_parameter_is_not_clipped():
+    """A parameter with a post-accumulate-grad hook (how miles-specrl parks its MTP gradients until the
+    step) stays out of the flat buffers: its gradient is applied as given; the clipped ones are scaled."""
     a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    b.register_post_accumulate_grad_hook(lambda p: None)
     opt = MasterAdamW([a, b], lr=1.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0)
-    a.grad = torch.full((4,), 10.0, dtype=torch.bfloat16)
-    opt.accumulate()
+    opt.zero_grad()
+    a.grad += 10.0
+    opt.accumulate(last=True)
     norm = opt.clip_grad_norm_(1.0)
     assert float(norm) == pytest.approx(20.0)
     b.grad = torch.full((4,), 3.0, dtype=torch.bfloat16)
@@ -83,7 +83,8 @@ def test_late_gradient_is_not_clipped():
     # betas 0: the update is lr * g / |g| = sign per element whatever the scale; check the moments.
     assert torch.allclose(opt.state[a]["exp_avg"], torch.full((4,), 10.0 / 20.0), rtol=1e-5)
     assert torch.allclose(opt.state[b]["exp_avg"], torch.full((4,), 3.0))
-    assert b.grad is None and a.grad is None
+    assert b.grad is None and b.dtype == torch.bfloat16
+    assert float(a.detach()[0]) == -1.0 and float(b.detach()[0]) == -1.0
 
 
 def test_bf16_trainer_weights_and_accumulation(tiny_ckpt):
@@ -161,3 +162,24 @@ def test_fp32_optimizer_state_loads_into_bf16_run(tiny_ckpt):
         s32, s16 = t32.optimizer.state[p], t16.optimizer.state[q]
         assert torch.equal(s16["exp_avg"], s32["exp_avg"]) and float(s16["step"]) == float(s32["step"])
         assert torch.equal(t16.optimizer.state[q]["master"], p.data)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_update_matches_eager():
+    """On CUDA the flat AdamW update runs compiled; it must give the eager update's numbers."""
+    from miles_core.train.optim import _update_fn, adamw_update
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n = 1 << 20
+    outs = []
+    for fn in (adamw_update, _update_fn(torch.device("cuda"))):
+        master = torch.randn(n, device="cuda", generator=g.manual_seed(0))
+        m, v = torch.randn_like(master) * 1e-3, torch.rand_like(master) * 1e-6
+        grad = torch.randn(n, device="cuda", generator=g.manual_seed(1)).to(torch.bfloat16)
+        w = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        hyper = torch.tensor([1e-3, 0.9, 0.95, 1e-8, 0.1, 1 - 0.9**3, (1 - 0.95**3) ** 0.5], device="cuda")
+        fn(master, m, v, grad, w, hyper, torch.tensor(2.0, device="cuda"))
+        outs.append((master, m, v, w))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from miles_core.devices import to_device
+from miles_core.train import logprob_kernel
 from miles_core.types import UsageError
 
 KL_TYPES = ("k1", "k2", "k3", "low_var_kl")
@@ -216,20 +216,6 @@ def _chunk_backward(logits, targets, row_max, lse, ent, grad_logp, grad_ent) -> 
     return g.to(logits.dtype)
 
 
-_COMPILED: dict[str, Any] = {}
-
-
-def _chunk_fns(fused: bool):
-    """The per-chunk forward/backward, compiled into a few fused kernels when `fused` (CUDA + triton):
-    eagerly each is ~10 passes over an fp32 copy of the chunk, compiled ~2 over the bf16 logits."""
-    if not fused:
-        return _chunk_forward, _chunk_backward
-    if not _COMPILED:
-        _COMPILED["fwd"] = torch.compile(_chunk_forward, dynamic=True)
-        _COMPILED["bwd"] = torch.compile(_chunk_backward, dynamic=True)
-    return _COMPILED["fwd"], _COMPILED["bwd"]
-
-
 class _ChunkedLogProbEntropy(torch.autograd.Function):
     """Target log-probs and entropy of ``[N, V]`` logits, upcasting only a chunk of rows at a time.
 
@@ -239,27 +225,24 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, chunk_rows, with_entropy, fused):
+    def forward(ctx, logits, targets, chunk_rows, with_entropy):
         n = logits.shape[0]
-        fwd, _ = _chunk_fns(fused)
-        parts = [
-            fwd(logits[s : s + chunk_rows], None if targets is None else targets[s : s + chunk_rows],
-                with_entropy)
-            for s in range(0, n, chunk_rows)
-        ]  # fmt: skip
+        parts = []
+        for s in range(0, n, chunk_rows):
+            tgt = None if targets is None else targets[s : s + chunk_rows]
+            parts.append(_chunk_forward(logits[s : s + chunk_rows], tgt, with_entropy))
         row_max, lse = torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
         empty = logits.new_empty(0, dtype=torch.float32)
         logp = torch.cat([q[2] for q in parts]) if targets is not None and parts else empty
         ent = torch.cat([q[3] for q in parts]) if with_entropy and parts else empty
         saved_targets = targets if targets is not None else logits.new_empty(0, dtype=torch.long)
         ctx.save_for_backward(logits, saved_targets, row_max, lse, ent)
-        ctx.chunk_rows, ctx.has_targets, ctx.fused = chunk_rows, targets is not None, fused
+        ctx.chunk_rows, ctx.has_targets = chunk_rows, targets is not None
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
         logits, targets, row_max, lse, ent = ctx.saved_tensors
-        _, bwd = _chunk_fns(ctx.fused)
         if not ctx.has_targets:
             grad_logp = None
         if not ent.numel():
@@ -267,12 +250,12 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.chunk_rows):
             r = slice(s, s + ctx.chunk_rows)
-            grad[r] = bwd(
+            grad[r] = _chunk_backward(
                 logits[r], targets[r] if ctx.has_targets else None, row_max[r], lse[r],
                 ent[r] if grad_ent is not None else None,
                 None if grad_logp is None else grad_logp[r], None if grad_ent is None else grad_ent[r],
             )  # fmt: skip
-        return grad, None, None, None, None
+        return grad, None, None, None
 
 
 def _chunk_rows(logits: torch.Tensor, chunk_rows: int | None) -> int:
@@ -288,9 +271,13 @@ def log_probs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``targets [N]`` under ``logits [N, V]`` and the entropy of each row, both float32
     ``[N]``, in one chunked pass (entropy is ``None`` unless ``with_entropy``). Differentiable.
-    ``fused`` compiles the per-chunk maths (the trainer's ``--train-compile`` on CUDA)."""
+    ``fused`` (the trainer's ``--train-compile``) uses one Triton kernel each way where it runs
+    (`logprob_kernel`), the same maths without fp32 copies of the logits."""
+    if fused and logprob_kernel.available(logits):
+        logp, ent = logprob_kernel.FusedLogProbEntropy.apply(logits, targets.long(), with_entropy)
+        return logp, (ent if with_entropy else None)
     rows = _chunk_rows(logits, chunk_rows)
-    logp, ent = _ChunkedLogProbEntropy.apply(logits, targets.long(), rows, with_entropy, fused)
+    logp, ent = _ChunkedLogProbEntropy.apply(logits, targets.long(), rows, with_entropy)
     return logp, (ent if with_entropy else None)
 
 
@@ -307,7 +294,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_rows: int | None = None) -> 
     ``H = logsumexp(x) - sum(softmax(x) * x)``, stable for large logits. Differentiable."""
     flat = logits.reshape(-1, logits.shape[-1])
     rows = _chunk_rows(flat, chunk_rows)
-    _, ent = _ChunkedLogProbEntropy.apply(flat, None, rows, True, False)
+    _, ent = _ChunkedLogProbEntropy.apply(flat, None, rows, True)
     return ent.reshape(logits.shape[:-1])
 
 

@@ -1,26 +1,102 @@
 """AdamW over bf16 model weights with fp32 master weights held by the optimizer (``--bf16``).
 
 The model computes in bf16 end to end (no autocast, no per-forward weight casts, a bf16 residual
-stream), as Megatron does with ``--bf16``. The optimizer keeps what must stay exact in fp32:
+stream), as Megatron does with ``--bf16``. The optimizer keeps what must stay exact in fp32: the master
+weights, the AdamW moments and, when a step has several micro-batches, their gradient sum.
 
-- ``master``: the fp32 weights. Each step updates them and rounds them into the bf16 model weights.
-- ``main_grad``: the fp32 gradient of the step. After each micro-batch's backward the trainer calls
-  `accumulate`, which moves the bf16 ``.grad`` of every parameter into it, so micro-batches add up in
-  fp32 whatever their number.
-- ``exp_avg`` / ``exp_avg_sq``: the AdamW moments, fp32.
+Layout (per parameter group): every parameter, its ``.grad``, its master and its moments are views
+into one flat buffer each, so a step is a handful of kernels whatever the number of tensors:
 
-`clip_grad_norm_` takes the norm of the step's fp32 gradient and hands the clip factor to the fused
-AdamW kernel (no separate scaling pass and no host sync). A gradient that is still in ``.grad`` when
-`step` runs (a plugin's, e.g. miles-specrl parks its MTP gradients until the step and clips them
-itself) is applied as given, without the policy's clip factor.
+- backward accumulates each parameter's bf16 gradient in place into the flat gradient buffer;
+- `accumulate` (the trainer calls it after each micro-batch) moves it into an fp32 sum when more
+  micro-batches follow, so micro-batches add up in fp32;
+- `clip_grad_norm_` is one norm over the flat gradient; the clip factor stays on the device;
+- `step` is one fused elementwise pass (compiled on CUDA): AdamW on the fp32 masters, rounded into
+  the bf16 weights in the same pass.
+
+A parameter with a post-accumulate-grad hook (a plugin that takes its gradient away after each
+backward, e.g. miles-specrl's MTP heads) is kept out of the flat buffers: it gets its own per-tensor
+AdamW in `step`, with whatever ``.grad`` the plugin puts back, unscaled by the policy's clip factor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from miles_core.devices import to_device
+
+
+def adamw_update(master, exp_avg, exp_avg_sq, grad, param, hyper, grad_scale) -> None:
+    """One AdamW step on flat fp32 ``master`` / moments from ``grad`` (any float dtype) divided by
+    ``grad_scale`` (a device scalar), writing the rounded weights into ``param``. ``hyper`` is an fp32
+    device tensor ``[lr, beta1, beta2, eps, weight_decay, 1 - beta1^t, sqrt(1 - beta2^t)]``. Same
+    arithmetic as `torch.optim.AdamW`."""
+    lr, beta1, beta2, eps, wd, bc1, bc2_sqrt = hyper.unbind()
+    g = grad.float() / grad_scale
+    m = exp_avg * beta1 + g * (1 - beta1)
+    v = exp_avg_sq * beta2 + g * g * (1 - beta2)
+    w = master * (1 - lr * wd)
+    w = w - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    master.copy_(w)
+    param.copy_(w)
+
+
+_COMPILED_UPDATE: list = []
+
+
+def _update_fn(device: torch.device):
+    """`adamw_update` compiled into one kernel on CUDA (eager elsewhere)."""
+    if device.type != "cuda":
+        return adamw_update
+    if not _COMPILED_UPDATE:
+        _COMPILED_UPDATE.append(torch.compile(adamw_update, dynamic=True))
+    return _COMPILED_UPDATE[0]
+
+
+class _Flat:
+    """One parameter group's flat buffers and its parameters' offsets into them."""
+
+    def __init__(self, params: list[torch.nn.Parameter], dtype: torch.dtype) -> None:
+        self.params = params
+        self.offset: dict[torch.nn.Parameter, int] = {}
+        n = 0
+        for p in params:
+            self.offset[p] = n
+            n += p.numel()
+        dev = params[0].device
+        self.master = torch.empty(n, dtype=torch.float32, device=dev)
+        for p in params:
+            self.view(self.master, p).copy_(p.detach())
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.weight = self.master.to(dtype)
+        self.grad = torch.zeros(n, dtype=dtype, device=dev)
+        self.main: torch.Tensor | None = None  # fp32 gradient sum, allocated on first use
+        self.main_used = False  # this step's gradient is (partly) in `main`
+        self.step = torch.zeros((), dtype=torch.float32)  # host: the bias corrections need no sync
+        for p in params:
+            p.data = self.view(self.weight, p)
+            p.grad = self.view(self.grad, p)
+
+    def view(self, flat: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
+        o = self.offset[p]
+        return flat[o : o + p.numel()].view(p.shape)
+
+    def collect(self) -> None:
+        """Fold a ``.grad`` that something replaced (instead of accumulating into ours) back in."""
+        for p in self.params:
+            mine = self.view(self.grad, p)
+            g = p.grad
+            if g is None or g.data_ptr() != mine.data_ptr():
+                if g is not None:
+                    mine.add_(g.reshape(mine.shape))
+                p.grad = mine
 
 
 class MasterAdamW(torch.optim.Optimizer):
@@ -40,60 +116,80 @@ class MasterAdamW(torch.optim.Optimizer):
         dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         super().__init__(list(params), dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self._touched: set[torch.nn.Parameter] = set()  # got a main_grad this step
-        self._grad_scale: torch.Tensor | None = None  # 1 / clip factor, on the device
+        self._flat: list[_Flat | None] = []
+        self._hooked: list[list[torch.nn.Parameter]] = []
+        self._grad_scale: torch.Tensor | None = None  # the policy's clip divisor, on the device
         for group in self.param_groups:
-            for p in group["params"]:
+            hooked = [p for p in group["params"] if getattr(p, "_post_accumulate_grad_hooks", None)]
+            flat = [p for p in group["params"] if all(p is not h for h in hooked)]
+            self._hooked.append(hooked)
+            self._flat.append(_Flat(flat, dtype) if flat else None)
+            if flat:
+                f = self._flat[-1]
+                for p in flat:
+                    self.state[p] = {
+                        "step": f.step, "master": f.view(f.master, p),
+                        "exp_avg": f.view(f.exp_avg, p), "exp_avg_sq": f.view(f.exp_avg_sq, p),
+                    }  # fmt: skip
+            for p in hooked:
                 master = p.detach().to(torch.float32, copy=True)
                 self.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    "master": master,
-                    "exp_avg": torch.zeros_like(master),
-                    "exp_avg_sq": torch.zeros_like(master),
-                }
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device), "master": master,
+                    "exp_avg": torch.zeros_like(master), "exp_avg_sq": torch.zeros_like(master),
+                }  # fmt: skip
                 p.data = p.data.to(dtype)
-        self._main_grad = {p: None for g in self.param_groups for p in g["params"]}
 
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.param_groups for p in g["params"]]
+    def _flats(self) -> list[_Flat]:
+        return [f for f in self._flat if f is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Start a step: drops ``.grad`` and forgets the step's fp32 gradient (its memory is reused)."""
-        for p in self.params:
-            p.grad = None
-        self._touched.clear()
+        """Start a step: zero the flat gradients (the parameters' ``.grad`` stay views into them)."""
+        for f in self._flats():
+            f.grad.zero_()
+            f.main_used = False
+            for p in f.params:
+                p.grad = f.view(f.grad, p)
+        for ps in self._hooked:
+            for p in ps:
+                p.grad = None
         self._grad_scale = None
 
     @torch.no_grad()
-    def accumulate(self) -> None:
-        """Add every parameter's ``.grad`` into its fp32 ``main_grad`` and clear ``.grad``."""
-        fresh = [p for p in self.params if p.grad is not None and p not in self._touched]
-        more = [p for p in self.params if p.grad is not None and p in self._touched]
-        for p in fresh:
-            if self._main_grad[p] is None:
-                self._main_grad[p] = torch.empty_like(self.state[p]["master"])
-        if fresh:  # the first gradient of the step overwrites: no zeroing pass
-            torch._foreach_copy_([self._main_grad[p] for p in fresh], [p.grad for p in fresh])
-        if more:
-            torch._foreach_add_([self._main_grad[p] for p in more], [p.grad for p in more])
-        for p in fresh + more:
-            p.grad = None
-        self._touched.update(fresh)
+    def accumulate(self, last: bool = False) -> None:
+        """After a micro-batch's backward. Unless it was the step's `last`, its bf16 gradient is added
+        into the fp32 sum and cleared for the next one; the last stays in bf16 (read by the step)
+        when it is the only one."""
+        for f in self._flats():
+            f.collect()
+            if last and not f.main_used:
+                continue
+            if f.main is None:
+                f.main = torch.empty_like(f.master)
+            if f.main_used:
+                f.main.add_(f.grad)
+            else:
+                f.main.copy_(f.grad)
+                f.main_used = True
+            f.grad.zero_()
+
+    def _grad_of(self, f: _Flat) -> torch.Tensor:
+        return f.main if f.main_used else f.grad
 
     def main_grads(self) -> list[torch.Tensor]:
-        """The step's fp32 gradients so far (after `accumulate`), in parameter order."""
-        return [self._main_grad[p] for p in self.params if p in self._touched]
+        """The step's gradient so far (after `accumulate`), one flat tensor per parameter group."""
+        return [self._grad_of(f).float() for f in self._flats()]
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Total 2-norm of the step's fp32 gradient (a device scalar); gradients above `max_norm` are
-        scaled down by ``max_norm / (norm + 1e-6)`` inside `step`, as `torch.nn.utils.clip_grad_norm_`."""
-        self.accumulate()
-        grads = self.main_grads()
-        if not grads:
-            return torch.zeros((), device=self.params[0].device)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        """Total 2-norm of the step's gradient (a device scalar); gradients above `max_norm` are scaled
+        down by ``max_norm / (norm + 1e-6)`` inside `step`, as `torch.nn.utils.clip_grad_norm_`."""
+        flats = self._flats()
+        for f in flats:
+            f.collect()
+        if not flats:
+            return torch.zeros(())
+        norms = [torch.linalg.vector_norm(self._grad_of(f), dtype=torch.float32) for f in flats]
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         if max_norm != float("inf"):
             self._grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
         return norm
@@ -102,40 +198,37 @@ class MasterAdamW(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> None:
         if closure is not None:
             raise ValueError("MasterAdamW.step takes no closure")
-        # Gradients still in .grad now (added after clipping, or restored by a plugin) go in unscaled.
-        late = [p for p in self.params if p.grad is not None]
-        for group in self.param_groups:
+        for group, f, hooked in zip(self.param_groups, self._flat, self._hooked):
             beta1, beta2 = group["betas"]
-            kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                      eps=group["eps"], amsgrad=False, maximize=False, found_inf=None)  # fmt: skip
-            clipped = [p for p in group["params"] if p in self._touched and p.grad is None]
-            own = [p for p in group["params"] if p.grad is not None]
-            for ps, grads, scale in (
-                (clipped, [self._main_grad[p] for p in clipped], self._grad_scale),
-                (own, [self._own_grad(p) for p in own], None),
-            ):
-                if not ps:
-                    continue
-                states = [self.state[p] for p in ps]
-                masters = [s["master"] for s in states]
-                steps = [s["step"] for s in states]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            if f is not None:
+                f.collect()
+                f.step += 1
+                t = float(f.step)
+                hyper = torch.tensor(
+                    [lr, beta1, beta2, eps, wd, 1 - beta1**t, math.sqrt(1 - beta2**t)], dtype=torch.float32
+                )
+                dev = f.master.device
+                scale = self._grad_scale if self._grad_scale is not None else torch.ones((), device=dev)
+                _update_fn(dev)(
+                    f.master, f.exp_avg, f.exp_avg_sq, self._grad_of(f), f.weight, to_device(hyper, dev),
+                    scale.to(dev),
+                )  # fmt: skip
+            own = [p for p in hooked if p.grad is not None]
+            if own:  # a plugin's gradients, applied as given
+                states = [self.state[p] for p in own]
+                masters, steps = [s["master"] for s in states], [s["step"] for s in states]
                 torch._foreach_add_(steps, 1.0)
                 torch._fused_adamw_(
-                    masters, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    [], steps, grad_scale=scale, **kw,
+                    masters, [p.grad.float() for p in own], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                    weight_decay=wd, eps=eps, amsgrad=False, maximize=False, grad_scale=None,
+                    found_inf=None,
                 )  # fmt: skip
-                torch._foreach_copy_([p.data for p in ps], masters)
-        for p in late:
-            p.grad = None
-        self._touched.clear()
+                torch._foreach_copy_([p.data for p in own], masters)
+                for p in own:
+                    p.grad = None
         self._grad_scale = None
-
-    def _own_grad(self, p: torch.nn.Parameter) -> torch.Tensor:
-        g = p.grad.float()
-        if p in self._touched:  # also had clipped micro-batch gradients: those count, scaled
-            main = self._main_grad[p]
-            g = g + (main if self._grad_scale is None else main / self._grad_scale)
-        return g
 
     # ------------------------------------------------------------------ checkpoints
 

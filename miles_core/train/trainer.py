@@ -122,6 +122,8 @@ class Trainer:
             recompute = "selective"
         if hasattr(model.model, "recompute"):
             model.model.recompute = recompute
+        # --train-compile on CUDA also compiles the log-prob/entropy maths over the response logits.
+        self.fused_loss = bool(getattr(args, "train_compile", False)) and self.device.type == "cuda"
         if getattr(args, "train_compile", False):
             # One compiled graph serves every layer (parameters are graph inputs); shapes are dynamic so
             # a new packing length does not recompile.
@@ -230,7 +232,9 @@ class Trainer:
                 logits = out.logits[mb.resp_rows, mb.resp_cols]
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        logp, ent = log_probs_and_entropy(logits, mb.targets, with_entropy=with_entropy)
+        logp, ent = log_probs_and_entropy(
+            logits, mb.targets, with_entropy=with_entropy, fused=self.fused_loss
+        )
         return logp, ent, out, routing
 
     # ------------------------------------------------------------------ log-probs
@@ -316,8 +320,9 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = self._lr()
         self.optimizer.zero_grad(set_to_none=True)
-        for mb in self.micro_batches(batch, idx):
-            for k, v in self._micro_step(batch, mb, denom).items():
+        mbs = list(self.micro_batches(batch, idx))
+        for i, mb in enumerate(mbs):
+            for k, v in self._micro_step(batch, mb, denom, last=i == len(mbs) - 1).items():
                 sums[k] = sums.get(k, 0.0) + v
         max_norm = args.clip_grad if args.clip_grad > 0 else float("inf")
         if isinstance(self.optimizer, MasterAdamW):
@@ -338,7 +343,9 @@ class Trainer:
         self.pm.hook.post_step(args=args, step=self.step, model=self.model, metrics=metrics)
         return metrics
 
-    def _micro_step(self, batch: TrainBatch, mb: MicroBatch, denom: float) -> dict[str, float]:
+    def _micro_step(
+        self, batch: TrainBatch, mb: MicroBatch, denom: float, last: bool = True
+    ) -> dict[str, float]:
         """Forward + backward of one micro-batch; returns its share of the step's metrics."""
         args = self.args
         logp, ent, out, _ = self.forward(self.model, mb)
@@ -389,7 +396,7 @@ class Trainer:
                 metrics.update(aux_metrics or {})
         loss.backward()
         if isinstance(self.optimizer, MasterAdamW):
-            self.optimizer.accumulate()  # fp32 sum over micro-batches
+            self.optimizer.accumulate(last)  # fp32 sum over micro-batches
         # Hook metrics are per-micro-batch means; weight them by this micro-batch's share of the step.
         share = (
             (sum(float(batch.loss_masks[i].float().sum()) for i in mb.index) / denom)
