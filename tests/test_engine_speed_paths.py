@@ -168,10 +168,10 @@ def test_keyed_sampler_draws_the_tempered_distribution_and_is_a_function_of_its_
 
 @pytest.mark.parametrize("m,e", [(1, 4), (16, 8), (256, 32), (1024, 32), (1025, 32), (3000, 32)])
 def test_expert_order_is_the_stable_argsort(m, e):
-    from miles_core.model.moe import _expert_order
+    from miles_core.model.moe import expert_order
 
     flat = torch.randint(0, e, (m,), generator=torch.Generator().manual_seed(m))
-    order, dest = _expert_order(flat, e)
+    order, dest = expert_order(flat, e)
     assert torch.equal(order, flat.argsort(stable=True))
     assert torch.equal(order[dest], torch.arange(m))
 

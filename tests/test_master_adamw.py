@@ -170,14 +170,13 @@ def test_compiled_update_matches_eager():
     """On CUDA the flat AdamW update runs compiled; it must give the eager update's numbers."""
     from miles_core.train.optim import _update_fn, adamw_update
 
-    g = torch.Generator(device="cuda").manual_seed(0)
     n = 1 << 20
     outs = []
     for fn in (adamw_update, _update_fn(torch.device("cuda"))):
-        master = torch.randn(n, device="cuda", generator=g.manual_seed(0))
-        m, v = torch.randn_like(master) * 1e-3, torch.rand_like(master) * 1e-6
-        grad = torch.randn(n, device="cuda", generator=g.manual_seed(1)).to(torch.bfloat16)
-        w = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        g = torch.Generator().manual_seed(0)
+        master, m, grad = (torch.randn(n, generator=g).cuda() for _ in range(3))
+        m, v = m * 1e-3, torch.rand(n, generator=g).cuda() * 1e-6
+        grad, w = grad.to(torch.bfloat16), torch.empty(n, device="cuda", dtype=torch.bfloat16)
         hyper = torch.tensor([1e-3, 0.9, 0.95, 1e-8, 0.1, 1 - 0.9**3, (1 - 0.95**3) ** 0.5], device="cuda")
         fn(master, m, v, grad, w, hyper, torch.tensor(2.0, device="cuda"))
         outs.append((master, m, v, w))

@@ -110,3 +110,36 @@ def test_dynamic_batch_size_needs_token_budget(tiny_ckpt):
     args = make_args(tiny_ckpt, ["--use-dynamic-batch-size"])
     with pytest.raises(UsageError, match="--max-tokens-per-gpu"):
         Trainer(args, _pm(), load_model(tiny_ckpt))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_varlen_gqa_matches_sdpa_runs():
+    """The packed path's flash kernels (GQA without repeating K/V) = causal SDPA per sequence, values
+    and gradients, in bf16."""
+    from miles_core.model import layers
+    from miles_core.model.config import ModelConfig
+    from miles_core.model.layers import Attention, StepContext
+
+    cfg = ModelConfig(
+        architecture="Qwen3ForCausalLM", vocab_size=16, hidden_size=256, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+    )  # fmt: skip
+    attn = Attention(cfg, 0).cuda()
+    lens = [37, 100, 100, 5, 64]
+    total = sum(lens)
+    cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
+    ctx = StepContext(cos=None, sin=None, seq_lens=lens, cu_seqlens=cu)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = [torch.randn(1, h, total, 32, device="cuda", generator=g, dtype=torch.bfloat16) for h in (8, 2, 2)]
+    grad_out = torch.randn(1, 8, total, 32, device="cuda", generator=g, dtype=torch.bfloat16)
+    results = []
+    for flash in (True, False):
+        layers._FLASH_OK[0] = flash
+        qkv = [x.clone().requires_grad_() for x in base]
+        out = attn._packed(*qkv, ctx)
+        out.backward(grad_out)
+        results.append([out.float()] + [x.grad.float() for x in qkv])
+    layers._FLASH_OK[0] = True
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)

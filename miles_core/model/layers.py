@@ -6,6 +6,7 @@ parameter names map 1:1 onto HF tensor names and a plugin can swap any single pr
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from torch import nn
 from miles_core.model.config import ModelConfig
 from miles_core.model.decode_attention import decode_attention
 from miles_core.model.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -102,19 +105,31 @@ class StepContext:
     decode_kernel: bool = False
 
 
-_VARLEN = None  # torch.nn.attention.varlen.varlen_attn (flash, CUDA) when this torch has it
+class _FlashVarlen(torch.autograd.Function):
+    """Causal flash attention over packed sequences (``cu_seqlens``), K/V with their own (fewer) heads:
+    the flash kernels do grouped-query attention natively, so K/V are never repeated per query head
+    (`torch.nn.attention.varlen.varlen_attn` before torch 2.13 had no GQA option). q/k/v
+    ``[total, heads, D]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_len: int):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng, unused)
+        ctx.max_len = max_len
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused
+        )
+        return dq, dk, dv, None, None
 
 
-def _varlen_fn():
-    global _VARLEN
-    if _VARLEN is None:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-
-            _VARLEN = varlen_attn
-        except ImportError:
-            _VARLEN = False
-    return _VARLEN
+_FLASH_OK = [True]  # False once the flash op failed here (old torch, no flash build): SDPA runs serve
 
 
 class Attention(nn.Module):
@@ -227,11 +242,16 @@ class Attention(nn.Module):
     @torch.compiler.disable
     def _packed(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         """Causal attention within each packed sequence (q/k/v [1, heads, total, D])."""
-        fn = _varlen_fn()
-        if fn and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-            out = _varlen_call(fn, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), ctx)
-            if out is not None:
+        if _FLASH_OK[0] and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            try:
+                out = _FlashVarlen.apply(
+                    q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), ctx.cu_seqlens,
+                    max(ctx.seq_lens),
+                )  # fmt: skip
                 return out.transpose(0, 1).unsqueeze(0)
+            except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
+                _FLASH_OK[0] = False
+                log.warning("flash varlen attention is unavailable here (%s); using SDPA per length run", e)
         # Fallback: runs of equal-length sequences are contiguous, so each run is one batched SDPA call
         # on a zero-copy view (the trainer packs sequences sorted by length).
         outs, start, lens, i = [], 0, ctx.seq_lens, 0
@@ -283,37 +303,6 @@ def fuse_qkv(model: nn.Module) -> int:
 def _runs(x: torch.Tensor, sl: slice, n: int, length: int) -> torch.Tensor:
     """[1, heads, total, D] -> [n, heads, length, D]: n back-to-back sequences of one length."""
     return x[0, :, sl].reshape(x.shape[1], n, length, -1).transpose(0, 1)
-
-
-_VARLEN_PARAMS: dict = {}
-
-
-def _varlen_params(fn) -> dict:
-    if fn not in _VARLEN_PARAMS:
-        import inspect
-
-        _VARLEN_PARAMS[fn] = dict(inspect.signature(fn).parameters)
-    return _VARLEN_PARAMS[fn]
-
-
-def _varlen_call(fn, q, k, v, ctx: StepContext) -> torch.Tensor | None:
-    """Flash varlen attention on [total, heads, D] tensors; None when this torch's signature differs."""
-    params = _varlen_params(fn)
-    m = max(ctx.seq_lens)
-    kw = {}
-    if "window_size" in params:
-        kw["window_size"] = (-1, 0)
-    elif "is_causal" in params:
-        kw["is_causal"] = True
-    else:
-        return None
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return fn(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, m, m, **kw)
 
 
 class MLP(nn.Module):

@@ -57,7 +57,7 @@ def _no_sync(x: torch.Tensor, few_rows: bool) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _expert_order(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_order(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, dest): the stable argsort of expert ids `flat` [M] and its inverse (copy i is sorted row
     dest[i]). For few rows (decode) each copy's destination is counted directly, in one fusable
     comparison-and-sum over all pairs of copies, instead of a device radix sort: copy i goes after every
@@ -89,6 +89,64 @@ def _topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return probs.gather(-1, idx), idx
 
 
+class _Dispatch(torch.autograd.Function):
+    """``x[order // k]``: token rows copied into expert-sorted order (k copies of each). Backward sums
+    each token's k copy gradients by gathering them (``dest``), instead of an atomic scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, order, dest):
+        ctx.save_for_backward(dest)
+        ctx.k = order.numel() // max(1, x.shape[0])
+        return x[order // ctx.k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dest,) = ctx.saved_tensors
+        return grad[dest].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None
+
+
+class _Combine(torch.autograd.Function):
+    """``sum_j w[t, j] * ys[dest[t k + j]]``: un-sort the expert outputs and add each token's k weighted
+    copies. ``dest`` is a permutation, so both directions are gathers (backward by its inverse,
+    ``order``): deterministic, no atomics."""
+
+    @staticmethod
+    def forward(ctx, ys, weight, order, dest):
+        n, k = weight.shape
+        u = ys[dest].view(n, k, -1)
+        ctx.save_for_backward(ys, weight, order, dest)
+        return (u * weight.to(ys.dtype)[..., None]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ys, weight, order, dest = ctx.saved_tensors
+        n, k = weight.shape
+        grad_w = grad_ys = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (ys[dest].view(n, k, -1) * grad[:, None, :]).sum(-1).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_ys = (grad[:, None, :] * weight.to(grad.dtype)[..., None]).reshape(n * k, -1)[order]
+        return grad_ys, grad_w, None, None
+
+
+def dispatch_copies(x: torch.Tensor, order: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """x [N, H] -> [N k, H]: the k copies of each token in expert-sorted order (`expert_order`)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Dispatch.apply(x, order, dest)
+    return x[order // (order.numel() // max(1, x.shape[0]))]
+
+
+def combine_copies(
+    ys: torch.Tensor, order: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Expert outputs ys [N k, H] (sorted order) -> [N, H]: undo the sort and sum each token's k copies
+    weighted by ``weight [N, k]``."""
+    n, k = weight.shape
+    if torch.is_grad_enabled() and (ys.requires_grad or weight.requires_grad):
+        return _Combine.apply(ys, weight, order, dest).to(dtype)
+    return (ys[dest].view(n, k, -1) * weight.reshape(n, k, 1).to(ys.dtype)).sum(dim=1).to(dtype)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as two 3-D parameters (the transformers 5 in-memory layout).
 
@@ -112,15 +170,15 @@ class Experts(nn.Module):
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
         # Token copies by expert: one matmul per expert.
-        order, dest = _expert_order(flat, self.num_experts)
+        order, dest = expert_order(flat, self.num_experts)
         gdt = _grouped_dtype(x)
         if 0 < n * k <= self.fused_max_rows and fused_moe.available(x) and not torch.is_grad_enabled():
             # The kernels read each copy's token row themselves: no gathered copy of x.
             bounds = F.pad(self._expert_ends(flat), (1, 0))
             src = (order // k).to(torch.int32)
             ys = fused_moe.fused_experts(x, src, bounds, self.gate_up_proj, self.down_proj)
-            return self._combine(ys, order, dest, topk_weight, n, k, x.dtype)
-        xs = x[order // k]
+            return combine_copies(ys, order, dest, topk_weight, x.dtype)
+        xs = dispatch_copies(x, order, dest)
         if gdt is not None:
             ys = self._grouped(xs.to(gdt), self._expert_ends(flat), gdt)
         elif _no_sync(x, xs.shape[0] <= 16 * self.num_experts):
@@ -130,26 +188,13 @@ class Experts(nn.Module):
             ys = self._gathered(xs, flat[order])
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
-        return self._combine(ys, order, dest, topk_weight, n, k, x.dtype)
+        return combine_copies(ys, order, dest, topk_weight, x.dtype)
 
     def _expert_ends(self, flat: torch.Tensor) -> torch.Tensor:
         """int32 [E]: one past the last sorted copy of each expert (copies routed to experts <= e),
         counted on the device in one reduction (bincount would sync with the host)."""
         ids = torch.arange(self.num_experts, device=flat.device, dtype=flat.dtype)
         return (flat[None, :] <= ids[:, None]).sum(1, dtype=torch.int32)
-
-    @staticmethod
-    def _combine(ys, order, dest, topk_weight, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-        """Undo the sort (a permutation: deterministic, unlike an atomic index_add) and sum the k
-        weighted copies of each token. Without autograd it gathers (fuses into the weighted sum);
-        with it, it scatters, whose backward is a gather (a gather's backward would sort indices)."""
-        if ys.requires_grad:
-            unsorted = torch.empty_like(ys)
-            unsorted[order] = ys
-        else:
-            unsorted = ys[dest]
-        w = topk_weight.reshape(n, k, 1).to(ys.dtype)
-        return (unsorted.view(n, k, -1) * w).sum(dim=1).to(dtype)
 
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs, start = [], 0

@@ -22,6 +22,7 @@ from torch import nn
 
 from miles_core import UsageError
 from miles_core.model import Experts, swap_modules
+from miles_core.model.moe import combine_copies, dispatch_copies, expert_order
 from miles_int4qat.packing import PACK, SCALE_DTYPE, check_group_size, dequantize, quantize, quantize_pack
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -119,13 +120,10 @@ def moe_combine(
 ) -> torch.Tensor:  # fmt: skip
     """Sort token copies by expert, ``run(xs, counts)`` the experts, then un-permute and sum the k copies
     with their gate weights (the same order of operations as the core's `Experts`)."""
-    n, k = topk_idx.shape
     flat = topk_idx.reshape(-1)
-    order = flat.argsort(stable=True)
-    ys = run(x[order // k], torch.bincount(flat, minlength=num_experts))
-    unsorted = torch.empty_like(ys)
-    unsorted[order] = ys
-    return (unsorted.view(n, k, -1) * topk_weight.reshape(n, k, 1).to(ys.dtype)).sum(dim=1).to(x.dtype)
+    order, dest = expert_order(flat, num_experts)
+    ys = run(dispatch_copies(x, order, dest), torch.bincount(flat, minlength=num_experts))
+    return combine_copies(ys, order, dest, topk_weight, x.dtype)
 
 
 def uses_host_sync(model: nn.Module) -> bool:
