@@ -129,17 +129,20 @@ def test_flash_varlen_gqa_matches_sdpa_runs():
     lens = [37, 100, 100, 5, 64]
     total = sum(lens)
     cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
-    ctx = StepContext(cos=None, sin=None, seq_lens=lens, cu_seqlens=cu)
+    ctx = StepContext(cos=None, sin=None, seq_lens=lens, cu_seqlens=cu, max_seqlen=max(lens))
+    assert layers.flash_varlen_available(torch.device("cuda"), torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(0)
     base = [torch.randn(1, h, total, 32, device="cuda", generator=g, dtype=torch.bfloat16) for h in (8, 2, 2)]
     grad_out = torch.randn(1, 8, total, 32, device="cuda", generator=g, dtype=torch.bfloat16)
     results = []
     for flash in (True, False):
-        layers._FLASH_OK[0] = flash
         qkv = [x.clone().requires_grad_() for x in base]
-        out = attn._packed(*qkv, ctx)
+        if flash:
+            out = layers._FlashVarlen.apply(*(x[0].transpose(0, 1) for x in qkv), cu, max(lens))
+            out = out.transpose(0, 1)[None]
+        else:
+            out = attn._packed(*qkv, ctx)
         out.backward(grad_out)
         results.append([out.float()] + [x.grad.float() for x in qkv])
-    layers._FLASH_OK[0] = True
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)

@@ -101,6 +101,8 @@ class StepContext:
     # Packed rows: input [1, sum(seq_lens)] holds several sequences back to back, each causal on its own.
     seq_lens: list[int] | None = None
     cu_seqlens: torch.Tensor | None = None  # int32 [len(seq_lens) + 1] on the device
+    max_seqlen: int = 0  # max(seq_lens)
+    flash: bool = False  # packed attention runs the flash varlen kernels (`flash_varlen_available`)
     # One token per row over the cache: write K/V and attend in one kernel (`decode_attention`).
     decode_kernel: bool = False
 
@@ -129,7 +131,25 @@ class _FlashVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-_FLASH_OK = [True]  # False once the flash op failed here (old torch, no flash build): SDPA runs serve
+_FLASH_OK: dict = {}  # (device, dtype) -> whether the flash varlen kernels run there
+
+
+def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `_FlashVarlen` runs on `device` in `dtype` (CUDA with a flash build, sm80+): tried once
+    on a tiny input, outside any compiled region."""
+    key = (str(device), dtype)
+    if key not in _FLASH_OK:
+        ok = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        if ok:
+            try:
+                x = torch.zeros(2, 2, 64, device=device, dtype=dtype)
+                cu = torch.tensor([0, 2], device=device, dtype=torch.int32)
+                _FlashVarlen.apply(x, x[:, :1], x[:, :1], cu, 2)
+            except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
+                log.warning("flash varlen attention is unavailable here (%s); using SDPA per length run", e)
+                ok = False
+        _FLASH_OK[key] = ok
+    return _FLASH_OK[key]
 
 
 class Attention(nn.Module):
@@ -219,8 +239,16 @@ class Attention(nn.Module):
         if ctx.kv_cache is not None:
             k, v = self._cache_step(k, v, ctx)
             out = self._grouped_sdpa(q, k, v, ctx.mask)
-        elif ctx.seq_lens is not None:
-            out = self._packed(q, k, v, ctx)
+        elif ctx.cu_seqlens is not None:
+            if ctx.flash and q.dtype in (torch.bfloat16, torch.float16):
+                # Inside a compiled layer too (no graph break): only cu_seqlens and max_seqlen, whose
+                # values change per micro-batch, reach the kernel, so nothing recompiles.
+                out = _FlashVarlen.apply(
+                    q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), ctx.cu_seqlens,
+                    ctx.max_seqlen,
+                ).transpose(0, 1)[None]  # fmt: skip
+            else:
+                out = self._packed(q, k, v, ctx)
         else:
             out = F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -241,17 +269,8 @@ class Attention(nn.Module):
     # recompile a compiled layer each time; the layer's other ops compile around this call.
     @torch.compiler.disable
     def _packed(self, q, k, v, ctx: StepContext) -> torch.Tensor:
-        """Causal attention within each packed sequence (q/k/v [1, heads, total, D])."""
-        if _FLASH_OK[0] and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-            try:
-                out = _FlashVarlen.apply(
-                    q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), ctx.cu_seqlens,
-                    max(ctx.seq_lens),
-                )  # fmt: skip
-                return out.transpose(0, 1).unsqueeze(0)
-            except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
-                _FLASH_OK[0] = False
-                log.warning("flash varlen attention is unavailable here (%s); using SDPA per length run", e)
+        """Causal attention within each packed sequence (q/k/v [1, heads, total, D]) without the flash
+        kernels: batched SDPA per run of equal lengths."""
         # Fallback: runs of equal-length sequences are contiguous, so each run is one batched SDPA call
         # on a zero-copy view (the trainer packs sequences sorted by length).
         outs, start, lens, i = [], 0, ctx.seq_lens, 0

@@ -17,7 +17,14 @@ from miles_core.devices import to_device
 from miles_core.model import decode_attention
 from miles_core.model.config import ModelConfig
 from miles_core.model.kv_cache import KVCache
-from miles_core.model.layers import MLP, Attention, RMSNorm, RotaryEmbedding, StepContext
+from miles_core.model.layers import (
+    MLP,
+    Attention,
+    RMSNorm,
+    RotaryEmbedding,
+    StepContext,
+    flash_varlen_available,
+)
 from miles_core.model.moe import Experts, RoutingState, SparseMoeBlock
 from miles_core.types import UsageError
 
@@ -154,6 +161,12 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
+    def config_dtype(self, h: torch.Tensor) -> torch.dtype:
+        """The dtype attention will run in for hidden states `h` (bf16 under bf16 autocast)."""
+        if h.is_cuda and torch.is_autocast_enabled("cuda"):
+            return torch.get_autocast_dtype("cuda")
+        return h.dtype
+
     @property
     def num_moe_layers(self) -> int:
         return len(self.config.moe_layer_ids)
@@ -211,6 +224,8 @@ class CausalLM(nn.Module):
                 )
             cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             ctx.seq_lens, ctx.cu_seqlens = list(seq_lens), to_device(cu, input_ids.device)
+            ctx.max_seqlen = max(seq_lens)
+            ctx.flash = flash_varlen_available(input_ids.device, self.config_dtype(h))
         if routing is not None and routing.record:
             routing.clear()
         h = self.model.run_layers(h, ctx, routing)
