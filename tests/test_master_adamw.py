@@ -180,5 +180,7 @@ def test_compiled_update_matches_eager():
         hyper = torch.tensor([1e-3, 0.9, 0.95, 1e-8, 0.1, 1 - 0.9**3, (1 - 0.95**3) ** 0.5], device="cuda")
         fn(master, m, v, grad, w, hyper, torch.tensor(2.0, device="cuda"))
         outs.append((master, m, v, w))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(outs[0][:3], outs[1][:3]):  # fp32 state: the same up to fused arithmetic
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for master, _, _, w in outs:  # the weights are the masters rounded, in both
+        assert torch.equal(w, master.to(torch.bfloat16))

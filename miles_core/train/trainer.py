@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from miles_core.devices import to_device
+from miles_core.devices import to_device_many
 from miles_core.model import CausalLM, RoutingState, named_hf_tensors
 from miles_core.train.losses import (
     LossTerms,
@@ -56,10 +56,15 @@ class MicroBatch:
     seq_lens: list[int] | None = None  # packed: input length (len(tokens) - 1) per sample
     position_ids: torch.Tensor | None = None  # packed: int64 [1, total]
     offsets: list[int] | None = None  # packed: start of each sample in the row
+    # The batch's per-token fields for these samples (float32 [N]), when the batch has them.
+    old_log_probs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    rollout_log_probs: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
 
 
-def _cat(xs: list[torch.Tensor] | None, idx: list[int], device: torch.device) -> torch.Tensor | None:
-    return None if xs is None else to_device(torch.cat([xs[i].float() for i in idx]), device)
+def _cat(xs: list[torch.Tensor] | None, idx: list[int]) -> torch.Tensor | None:
+    return None if xs is None else torch.cat([xs[i].float() for i in idx])
 
 
 def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -144,67 +149,91 @@ class Trainer:
         for start in range(0, len(idx), mbs):
             yield self._make_micro_batch(batch, idx[start : start + mbs])
 
+    # Per-sample tensors of the batch that the loss reads, moved with each micro-batch's inputs.
+    PER_TOKEN = ("old_log_probs", "advantages", "rollout_log_probs", "ref_log_probs")
+
     def _response_fields(
         self, batch: TrainBatch, index: list[int], starts: list[int] | None
     ) -> dict[str, Any]:
-        """Rows/cols/targets/mask of the response tokens. Padded (``starts`` None): sample b is row b;
-        packed: every sample is in row 0, its inputs beginning at column ``starts[b]``."""
-        rows, cols, targets, lengths = [], [], [], []
-        packed = starts is not None
-        starts = starts if packed else [0] * len(index)
-        for b, (i, start) in enumerate(zip(index, starts)):
-            s = batch.tokens[i]
-            r = batch.samples[i].response_length
-            p = len(s) - r
-            rows.append(torch.full((r,), 0 if packed else b, dtype=torch.long))
-            cols.append(torch.arange(start + p - 1, start + p - 1 + r))
-            targets.append(s[p:])
-            lengths.append(r)
-        dev = self.device
-        return dict(
-            resp_rows=to_device(torch.cat(rows), dev),
-            resp_cols=to_device(torch.cat(cols), dev),
-            targets=to_device(torch.cat(targets).long(), dev),
-            lengths=lengths,
-            lengths_t=to_device(torch.tensor(lengths, dtype=torch.long), dev),
-            loss_mask=to_device(torch.cat([batch.loss_masks[i].float() for i in index]), dev),
-        )
+        """Host tensors of the response tokens: rows/cols/targets/mask, plus the per-token batch fields
+        that are set. Padded (``starts`` None): sample b is row b; packed: every sample is in row 0,
+        its inputs beginning at column ``starts[b]``."""
+        lengths = [batch.samples[i].response_length for i in index]
+        lens_t = torch.tensor(lengths, dtype=torch.long)
+        total = sum(lengths)
+        # The input position that predicts sample b's first response token, minus where b's response
+        # tokens start in the flat layout: adding arange(total) gives every token's column.
+        first = [(starts[b] if starts is not None else 0) + len(batch.tokens[i]) - lengths[b] - 1
+                 for b, i in enumerate(index)]  # fmt: skip
+        before = torch.cumsum(lens_t, 0) - lens_t
+        shift = torch.tensor(first, dtype=torch.long) - before
+        fields = {
+            "resp_rows": (
+                torch.zeros(total, dtype=torch.long)
+                if starts is not None
+                else torch.repeat_interleave(torch.arange(len(index)), lens_t, output_size=total)
+            ),
+            "resp_cols": torch.arange(total) + torch.repeat_interleave(shift, lens_t, output_size=total),
+            "targets": torch.cat(
+                [batch.tokens[i][-r:] if r else batch.tokens[i][:0] for i, r in zip(index, lengths)]
+            ).long(),
+            "lengths_t": lens_t,
+            "loss_mask": torch.cat([batch.loss_masks[i] for i in index]).float(),
+        }
+        for name in self.PER_TOKEN:
+            xs = getattr(batch, name, None)
+            if xs is not None:
+                fields[name] = torch.cat([xs[i] for i in index]).float()
+        return fields
+
+    def _to_device(self, host: dict[str, Any]) -> dict[str, Any]:
+        """The tensors of `host` on the trainer's device in one transfer (lists of tensors too)."""
+        keys = [(k, j) for k, v in host.items() for j in (range(len(v)) if isinstance(v, list) else [None])]
+        flat = [host[k] if j is None else host[k][j] for k, j in keys]
+        out: dict[str, Any] = {k: [] for k, v in host.items() if isinstance(v, list)}
+        for (k, j), t in zip(keys, to_device_many(flat, self.device)):
+            if j is None:
+                out[k] = t
+            else:
+                out[k].append(t)
+        return out
 
     def _make_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
-        dev = self.device
         seqs = [batch.tokens[i] for i in index]
         width = max(len(s) - 1 for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for b, s in enumerate(seqs):
             ids[b, : len(s) - 1] = s[:-1]
-        replay = None
+        host = {"input_ids": ids, **self._response_fields(batch, index, None)}
         if batch.replay_routes is not None:
             routes = [batch.replay_routes[i] for i in index]
             num_layers, k = routes[0].shape[1], routes[0].shape[2]
             table = torch.zeros(len(seqs), width, num_layers, k, dtype=torch.long)
             for b, r in enumerate(routes):
                 table[b, : r.shape[0]] = torch.as_tensor(r, dtype=torch.long)
-            replay = [to_device(table[:, :, m], dev) for m in range(num_layers)]
-        fields = self._response_fields(batch, index, None)
-        return MicroBatch(index=index, input_ids=to_device(ids, dev), replay=replay, **fields)
+            host["replay"] = [table[:, :, m].contiguous() for m in range(num_layers)]
+        dev = self._to_device(host)
+        lengths = [batch.samples[i].response_length for i in index]
+        return MicroBatch(index=index, lengths=lengths, **dev)
 
     def _make_packed_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
-        dev = self.device
         seq_lens = [len(batch.tokens[i]) - 1 for i in index]
-        offsets = [0]
-        for n in seq_lens[:-1]:
-            offsets.append(offsets[-1] + n)
-        ids = torch.cat([batch.tokens[i][:-1].long() for i in index])[None]
-        pos = torch.cat([torch.arange(n) for n in seq_lens])[None]
-        replay = None
+        lens_t = torch.tensor(seq_lens, dtype=torch.long)
+        starts = torch.cumsum(lens_t, 0) - lens_t
+        total = sum(seq_lens)
+        host = {
+            "input_ids": torch.cat([batch.tokens[i][:-1] for i in index]).long()[None],
+            "position_ids": (
+                torch.arange(total) - torch.repeat_interleave(starts, lens_t, output_size=total)
+            )[None],
+            **self._response_fields(batch, index, starts.tolist()),
+        }
         if batch.replay_routes is not None:
             table = torch.cat([torch.as_tensor(batch.replay_routes[i], dtype=torch.long) for i in index])
-            replay = [to_device(table[None, :, m], dev) for m in range(table.shape[1])]
-        fields = self._response_fields(batch, index, offsets)
-        return MicroBatch(
-            index=index, input_ids=to_device(ids, dev), replay=replay, seq_lens=seq_lens,
-            position_ids=to_device(pos, dev), offsets=offsets, **fields,
-        )  # fmt: skip
+            host["replay"] = [table[None, :, m].contiguous() for m in range(table.shape[1])]
+        dev = self._to_device(host)
+        lengths = [batch.samples[i].response_length for i in index]
+        return MicroBatch(index=index, lengths=lengths, seq_lens=seq_lens, offsets=starts.tolist(), **dev)
 
     def _autocast(self, model: CausalLM):
         """bf16 autocast for a --bf16 forward of a model still holding fp32 weights (e.g. a plugin's
@@ -290,8 +319,8 @@ class Trainer:
         if batch.rollout_log_probs is None:
             return {}
         idx = list(range(len(batch)))
-        train, roll = _cat(batch.old_log_probs, idx, "cpu"), _cat(batch.rollout_log_probs, idx, "cpu")
-        mask = _cat(batch.loss_masks, idx, "cpu")
+        train, roll = _cat(batch.old_log_probs, idx), _cat(batch.rollout_log_probs, idx)
+        mask = _cat(batch.loss_masks, idx)
         metrics = mismatch_metrics(train, roll, mask)
         ratio = torch.exp(train - roll)
         clipped = ((ratio > self.args.tis_clip) | (ratio < self.args.tis_clip_low)).float()
@@ -349,8 +378,7 @@ class Trainer:
         """Forward + backward of one micro-batch; returns its share of the step's metrics."""
         args = self.args
         logp, ent, out, _ = self.forward(self.model, mb)
-        old = _cat(batch.old_log_probs, mb.index, self.device)
-        adv = _cat(batch.advantages, mb.index, self.device)
+        old, adv = mb.old_log_probs, mb.advantages
         log_ratio = None
         if args.advantage_estimator == "gspo":
             log_ratio = gspo_log_ratio(logp, old, mb.loss_mask, mb.lengths_t)
@@ -364,7 +392,7 @@ class Trainer:
             loss_mask=mb.loss_mask.clone(),
             pg_loss=pg,
             lengths=mb.lengths,
-            rollout_log_probs=_cat(batch.rollout_log_probs, mb.index, self.device),
+            rollout_log_probs=mb.rollout_log_probs,
         )
         extra: dict[str, float] = {}
         for m in self.pm.hook.loss_correction(args=args, terms=terms):
@@ -385,8 +413,7 @@ class Trainer:
             loss = loss - args.entropy_coef * agg(ent)
         kl_loss = torch.zeros((), device=pg_loss.device)
         if args.use_kl_loss:
-            ref = _cat(batch.ref_log_probs, mb.index, self.device)
-            kl_loss = agg(compute_approx_kl(logp, ref, args.kl_loss_type))
+            kl_loss = agg(compute_approx_kl(logp, mb.ref_log_probs, args.kl_loss_type))
             loss = loss + args.kl_loss_coef * kl_loss
         metrics["kl_loss"] = kl_loss.detach()
         for aux in self.pm.hook.auxiliary_loss(args=args, model=self.model, inputs=mb, outputs=out):
