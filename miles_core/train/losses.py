@@ -147,8 +147,13 @@ def _lengths_tensor(lengths: list[int] | torch.Tensor, device: torch.device) -> 
 
 def sample_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Per-sample sums of flat ``values [num_tokens]`` laid out as consecutive runs of ``lengths [B]``
-    (a run may be empty): one segmented reduction, deterministic, differentiable."""
-    return torch.segment_reduce(values, "sum", lengths=lengths)
+    (a run may be empty): deterministic, differentiable, and no host sync (``torch.segment_reduce``
+    reads ``lengths.sum()`` back to check it, which stalled the trainer's GPU queue at every loss
+    term). Row b of a ``[B, num_tokens]`` membership mask times the values, summed."""
+    n, b = values.numel(), lengths.numel()
+    owner = torch.repeat_interleave(torch.arange(b, device=values.device), lengths, output_size=n)
+    member = owner[None, :] == torch.arange(b, device=values.device)[:, None]
+    return (member * values[None, :]).sum(1)
 
 
 def aggregate(
