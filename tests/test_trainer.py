@@ -160,3 +160,30 @@ def test_compiled_layers_train_like_eager_layers_over_changing_packings(tiny_ckp
     assert max((a - b).abs().max().item() for a, b in zip(w_eager, w_comp)) < 1e-4
     # Compiled: the first steps compile (static, then dynamic shapes); later packings reuse the graphs.
     assert graphs[0] > 0 and graphs[3] == graphs[2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_compiled_layers_on_cuda_over_changing_packings(tiny_ckpt):
+    """--bf16 --train-compile on CUDA (bf16 weights, fp32 masters, flash varlen attention inside the
+    compiled layer, Triton log-prob kernels): the eager path's metrics to bf16 accuracy, and a new
+    packing (other sequence count and lengths) compiles nothing new after the first steps."""
+    from torch._dynamo.utils import counters
+
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
+    results = []
+    for compile_flag in ([], ["--train-compile"]):
+        flags = ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "40", "--bf16", *compile_flag]
+        args = make_args(tiny_ckpt, flags)
+        trainer = Trainer(args, pm, load_model(tiny_ckpt, device="cuda"))
+        counters.clear()
+        metrics, graphs = [], []
+        for i in range(5):
+            metrics.append(trainer.train(i, make_train_batch(rollout(tiny_ckpt, args, seed=i), args))[0])
+            graphs.append(counters["stats"]["unique_graphs"])
+        results.append((metrics, graphs))
+    (m_eager, _), (m_comp, graphs) = results
+    for a, b in zip(m_eager, m_comp):
+        assert a["pg_loss"] == pytest.approx(b["pg_loss"], abs=2e-2)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-2)
+    assert graphs[0] > 0 and graphs[4] == graphs[2]

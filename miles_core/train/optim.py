@@ -80,9 +80,10 @@ class _Flat:
         self.main: torch.Tensor | None = None  # fp32 gradient sum, allocated on first use
         self.main_used = False  # this step's gradient is (partly) in `main`
         self.step = torch.zeros((), dtype=torch.float32)  # host: the bias corrections need no sync
-        for p in params:
+        self.grad_views = [self.view(self.grad, p) for p in params]  # made once: views cost host time
+        for p, g in zip(params, self.grad_views):
             p.data = self.view(self.weight, p)
-            p.grad = self.view(self.grad, p)
+            p.grad = g
 
     def view(self, flat: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
         o = self.offset[p]
@@ -90,10 +91,9 @@ class _Flat:
 
     def collect(self) -> None:
         """Fold a ``.grad`` that something replaced (instead of accumulating into ours) back in."""
-        for p in self.params:
-            mine = self.view(self.grad, p)
+        for p, mine in zip(self.params, self.grad_views):
             g = p.grad
-            if g is None or g.data_ptr() != mine.data_ptr():
+            if g is not mine:
                 if g is not None:
                     mine.add_(g.reshape(mine.shape))
                 p.grad = mine
@@ -147,8 +147,9 @@ class MasterAdamW(torch.optim.Optimizer):
         for f in self._flats():
             f.grad.zero_()
             f.main_used = False
-            for p in f.params:
-                p.grad = f.view(f.grad, p)
+            for p, g in zip(f.params, f.grad_views):
+                if p.grad is not g:
+                    p.grad = g
         for ps in self._hooked:
             for p in ps:
                 p.grad = None
