@@ -1,13 +1,15 @@
 """Training-step throughput and MFU of the built-in trainer (policy loss, backward, AdamW step).
 
-The model is bench/rollout.py's (the ~0.7B Qwen3-MoE on GPU), trained with fp32 master weights under
-bf16 autocast on packed micro-batches (--use-dynamic-batch-size). MFU counts the FLOPs the step needs:
-6 x active (routed) non-embedding parameters per input token, the LM head only at response positions
-(the trainer projects nothing else), plus causal attention; the peak is the card's dense bf16 spec
-(989 TFLOP/s for H100/H200 SXM) and, as `mfu_vs_matmul`, a measured 8192^3 bf16 matmul. Prints one JSON line.
+The model is bench/rollout.py's (the ~0.7B Qwen3-MoE on GPU), trained with --bf16 (bf16 weights, fp32
+masters in the optimizer) on packed micro-batches (--use-dynamic-batch-size). MFU counts the FLOPs the
+step needs: 6 x active (routed) non-embedding parameters per input token, the LM head only at response
+positions (the trainer projects nothing else), plus causal attention; the peak is the card's dense bf16
+spec (989 TFLOP/s for H100/H200 SXM) and, as `mfu_vs_matmul`, a measured 8192^3 bf16 matmul. Prints one
+JSON line.
 
     python bench/train_step.py --preset cpu-small
-    python bench/train_step.py --preset gpu-0.7b
+    python bench/train_step.py --compile                            # 64 samples, 24.5k tokens a step
+    python bench/train_step.py --compile --samples 128 --max-tokens 49152
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from miles_core.train.trainer import Trainer
 from miles_core.types import Sample, Status, TrainBatch
 
 SHAPES = {  # samples per step, prompt and response lengths, token budget per packed micro-batch
-    "gpu-0.7b": dict(samples=64, prompt=128, response=256, max_tokens=12288),
+    "gpu-0.7b": dict(samples=64, prompt=128, response=256, max_tokens=24576),  # one micro-batch a step
     "cpu-small": dict(samples=8, prompt=16, response=32, max_tokens=256),
 }
 SPEC_PEAK = {"H100": 989e12, "H200": 989e12}
