@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from miles_core.model.moe import combine_copies, dispatch_copies, expert_order
@@ -34,3 +35,39 @@ def test_dispatch_and_combine_match_plain_indexing():
         torch.testing.assert_close(u, v)
     with torch.no_grad():  # the no-grad path (rollout) gives the same values
         torch.testing.assert_close(ours(x, w), plain(x, w))
+
+
+def test_sorted_ends_match_counted_ends():
+    from miles_core.model.moe import Experts
+
+    g = torch.Generator().manual_seed(1)
+    experts = Experts(8, 4, 4)
+    for flat in (torch.randint(0, 8, (300,), generator=g), torch.tensor([0, 0, 7, 7]), torch.tensor([3])):
+        order, _ = expert_order(flat, 8)
+        assert torch.equal(experts._expert_ends(flat), experts._sorted_ends(flat[order]))
+
+
+def _check_compiled_topk(device: str) -> None:
+    from miles_core.model.moe import _topk
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    compiled = torch.compile(_topk, dynamic=False)
+    for rows in (64, 4096):
+        # Few distinct values: ties everywhere, as bf16 router probabilities have.
+        probs = (torch.randint(0, 6, (rows, 32), generator=g).float() / 8).to(device)
+        want_v, want_i = _topk(probs, 4)
+        got_v, got_i = compiled(probs, 4)
+        assert torch.equal(got_i, want_i) and torch.equal(got_v, want_v)
+
+
+def test_compiled_topk_of_many_rows_ranks_ties_like_the_stable_sort():
+    """Under torch.compile, many rows (training) take k argmax rounds, few rows (decode) the ranking;
+    both must give the eager stable sort's experts, ties to the lower expert."""
+    _check_compiled_topk("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_topk_ties_on_cuda():
+    _check_compiled_topk("cuda")

@@ -82,6 +82,15 @@ def _topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return vals[..., :k], idx[..., :k]
     e = probs.shape[-1]
     j = torch.arange(e, device=probs.device)
+    if probs.shape[0] > 2048:
+        # Training / prefill sizes: k rounds of argmax (the first maximum, i.e. the lower expert on a
+        # tie) read [N, E] k times; the ranking below compares [N, E, E] (0.9 ms a 49k-token step).
+        rest, picks = probs, []
+        for _ in range(k):
+            picks.append(rest.argmax(-1))
+            rest = torch.where(j == picks[-1][..., None], float("-inf"), rest)
+        idx = torch.stack(picks, -1)
+        return probs.gather(-1, idx), idx
     p, q = probs[..., :, None], probs[..., None, :]  # [N, E, 1] each expert, [N, 1, E] every other
     rank = ((q > p) | ((q == p) & (j < j[:, None]))).sum(-1)  # [N, E]: experts ahead of each one
     slots = torch.arange(k, device=probs.device)
@@ -180,7 +189,7 @@ class Experts(nn.Module):
             return combine_copies(ys, order, dest, topk_weight, x.dtype)
         xs = dispatch_copies(x, order, dest)
         if gdt is not None:
-            ys = self._grouped(xs.to(gdt), self._expert_ends(flat), gdt)
+            ys = self._grouped(xs.to(gdt), self._sorted_ends(flat[order]), gdt)
         elif _no_sync(x, xs.shape[0] <= 16 * self.num_experts):
             # Under torch.compile (the engine's compiled decode step) or CUDA graph capture (an fp32
             # model's captured step) no host sync: each token copy is multiplied by its own expert's
@@ -189,6 +198,12 @@ class Experts(nn.Module):
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
         return combine_copies(ys, order, dest, topk_weight, x.dtype)
+
+    def _sorted_ends(self, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """`_expert_ends` from the copies' expert ids in sorted order: a binary search per expert, where
+        the comparison count reads every copy once per expert (0.5 ms a 49k-token training step)."""
+        ids = torch.arange(self.num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
+        return torch.searchsorted(sorted_ids, ids, right=True, out_int32=True)
 
     def _expert_ends(self, flat: torch.Tensor) -> torch.Tensor:
         """int32 [E]: one past the last sorted copy of each expert (copies routed to experts <= e),
