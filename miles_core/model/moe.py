@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miles_core.model import fused_moe
+from miles_core.model.swiglu import swiglu
 
 
 @dataclass
@@ -230,8 +231,7 @@ class Experts(nn.Module):
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         h = torch._grouped_mm(xs, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
+        return torch._grouped_mm(swiglu(h), self.down_proj.to(dtype).transpose(1, 2), offs=offs)
 
 
 def set_fused_moe(model: nn.Module, max_rows: int) -> int:

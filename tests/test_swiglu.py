@@ -1,0 +1,61 @@
+"""SwiGLU's one-pass backward (`miles_core.model.swiglu`) = autograd of silu(gate) * up: the torch
+maths on CPU, the Triton kernel under Triton's interpreter (when triton is installed) and on CUDA,
+and inside a compiled function."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from miles_core.model.swiglu import swiglu
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_fused_moe import _interpreter_usable  # noqa: E402
+
+
+def check(device: str, dtype: torch.dtype, atol: float, compiled: bool = False) -> None:
+    g = torch.Generator().manual_seed(0)
+    for rows, inter in ((7, 48), (33, 1100)):  # the second: two column blocks, the last partial
+        h = (3 * torch.randn(rows, 2 * inter, generator=g)).to(device=device, dtype=dtype)
+        go = torch.randn(rows, inter, generator=g).to(device=device, dtype=dtype)
+        ref_h = h.double().requires_grad_()
+        gate, up = ref_h.chunk(2, dim=-1)
+        (F.silu(gate) * up).backward(go.double())
+        ours_h = h.clone().requires_grad_()
+        fn = torch.compile(swiglu) if compiled else swiglu
+        out = fn(ours_h)
+        out.backward(go)
+        torch.testing.assert_close(out.double(), F.silu(gate) * up, atol=atol, rtol=atol)
+        assert ours_h.grad.dtype == dtype
+        torch.testing.assert_close(ours_h.grad.double(), ref_h.grad, atol=atol, rtol=atol)
+
+
+def test_backward_matches_autograd_on_cpu():
+    check("cpu", torch.float32, 1e-5)
+
+
+def test_backward_inside_a_compiled_function():
+    check("cpu", torch.float32, 1e-5, compiled=True)
+
+
+@pytest.mark.skipif(not _interpreter_usable(), reason="needs triton (and numpy < 2.3 for its interpreter)")
+def test_kernel_matches_under_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    code = "import torch, test_swiglu as t; t.check('cpu', torch.float32, 1e-5); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_on_cuda():
+    check("cuda", torch.float32, 1e-5)
+    check("cuda", torch.bfloat16, 3e-2)
+    check("cuda", torch.bfloat16, 3e-2, compiled=True)
