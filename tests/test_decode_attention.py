@@ -4,8 +4,6 @@ checked under Triton's interpreter on CPU (when triton is installed) and on CUDA
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from miles_core.model import decode_attention as da
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_fused_moe import _interpreter_usable  # noqa: E402
+from triton_interp import needs_interpreter, run_interpreted  # noqa: E402
 
 
 def _naive(c: dict):
@@ -128,11 +126,9 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not _interpreter_usable(), reason="needs triton (and numpy < 2.3 for its interpreter)")
+@needs_interpreter
 def test_kernel_matches_under_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_interpreted(CHECK)
 
 
 @pytest.mark.gpu

@@ -4,24 +4,13 @@ experts' outputs: under Triton's interpreter on CPU (when triton is installed) a
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from triton_interp import needs_interpreter, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _interpreter_usable() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    import numpy
-
-    # Triton 3.6's interpreter turns 1-element arrays into ints, which numpy >= 2.3 refuses.
-    return tuple(int(p) for p in numpy.__version__.split(".")[:2]) < (2, 3)
 
 
 CHECK = """
@@ -51,11 +40,9 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not _interpreter_usable(), reason="needs triton (and numpy < 2.3 for its interpreter)")
+@needs_interpreter
 def test_fused_experts_match_the_loop_under_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    run_interpreted(CHECK)
 
 
 def test_fused_kernels_stay_off_unless_set():

@@ -4,8 +4,6 @@ installed) and on CUDA."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from miles_core.train.losses import log_probs_and_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_fused_moe import _interpreter_usable  # noqa: E402
+from triton_interp import needs_interpreter, run_interpreted  # noqa: E402
 
 
 def check(device: str, dtype: torch.dtype, atol: float) -> None:
@@ -46,12 +44,10 @@ def check(device: str, dtype: torch.dtype, atol: float) -> None:
         torch.testing.assert_close(g1.float(), g0.float(), atol=atol, rtol=0)
 
 
-@pytest.mark.skipif(not _interpreter_usable(), reason="needs triton (and numpy < 2.3 for its interpreter)")
+@needs_interpreter
 def test_kernels_match_under_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     code = "import torch, test_logprob_kernel as t; t.check('cpu', torch.float32, 1e-4); print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_interpreted(code)
 
 
 @pytest.mark.gpu

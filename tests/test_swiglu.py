@@ -4,8 +4,6 @@ and inside a compiled function."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from miles_core.model.swiglu import swiglu
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_fused_moe import _interpreter_usable  # noqa: E402
+from triton_interp import needs_interpreter, run_interpreted  # noqa: E402
 
 
 def check(device: str, dtype: torch.dtype, atol: float, compiled: bool = False) -> None:
@@ -45,12 +43,10 @@ def test_backward_inside_a_compiled_function():
     check("cpu", torch.float32, 1e-5, compiled=True)
 
 
-@pytest.mark.skipif(not _interpreter_usable(), reason="needs triton (and numpy < 2.3 for its interpreter)")
+@needs_interpreter
 def test_kernel_matches_under_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     code = "import torch, test_swiglu as t; t.check('cpu', torch.float32, 1e-5); print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_interpreted(code)
 
 
 @pytest.mark.gpu
