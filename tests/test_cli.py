@@ -75,9 +75,12 @@ def test_run_writes_outputs(tiny_ckpt, prompts_file, reward_file, tmp_path, caps
     ).is_file()
 
 
-def test_resume_matches_uninterrupted_run(tiny_ckpt, prompts_file, reward_file, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--bf16"]], ids=["fp32", "bf16-masters"])
+def test_resume_matches_uninterrupted_run(tiny_ckpt, prompts_file, reward_file, tmp_path, extra):
+    """Also with --bf16: the checkpoint's weights are bf16, its optimizer state restores the fp32
+    masters, so the resumed run ends on the same weights."""
     straight = tmp_path / "straight"
-    assert main(base_argv(tiny_ckpt, prompts_file, straight, reward_file, 4)) == 0
+    assert main(base_argv(tiny_ckpt, prompts_file, straight, reward_file, 4) + extra) == 0
     split = tmp_path / "split"
     ckpts = tmp_path / "ckpts"
     argv = base_argv(tiny_ckpt, prompts_file, split, reward_file, 2) + [
@@ -85,6 +88,7 @@ def test_resume_matches_uninterrupted_run(tiny_ckpt, prompts_file, reward_file, 
         str(ckpts),
         "--save-interval",
         "1",
+        *extra,
     ]
     assert main(argv) == 0
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
@@ -93,6 +97,7 @@ def test_resume_matches_uninterrupted_run(tiny_ckpt, prompts_file, reward_file, 
         str(ckpts),
         "--load",
         str(ckpts),
+        *extra,
     ]
     assert main(argv) == 0
     a = load_file(straight / "final_hf" / "model.safetensors")
