@@ -104,15 +104,21 @@ class _Dispatch(torch.autograd.Function):
     each token's k copy gradients by gathering them (``dest``), instead of an atomic scatter-add."""
 
     @staticmethod
-    def forward(ctx, x, order, dest):
+    def forward(ctx, x, order, dest, k: int):
         ctx.save_for_backward(dest)
-        ctx.k = order.numel() // max(1, x.shape[0])
-        return x[order // ctx.k]
+        ctx.k = k
+        return x[order // k]
 
     @staticmethod
     def backward(ctx, grad):
         (dest,) = ctx.saved_tensors
-        return grad[dest].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None
+        return grad[dest].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+def _weighted_sum(ys: torch.Tensor, weight: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """``sum_j weight[t, j] * ys[dest[t k + j]]`` -> [N, H] in ys' dtype."""
+    n, k = weight.shape
+    return (ys[dest].view(n, k, -1) * weight.reshape(n, k, 1).to(ys.dtype)).sum(dim=1)
 
 
 class _Combine(torch.autograd.Function):
@@ -122,10 +128,8 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ys, weight, order, dest):
-        n, k = weight.shape
-        u = ys[dest].view(n, k, -1)
         ctx.save_for_backward(ys, weight, order, dest)
-        return (u * weight.to(ys.dtype)[..., None]).sum(1)
+        return _weighted_sum(ys, weight, dest)
 
     @staticmethod
     def backward(ctx, grad):
@@ -141,9 +145,10 @@ class _Combine(torch.autograd.Function):
 
 def dispatch_copies(x: torch.Tensor, order: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     """x [N, H] -> [N k, H]: the k copies of each token in expert-sorted order (`expert_order`)."""
+    k = order.numel() // max(1, x.shape[0])
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Dispatch.apply(x, order, dest)
-    return x[order // (order.numel() // max(1, x.shape[0]))]
+        return _Dispatch.apply(x, order, dest, k)
+    return x[order // k]
 
 
 def combine_copies(
@@ -151,10 +156,9 @@ def combine_copies(
 ) -> torch.Tensor:
     """Expert outputs ys [N k, H] (sorted order) -> [N, H]: undo the sort and sum each token's k copies
     weighted by ``weight [N, k]``."""
-    n, k = weight.shape
     if torch.is_grad_enabled() and (ys.requires_grad or weight.requires_grad):
         return _Combine.apply(ys, weight, order, dest).to(dtype)
-    return (ys[dest].view(n, k, -1) * weight.reshape(n, k, 1).to(ys.dtype)).sum(dim=1).to(dtype)
+    return _weighted_sum(ys, weight, dest).to(dtype)
 
 
 class Experts(nn.Module):

@@ -161,12 +161,6 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
-    def config_dtype(self, h: torch.Tensor) -> torch.dtype:
-        """The dtype attention will run in for hidden states `h` (bf16 under bf16 autocast)."""
-        if h.is_cuda and torch.is_autocast_enabled("cuda"):
-            return torch.get_autocast_dtype("cuda")
-        return h.dtype
-
     @property
     def num_moe_layers(self) -> int:
         return len(self.config.moe_layer_ids)
@@ -225,7 +219,7 @@ class CausalLM(nn.Module):
             cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             ctx.seq_lens, ctx.cu_seqlens = list(seq_lens), to_device(cu, input_ids.device)
             ctx.max_seqlen = max(seq_lens)
-            ctx.flash = flash_varlen_available(input_ids.device, self.config_dtype(h))
+            ctx.flash = flash_varlen_available(input_ids.device)
         if routing is not None and routing.record:
             routing.clear()
         h = self.model.run_layers(h, ctx, routing)

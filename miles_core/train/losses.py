@@ -191,15 +191,16 @@ def aggregate(
 def _chunk_forward(logits: torch.Tensor, targets: torch.Tensor | None, with_entropy: bool):
     """fp32 (row max, logsumexp of the max-shifted row, target log-prob, entropy) of ``[n, V]`` rows."""
     # Shift by the row max first: with logits ~1e3, sum(p * x) would lose the entropy to fp32 rounding
-    # (an ulp of 1e3 times 1e3); the shifted values keep it exact. Out of place: `.float()` of fp32
-    # logits is the logits themselves, which the backward reads again.
-    row_max = logits.float().amax(dim=-1)
-    x = logits.float() - row_max[:, None]
+    # (an ulp of 1e3 times 1e3); the shifted values keep it exact. The shift is out of place: `.float()`
+    # of fp32 logits is the logits themselves, which the backward reads again.
+    x = logits.float()
+    row_max = x.amax(dim=-1)
+    x = x - row_max[:, None]
     lse = torch.logsumexp(x, dim=-1)
     logp = x.gather(-1, targets[:, None]).squeeze(-1) - lse if targets is not None else None
     ent = None
     if with_entropy:
-        p_x = (torch.exp(x - lse[:, None]) * x).nan_to_num(nan=0.0)  # 0 * -inf -> 0
+        p_x = torch.exp(x - lse[:, None]).mul_(x).nan_to_num_(nan=0.0)  # 0 * -inf -> 0
         ent = lse - p_x.sum(-1)
     return row_max, lse, logp, ent
 
@@ -212,12 +213,12 @@ def _chunk_backward(logits, targets, row_max, lse, ent, grad_logp, grad_ent) -> 
     if grad_logp is not None:
         # d logp_t / dx = onehot(t) - softmax
         gl = grad_logp.float()
-        g = g - p * gl[:, None]
-        g = g.scatter_add(-1, targets[:, None], gl[:, None])
+        g -= p * gl[:, None]
+        g.scatter_add_(-1, targets[:, None], gl[:, None])
     if grad_ent is not None:
         # dH / dx_j = -p_j * (x_j - E_p[x]), with E_p[x] = lse - H in shifted units
-        centred = ((x - (lse - ent)[:, None]) * p).nan_to_num(nan=0.0)
-        g = g - centred * grad_ent.float()[:, None]
+        centred = (x - (lse - ent)[:, None]).mul_(p).nan_to_num_(nan=0.0)
+        g -= centred * grad_ent.float()[:, None]
     return g.to(logits.dtype)
 
 

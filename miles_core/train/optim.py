@@ -188,7 +188,7 @@ class MasterAdamW(torch.optim.Optimizer):
         for f in flats:
             f.collect()
         if not flats:
-            return torch.zeros(())
+            return torch.zeros((), device=self.param_groups[0]["params"][0].device)
         norms = [torch.linalg.vector_norm(self._grad_of(f), dtype=torch.float32) for f in flats]
         norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         if max_norm != float("inf"):

@@ -128,7 +128,7 @@ class Trainer:
             recompute = "selective"
         if hasattr(model.model, "recompute"):
             model.model.recompute = recompute
-        # --train-compile on CUDA also compiles the log-prob/entropy maths over the response logits.
+        # --train-compile on CUDA also computes the response log-probs/entropies with the Triton kernels.
         self.fused_loss = bool(getattr(args, "train_compile", False)) and self.device.type == "cuda"
         if getattr(args, "train_compile", False):
             # One compiled graph serves every layer (parameters are graph inputs); shapes are dynamic so
@@ -154,12 +154,11 @@ class Trainer:
     PER_TOKEN = ("old_log_probs", "advantages", "rollout_log_probs", "ref_log_probs")
 
     def _response_fields(
-        self, batch: TrainBatch, index: list[int], starts: list[int] | None
+        self, batch: TrainBatch, index: list[int], lengths: list[int], starts: list[int] | None
     ) -> dict[str, Any]:
-        """Host tensors of the response tokens: rows/cols/targets/mask, plus the per-token batch fields
-        that are set. Padded (``starts`` None): sample b is row b; packed: every sample is in row 0,
-        its inputs beginning at column ``starts[b]``."""
-        lengths = [batch.samples[i].response_length for i in index]
+        """Host tensors of the response tokens (`lengths` per sample): rows/cols/targets/mask, plus the
+        per-token batch fields that are set. Padded (``starts`` None): sample b is row b; packed: every
+        sample is in row 0, its inputs beginning at column ``starts[b]``."""
         lens = np.asarray(lengths, dtype=np.int64)
         total = int(lens.sum())
         # The input position that predicts sample b's first response token, minus where b's response
@@ -188,15 +187,9 @@ class Trainer:
 
     def _to_device(self, host: dict[str, Any]) -> dict[str, Any]:
         """The tensors of `host` on the trainer's device in one transfer (lists of tensors too)."""
-        keys = [(k, j) for k, v in host.items() for j in (range(len(v)) if isinstance(v, list) else [None])]
-        flat = [host[k] if j is None else host[k][j] for k, j in keys]
-        out: dict[str, Any] = {k: [] for k, v in host.items() if isinstance(v, list)}
-        for (k, j), t in zip(keys, to_device_many(flat, self.device)):
-            if j is None:
-                out[k] = t
-            else:
-                out[k].append(t)
-        return out
+        flat = [t for v in host.values() for t in (v if isinstance(v, list) else [v])]
+        moved = iter(to_device_many(flat, self.device))
+        return {k: [next(moved) for _ in v] if isinstance(v, list) else next(moved) for k, v in host.items()}
 
     def _make_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
         seqs = [batch.tokens[i] for i in index]
@@ -204,7 +197,8 @@ class Trainer:
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for b, s in enumerate(seqs):
             ids[b, : len(s) - 1] = s[:-1]
-        host = {"input_ids": ids, **self._response_fields(batch, index, None)}
+        lengths = [batch.samples[i].response_length for i in index]
+        host = {"input_ids": ids, **self._response_fields(batch, index, lengths, None)}
         if batch.replay_routes is not None:
             routes = [batch.replay_routes[i] for i in index]
             num_layers, k = routes[0].shape[1], routes[0].shape[2]
@@ -213,23 +207,22 @@ class Trainer:
                 table[b, : r.shape[0]] = torch.as_tensor(r, dtype=torch.long)
             host["replay"] = [table[:, :, m].contiguous() for m in range(num_layers)]
         dev = self._to_device(host)
-        lengths = [batch.samples[i].response_length for i in index]
         return MicroBatch(index=index, lengths=lengths, **dev)
 
     def _make_packed_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
         seq_lens = [len(batch.tokens[i]) - 1 for i in index]
         lens = np.asarray(seq_lens, dtype=np.int64)
         starts = np.cumsum(lens) - lens
+        lengths = [batch.samples[i].response_length for i in index]
         host = {
             "input_ids": torch.cat([batch.tokens[i][:-1] for i in index]).long()[None],
             "position_ids": torch.from_numpy(np.arange(int(lens.sum())) - np.repeat(starts, lens))[None],
-            **self._response_fields(batch, index, starts.tolist()),
+            **self._response_fields(batch, index, lengths, starts.tolist()),
         }
         if batch.replay_routes is not None:
             table = torch.cat([torch.as_tensor(batch.replay_routes[i], dtype=torch.long) for i in index])
             host["replay"] = [table[None, :, m].contiguous() for m in range(table.shape[1])]
         dev = self._to_device(host)
-        lengths = [batch.samples[i].response_length for i in index]
         return MicroBatch(index=index, lengths=lengths, seq_lens=seq_lens, offsets=starts.tolist(), **dev)
 
     def _autocast(self, model: CausalLM):
