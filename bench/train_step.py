@@ -22,6 +22,7 @@ import torch
 from rollout import PRESETS, make_model, sync
 
 from miles_core.args import parse_args
+from miles_core.model.layers import packed_attention_kernel
 from miles_core.plugins import get_plugin_manager
 from miles_core.train.trainer import Trainer
 from miles_core.types import Sample, Status, TrainBatch
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops": round(peak / 1e12, 1), "matmul_tflops": round(measured / 1e12, 1),
         "tokens_per_step": tokens, "step_s": round(dt, 4), "recompute": a.recompute, "compile": a.compile,
         "max_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
+        "attention": packed_attention_kernel(trainer.device, model.config.head_dim) or "sdpa",
     }  # fmt: skip
     print(json.dumps(result))
     return result

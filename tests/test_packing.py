@@ -114,9 +114,9 @@ def test_dynamic_batch_size_needs_token_budget(tiny_ckpt):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flash_varlen_gqa_matches_sdpa_runs():
-    """The packed path's flash kernels (GQA without repeating K/V) = causal SDPA per sequence, values
-    and gradients, in bf16."""
+def test_packed_attention_kernels_match_sdpa_runs():
+    """The packed path's kernels, Triton and flash varlen (GQA without repeating K/V), = causal SDPA per
+    sequence, values and gradients, in bf16; the Triton kernels are the default where they run."""
     from miles_core.model import layers
     from miles_core.model.config import ModelConfig
     from miles_core.model.layers import Attention, StepContext
@@ -130,19 +130,21 @@ def test_flash_varlen_gqa_matches_sdpa_runs():
     total = sum(lens)
     cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
     ctx = StepContext(cos=None, sin=None, seq_lens=lens, cu_seqlens=cu, max_seqlen=max(lens))
-    assert layers.flash_varlen_available(torch.device("cuda"))
+    assert layers.packed_attention_kernel(torch.device("cuda"), 32) == "triton"
     g = torch.Generator(device="cuda").manual_seed(0)
     base = [torch.randn(1, h, total, 32, device="cuda", generator=g, dtype=torch.bfloat16) for h in (8, 2, 2)]
     grad_out = torch.randn(1, 8, total, 32, device="cuda", generator=g, dtype=torch.bfloat16)
     results = []
-    for flash in (True, False):
+    kernels = {"triton": layers.varlen_attention.VarlenAttention, "flash": layers._FlashVarlen}
+    for name in ("sdpa", "triton", "flash"):
         qkv = [x.clone().requires_grad_() for x in base]
-        if flash:
-            out = layers._FlashVarlen.apply(*(x[0].transpose(0, 1) for x in qkv), cu, max(lens))
-            out = out.transpose(0, 1)[None]
-        else:
+        if name == "sdpa":
             out = attn._packed(*qkv, ctx)
+        else:
+            out = kernels[name].apply(*(x[0].transpose(0, 1) for x in qkv), cu, max(lens))
+            out = out.transpose(0, 1)[None]
         out.backward(grad_out)
         results.append([out.float()] + [x.grad.float() for x in qkv])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+    for ours in results[1:]:
+        for a, b in zip(results[0], ours):
+            torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)

@@ -165,8 +165,8 @@ def test_compiled_layers_train_like_eager_layers_over_changing_packings(tiny_ckp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_compiled_layers_on_cuda_over_changing_packings(tiny_ckpt):
-    """--bf16 --train-compile on CUDA (bf16 weights, fp32 masters, flash varlen attention inside the
-    compiled layer, Triton log-prob kernels): the eager path's metrics to bf16 accuracy, and a new
+    """--bf16 --train-compile on CUDA (bf16 weights, fp32 masters, the packed Triton attention inside
+    the compiled layer, Triton log-prob kernels): the eager path's metrics to bf16 accuracy, and a new
     packing (other sequence count and lengths) compiles nothing new after the first steps."""
     from torch._dynamo.utils import counters
 

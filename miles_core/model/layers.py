@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miles_core.model import varlen_attention
 from miles_core.model.config import ModelConfig
 from miles_core.model.decode_attention import decode_attention
 from miles_core.model.kv_cache import KVCache
@@ -102,7 +104,9 @@ class StepContext:
     seq_lens: list[int] | None = None
     cu_seqlens: torch.Tensor | None = None  # int32 [len(seq_lens) + 1] on the device
     max_seqlen: int = 0  # max(seq_lens)
-    flash: bool = False  # the device runs the flash varlen kernels (`flash_varlen_available`)
+    # Kernel for packed bf16/fp16 attention on this device (`packed_attention_kernel`): "triton",
+    # "flash", or None (SDPA per run of equal lengths).
+    packed_kernel: str | None = None
     # One token per row over the cache: write K/V and attend in one kernel (`decode_attention`).
     decode_kernel: bool = False
 
@@ -131,25 +135,44 @@ class _FlashVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-_FLASH_OK: dict[str, bool] = {}  # device -> whether the flash varlen kernels run there
+_KERNEL_OK: dict[tuple[str, str, int], bool] = {}  # (kernel, device, head_dim) -> runs there
+PACKED_KERNELS = ("triton", "flash", "sdpa")
 
 
-def flash_varlen_available(device: torch.device) -> bool:
-    """Whether `_FlashVarlen` runs on `device` (CUDA with a flash build, sm80+; the layer also needs
-    bf16 or fp16 q/k/v): tried once on a tiny bf16 input, outside any compiled region."""
-    key = str(device)
-    if key not in _FLASH_OK:
-        ok = device.type == "cuda"
+def _kernel_runs(kernel: str, device: torch.device, head_dim: int) -> bool:
+    """Whether `kernel`'s packed attention runs on `device`: tried once on a tiny bf16 input, outside
+    any compiled region."""
+    key = (kernel, str(device), head_dim)
+    if key not in _KERNEL_OK:
+        ok = device.type == "cuda" and (kernel != "triton" or varlen_attention.triton is not None)
         if ok:
+            fn = varlen_attention.VarlenAttention if kernel == "triton" else _FlashVarlen
             try:
-                x = torch.zeros(2, 2, 64, device=device, dtype=torch.bfloat16)
+                x = torch.zeros(2, 2, head_dim, device=device, dtype=torch.bfloat16)
                 cu = torch.tensor([0, 2], device=device, dtype=torch.int32)
-                _FlashVarlen.apply(x, x[:, :1], x[:, :1], cu, 2)
-            except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
-                log.warning("flash varlen attention is unavailable here (%s); using SDPA per length run", e)
+                fn.apply(x, x[:, :1], x[:, :1], cu, 2)
+            except Exception as e:  # noqa: BLE001 - any failure means: use the next kernel
+                log.warning("%s packed attention is unavailable here (%s)", kernel, e)
                 ok = False
-        _FLASH_OK[key] = ok
-    return _FLASH_OK[key]
+        _KERNEL_OK[key] = ok
+    return _KERNEL_OK[key]
+
+
+def packed_attention_kernel(device: torch.device, head_dim: int) -> str | None:
+    """The kernel for causal attention over packed bf16/fp16 sequences on `device`: the Triton kernels
+    (`varlen_attention`; power-of-two head sizes), else torch's flash varlen (sm80+), else None (SDPA
+    per run of equal lengths). ``MILES_PACKED_ATTENTION=triton|flash|sdpa`` picks one (if it runs)."""
+    want = os.environ.get("MILES_PACKED_ATTENTION", "")
+    if want and want not in PACKED_KERNELS:
+        raise ValueError(f"MILES_PACKED_ATTENTION={want!r}: choose one of {', '.join(PACKED_KERNELS)}")
+    order = [want] if want else ["triton", "flash"]
+    d = head_dim
+    for kernel in order:
+        if kernel == "triton" and not (16 <= d <= 256 and d & (d - 1) == 0):
+            continue
+        if kernel != "sdpa" and _kernel_runs(kernel, device, head_dim):
+            return kernel
+    return None
 
 
 class Attention(nn.Module):
@@ -240,10 +263,11 @@ class Attention(nn.Module):
             k, v = self._cache_step(k, v, ctx)
             out = self._grouped_sdpa(q, k, v, ctx.mask)
         elif ctx.cu_seqlens is not None:
-            if ctx.flash and q.dtype in (torch.bfloat16, torch.float16):
+            if ctx.packed_kernel and q.dtype in (torch.bfloat16, torch.float16):
                 # Inside a compiled layer too (no graph break): only cu_seqlens and max_seqlen, whose
                 # values change per micro-batch, reach the kernel, so nothing recompiles.
-                out = _FlashVarlen.apply(
+                fn = varlen_attention.VarlenAttention if ctx.packed_kernel == "triton" else _FlashVarlen
+                out = fn.apply(
                     q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), ctx.cu_seqlens,
                     ctx.max_seqlen,
                 ).transpose(0, 1)[None]  # fmt: skip

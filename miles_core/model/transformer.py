@@ -23,7 +23,7 @@ from miles_core.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     StepContext,
-    flash_varlen_available,
+    packed_attention_kernel,
 )
 from miles_core.model.moe import Experts, RoutingState, SparseMoeBlock
 from miles_core.types import UsageError
@@ -219,7 +219,7 @@ class CausalLM(nn.Module):
             cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             ctx.seq_lens, ctx.cu_seqlens = list(seq_lens), to_device(cu, input_ids.device)
             ctx.max_seqlen = max(seq_lens)
-            ctx.flash = flash_varlen_available(input_ids.device)
+            ctx.packed_kernel = packed_attention_kernel(input_ids.device, self.config.head_dim)
         if routing is not None and routing.record:
             routing.clear()
         h = self.model.run_layers(h, ctx, routing)
