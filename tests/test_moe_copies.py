@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miles_core.model.moe import combine_copies, dispatch_copies, expert_order
+from miles_core.model.moe import combine_copies, dispatch_copies, expert_order, sum_copies
 
 
 def test_dispatch_and_combine_match_plain_indexing():
@@ -35,6 +35,34 @@ def test_dispatch_and_combine_match_plain_indexing():
         torch.testing.assert_close(u, v)
     with torch.no_grad():  # the no-grad path (rollout) gives the same values
         torch.testing.assert_close(ours(x, w), plain(x, w))
+
+
+def test_sum_copies_and_weight_dispatch_match_plain_indexing():
+    """The grouped path's form: weights dispatched to the sorted copies (k = 1) and applied before the
+    (linear) down projection, then an unweighted sum of each token's copies = combine_copies."""
+    g = torch.Generator().manual_seed(1)
+    n, k, h, e = 11, 2, 4, 5
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    order, dest = expert_order(idx.reshape(-1), e)
+    ys = torch.randn(n * k, h, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.rand(n, k, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def ours(ys, w):
+        ws = dispatch_copies(w.reshape(-1, 1), order, dest).reshape(-1)
+        return sum_copies(ys * ws[:, None], order, dest, k)
+
+    def plain(ys, w):
+        return combine_copies(ys, order, dest, w, ys.dtype)
+
+    torch.testing.assert_close(ours(ys, w), plain(ys, w))
+    assert torch.autograd.gradcheck(ours, (ys, w))
+    go = torch.randn(n, h, dtype=torch.float64, generator=g)
+    for u, v in zip(
+        torch.autograd.grad(ours(ys, w), (ys, w), go), torch.autograd.grad(plain(ys, w), (ys, w), go)
+    ):
+        torch.testing.assert_close(u, v)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ys, w), plain(ys, w))
 
 
 def test_sorted_ends_match_counted_ends():

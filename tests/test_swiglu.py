@@ -1,4 +1,5 @@
-"""SwiGLU's one-pass backward (`miles_core.model.swiglu`) = autograd of silu(gate) * up: the torch
+"""SwiGLU's one-pass backward (`miles_core.model.swiglu`), plain and with per-row weights = autograd of
+silu(gate) * up (* w): the torch
 maths on CPU, the Triton kernel under Triton's interpreter (when triton is installed) and on CUDA,
 and inside a compiled function."""
 
@@ -23,16 +24,22 @@ def check(device: str, dtype: torch.dtype, atol: float, compiled: bool = False) 
     for rows, inter in ((7, 48), (33, 1100)):  # the second: two column blocks, the last partial
         h = (3 * torch.randn(rows, 2 * inter, generator=g)).to(device=device, dtype=dtype)
         go = torch.randn(rows, inter, generator=g).to(device=device, dtype=dtype)
-        ref_h = h.double().requires_grad_()
-        gate, up = ref_h.chunk(2, dim=-1)
-        (F.silu(gate) * up).backward(go.double())
-        ours_h = h.clone().requires_grad_()
-        fn = torch.compile(swiglu) if compiled else swiglu
-        out = fn(ours_h)
-        out.backward(go)
-        torch.testing.assert_close(out.double(), F.silu(gate) * up, atol=atol, rtol=atol)
-        assert ours_h.grad.dtype == dtype
-        torch.testing.assert_close(ours_h.grad.double(), ref_h.grad, atol=atol, rtol=atol)
+        w = torch.rand(rows, generator=g).to(device=device, dtype=dtype)
+        for weighted in (False, True):
+            ref_h, ref_w = h.double().requires_grad_(), w.double().requires_grad_()
+            gate, up = ref_h.chunk(2, dim=-1)
+            want = F.silu(gate) * up * (ref_w[:, None] if weighted else 1)
+            want.backward(go.double())
+            ours_h, ours_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+            fn = torch.compile(swiglu) if compiled else swiglu
+            out = fn(ours_h, ours_w if weighted else None)
+            out.backward(go)
+            torch.testing.assert_close(out.double(), want, atol=atol, rtol=atol)
+            assert ours_h.grad.dtype == dtype
+            torch.testing.assert_close(ours_h.grad.double(), ref_h.grad, atol=atol, rtol=atol)
+            if weighted:  # a sum over the row: its error grows with the row's length
+                assert ours_w.grad.dtype == dtype
+                torch.testing.assert_close(ours_w.grad.double(), ref_w.grad, atol=atol * 30, rtol=atol)
 
 
 def test_backward_matches_autograd_on_cpu():

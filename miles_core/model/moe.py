@@ -115,6 +115,23 @@ class _Dispatch(torch.autograd.Function):
         return grad[dest].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
 
 
+class _GatherSum(torch.autograd.Function):
+    """``sum_j ys[dest[t k + j]]``: un-sort the (already weighted) expert outputs and add each token's k
+    copies, the transpose of `_Dispatch`: the backward copies each token's gradient to its k sorted rows
+    (``order // k``)."""
+
+    @staticmethod
+    def forward(ctx, ys, order, dest, k: int):
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return ys[dest].view(-1, k, ys.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return grad[order // ctx.k], None, None, None
+
+
 def _weighted_sum(ys: torch.Tensor, weight: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     """``sum_j weight[t, j] * ys[dest[t k + j]]`` -> [N, H] in ys' dtype."""
     n, k = weight.shape
@@ -149,6 +166,13 @@ def dispatch_copies(x: torch.Tensor, order: torch.Tensor, dest: torch.Tensor) ->
     if torch.is_grad_enabled() and x.requires_grad:
         return _Dispatch.apply(x, order, dest, k)
     return x[order // k]
+
+
+def sum_copies(ys: torch.Tensor, order: torch.Tensor, dest: torch.Tensor, k: int) -> torch.Tensor:
+    """Expert outputs ys [N k, H] (sorted order, weights applied) -> [N, H]: each token's k copies added."""
+    if torch.is_grad_enabled() and ys.requires_grad:
+        return _GatherSum.apply(ys, order, dest, k)
+    return ys[dest].view(-1, k, ys.shape[-1]).sum(1)
 
 
 def combine_copies(
@@ -194,8 +218,12 @@ class Experts(nn.Module):
             return combine_copies(ys, order, dest, topk_weight, x.dtype)
         xs = dispatch_copies(x, order, dest)
         if gdt is not None:
-            ys = self._grouped(xs.to(gdt), self._sorted_ends(flat[order]), gdt)
-        elif _no_sync(x, xs.shape[0] <= 16 * self.num_experts):
+            # The router weights scale the SwiGLU output (before the linear down projection), so the
+            # combine below is a plain sum and the weights' gradient comes from the SwiGLU backward.
+            ws = dispatch_copies(topk_weight.reshape(-1, 1), order, dest).reshape(-1)  # [N k] sorted
+            ys = self._grouped(xs.to(gdt), self._sorted_ends(flat[order]), gdt, ws)
+            return sum_copies(ys, order, dest, k).to(x.dtype)
+        if _no_sync(x, xs.shape[0] <= 16 * self.num_experts):
             # Under torch.compile (the engine's compiled decode step) or CUDA graph capture (an fp32
             # model's captured step) no host sync: each token copy is multiplied by its own expert's
             # gathered weights (cheap at decode's few rows per step).
@@ -233,9 +261,13 @@ class Experts(nn.Module):
         act = (F.silu(gate) * up).unsqueeze(-1)
         return torch.bmm(self.down_proj[experts], act).squeeze(-1)
 
-    def _grouped(self, xs: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _grouped(
+        self, xs: torch.Tensor, offs: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sorted copies xs [M, H] through their experts (``offs``: `_sorted_ends`), each copy's SwiGLU
+        output scaled by ``weight[M]`` when given."""
         h = torch._grouped_mm(xs, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offs)
-        return torch._grouped_mm(swiglu(h), self.down_proj.to(dtype).transpose(1, 2), offs=offs)
+        return torch._grouped_mm(swiglu(h, weight), self.down_proj.to(dtype).transpose(1, 2), offs=offs)
 
 
 def set_fused_moe(model: nn.Module, max_rows: int) -> int:
