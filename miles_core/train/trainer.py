@@ -143,7 +143,7 @@ class Trainer:
 
     def micro_batches(self, batch: TrainBatch, idx: list[int]) -> Iterator[MicroBatch]:
         if getattr(self.args, "use_dynamic_batch_size", False):
-            for group in pack_by_tokens([len(batch.tokens[i]) - 1 for i in idx], self.max_tokens):
+            for group in pack_by_tokens([batch.tokens[i].shape[0] - 1 for i in idx], self.max_tokens):
                 yield self._make_packed_micro_batch(batch, [idx[j] for j in group])
             return
         mbs = self.args.micro_batch_size
@@ -165,7 +165,7 @@ class Trainer:
         # tokens start in the flat layout: adding arange(total) gives every token's column. (numpy:
         # torch's CPU repeat_interleave took 3-7 ms here on the GPU host.)
         first = np.asarray(
-            [(starts[b] if starts is not None else 0) + len(batch.tokens[i]) - lengths[b] - 1
+            [(starts[b] if starts is not None else 0) + batch.tokens[i].shape[0] - lengths[b] - 1
              for b, i in enumerate(index)], dtype=np.int64,
         )  # fmt: skip
         shift = first - (np.cumsum(lens) - lens)
@@ -210,7 +210,7 @@ class Trainer:
         return MicroBatch(index=index, lengths=lengths, **dev)
 
     def _make_packed_micro_batch(self, batch: TrainBatch, index: list[int]) -> MicroBatch:
-        seq_lens = [len(batch.tokens[i]) - 1 for i in index]
+        seq_lens = [batch.tokens[i].shape[0] - 1 for i in index]
         lens = np.asarray(seq_lens, dtype=np.int64)
         starts = np.cumsum(lens) - lens
         lengths = [batch.samples[i].response_length for i in index]
@@ -270,7 +270,7 @@ class Trainer:
             for j, (i, piece) in enumerate(zip(mb.index, logp.split(mb.lengths))):
                 out[i] = piece.float().cpu()
                 if batch.record_routes and routing is not None:
-                    n = len(batch.tokens[i]) - 1
+                    n = batch.tokens[i].shape[0] - 1
                     if mb.offsets is None:
                         rows = [t[j, :n] for t in routing.router_topk]
                     else:
