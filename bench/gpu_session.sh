@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_session.sh tests     # pytest -m gpu over the core and every plugin (~1 min)
 #   bash bench/gpu_session.sh rollout   # engine vs HF at batch 64 (compiled, uncompiled, both MoE decode paths) and 256
-#   bash bench/gpu_session.sh train     # train step: eager, compiled at 24.5k and 98k tokens, 49k with a profile
+#   bash bench/gpu_session.sh train     # train step: eager, compiled at 24.5k and 98k tokens (also with flash
+#                                       # varlen attention), 49k with a profile
 #   bash bench/gpu_session.sh profile   # one whole generate: wall time vs kernel time, top kernels
 #   bash bench/gpu_session.sh specrl    # speculative decoding vs none on a GSM8K-trained target (~5 min;
 #                                       # GSM8K in $GSM8K, default ../shared/data/gsm8k)
@@ -24,6 +25,7 @@ for group in "${@:-tests}"; do
       python bench/train_step.py 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --compile 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --compile --samples 256 --max-tokens 98304 2>&1 | grep -E '^\{|Error'
+      MILES_PACKED_ATTENTION=flash python bench/train_step.py --compile --samples 256 --max-tokens 98304 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --compile --samples 128 --max-tokens 49152 --profile 2>&1 | grep -v -i warn | tail -44 ;;
     profile) python bench/decode_profile.py --generate 256 2>&1 | grep -v -i warn | tail -34 ;;
     specrl)

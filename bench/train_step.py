@@ -5,11 +5,12 @@ masters in the optimizer) on packed micro-batches (--use-dynamic-batch-size). MF
 step needs: 6 x active (routed) non-embedding parameters per input token, the LM head only at response
 positions (the trainer projects nothing else), plus causal attention; the peak is the card's dense bf16
 spec (989 TFLOP/s for H100/H200 SXM) and, as `mfu_vs_matmul`, a measured 8192^3 bf16 matmul. Prints one
-JSON line.
+JSON line; `attention` names the packed-attention kernel (`MILES_PACKED_ATTENTION=flash` runs the peer).
 
     python bench/train_step.py --preset cpu-small
     python bench/train_step.py --compile                            # 64 samples, 24.5k tokens a step
     python bench/train_step.py --compile --samples 128 --max-tokens 49152
+    python bench/train_step.py --compile --samples 256 --max-tokens 98304   # 98k tokens a step
 """
 
 from __future__ import annotations
