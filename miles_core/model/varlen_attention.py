@@ -59,19 +59,40 @@ if triton is not None:
         tl.store(ptrs, x.to(base.dtype.element_ty), mask=mask[:, None])
 
     @triton.jit
-    def _fwd_step(q, k_base, v_base, m_i, l_i, acc, n0, rows, seq, skt, svt, qk_scale, offs_n, offs_d,
-                  MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-        cols = n0 + offs_n
+    def _sequence(CU, b):
+        """(first row, length) of packed sequence b."""
+        start = tl.load(CU + b).to(tl.int64)
+        return start, tl.load(CU + b + 1).to(tl.int64) - start
+
+    @triton.jit
+    def _load_kv(k_base, v_base, cols, seq, skt, svt, offs_d, MASK: tl.constexpr):
+        """Key and value rows `cols` of one KV head; only a diagonal block (MASK) can pass the end."""
         if MASK:
-            cmask = cols < seq
-            k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=cmask[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=cmask[:, None], other=0.0)
+            k = _load_rows(k_base, cols, skt, offs_d, cols < seq)
+            v = _load_rows(v_base, cols, svt, offs_d, cols < seq)
         else:
             k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :])
             v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :])
+        return k, v
+
+    @triton.jit
+    def _query_block(Q, K, V, start, seq, m0, h, sqt, sqh, skt, skh, svt, svh,
+                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+        """A query-block program's rows, their mask and q, and its KV head's key and value bases."""
+        kvh = h // GROUP
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < seq
+        q = _load_rows(Q + start * sqt + h * sqh, rows, sqt, tl.arange(0, D), rmask)
+        return rows, rmask, q, K + start * skt + kvh * skh, V + start * svt + kvh * svh
+
+    @triton.jit
+    def _fwd_step(q, k_base, v_base, m_i, l_i, acc, n0, rows, seq, skt, svt, qk_scale, offs_n, offs_d,
+                  MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+        cols = n0 + offs_n
+        k, v = _load_kv(k_base, v_base, cols, seq, skt, svt, offs_d, MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASK:
-            s = tl.where((rows[:, None] >= cols[None, :]) & cmask[None, :], s, float("-inf"))
+            s = tl.where((rows[:, None] >= cols[None, :]) & (cols < seq)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -85,19 +106,15 @@ if triton is not None:
                     GROUP: tl.constexpr, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
         mb, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        start = tl.load(CU + b).to(tl.int64)
-        seq = tl.load(CU + b + 1).to(tl.int64) - start
+        start, seq = _sequence(CU, b)
         m0 = mb * BLOCK_M
         if m0 >= seq:
             return
-        kvh = h // GROUP
-        rows = m0 + tl.arange(0, BLOCK_M)
+        rows, rmask, q, k_base, v_base = _query_block(
+            Q, K, V, start, seq, m0, h, sqt, sqh, skt, skh, svt, svh, GROUP, D, BLOCK_M
+        )
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
-        rmask = rows < seq
-        q = _load_rows(Q + start * sqt + h * sqh, rows, sqt, offs_d, rmask)
-        k_base = K + start * skt + kvh * skh
-        v_base = V + start * svt + kvh * svh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -135,8 +152,7 @@ if triton is not None:
                        GROUP: tl.constexpr, D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
         nb, b, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        start = tl.load(CU + b).to(tl.int64)
-        seq = tl.load(CU + b + 1).to(tl.int64) - start
+        start, seq = _sequence(CU, b)
         n0 = nb * BLOCK_N
         if n0 >= seq:
             return
@@ -169,16 +185,10 @@ if triton is not None:
     def _q_step(q, do, lse, delta, dq, k_base, v_base, n0, rows, seq, skt, svt, qk_scale, offs_n, offs_d,
                 MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
         cols = n0 + offs_n
-        if MASK:
-            cmask = cols < seq
-            k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=cmask[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=cmask[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :])
+        k, v = _load_kv(k_base, v_base, cols, seq, skt, svt, offs_d, MASK)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None])
         if MASK:
-            p = tl.where((rows[:, None] >= cols[None, :]) & cmask[None, :], p, 0.0)
+            p = tl.where((rows[:, None] >= cols[None, :]) & (cols < seq)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -189,25 +199,21 @@ if triton is not None:
                       GROUP: tl.constexpr, D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
         mb, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        start = tl.load(CU + b).to(tl.int64)
-        seq = tl.load(CU + b + 1).to(tl.int64) - start
+        start, seq = _sequence(CU, b)
         m0 = mb * BLOCK_M
         if m0 >= seq:
             return
-        kvh = h // GROUP
-        rows = m0 + tl.arange(0, BLOCK_M)
+        rows, rmask, q, k_base, v_base = _query_block(
+            Q, K, V, start, seq, m0, h, sqt, sqh, skt, skh, svt, svh, GROUP, D, BLOCK_M
+        )
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
-        rmask = rows < seq
-        q = _load_rows(Q + start * sqt + h * sqh, rows, sqt, offs_d, rmask)
         do = _load_rows(DO + start * sdot + h * sdoh, rows, sdot, offs_d, rmask)
         o = _load_rows(Out + start * sot + h * soh, rows, sot, offs_d, rmask)
         # delta = rowsum(dO * O), kept for the dK/dV kernel that runs next.
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + h * T + start + rows, delta, mask=rmask)
         lse = tl.load(LSE + h * T + start + rows, mask=rmask, other=float("inf"))
-        k_base = K + start * skt + kvh * skh
-        v_base = V + start * svt + kvh * svh
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         for n0 in range(0, m0, BLOCK_N):
             dq = _q_step(q, do, lse, delta, dq, k_base, v_base, n0, rows, seq, skt, svt, qk_scale, offs_n,
