@@ -144,7 +144,7 @@ def _kernel_runs(kernel: str, device: torch.device, head_dim: int) -> bool:
     any compiled region."""
     key = (kernel, str(device), head_dim)
     if key not in _KERNEL_OK:
-        ok = device.type == "cuda" and (kernel != "triton" or varlen_attention.triton is not None)
+        ok = device.type == "cuda" and (kernel != "triton" or varlen_attention.supports(head_dim))
         if ok:
             fn = varlen_attention.VarlenAttention if kernel == "triton" else _FlashVarlen
             try:
@@ -165,11 +165,7 @@ def packed_attention_kernel(device: torch.device, head_dim: int) -> str | None:
     want = os.environ.get("MILES_PACKED_ATTENTION", "")
     if want and want not in PACKED_KERNELS:
         raise ValueError(f"MILES_PACKED_ATTENTION={want!r}: choose one of {', '.join(PACKED_KERNELS)}")
-    order = [want] if want else ["triton", "flash"]
-    d = head_dim
-    for kernel in order:
-        if kernel == "triton" and not (16 <= d <= 256 and d & (d - 1) == 0):
-            continue
+    for kernel in [want] if want else ["triton", "flash"]:
         if kernel != "sdpa" and _kernel_runs(kernel, device, head_dim):
             return kernel
     return None

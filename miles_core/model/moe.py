@@ -115,6 +115,10 @@ class _Dispatch(torch.autograd.Function):
         return grad[dest].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
 
 
+def _gather_sum(ys: torch.Tensor, dest: torch.Tensor, k: int) -> torch.Tensor:
+    return ys[dest].view(-1, k, ys.shape[-1]).sum(1)
+
+
 class _GatherSum(torch.autograd.Function):
     """``sum_j ys[dest[t k + j]]``: un-sort the (already weighted) expert outputs and add each token's k
     copies, the transpose of `_Dispatch`: the backward copies each token's gradient to its k sorted rows
@@ -124,7 +128,7 @@ class _GatherSum(torch.autograd.Function):
     def forward(ctx, ys, order, dest, k: int):
         ctx.save_for_backward(order)
         ctx.k = k
-        return ys[dest].view(-1, k, ys.shape[-1]).sum(1)
+        return _gather_sum(ys, dest, k)
 
     @staticmethod
     def backward(ctx, grad):
@@ -172,7 +176,7 @@ def sum_copies(ys: torch.Tensor, order: torch.Tensor, dest: torch.Tensor, k: int
     """Expert outputs ys [N k, H] (sorted order, weights applied) -> [N, H]: each token's k copies added."""
     if torch.is_grad_enabled() and ys.requires_grad:
         return _GatherSum.apply(ys, order, dest, k)
-    return ys[dest].view(-1, k, ys.shape[-1]).sum(1)
+    return _gather_sum(ys, dest, k)
 
 
 def combine_copies(

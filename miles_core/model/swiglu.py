@@ -78,6 +78,7 @@ def _torch_backward(h: torch.Tensor, grad: torch.Tensor, w: torch.Tensor | None 
 def _launch(h: torch.Tensor, grad: torch.Tensor, w: torch.Tensor | None):
     rows, inter = grad.shape[0], grad.shape[-1]
     out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    # Unweighted, the kernel never touches its w/dw pointers; `out` stands in for them.
     dw = torch.empty(rows, dtype=w.dtype, device=h.device) if w is not None else out
     block = min(1024, triton.next_power_of_2(inter))
     _backward_kernel[(rows,)](
@@ -116,12 +117,17 @@ def _(h: torch.Tensor, grad: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tenso
     return torch.empty(h.shape, dtype=h.dtype, device=h.device), torch.empty_like(w)
 
 
+def _forward(h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    out = F.silu(gate) * up
+    return out if weight is None else out * weight[:, None].to(h.dtype)
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(h)
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return _forward(h)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -133,8 +139,7 @@ class _WeightedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(h, w)
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up * w[:, None].to(h.dtype)
+        return _forward(h, w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -147,12 +152,6 @@ def swiglu(h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     when given (an MoE router weight applied before the down projection, so that the weight's gradient
     comes out of this backward pass instead of a second read of the experts' outputs); differentiable."""
     grad_on = torch.is_grad_enabled() and (h.requires_grad or (weight is not None and weight.requires_grad))
-    if weight is not None:
-        if grad_on:
-            return _WeightedSwiGLU.apply(h, weight)
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up * weight[:, None].to(h.dtype)
-    if grad_on:
-        return _SwiGLU.apply(h)
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    if not grad_on:
+        return _forward(h, weight)
+    return _SwiGLU.apply(h) if weight is None else _WeightedSwiGLU.apply(h, weight)
