@@ -35,17 +35,22 @@ for path in (ROOT, ROOT / "plugins" / "miles_fp8"):
 
 from moe_config import ROLLOUT_PRESETS, random_moe  # noqa: E402
 
+from miles_core.args import parse_args  # noqa: E402
 from miles_core.engine import Engine  # noqa: E402
+from miles_core.plugins import configure_plugins, get_plugin_manager  # noqa: E402
 
 PRESETS = ROLLOUT_PRESETS
 
 
-def fp8_args(recipe: str) -> argparse.Namespace:
-    """The parsed flags of ``--fp8-recipe RECIPE`` (unified FP8; statistics off, they are not timed)."""
-    return argparse.Namespace(
-        fp8_recipe=recipe, fp8_rollout_only=False, fp8_format="e4m3", extra_high_precision_layers=[],
-        fp8_stats_interval=0, rollout_backend="torch",
-    )  # fmt: skip
+def fp8_plugin_manager(recipe: str):
+    """A plugin manager with miles-fp8 alone, configured for ``--fp8-recipe RECIPE`` (unified FP8;
+    statistics off, they are not timed): its run object does the engine-side conversion."""
+    from miles_fp8 import plugin
+
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[plugin])
+    args = parse_args(["--fp8-recipe", recipe, "--fp8-stats-interval", "0"], pm)
+    configure_plugins(pm, args)
+    return pm, args
 
 
 def _sync(device: torch.device) -> None:
@@ -53,19 +58,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, p: dict, prompts: list[list[int]], device: torch.device, prepare=None) -> dict:
-    """Generate once to warm up, then time `prompts`; `prepare(engine)` runs before each generate."""
+def measure(model, p: dict, prompts: list[list[int]], device: torch.device, eager: bool = False) -> dict:
+    """Generate once to warm up, then time `prompts` (``eager``: without CUDA graphs)."""
 
     def engine_for() -> Engine:
-        engine = Engine(model, max_batch_size=p["batch"], seed=0)
-        if prepare is not None:
-            prepare(engine)
-        return engine
+        return Engine(model, max_batch_size=p["batch"], seed=0, cuda_graph=False if eager else None)
 
     engine = engine_for()
     engine.generate_batch(prompts[:2], {"temperature": 1.0, "max_new_tokens": 4})  # warm-up (cache, kernels)
-    if prepare is not None:
-        prepare(engine)
     _sync(device)
     t0 = time.perf_counter()
     outs = engine.generate_batch(prompts, {"temperature": 1.0, "max_new_tokens": p["new"]})
@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ns = ap.parse_args(argv)
-    from miles_fp8 import plugin
 
     device = torch.device("cuda" if torch.cuda.is_available() and ns.preset != "cpu-small" else "cpu")
     if device.type == "cpu":
@@ -115,15 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": p["new"], "bf16_expert_bytes": _weight_bytes(base, buffers=False),
     }  # fmt: skip
     arms = {"bf16": measure(base, p, prompts, device)}
-    arms["bf16_eager"] = measure(base, p, prompts, device, lambda e: setattr(e, "cuda_graph", False))
+    arms["bf16_eager"] = measure(base, p, prompts, device, eager=True)
     print(f"bf16: {arms['bf16']} bf16_eager: {arms['bf16_eager']}", file=sys.stderr, flush=True)
     for recipe in recipes:
-        args = fp8_args(recipe)
+        pm, args = fp8_plugin_manager(recipe)
         model = copy.deepcopy(base)
-        plugin.configure_model(args=args, model=model, role="rollout")  # the engine-side conversion
+        pm.hook.configure_model(args=args, model=model, role="rollout")  # the engine-side conversion
         result[f"fp8_{recipe}_expert_bytes"] = _weight_bytes(model, buffers=True)
-        hook = lambda e, a=args: plugin.pre_rollout(args=a, rollout_id=0, engine=e)  # noqa: E731
-        arms[f"fp8_{recipe}"] = measure(model, p, prompts, device, hook)
+        # FP8 experts on CUDA declare cuda_graph_safe = False: the engine decodes them eagerly itself.
+        arms[f"fp8_{recipe}"] = measure(model, p, prompts, device)
         print(f"fp8_{recipe}: {arms[f'fp8_{recipe}']}", file=sys.stderr, flush=True)
         del model
         if device.type == "cuda":

@@ -37,7 +37,6 @@ from miles_int4qat.modules import (  # noqa: E402
     int4_bytes,
     quantize_for_rollout,
     scope_weight_numel,
-    uses_host_sync,
 )
 from moe_config import ROLLOUT_PRESETS, random_moe  # noqa: E402
 
@@ -47,9 +46,8 @@ PRESETS = ROLLOUT_PRESETS
 
 
 def measure(model, p: dict, prompts: list[list[int]], device: torch.device, eager: bool = False) -> dict:
-    engine = Engine(model, max_batch_size=p["batch"], seed=0)
-    if eager or uses_host_sync(model):  # what the plugin's pre_rollout does: INT4 experts decode eagerly
-        engine.cuda_graph = False
+    # INT4 experts declare cuda_graph_safe = False, so the engine decodes them eagerly by itself.
+    engine = Engine(model, max_batch_size=p["batch"], seed=0, cuda_graph=False if eager else None)
     params = {"temperature": 1.0, "max_new_tokens": p["new"]}
     engine.generate_batch(prompts[:2], {"temperature": 1.0, "max_new_tokens": 4})  # warm-up (cache, kernels)
     engine.stats.update(prefill_tokens=0, decode_steps=0, generated_tokens=0)

@@ -36,6 +36,7 @@ from miles_core import Sample  # noqa: E402
 from miles_core.engine import Engine  # noqa: E402
 from miles_core.loop import make_train_batch  # noqa: E402
 from miles_core.plugins import get_plugin_manager  # noqa: E402
+from miles_core.rollout.manager import rollout_options  # noqa: E402
 from miles_core.train.losses import mismatch_metrics  # noqa: E402
 from miles_core.train.trainer import Trainer  # noqa: E402
 
@@ -60,7 +61,7 @@ def rollout(model, pm, args, p: dict, seed: int) -> list[Sample]:
     """bf16 generation from a copy of the fp32 weights; routes reach the samples through on_route_record."""
     n = p["prompts"] * p["n"]
     engine = Engine(copy.deepcopy(model).to(torch.bfloat16), max_batch_size=n, seed=seed)
-    pm.hook.pre_rollout(args=args, rollout_id=0, engine=engine)
+    engine.set_rollout_options(rollout_options(pm, args, 0, engine))
 
     def record(s: Sample, out) -> None:
         pm.hook.on_route_record(args=args, sample=s, routed_experts=out.routed_experts)

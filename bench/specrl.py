@@ -32,6 +32,7 @@ from miles_specrl.mtp import add_mtp_layers, attach_mtp, load_mtp_weights  # noq
 from miles_specrl.speculator import Speculator  # noqa: E402
 from miles_specrl.training import mtp_losses  # noqa: E402
 
+from miles_core import RolloutOptions  # noqa: E402
 from miles_core.data import Tokenizer  # noqa: E402
 from miles_core.engine import Engine  # noqa: E402
 from miles_core.model import fused_moe, load_model, save_model, set_fused_moe  # noqa: E402
@@ -242,13 +243,13 @@ def _measure(model, prompts, batch: int, spec, compile: bool, temps, new_tokens:
         eng.model, fused_moe.default_max_rows(cfg.num_experts, cfg.num_experts_per_tok, rows) if usable else 0
     )
     if spec is not None:
-        spec.attach(eng)
+        eng.set_rollout_options(RolloutOptions(decode_strategy=spec))
     res = {}
     for temp in temps:
         params = {"temperature": temp, "max_new_tokens": new_tokens}
         for _ in range(2):
             if spec is not None:
-                spec.reset()
+                spec.prepare(eng)
             eng.reseed(0)
             _sync()
             t = time.perf_counter()

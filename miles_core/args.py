@@ -2,8 +2,9 @@
 
 The core owns only the families every run needs (checkpoint, data, rollout, algorithm, optimizer,
 reward, eval, cluster layout). Each plugin adds its own group through the `add_arguments` hook.
-Unknown `--sglang-*` flags are collected into `args.sglang_extra` for the SGLang backend; any other
-unknown flag is an error. `--config file.yaml` supplies flags from a file; the command line wins.
+An unknown flag is an error (an `--sglang-*` one too, until a backend reads it). `--config file.yaml`
+supplies flags from a file; the command line wins. Names chosen from installed implementations
+(`--advantage-estimator`, `--rm-type`, backends) come from their entry-point groups.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 import yaml
 
+from miles_core import drivers
 from miles_core.plugins import add_plugin_arguments
+from miles_core.train.losses import check_loss_args
 from miles_core.types import UsageError
 
 
@@ -102,7 +105,9 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
         "--true-on-policy-mode",
         action="store_true",
         default=False,
-        help="Train in the rollout dtype so rollout and training log-probs match bitwise.",
+        help="Train in the rollout dtype (fp32 on CPU, bf16 with --bf16) so rollout and training log-probs "
+        "come from the same weights and dtype; they agree closely, not bitwise (see "
+        "train/train_rollout_logprob_abs_diff).",
     )
 
 
@@ -111,7 +116,14 @@ def _add_algorithm(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--advantage-estimator",
         default="grpo",
-        choices=["grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"],
+        choices=drivers.available(drivers.ADVANTAGES),
+        help="A miles.advantages name (a plugin may add one).",
+    )
+    g.add_argument(
+        "--disable-rewards-normalization",
+        action="store_true",
+        default=False,
+        help="Use raw rewards: no group mean subtracted (nor std divided) before the advantages.",
     )
     g.add_argument("--disable-grpo-std-normalization", action="store_true", default=False)
     g.add_argument("--normalize-advantages", action="store_true", default=False)
@@ -186,13 +198,24 @@ def _add_training(p: argparse.ArgumentParser) -> None:
         help="Compile each decoder layer of the policy with torch.compile (dynamic shapes; the packed "
         "attention call stays eager): fuses norms, rope, casts and the MoE routing, forward and backward.",
     )
+    g.add_argument(
+        "--packed-attention",
+        choices=["auto", "triton", "flash", "sdpa"],
+        default="auto",
+        help="Kernel of the packed training attention on CUDA (--use-dynamic-batch-size): auto takes the "
+        "Triton kernels, else torch's flash varlen, else SDPA per run of equal lengths.",
+    )
     g.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda if available).")
 
 
 def _add_reward(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reward")
     g.add_argument(
-        "--rm-type", type=str, default=None, help="miles.rewards name; boxed_NAME extracts \\boxed{}."
+        "--rm-type",
+        type=str,
+        default=None,
+        help=f"A miles.rewards name (installed: {', '.join(drivers.available(drivers.REWARDS)) or 'none'}); "
+        "boxed_NAME grades the last \\boxed{}.",
     )
     g.add_argument(
         "--custom-rm-path", type=str, default=None, help="file.py[:func], pkg.mod:func or pkg.mod.func."
@@ -291,28 +314,23 @@ def parse_args(argv: list[str], pm: Any = None) -> argparse.Namespace:
     if pre.config:
         parser.set_defaults(**_config_defaults(parser, pre.config))
     args, unknown = parser.parse_known_args(argv)
-    args.sglang_extra = _collect_sglang(unknown, parser)
+    if unknown:
+        _refuse_unknown(unknown[0], parser)
     validate(args)
     return args
 
 
-def _collect_sglang(unknown: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    i = 0
-    while i < len(unknown):
-        flag = unknown[i]
-        if not flag.startswith("--sglang-"):
-            known = [o for a in parser._actions for o in a.option_strings]
-            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UsageError(f"unknown flag {flag}{hint}; see miles train --help for the flags.")
-        name, _, value = flag[2:].partition("=")
-        if not value and i + 1 < len(unknown) and not unknown[i + 1].startswith("--"):
-            value = unknown[i + 1]
-            i += 1
-        extra[name[len("sglang-") :].replace("-", "_")] = value if value else True
-        i += 1
-    return extra
+def _refuse_unknown(flag: str, parser: argparse.ArgumentParser) -> None:
+    name = flag.split("=")[0]
+    if name.startswith("--sglang-"):
+        raise UsageError(
+            f"{name} is not read by any installed rollout backend (the built-in engine takes its own "
+            "--rollout-* flags); drop it."
+        )
+    known = [o for a in parser._actions for o in a.option_strings]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UsageError(f"unknown flag {flag}{hint}; see miles train --help for the flags.")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -335,9 +353,9 @@ def validate(args: argparse.Namespace) -> None:
         "context_parallel_size",
         "rollout_num_gpus_per_engine",
     ):
-        if getattr(args, flag) != 1:
+        if vars(args)[flag] != 1:
             raise UsageError(
-                f"--{flag.replace('_', '-')} {getattr(args, flag)} needs model parallelism, which the "
+                f"--{flag.replace('_', '-')} {vars(args)[flag]} needs model parallelism, which the "
                 "built-in "
                 "torch backends do not implement; use 1 (or --train-backend megatron once installed)."
             )
@@ -345,8 +363,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(
             "--eval-prompt-data takes NAME PATH pairs, e.g. --eval-prompt-data gsm8k test.jsonl."
         )
-    if args.eps_clip_c is not None and args.eps_clip_c <= 1.0:
-        raise UsageError(f"--eps-clip-c {args.eps_clip_c} must be greater than 1 (dual-clip bound).")
+    check_loss_args(args)
     if args.eps_clip_high is None:
         args.eps_clip_high = args.eps_clip
     if args.rm_type and args.custom_rm_path:
@@ -356,7 +373,7 @@ def validate(args: argparse.Namespace) -> None:
 def check_run_args(args: argparse.Namespace) -> None:
     """Checks that only a training run needs (not `--help` or `miles plugins`)."""
     for flag in ("hf_checkpoint", "prompt_data", "rollout_batch_size", "num_rollout"):
-        if getattr(args, flag) in (None, ""):
+        if vars(args)[flag] in (None, ""):
             raise UsageError(
                 f"--{flag.replace('_', '-')} is required for miles train; see miles train --help."
             )

@@ -15,7 +15,7 @@ USAGE = """usage: miles COMMAND [flags]
 commands:
   train     run GRPO-style RL training (miles train --help lists the flags)
   plugins   list installed plugins, their versions, hooks and whether each is active
-  convert   convert an HF checkpoint (fp8, int4, MTP layers: provided by plugins)
+  convert   convert an HF checkpoint (the formats installed plugins provide)
   rm-check  score a JSONL of {response, label} rows with a reward (--rm-type NAME --data FILE)
 """
 
@@ -69,9 +69,7 @@ def convert_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="miles convert", description="Convert an HF checkpoint.")
     parser.add_argument("--hf-checkpoint", required=True, help="Folder of the source HF checkpoint.")
     parser.add_argument("--output", required=True, help="Folder to write the converted checkpoint to.")
-    parser.add_argument(
-        "--to", default=None, help="Target format, e.g. fp8 (miles-fp8), int4 (miles-int4qat)."
-    )
+    parser.add_argument("--to", default=None, help="Target format, as installed plugins define (e.g. fp8).")
     add_plugin_arguments(parser)
     pm.hook.add_convert_arguments(parser=parser)
     args = parser.parse_args(argv)
@@ -82,8 +80,8 @@ def convert_main(argv: list[str]) -> int:
     if not pm.hook.convert_checkpoint(args=args, input_dir=args.hf_checkpoint, output_dir=args.output):
         what = f"--to {args.to}" if args.to else "these flags"
         raise UsageError(
-            f"no installed plugin converts {what}; install miles-fp8 (--to fp8), miles-int4qat (--to int4) "
-            "or miles-specrl (--add-mtp-layers N)."
+            f"no installed plugin converts {what}; `miles plugins` lists the installed plugins (those "
+            "with convert_checkpoint convert), and `miles convert --help` their flags."
         )
     print(f"wrote {args.output}")
     return 0

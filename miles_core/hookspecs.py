@@ -15,9 +15,10 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
 
+    import pluggy
     import torch
 
-    from miles_core.types import Sample, TrainBatch
+    from miles_core.types import RolloutOptions, Sample, TrainBatch
 
 hookspec = pluggy.HookspecMarker("miles")
 
@@ -41,15 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @hookspec
-def configure(args: argparse.Namespace) -> bool | None:
-    """Validate flag combinations once after parsing, and say whether the plugin is active.
+def configure(args: argparse.Namespace, pm: pluggy.PluginManager) -> bool | None:
+    """Validate flag combinations once after parsing, say whether the plugin is active, and register the
+    run's own hook object when it is.
 
     Called once by the driver, after ``--config`` files are merged and before any model is loaded.
     Raise ``miles_core.UsageError`` with one sentence naming the bad combination and the fix.
-    Keep per-plugin runtime state on an object the plugin owns, not as new attributes of ``args``.
+    An active plugin keeps its per-run state on an object that implements the run's hooks and
+    registers it (``pm.register(MyRun(args))``, as pytest plugins do in ``pytest_configure``); an idle
+    one registers nothing, so its hooks never run. No state goes on ``args`` or on core objects.
 
     :param args: the parsed namespace (read-only by convention; a plugin may fill in defaults of its
         own flags, e.g. ``--use-routing-replay`` implied by ``--use-rollout-routing-replay``).
+    :param pm: the run's plugin manager, to register the per-run object with.
     :returns: ``True`` if the plugin's features are on for this run, ``False`` if installed but idle,
         ``None`` if it has no notion of being active. ``miles plugins`` and the run log show this.
     """
@@ -76,17 +81,19 @@ def configure_model(args: argparse.Namespace, model: torch.nn.Module, role: str)
 
 
 @hookspec
-def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> None:
-    """Prepare the engine for one rollout.
+def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> RolloutOptions | None:
+    """Say how the engine should run one rollout, and read what the plugin needs of it.
 
     Called by the driver before each rollout's generation starts (after the weight sync of the
-    previous step). FP8/INT4 re-quantize rollout weights here, R3 turns on route capture
-    (``engine.capture_routes = True``), speculative RL installs its draft.
+    previous step). The driver merges the answers (route capture if any plugin asks; at most one
+    decode strategy, else a ``UsageError``) and hands them to the engine: R3 asks for route capture,
+    speculative RL returns its speculative decoder. Do not set attributes on ``engine``.
 
     :param args: the parsed namespace.
     :param rollout_id: 0-based index of the rollout about to run.
-    :param engine: the rollout engine (``miles_core.engine.Engine`` for the built-in backend).
-    :returns: nothing.
+    :param engine: the rollout engine (``miles_core.engine.Engine`` for the built-in backend), to read
+        (its ``model``, ``kv_cache``, ``device``).
+    :returns: ``miles_core.types.RolloutOptions`` or ``None`` (nothing to ask).
     """
 
 
@@ -94,9 +101,9 @@ def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> None:
 def on_route_record(args: argparse.Namespace, sample: Sample, routed_experts: Any) -> None:
     """Receive the experts the rollout engine routed each token of one finished sample to.
 
-    Called by the rollout engine once per finished sample, only while ``engine.capture_routes`` is
-    on. Row ``t`` holds the experts chosen when token ``t`` was the input, so the last token (never
-    fed back) has no row.
+    Called by the generate function once per finished sample, only while route capture is on (a
+    plugin asked for it in ``pre_rollout``). Row ``t`` holds the experts chosen when token ``t`` was
+    the input, so the last token (never fed back) has no row.
 
     :param args: the parsed namespace.
     :param sample: the finished ``Sample`` (tokens, status and log-probs already set).
@@ -249,22 +256,4 @@ def convert_checkpoint(args: argparse.Namespace, input_dir: str, output_dir: str
     :param input_dir: folder of the source HF checkpoint (config.json, safetensors, tokenizer files).
     :param output_dir: folder to write the converted checkpoint to.
     :returns: ``True`` if this plugin converted the checkpoint, else ``None``.
-    """
-
-
-# -------------------------------------------------------------------------------------------------
-# weight sync
-# -------------------------------------------------------------------------------------------------
-
-
-@hookspec
-def post_weight_sync(args: argparse.Namespace, engine: Any, version: int) -> None:
-    """React to new weights in the rollout engine (re-quantize, refresh a draft model).
-
-    Called by the driver after ``engine.update_weights(named_tensors, version)`` returns.
-
-    :param args: the parsed namespace.
-    :param engine: the rollout engine.
-    :param version: the weight version just loaded (the number of completed rollouts).
-    :returns: nothing.
     """

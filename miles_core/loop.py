@@ -20,12 +20,12 @@ import torch
 from miles_core import drivers
 from miles_core.atomic import atomic_write_json
 from miles_core.data import PromptDataset, RolloutDataSource, Tokenizer
-from miles_core.engine import Engine
 from miles_core.logging import MetricsLogger, get_logger, plot_curves, progress
-from miles_core.model import fused_moe, load_model, save_model, set_fused_moe
+from miles_core.model import load_model
+from miles_core.protocols import RolloutBackend, TrainBackend
 from miles_core.rollout.manager import RolloutManager
+from miles_core.train.advantages import group_sizes
 from miles_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from miles_core.train.trainer import Trainer
 from miles_core.types import Sample, Status, TrainBatch, UsageError
 
 log = get_logger(__name__)
@@ -36,8 +36,8 @@ class Run:
     args: argparse.Namespace
     pm: Any
     tokenizer: Tokenizer
-    engine: Engine
-    trainer: Trainer
+    engine: RolloutBackend
+    trainer: TrainBackend
     rollouts: RolloutManager
     source: RolloutDataSource
     logger: MetricsLogger
@@ -97,34 +97,9 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         rollout_dtype = "bfloat16" if args.bf16 else "float32"
     engine_model = load_model(weights, dtype=_dtype(rollout_dtype), device=device).requires_grad_(False)
     pm.hook.configure_model(args=args, model=engine_model, role="rollout")
-    n = args.rollout_batch_size * args.n_samples_per_prompt
     # Backends are named implementations (entry points), so another one plugs in without loop changes.
-    engine_cls = drivers.get_rollout_backend(args.rollout_backend)
-    trainer_cls = drivers.get_train_backend(args.train_backend)
-    engine = engine_cls(
-        engine_model,
-        tokenizer,
-        max_batch_size=args.rollout_max_batch_size or max(n, 1),
-        seed=args.rollout_seed,
-    )
-    if hasattr(engine, "cuda_graph"):  # the built-in engine: graphs only where they pay (CUDA)
-        graphs = bool(getattr(args, "rollout_cuda_graph", True)) and device.type == "cuda"
-        engine.compile = bool(getattr(args, "rollout_compile", False))
-        engine.cuda_graph = graphs or engine.compile  # compiling needs the static-shape step
-        fused = getattr(args, "rollout_fused_moe", None)
-        usable = fused_moe.available(next(engine_model.parameters()))
-        if fused and not usable:
-            raise UsageError(
-                "--rollout-fused-moe runs Triton kernels on CUDA: install triton and roll out on a "
-                "GPU, or drop the flag."
-            )
-        cfg = engine_model.config
-        if fused is not False and usable and getattr(cfg, "num_experts", 0):
-            # Decode steps with a few rows an expert use the kernels; larger batches (prefill, big
-            # decode batches) keep the grouped GEMMs.
-            rows = fused_moe.default_max_rows(cfg.num_experts, cfg.num_experts_per_tok, engine.max_batch_size)
-            set_fused_moe(engine_model, rows)
-    trainer = trainer_cls(args, pm, policy, ref)
+    engine = drivers.get_rollout_backend(args.rollout_backend).from_args(args, engine_model, tokenizer)
+    trainer = drivers.get_train_backend(args.train_backend)(args, pm, policy, ref)
     state: dict = {"next_rollout": 0}
     if resume:
         trainer_state, state = load_checkpoint(resume)
@@ -143,32 +118,25 @@ def make_train_batch(samples: list[Sample], args: argparse.Namespace) -> TrainBa
     for s in samples:
         rewards.append(s.get_reward_value(args.reward_key) if s.status != Status.FAILED else float("nan"))
     r = torch.tensor(rewards, dtype=torch.float32)
-    g = args.n_samples_per_prompt
-    for start in range(0, len(r), g):  # a failed sample takes its group's mean: no advantage signal
-        chunk = r[start : start + g]
-        ok = ~torch.isnan(chunk)
+    batch = TrainBatch(samples=samples, rewards=r, tokens=[], loss_masks=[])
+    for chunk in r.split(group_sizes(batch, args.n_samples_per_prompt)):
+        ok = ~torch.isnan(chunk)  # a failed sample takes its group's mean: no advantage signal
         chunk[~ok] = chunk[ok].mean() if ok.any() else 0.0
-    masks = []
     for s in samples:
         m = torch.tensor(
             s.loss_mask if s.loss_mask is not None else [1] * s.response_length, dtype=torch.float32
         )
-        masks.append(m * 0 if s.status == Status.FAILED or s.response_length == 0 else m)
-    has_logps = all(s.rollout_log_probs is not None for s in samples)
-    return TrainBatch(
-        samples=samples,
-        rewards=r,
-        tokens=[
-            torch.tensor(s.tokens if s.response_length else s.tokens + [0], dtype=torch.long) for s in samples
-        ],
-        loss_masks=masks,
-        rollout_log_probs=[
+        batch.loss_masks.append(m * 0 if s.status == Status.FAILED or s.response_length == 0 else m)
+        batch.tokens.append(torch.tensor(s.tokens if s.response_length else s.tokens + [0], dtype=torch.long))
+    if all(s.rollout_log_probs is not None for s in samples):
+        batch.rollout_log_probs = [
             torch.tensor(s.rollout_log_probs or [0.0] * s.response_length, dtype=torch.float32)
             for s in samples
         ]
-        if has_logps
-        else None,
-    )
+    # Greedy samples (temperature <= 0) carry untempered log-probs: the trainer uses temperature 1.
+    temps = [float(s.sampling_params.get("temperature", 1.0)) for s in samples]
+    batch.temperatures = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=torch.float32)
+    return batch
 
 
 def _eval(run: Run, rollout_id: int) -> dict[str, float]:
@@ -197,7 +165,6 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
         samples, metrics = r.rollouts.generate(rollout_id)
         steps = r.trainer.train(rollout_id, make_train_batch(samples, args))
         r.engine.update_weights(r.trainer.named_weights(), version=rollout_id + 1)
-        pm.hook.post_weight_sync(args=args, engine=r.engine, version=rollout_id + 1)
         train_means = {f"train/{k}": float(np.mean([s[k] for s in steps if k in s])) for k in steps[-1]}
         r.logger.log(rollout_id + 1, {**metrics, **train_means})
         bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
@@ -209,9 +176,7 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
             (args.save_interval and done % args.save_interval == 0) or done == args.num_rollout
         ):
             r.state.update(next_rollout=done, data=r.source.state_dict())
-            save_checkpoint(
-                args.save, done, r.trainer.model, r.trainer.state_dict(), r.state, args.hf_checkpoint
-            )
+            save_checkpoint(args.save, done, r.trainer, r.state, args.hf_checkpoint)
     bar.close()
     if evaluating and not (
         args.eval_interval
@@ -226,7 +191,7 @@ def _finish(r: Run, last_eval: dict[str, float], wall_s: float) -> dict[str, Any
     args = r.args
     run_dir = Path(args.run_dir)
     hf_out = Path(args.save_hf) if args.save_hf else run_dir / "final_hf"
-    save_model(r.trainer.model, hf_out, tokenizer_src=args.hf_checkpoint)
+    r.trainer.save_model(hf_out, args.hf_checkpoint)
     r.logger.close()
     names = (args.eval_prompt_data or [])[::2]
     plot_curves(

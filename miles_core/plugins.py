@@ -1,7 +1,8 @@
 """The plugin manager: core built-ins and installed ``miles.plugins`` entry points, registered alike.
 
-Also the ``miles plugins`` command (what is installed, from which distribution, which hooks, whether
-active) and ``load_function``, which resolves every ``--custom-*-path`` spec to a callable.
+Also ``configure_plugins`` (each plugin says whether it is active and registers its per-run hook object)
+and the ``miles plugins`` command (what is installed, from which distribution, which hooks, whether
+active).
 """
 
 from __future__ import annotations
@@ -10,28 +11,23 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import importlib
 import importlib.metadata
-import importlib.util
-import inspect
 import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import pluggy
 
-from miles_core import hookspecs
+from miles_core import drivers, hookspecs
 from miles_core.types import UsageError
 
 hookimpl = pluggy.HookimplMarker("miles")
 
 PROJECT = "miles"
-ENTRY_POINT_GROUP = "miles.plugins"
+ENTRY_POINT_GROUP = drivers.PLUGINS
 ALLOW_ENV = "MILES_LOAD_PLUGINS"
 # Core built-ins go through the same registration path as external plugins (pytest's default_plugins).
 DEFAULT_PLUGINS: tuple[str, ...] = ("miles_core.train.advantages", "miles_core.train.corrections")
@@ -39,11 +35,13 @@ CORE_DISTRIBUTION = "miles-core"
 
 
 class MilesPluginManager(pluggy.PluginManager):
-    """A pluggy manager that remembers which distribution and version each plugin came from."""
+    """A pluggy manager that remembers which distribution and version each plugin came from, and which
+    per-run hook objects each plugin registered in ``configure``."""
 
     def __init__(self) -> None:
         super().__init__(PROJECT)
         self.sources: dict[str, tuple[str | None, str | None]] = {}  # plugin name -> (dist, version)
+        self.run_objects: dict[str, list[object]] = {}  # plugin name -> objects its configure registered
 
 
 def core_plugin_name(module: str) -> str:
@@ -103,47 +101,27 @@ def get_plugin_manager(
             f"--disable-plugins {','.join(core_disabled)}: core built-ins cannot be disabled; "
             "choose another --advantage-estimator or correction flag instead."
         )
-    eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-    installed = [ep.name for ep in eps]
+    installed = drivers.available(ENTRY_POINT_GROUP)
     _check_names(disable, installed, "--disable-plugins")
     allow = None
     if ALLOW_ENV in env:
         allow = set(_split_names([env[ALLOW_ENV]]))
         _check_names(allow, installed, ALLOW_ENV)
-    for ep in eps:
-        if ep.name in disable or (allow is not None and ep.name not in allow):
-            continue
-        _register_entry_point(pm, ep)
+    wanted = [n for n in installed if n not in disable and (allow is None or n in allow)]
+    for name, plugin, ep in drivers.load_plugins(wanted):
+        dist, version = drivers.distribution(ep)
+        try:
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as err:
+            raise UsageError(
+                f"plugin {name!r} (from {dist} {version}) does not match this miles-core's hooks ({err}); "
+                f"upgrade it or pass --disable-plugins {name}."
+            ) from err
+        pm.sources[name] = (dist, version)
     for plugin in extra:
         pm.register(plugin)
     _check_pending(pm)
     return pm
-
-
-def _register_entry_point(pm: MilesPluginManager, ep: importlib.metadata.EntryPoint) -> None:
-    dist = ep.dist.name if ep.dist else None
-    version = ep.dist.version if ep.dist else None
-    where = f"plugin {ep.name!r} (from {dist} {version})" if dist else f"plugin {ep.name!r}"
-    try:
-        plugin = ep.load()
-    except Exception as err:  # any import-time failure of third-party code: name it, never a traceback
-        raise UsageError(
-            f"{where} failed to import ({type(err).__name__}: {err}); "
-            f"reinstall it or pass --disable-plugins {ep.name}."
-        ) from err
-    if pm.get_plugin(ep.name) is not None:
-        raise UsageError(
-            f"two installed distributions register a plugin named {ep.name!r} ({pm.sources[ep.name][0]} and "
-            f"{dist}); uninstall one of them."
-        )
-    try:
-        pm.register(plugin, name=ep.name)
-    except pluggy.PluginValidationError as err:
-        raise UsageError(
-            f"{where} does not match this miles-core's hooks ({err}); "
-            f"upgrade it or pass --disable-plugins {ep.name}."
-        ) from err
-    pm.sources[ep.name] = (dist, version)
 
 
 def _check_pending(pm: pluggy.PluginManager) -> None:
@@ -193,14 +171,26 @@ def configure_plugins(pm: pluggy.PluginManager, args: argparse.Namespace) -> dic
     """Call every ``configure`` hookimpl one by one and return ``{plugin name: its answer}``.
 
     Called one at a time (in pluggy's call order) rather than through ``pm.hook.configure`` so each answer
-    is attributed to its plugin. A ``UsageError`` raised by a plugin propagates unchanged.
+    and each per-run object a plugin registers is attributed to its plugin. Objects registered by an
+    earlier call on the same manager are unregistered first, so configuring twice leaves one run's
+    objects. A ``UsageError`` raised by a plugin propagates unchanged.
     """
-    kwargs = {"args": args}
+    runs = getattr(pm, "run_objects", {})
+    for objects in runs.values():
+        for obj in objects:
+            if pm.is_registered(obj):
+                pm.unregister(obj)
+    runs.clear()
+    kwargs = {"args": args, "pm": pm}
     answers: dict[str, bool | None] = {}
     for impl in reversed(pm.hook.configure.get_hookimpls()):
         if impl.hookwrapper or impl.wrapper:  # wrappers are generators around the others; nothing to ask
             continue
+        before = {id(p) for p in pm.get_plugins()}
         answers[impl.plugin_name] = impl.function(*(kwargs[a] for a in impl.argnames))
+        new = [p for p in pm.get_plugins() if id(p) not in before]
+        if new:
+            runs[impl.plugin_name] = new
     return answers
 
 
@@ -216,17 +206,39 @@ class PluginInfo:
 
 
 def list_plugins(pm: pluggy.PluginManager, active: dict[str, bool | None] | None = None) -> list[PluginInfo]:
-    """Describe every registered plugin (blocked names excluded), in registration order."""
+    """Describe every registered plugin (blocked names excluded), in registration order. A plugin's hooks
+    are its own, those of the per-run objects it registered, and those its run classes declare (a class
+    defined in the plugin's module with hookimpls), so an idle plugin still shows what it can do."""
     sources = getattr(pm, "sources", {})
+    runs = getattr(pm, "run_objects", {})
+    owned = {id(o) for objects in runs.values() for o in objects}
     active = active or {}
     infos = []
     for name, plugin in pm.list_name_plugin():
-        if plugin is None:  # a blocked name
+        if plugin is None or id(plugin) in owned:  # a blocked name, or a run object (listed with its owner)
             continue
         dist, version = sources.get(name, (None, None))
-        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        infos.append(PluginInfo(name, dist, version, hooks, active.get(name)))
+        hooks = {h.name for p in [plugin, *runs.get(name, [])] for h in pm.get_hookcallers(p) or []}
+        hooks |= _declared_run_hooks(plugin)
+        infos.append(PluginInfo(name, dist, version, sorted(hooks), active.get(name)))
     return infos
+
+
+def _declared_run_hooks(plugin: object) -> set[str]:
+    """Hook names implemented by classes defined in a plugin module (its per-run hook objects)."""
+    marker = f"{PROJECT}_impl"
+    module = getattr(plugin, "__name__", None)
+    return (
+        {
+            attr
+            for cls in vars(plugin).values()
+            if isinstance(cls, type) and cls.__module__ == module
+            for attr, value in vars(cls).items()
+            if hasattr(value, marker)
+        }
+        if isinstance(module, str) and hasattr(plugin, "__file__")
+        else set()
+    )
 
 
 def format_plugins(infos: list[PluginInfo], active_known: bool = True) -> str:
@@ -282,136 +294,3 @@ def plugins_main(argv: list[str]) -> int:
     else:
         print(format_plugins(infos, active_known=active is not None))
     return 0
-
-
-# -------------------------------------------------------------------------------------------------
-# --custom-*-path specs
-# -------------------------------------------------------------------------------------------------
-
-
-def load_function(
-    spec: str, default_name: str, group: str | None = None, flag: str | None = None
-) -> Callable:
-    """Resolve a custom-function spec to a callable.
-
-    Forms: ``path/to/file.py`` (function ``default_name``), ``path/to/file.py:func``, ``pkg.mod:func``,
-    ``pkg.mod.func``, and, when ``group`` is given, a plain entry-point name of that group. Relative
-    paths resolve against the current directory. Every failure is a ``UsageError`` naming the spec.
-
-    :param flag: the flag the spec came from, named in error messages (e.g. ``--custom-rm-path``).
-    """
-    what = f"{flag} {spec!r}" if flag else f"custom function {spec!r}"
-    file_part, _, func = spec.rpartition(":") if ":" in spec else (spec, "", "")
-    if file_part.endswith(".py") or "/" in file_part or os.sep in file_part:
-        module = _load_file(Path(file_part), what)
-        return _attribute(module, func or default_name, what)
-    if ":" in spec:
-        return _attribute(_import_module(file_part, what), func, what)
-    if "." in spec:
-        return _load_dotted(spec, what)
-    if group is None:
-        raise UsageError(
-            f"{what} is not a file.py, a module:function or a module.function; give one of those."
-        )
-    return _load_entry_point(group, spec, what)
-
-
-def _load_file(path: Path, what: str) -> Any:
-    path = (Path.cwd() / path.expanduser()).resolve()
-    if not path.is_file():
-        raise UsageError(f"{what}: file {str(path)!r} does not exist; check the path.")
-    # A unique, stable module name per file: two custom files both called reward.py must not collide.
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    name = f"_miles_custom_{path.stem}_{digest}"
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # dataclasses and pickling look the module up while it executes
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:
-        del sys.modules[name]
-        raise UsageError(
-            f"{what}: importing {str(path)!r} failed ({type(err).__name__}: {err}); fix the file."
-        ) from err
-    return module
-
-
-def _import_module(name: str, what: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except Exception as err:
-        raise UsageError(
-            f"{what}: module {name!r} cannot be imported ({type(err).__name__}: {err}); "
-            "install it or put its directory on PYTHONPATH."
-        ) from err
-
-
-def _load_dotted(spec: str, what: str) -> Callable:
-    """``pkg.mod.func`` (or ``pkg.mod.Class.method``): import the longest prefix that is a module."""
-    parts = spec.split(".")
-    first_error: Exception | None = None
-    for i in range(len(parts) - 1, 0, -1):
-        candidate = ".".join(parts[:i])
-        try:
-            module = importlib.import_module(candidate)
-        except ModuleNotFoundError as err:
-            # Only "this prefix is not a module" means try a shorter one; a missing dependency is an error.
-            if err.name and (candidate == err.name or candidate.startswith(err.name + ".")):
-                first_error = first_error or err
-                continue
-            return _import_module(candidate, what)  # re-raises as a UsageError
-        except Exception:
-            return _import_module(candidate, what)
-        return _attribute(module, ".".join(parts[i:]), what)
-    raise UsageError(
-        f"{what}: module {'.'.join(parts[:-1])!r} cannot be imported ({first_error}); "
-        "install it or put its directory on PYTHONPATH."
-    )
-
-
-def _attribute(module: Any, attr: str, what: str) -> Callable:
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            custom_file = module.__name__.startswith("_miles_custom_")
-            mod_name = module.__file__ if custom_file else module.__name__
-            defined = _defined_callables(module)
-            have = f"it defines: {', '.join(defined)}" if defined else "it defines no functions"
-            raise UsageError(f"{what}: {mod_name!r} has no function {attr!r}; {have}.")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UsageError(
-            f"{what}: {attr!r} is a {type(obj).__name__}, not a function; point it at a function."
-        )
-    return obj
-
-
-def _defined_callables(module: Any) -> list[str]:
-    """Public functions and classes defined in ``module`` itself (not imported into it)."""
-    return sorted(
-        n
-        for n, v in vars(module).items()
-        if not n.startswith("_")
-        and (inspect.isfunction(v) or inspect.isclass(v))
-        and v.__module__ == module.__name__
-    )
-
-
-def _load_entry_point(group: str, name: str, what: str) -> Callable:
-    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
-    if name not in eps:
-        have = ", ".join(sorted(eps)) or "none"
-        raise UsageError(
-            f"{what} is not an installed {group} name (installed: {have}); "
-            "give one of those, a file.py or a module:function."
-        )
-    try:
-        obj = eps[name].load()
-    except Exception as err:
-        raise UsageError(
-            f"{what}: entry point {eps[name].value!r} failed to import ({type(err).__name__}: {err}); "
-            "reinstall the distribution that provides it."
-        ) from err
-    if not callable(obj):
-        raise UsageError(f"{what}: entry point {eps[name].value!r} is not callable; fix its distribution.")
-    return obj

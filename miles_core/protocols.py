@@ -1,7 +1,8 @@
 """Typed signatures of every function or object a user or plugin can plug into the loop.
 
-A custom reward, generate function, rollout engine or train backend satisfies one of these ``Protocol``s;
-slime-compatible signatures, so functions written for slime work unchanged.
+A custom reward, generate function, advantage estimator, rollout backend or train backend satisfies one
+of these ``Protocol``s; slime-compatible signatures, so functions written for slime work unchanged. The
+backend protocols list exactly what the loop calls (a test checks it against the loop's code).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     import torch
 
-    from miles_core.types import Sample, TrainBatch
+    from miles_core.types import RolloutOptions, Sample, TrainBatch
 
 
 @runtime_checkable
@@ -70,15 +71,64 @@ class GenerateFn(Protocol):
 
 
 @runtime_checkable
-class RolloutEngine(Protocol):
-    """What the loop needs of a rollout backend (``--rollout-backend``) besides generation itself.
+class AdvantageEstimator(Protocol):
+    """An ``--advantage-estimator`` (entry-point group ``miles.advantages``; a class is instantiated once).
 
-    Generation is reached through the backend's generate function, whose request type is the backend's
-    own; the loop only syncs weights and reads which version the engine serves.
+    Called by the trainer: ``advantages`` once per rollout (through the core's ``advantage`` hookimpl),
+    ``policy_log_ratio`` once per training micro-batch.
     """
 
+    def advantages(self, args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:
+        """:param batch: the rollout's batch, ``rewards`` float32 ``[num_samples]``, old/ref log-probs set.
+        :returns: one float32 tensor ``[response_length]`` per sample.
+        """
+        ...
+
+    def policy_log_ratio(
+        self,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        loss_mask: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The log importance ratio of the clipped policy loss, flat ``[num_tokens]`` over a micro-batch's
+        response tokens (``lengths`` int64 ``[num_samples]``), or ``None`` for the per-token
+        ``log_probs - old_log_probs``. GSPO returns its sequence-level ratio here.
+        """
+        ...
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """A rollout backend (``--rollout-backend``): exactly what the loop, the rollout manager and the
+    built-in generate functions call. Built with ``from_args(args, model, tokenizer)`` (a classmethod)."""
+
     weight_version: int
-    """The version of the weights now served; ``weight_versions`` of each sample records it."""
+    """The version of the weights now served; ``weight_versions`` of each sample records it. The loop
+    sets it when a run resumes."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> RolloutBackend:
+        """The backend the flags ask for, serving ``model`` (weights on their device and dtype)."""
+        ...
+
+    async def generate(self, input_ids: list[int], sampling_params: dict[str, Any]) -> Any:
+        """Sample a continuation; returns an ``EngineOutput`` (``output_ids``, ``log_probs``,
+        ``finish_reason``, ``weight_version``, ``routed_experts``, ``spec_info``, ``sampling_params``)."""
+        ...
+
+    def set_rollout_options(self, options: RolloutOptions) -> None:
+        """Apply the plugins' merged ``pre_rollout`` answers (route capture, decode strategy)."""
+        ...
+
+    def reseed(self, seed: int) -> None:
+        """Reset the sampling randomness (per rollout, so a resumed run repeats its samples)."""
+        ...
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated so far (for ``rollout/tok_per_s``)."""
+        ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Load new policy weights and start serving them as ``version``.
@@ -93,34 +143,32 @@ class RolloutEngine(Protocol):
 
 @runtime_checkable
 class TrainBackend(Protocol):
-    """A training backend (``--train-backend``): the built-in torch trainer, or Megatron."""
+    """A training backend (``--train-backend``): exactly what the loop calls. Built as
+    ``Backend(args, pm, policy, ref)`` with the loaded policy and (for a KL term) reference models."""
 
-    def compute_log_probs(self, batch: TrainBatch, stage: str) -> list[torch.Tensor]:
-        """Forward the batch without grad and return per-sample log-probs of the response tokens.
-
-        :param batch: the rollout's batch.
-        :param stage: ``"old"`` (the policy before the update) or ``"ref"`` (the reference model).
-        :returns: one float32 tensor ``[response_length]`` per sample (also stored on ``batch``).
-        """
-        ...
-
-    def train(self, rollout_id: int, batch: TrainBatch) -> dict[str, float]:
-        """Run the optimizer steps of one rollout (``--num-steps-per-rollout``).
+    def train(self, rollout_id: int, batch: TrainBatch) -> list[dict[str, float]]:
+        """Run the optimizer steps of one rollout (``--num-steps-per-rollout``): old/ref log-probs,
+        advantages (the ``advantage`` hook), then the steps.
 
         :param rollout_id: 0-based index of the rollout.
-        :param batch: the rollout's batch with advantages set.
-        :returns: the rollout's training metrics ``{name: float}``.
+        :param batch: the rollout's batch.
+        :returns: each optimizer step's metrics ``{name: float}``.
         """
         ...
 
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
-        """The policy weights as ``(HF name, tensor)`` pairs, for ``RolloutEngine.update_weights``."""
+        """The policy weights as ``(HF name, tensor)`` pairs, for ``RolloutBackend.update_weights``."""
         ...
 
-    def save(self, path: str) -> None:
-        """Write a complete checkpoint (model, optimizer, scheduler, RNG) to ``path`` atomically."""
+    def save_model(self, path: str, tokenizer_src: str | None) -> None:
+        """Write the policy as an HF checkpoint folder (tokenizer files copied from ``tokenizer_src``)."""
         ...
 
-    def load(self, path: str) -> None:
-        """Restore the state written by ``save(path)``."""
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that a resume needs (optimizer, step count), ``torch.save``-able
+        and loadable with ``weights_only=True``."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (the weights come from the checkpoint's ``model/``)."""
         ...

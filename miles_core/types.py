@@ -15,12 +15,11 @@ import torch
 
 
 class Status(str, enum.Enum):
-    """Where a sample stands. Finish reasons of the engine map onto the last four."""
+    """Where a sample stands. Finish reasons of the engine map onto COMPLETED and TRUNCATED."""
 
     PENDING = "pending"
     COMPLETED = "completed"  # stopped on EOS or a stop token
     TRUNCATED = "truncated"  # hit --rollout-max-response-len
-    ABORTED = "aborted"  # cancelled (e.g. over-sampling cut it off)
     FAILED = "failed"  # generation or reward raised; excluded from training
 
 
@@ -39,11 +38,13 @@ class Sample:
     loss_mask: list[int] | None = None  # [response_length]; 0 drops a token from the loss
     weight_versions: list[int] = field(default_factory=list)  # engine weight versions that produced it
     rollout_log_probs: list[float] | None = None  # [response_length] log p of each sampled token
-    rollout_routed_experts: Any = None  # int32 [len(tokens)-1, num_moe_layers, topk] (set by miles-r3)
+    rollout_routed_experts: Any = None  # int32 [len(tokens)-1, num_moe_layers, topk] (on_route_record)
     status: Status = Status.PENDING
     metadata: dict[str, Any] = field(default_factory=dict)  # per-row extras (e.g. rm_type override)
-    train_metadata: dict[str, Any] = field(default_factory=dict)  # set by generate fns for training
-    spec_info: dict[str, Any] = field(default_factory=dict)  # speculative decoding stats (miles-specrl)
+    spec_info: dict[str, Any] = field(default_factory=dict)  # the engine's decode-strategy statistics
+    # The sampling parameters the response was drawn with (temperature, top_p, top_k): the rollout's
+    # request, replaced by what the engine reports it used; the trainer's log-probs use its temperature.
+    sampling_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prompt_length(self) -> int:
@@ -78,13 +79,14 @@ class TrainBatch:
     old_log_probs: list[torch.Tensor] | None = None  # filled by the "old" forward
     ref_log_probs: list[torch.Tensor] | None = None  # filled by the "ref" forward (KL loss)
     advantages: list[torch.Tensor] | None = None  # float32 [response_length] per sample
-    returns: list[torch.Tensor] | None = None
+    # float32 [num_samples]: the temperature each response was sampled at (1.0 for greedy samples, whose
+    # log-probs the engine reports untempered); the trainer's log-probs divide the logits by it.
+    temperatures: torch.Tensor | None = None
     # Routing replay (mechanism in core, policy in miles-r3): per sample int32 [len(tokens)-1, L, topk].
     replay_routes: list[torch.Tensor] | None = None
     # Set to True to have the next forward record each sample's router top-k into `recorded_routes`.
     record_routes: bool = False
     recorded_routes: list[torch.Tensor] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)  # plugin-owned per-batch data, keyed by plugin
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -108,12 +110,25 @@ class TrainBatch:
             old_log_probs=pick(self.old_log_probs),
             ref_log_probs=pick(self.ref_log_probs),
             advantages=pick(self.advantages),
-            returns=pick(self.returns),
+            temperatures=None if self.temperatures is None else self.temperatures[idx],
             replay_routes=pick(self.replay_routes),
             record_routes=self.record_routes,
             recorded_routes=pick(self.recorded_routes),
-            extras=self.extras,
         )
+
+
+@dataclass
+class RolloutOptions:
+    """How the rollout engine runs one rollout: a plugin's answer to ``pre_rollout``.
+
+    The driver merges every plugin's answer (route capture if any asks; at most one decode strategy)
+    and hands the result to the engine before the rollout starts.
+    """
+
+    capture_routes: bool = False  # report each token's experts (``on_route_record``)
+    # Replaces the engine's one-token decode step, e.g. speculative decoding; for the built-in engine a
+    # ``miles_core.api.DecodeStrategy``.
+    decode_strategy: Any = None
 
 
 class UsageError(Exception):

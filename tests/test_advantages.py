@@ -123,6 +123,7 @@ def make_args(**overrides) -> argparse.Namespace:
         advantage_estimator="grpo",
         n_samples_per_prompt=2,
         disable_grpo_std_normalization=False,
+        disable_rewards_normalization=False,
         normalize_advantages=False,
         gamma=1.0,
         kl_coef=0.0,
@@ -181,10 +182,40 @@ def test_hook_reinforce_pp_baseline(pm):
 
 
 def test_hook_usage_errors(pm):
-    with pytest.raises(UsageError, match="ppo"):
+    with pytest.raises(UsageError, match=r"unknown --advantage-estimator 'ppo'; installed: .*grpo"):
         pm.hook.advantage(args=make_args(advantage_estimator="ppo"), batch=make_batch([1.0, 0.0], [1, 1]))
+    batch = make_batch([1.0, 0.0, 1.0], [1, 1, 1])
+    for s in batch.samples:
+        s.group_index = None  # no group ids: groups are --n-samples-per-prompt long, and 3 is not
     with pytest.raises(UsageError, match="n-samples-per-prompt"):
-        pm.hook.advantage(args=make_args(), batch=make_batch([1.0, 0.0, 1.0], [1, 1, 1]))
+        pm.hook.advantage(args=make_args(), batch=batch)
+
+
+def test_groups_follow_group_index_when_a_generate_function_returns_several_samples(pm):
+    # Prompt 0 produced three samples (e.g. one per turn), prompt 1 two: each normalised in its own group.
+    batch = make_batch([1.0, 0.0, 2.0, 5.0, 3.0], [1, 1, 1, 1, 1])
+    for s, g in zip(batch.samples, [0, 0, 0, 1, 1]):
+        s.group_index = g
+    out = torch.cat(pm.hook.advantage(args=make_args(disable_grpo_std_normalization=True), batch=batch))
+    close(out, [0.0, -1.0, 1.0, 1.0, -1.0])
+    out = torch.cat(pm.hook.advantage(args=make_args(), batch=batch))
+    close(out, [0.0, -1.0, 1.0, 1 / math.sqrt(2), -1 / math.sqrt(2)], tol=1e-4)  # std of {5, 3}: sqrt 2
+
+
+def test_disable_rewards_normalization_trains_on_raw_rewards(pm):
+    batch = make_batch([1.0, 0.0, 3.0, 3.0], [2, 1, 1, 1])
+    out = pm.hook.advantage(args=make_args(disable_rewards_normalization=True), batch=batch)
+    close(torch.cat(out), [1.0, 1.0, 0.0, 3.0, 3.0])
+
+
+def test_gspo_supplies_its_sequence_ratio_and_grpo_the_token_ratio():
+    from miles_core import drivers
+
+    new, old = t(-1.0, -2.0, -0.5), t(-1.5, -1.0, -0.5)
+    mask, lengths = t(1, 1, 1), torch.tensor([2, 1])
+    assert drivers.get_estimator("grpo").policy_log_ratio(new, old, mask, lengths) is None
+    ratio = drivers.get_estimator("gspo").policy_log_ratio(new, old, mask, lengths)
+    close(ratio, [-0.25, -0.25, 0.0])  # per-sample mean of new - old, broadcast
 
 
 def test_hook_reinforce_pp_needs_no_whole_groups(pm):

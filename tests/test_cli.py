@@ -191,12 +191,12 @@ def test_custom_rm_path_forms(tiny_ckpt, prompts_file, tmp_path, monkeypatch, fo
     assert first["rollout/reward_mean"] == 1.0
 
 
-def test_convert_without_plugin_says_what_to_install(tiny_ckpt, tmp_path, capsys):
+def test_convert_without_plugin_says_where_to_look(tiny_ckpt, tmp_path, capsys):
     msg = error_of(
         capsys,
         ["convert", "--hf-checkpoint", str(tiny_ckpt), "--output", str(tmp_path / "o"), "--to", "nonesuch"],
     )
-    assert "--to nonesuch" in msg and "miles-fp8" in msg
+    assert "no installed plugin converts --to nonesuch" in msg and "miles plugins" in msg
 
 
 def test_train_py_shim_shows_help():

@@ -15,10 +15,11 @@ SPECS = {
     if inspect.isfunction(fn) and hasattr(fn, "miles_spec")  # set by pluggy.HookspecMarker("miles")
 }
 
-# DESIGN.md's hook table: name -> its arguments.
+# DESIGN.md's hook table: name -> its arguments (configure also gets the plugin manager, with which an
+# active plugin registers its per-run object, as DESIGN.md asks).
 DESIGN_HOOKS = {
     "add_arguments": ["parser"],
-    "configure": ["args"],
+    "configure": ["args", "pm"],
     "pre_rollout": ["args", "rollout_id", "engine"],
     "on_route_record": ["args", "sample", "routed_experts"],
     "pre_forward": ["args", "model", "batch", "stage"],

@@ -192,17 +192,24 @@ def test_mismatch_metrics_by_hand():
     assert m["train_rollout_kl"] == pytest.approx((math.exp(0.2) - 1 - 0.2) / 2, abs=1e-6)
 
 
-def test_check_loss_args():
-    ok = argparse.Namespace(
-        eps_clip_c=3.0, kl_loss_type="low_var_kl", use_tis=True, tis_clip=2.0, tis_clip_low=0.0
-    )
-    check_loss_args(ok)
-    with pytest.raises(UsageError, match="eps-clip-c"):
-        check_loss_args(argparse.Namespace(eps_clip_c=1.0))
-    with pytest.raises(UsageError, match="both"):
-        check_loss_args(
-            argparse.Namespace(use_tis=True, use_icepop=True, tis_clip=2.0, icepop_low=0.5, icepop_high=5.0)
-        )
+def test_check_loss_args_runs_at_parse_time():
+    from miles_core.args import build_parser, parse_args
+
+    def flags(*argv: str) -> argparse.Namespace:
+        return build_parser().parse_args(list(argv))
+
+    check_loss_args(flags("--eps-clip-c", "3", "--kl-loss-type", "low_var_kl", "--use-tis"))
+    cases = [
+        (["--eps-clip-c", "1.0"], "eps-clip-c"),
+        (["--use-tis", "--use-icepop"], "both"),
+        (["--use-tis", "--tis-clip-low", "3", "--tis-clip", "2"], "tis-clip-low is above"),
+        (["--use-icepop", "--icepop-low", "5", "--icepop-high", "5"], "icepop-low must be below"),
+    ]
+    for argv, match in cases:
+        with pytest.raises(UsageError, match=match):
+            check_loss_args(flags(*argv))
+        with pytest.raises(UsageError, match=match):  # the parser of `miles train` runs the check
+            parse_args(argv)
 
 
 def test_per_sample_reductions_match_a_loop_with_empty_samples_and_tensor_lengths():

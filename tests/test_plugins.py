@@ -1,4 +1,4 @@
-"""Plugin manager, `miles plugins` and custom-function loading, through real dist-info entry points.
+"""Plugin manager, per-run plugin objects and `miles plugins`, through real dist-info entry points.
 
 Each test writes tiny distributions (``NAME-VERSION.dist-info`` with ``entry_points.txt``) and modules
 into a temporary directory on ``sys.path``, so discovery runs through ``importlib.metadata`` for real.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 import types
 
 import pytest
@@ -20,7 +19,6 @@ from miles_core.plugins import (
     format_plugins,
     get_plugin_manager,
     list_plugins,
-    load_function,
     plugins_main,
 )
 from miles_core.types import UsageError
@@ -59,7 +57,7 @@ def test_entry_point_plugin_is_registered_with_its_distribution(two_plugins):
     assert pm.get_plugin("ta") is sys.modules["mtest_a"]
     assert pm.sources["ta"] == ("miles-test-a", "1.2.3")
     assert pm.sources["tb"] == ("miles-test-b", "0.4")
-    assert sorted(pm.hook.configure(args=argparse.Namespace())) == [False, True]
+    assert sorted(pm.hook.configure(args=argparse.Namespace(), pm=pm)) == [False, True]
 
 
 def test_allow_list(two_plugins):
@@ -244,96 +242,40 @@ def test_plugins_main_shows_unknown_activity(two_plugins, monkeypatch, capsys, h
     assert out.err == ""  # argparse's complaint about the missing flag is swallowed
 
 
-# -------------------------------------------------------------------------------------------------
-# load_function
-# -------------------------------------------------------------------------------------------------
+PLUGIN_RUN = """
+    from miles_core.plugins import hookimpl
 
-CUSTOM = """
-    from os.path import join  # imported names are not listed as candidates
+    @hookimpl
+    def configure(args, pm):
+        if args.on:
+            pm.register(Run(args))
+        return args.on
 
-    THRESHOLD = 3
+    class Run:
+        def __init__(self, args):
+            self.args = args
 
-    def reward(args, sample):
-        return "reward"
-
-    def other(args, sample):
-        return "other"
-
-    def _private():
-        pass
-
-    class Scorer:
-        @staticmethod
-        def score():
-            return "score"
+        @hookimpl
+        def post_step(self, metrics):
+            metrics["run_of"] = self.args.tag
 """
 
 
-def test_load_function_from_file(tmp_path, monkeypatch):
-    (tmp_path / "custom").mkdir()
-    (tmp_path / "custom" / "rm.py").write_text(textwrap.dedent(CUSTOM))
-    assert load_function(str(tmp_path / "custom" / "rm.py"), "reward")(None, None) == "reward"
-    monkeypatch.chdir(tmp_path)
-    assert load_function("custom/rm.py", "reward")(None, None) == "reward"  # relative to the cwd
-    assert load_function("custom/rm.py:other", "reward")(None, None) == "other"
-    assert load_function("custom/rm.py:Scorer.score", "reward")() == "score"
-
-
-def test_files_with_the_same_name_do_not_collide(tmp_path):
-    for d, value in (("a", 1), ("b", 2)):
-        (tmp_path / d).mkdir()
-        (tmp_path / d / "reward.py").write_text(f"def reward(args, sample):\n    return {value}\n")
-    fa = load_function(str(tmp_path / "a" / "reward.py"), "reward")
-    fb = load_function(str(tmp_path / "b" / "reward.py"), "reward")
-    assert (fa(None, None), fb(None, None)) == (1, 2)
-    assert fa.__module__ != fb.__module__ and fa.__module__ in sys.modules
-
-
-def test_load_function_from_module(site):
-    site.module("mtestpkg/__init__.py")
-    site.module("mtestpkg/rewards.py", CUSTOM)
-    assert load_function("mtestpkg.rewards:other", "reward")(None, None) == "other"
-    assert load_function("mtestpkg.rewards.other", "reward")(None, None) == "other"
-    assert load_function("mtestpkg.rewards.Scorer.score", "reward")() == "score"
-
-
-def test_load_function_from_entry_point(site):
-    site.module("mtest_fns.py", CUSTOM)
-    site.dist("miles-test-fns", "1.0", {"miles.test_fns": {"myfn": "mtest_fns:other"}})
-    assert load_function("myfn", "reward", group="miles.test_fns")(None, None) == "other"
-    with pytest.raises(
-        UsageError, match=r"'nofn' is not an installed miles.test_fns name \(installed: myfn\)"
-    ):
-        load_function("nofn", "reward", group="miles.test_fns")
-
-
-def test_load_function_errors(tmp_path, site):
-    site.module("mtesterr/__init__.py")
-    site.module("mtesterr/rewards.py", CUSTOM)
-    site.module("mtesterr/needs_dep.py", "import miles_no_such_dependency_xyz\n")
-    (tmp_path / "boom.py").write_text("1 / 0\n")
-
-    def error(spec, **kw):
-        with pytest.raises(UsageError) as e:
-            load_function(spec, "reward", **kw)
-        return str(e.value)
-
-    missing = tmp_path / "nowhere" / "rm.py"
-    assert error(str(missing), flag="--custom-rm-path") == (
-        f"--custom-rm-path {str(missing)!r}: file {str(missing)!r} does not exist; check the path."
-    )
-    assert "failed (ZeroDivisionError: division by zero)" in error(str(tmp_path / "boom.py"))
-    msg = error("mtesterr.nomod:reward")
-    assert "module 'mtesterr.nomod' cannot be imported (ModuleNotFoundError" in msg
-    assert "module 'miles_no_such_top_xyz' cannot be imported" in error("miles_no_such_top_xyz.reward")
-    # A module that exists but lacks a dependency is reported as such, not as "no such module".
-    assert "module 'mtesterr.needs_dep' cannot be imported" in error("mtesterr.needs_dep.f")
-    assert "miles_no_such_dependency_xyz" in error("mtesterr.needs_dep.f")
-    assert error("mtesterr.rewards:rewrad") == (
-        "custom function 'mtesterr.rewards:rewrad': 'mtesterr.rewards' has no function 'rewrad'; "
-        "it defines: Scorer, other, reward."
-    )
-    assert error("mtesterr.rewards.THRESHOLD").endswith(
-        "'THRESHOLD' is a int, not a function; point it at a function."
-    )
-    assert "is not a file.py, a module:function or a module.function" in error("reward")
+def test_active_plugin_registers_a_per_run_object(site):
+    site.module("mtest_run.py", PLUGIN_RUN)
+    site.dist("miles-test-run", "1.0", {"miles.plugins": {"runner": "mtest_run"}})
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": "runner"}, defaults=())
+    # Idle: nothing registered, so its run hooks never fire; `miles plugins` still shows them.
+    assert configure_plugins(pm, argparse.Namespace(on=False, tag="a")) == {"runner": False}
+    metrics: dict = {}
+    pm.hook.post_step(args=None, step=1, model=None, metrics=metrics)
+    assert metrics == {}
+    assert list_plugins(pm)[0].hooks == ["configure", "post_step"]
+    # Active: the run object carries the run's own state; a second configure replaces it.
+    assert configure_plugins(pm, argparse.Namespace(on=True, tag="a")) == {"runner": True}
+    assert configure_plugins(pm, argparse.Namespace(on=True, tag="b")) == {"runner": True}
+    pm.hook.post_step(args=None, step=1, model=None, metrics=metrics)
+    assert metrics == {"run_of": "b"}
+    assert [type(o).__name__ for o in pm.run_objects["runner"]] == ["Run"]
+    infos = list_plugins(pm, {"runner": True})
+    assert [(i.name, i.hooks) for i in infos] == [("runner", ["configure", "post_step"])]

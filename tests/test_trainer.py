@@ -60,14 +60,18 @@ def rollout(ckpt, args, seed=0) -> list[Sample]:
                     loss_mask=[1] * len(o.output_ids),
                     reward=float(i % 2),
                     status=Status.COMPLETED,
+                    sampling_params=o.sampling_params,
                 )
             )
     return samples
 
 
 def test_trainer_log_probs_equal_engine(tiny_ckpt):
-    args = make_args(tiny_ckpt, ["--micro-batch-size", "2"])
+    # The trainer tempers with what each sample was drawn at (0.8, reported by the engine), not with the
+    # run's --rollout-temperature.
+    args = make_args(tiny_ckpt, ["--micro-batch-size", "2", "--rollout-temperature", "1.0"])
     samples = rollout(tiny_ckpt, args)
+    assert {s.sampling_params["temperature"] for s in samples} == {0.8}
     batch = make_train_batch(samples, args)
     trainer = Trainer(args, get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}), load_model(tiny_ckpt))
     old = trainer.compute_log_probs(batch, "old")

@@ -15,11 +15,12 @@ not depend on the path, the batch or this overlap.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import heapq
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,35 +28,17 @@ import torch
 
 from miles_core.engine.cuda_graph import DecodeGraphs, HostCopies, model_fingerprint
 from miles_core.engine.sampler import SamplingParams, sample_tokens
-from miles_core.model import CausalLM, KVCache, RoutingState, load_hf_tensors
-
-
-@dataclass
-class EngineOutput:
-    """What one request produced."""
-
-    output_ids: list[int]
-    log_probs: list[float]  # [len(output_ids)] log p of each sampled token (tempered)
-    finish_reason: str  # "stop" (EOS / stop token / stop string) or "length"
-    prompt_len: int
-    weight_version: int
-    routed_experts: np.ndarray | None = None  # int32 [prompt_len + len(output_ids) - 1, L, topk]
-    spec_info: dict = field(default_factory=dict)  # filled by a speculator (spec_accept_length, ...)
-
-
-@dataclass
-class _Seq:
-    prompt: list[int]
-    params: SamplingParams
-    future: asyncio.Future
-    slot: int = -1
-    out: list[int] = field(default_factory=list)
-    logps: list[float] = field(default_factory=list)
-    routes: list[np.ndarray] = field(default_factory=list)  # chunks [n, L, k] in token order
-    finish: str | None = None
-    key: int = 0  # sampling key: the token at index i is drawn with keyed_exponentials(key, i, V)
-    pos: int = 0  # static decode path: the position this sequence feeds at the next launched step
-    spec_info: dict = field(default_factory=dict)  # a speculator's per-sequence stats, passed on as is
+from miles_core.engine.sequence import (
+    DecodeStrategy,
+    EngineOutput,
+    SequenceView,
+    _Seq,
+    eos_ids,
+    filter_flags,
+    graph_safe,
+)
+from miles_core.model import CausalLM, KVCache, RoutingState, fused_moe, load_hf_tensors, set_fused_moe
+from miles_core.types import RolloutOptions, UsageError
 
 
 @dataclass
@@ -72,33 +55,38 @@ class Engine:
     """Batched sampling with a KV cache; the rollout backend named ``torch``."""
 
     def __init__(
-        self, model: CausalLM, tokenizer: Any = None, *, max_batch_size: int = 256, seed: int = 0
+        self,
+        model: CausalLM,
+        tokenizer: Any = None,
+        *,
+        max_batch_size: int = 256,
+        seed: int = 0,
+        cuda_graph: bool | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # Rollout settings from the plugins' pre_rollout answers (set_rollout_options): record each
+        # token's experts, and a decode strategy that replaces the one-token decode step.
         self.capture_routes = False
-        # A plugin may install a speculator: an object whose decode_step(engine, seqs) advances every
-        # running sequence by >= 1 token through engine.accept (and appends their routes when
-        # engine.capture_routes). Positions follow from lengths, so rejected drafts need no cleanup.
-        self.speculator: Any = None
+        self.decode_strategy: DecodeStrategy | None = None
         self.weight_version = 0
-        self.generator = torch.Generator(device=self.device)  # for speculators and custom samplers
-        self.generator.manual_seed(seed)
         self._keys = random.Random(seed)  # per-sequence sampling keys, drawn in admission order
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
-        # Decode through CUDA graphs (default on CUDA; not with a speculator); the loop sets it from
-        # --rollout-cuda-graph. Outputs are the same as the eager path's.
-        self.cuda_graph = self.device.type == "cuda"
-        # Compile the static decode step with torch.compile (the loop sets it from --rollout-compile):
-        # fuses the small kernels; costs a compile per batch/key-length bucket on first use.
-        self.compile = False
+        # Decode through CUDA graphs (default on CUDA) unless a module of the model declares
+        # `cuda_graph_safe = False`; outputs are the same as the eager path's. `compile` compiles the
+        # static decode step with torch.compile (fuses the small kernels; a compile per batch/key-length
+        # bucket on first use) and needs the static step, so it turns graphs on too.
+        self._want_graphs = (self.device.type == "cuda" if cuda_graph is None else cuda_graph) or compile
+        self._graph_safe = graph_safe(model)
+        self.compile = compile
         self._graphs: DecodeGraphs | None = None
         self._inflight: _InFlight | None = None
         self._host_copies: HostCopies | None = None
-        self._eos = self._eos_ids()
+        self._eos = eos_ids(model, tokenizer)
         self._cache: KVCache | None = None
         self._slot_params: torch.Tensor | None = None  # float32 [3, slots]: temperature, top_p, top_k
         self._free: list[int] = []
@@ -106,23 +94,64 @@ class Engine:
         self._running: list[_Seq] = []
         self._task: asyncio.Task | None = None
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model: CausalLM, tokenizer: Any) -> Engine:
+        """The engine a run's flags ask for: batch size, seed, CUDA graphs, compile, fused MoE kernels."""
+        device = next(model.parameters()).device
+        n = args.rollout_batch_size * args.n_samples_per_prompt
+        engine = cls(
+            model,
+            tokenizer,
+            max_batch_size=args.rollout_max_batch_size or max(n, 1),
+            seed=args.rollout_seed,
+            cuda_graph=args.rollout_cuda_graph and device.type == "cuda",
+            compile=args.rollout_compile,
+        )
+        usable = fused_moe.available(next(model.parameters()))
+        if args.rollout_fused_moe and not usable:
+            raise UsageError(
+                "--rollout-fused-moe runs Triton kernels on CUDA: install triton and roll out on a "
+                "GPU, or drop the flag."
+            )
+        cfg = model.config
+        if args.rollout_fused_moe is not False and usable and cfg.num_experts:
+            # Decode steps with a few rows an expert use the kernels; larger batches (prefill, big
+            # decode batches) keep the grouped GEMMs.
+            rows = fused_moe.default_max_rows(cfg.num_experts, cfg.num_experts_per_tok, engine.max_batch_size)
+            set_fused_moe(model, rows)
+        return engine
+
     # ---------------------------------------------------------------- public interface
 
     @property
+    def cuda_graph(self) -> bool:
+        """Whether decode steps run the static-shape step (captured in CUDA graphs on CUDA): asked for,
+        and every module of the model can run inside a graph."""
+        return self._want_graphs and self._graph_safe
+
+    @cuda_graph.setter
+    def cuda_graph(self, value: bool) -> None:
+        self._want_graphs = bool(value)
+
+    @property
     def kv_cache(self) -> KVCache | None:
-        """The KV cache of the running sequences (row = slot), allocated on first use; a speculator
-        writes its verify pass here and may size its own draft cache after it."""
+        """The KV cache of the running sequences (row = slot), allocated on first use; a decode strategy
+        writes its forwards here and may size its own cache after it."""
         return self._cache
 
+    def set_rollout_options(self, options: RolloutOptions) -> None:
+        """Apply the merged ``pre_rollout`` answers of the plugins before a rollout."""
+        self.capture_routes = options.capture_routes
+        self.decode_strategy = options.decode_strategy
+
     def reseed(self, seed: int) -> None:
-        """Reset the sampling generator (the loop reseeds per rollout so resumed runs repeat)."""
-        self.generator.manual_seed(seed)
+        """Reset the per-sequence sampling keys (the loop reseeds per rollout so resumed runs repeat)."""
         self._keys.seed(seed)
 
-    def reset_graphs(self) -> None:
-        """Drop captured decode graphs (a plugin that re-allocates weights outside parameters or
-        buffers calls this; swaps and re-allocations of parameters/buffers are detected on their own)."""
-        self._graphs = None
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated since the engine was built (the rollout's tokens/s come from it)."""
+        return self.stats["generated_tokens"]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Copy new weights (HF names) into the engine's model in place and bump the version."""
@@ -157,6 +186,7 @@ class Engine:
     # ---------------------------------------------------------------- scheduler
 
     async def _run(self) -> None:
+        self._graph_safe = graph_safe(self.model)  # plugins may have swapped modules since
         if self._graphs is not None and self._graphs.fingerprint != model_fingerprint(self.model):
             self._graphs = None
         try:
@@ -269,8 +299,9 @@ class Engine:
 
     def _decode_step(self) -> None:
         seqs = self._running
-        if self.speculator is not None:
-            self.speculator.decode_step(self, list(seqs))
+        if self.decode_strategy is not None:
+            self.decode_strategy.decode_step(self, [s.view for s in seqs])
+            self.stats["decode_steps"] += 1
             self._retire()
             return
         if self.cuda_graph:  # on CPU this runs the same static-shape step without capturing it
@@ -310,7 +341,7 @@ class Engine:
             for s in seqs:
                 s.pos += 1
         rows, kv_len = g.buckets(max(s.slot for s in seqs) + 1, max(s.pos for s in seqs) + 1)
-        tokens, logps, routes = g.step(rows, kv_len, **_filter_flags(seqs))
+        tokens, logps, routes = g.step(rows, kv_len, **filter_flags(seqs))
         self.stats["decode_steps"] += 1
         self._inflight = self._copy_out(seqs, tokens, logps, routes)
         if prev is not None:
@@ -334,9 +365,8 @@ class Engine:
         for s in step.seqs:
             if s.finish is not None:
                 continue  # stopped at the step before: this token was computed past the end, drop it
-            if step.routes is not None:
-                s.routes.append(step.routes[s.slot : s.slot + 1].numpy().copy())
-            self.accept(s, [toks[s.slot]], [lps[s.slot]])
+            routes = None if step.routes is None else step.routes[s.slot : s.slot + 1].numpy()
+            self._accept(s, [toks[s.slot]], [lps[s.slot]], routes)
         done = [s.slot for s in self._running if s.finish is not None]
         self._retire()
         if done and self._inflight is not None:
@@ -360,7 +390,7 @@ class Engine:
         temp, top_p, top_k = self._slot_params[:, slots]
         keys = torch.tensor([[s.key, len(s.prompt) + len(s.out)] for s in seqs], device=self.device)
         tokens, logps = sample_tokens(
-            logits, temp, top_p, top_k.long(), None, noise_key=(keys[:, 0], keys[:, 1]), **_filter_flags(seqs)
+            logits, temp, top_p, top_k.long(), None, noise_key=(keys[:, 0], keys[:, 1]), **filter_flags(seqs)
         )
         host = torch.stack([tokens.double(), logps.double()]).cpu()
         host_routes = None
@@ -368,38 +398,40 @@ class Engine:
             host_routes = routes.to(torch.int32).cpu().numpy()
         toks, lps = host[0].long().tolist(), host[1].tolist()
         for i, s in enumerate(seqs):
-            if host_routes is not None:
-                s.routes.append(host_routes[i : i + 1])
-            self.accept(s, [toks[i]], [lps[i]])
+            self._accept(s, [toks[i]], [lps[i]], None if host_routes is None else host_routes[i : i + 1])
         self._retire()
 
-    def accept(self, s: _Seq, tokens: list[int], log_probs: list[float]) -> int:
+    def accept(
+        self,
+        seq: SequenceView,
+        tokens: list[int],
+        log_probs: list[float],
+        routes: np.ndarray | None = None,
+    ) -> int:
         """Append sampled tokens to a running sequence, stopping at the first that finishes it.
 
-        Returns how many were taken. A speculator calls this with every token its verification
-        accepted; tokens after a stop are dropped (their cache entries are simply overwritten later).
+        The decode strategy's way to advance a sequence. Returns how many tokens were taken; those after
+        a stop are dropped (their cache entries are simply overwritten later).
+
+        :param routes: int32 ``[>= len(tokens), num_moe_layers, topk]``: row ``i`` holds the experts of
+            the token fed at the forward that sampled ``tokens[i]``; kept (copied) only while
+            ``capture_routes`` is on, for the tokens taken.
         """
+        return self._accept(seq._seq, tokens, log_probs, routes)
+
+    def _accept(self, s: _Seq, tokens: list[int], log_probs: list[float], routes: np.ndarray | None) -> int:
         taken = 0
         for tok, lp in zip(tokens, log_probs):
             s.out.append(tok)
             s.logps.append(lp)
             self.stats["generated_tokens"] += 1
             taken += 1
-            s.finish = self._finish_reason(s, tok)
+            s.finish = s.finish_reason(tok, self._eos, self.tokenizer)
             if s.finish is not None:
                 break
+        if routes is not None and self.capture_routes:
+            s.routes.append(np.array(routes[:taken], dtype=np.int32))
         return taken
-
-    def _finish_reason(self, s: _Seq, tok: int) -> str | None:
-        if tok in self._eos or tok in s.params.stop_token_ids:
-            return "stop"
-        if s.params.stop and self.tokenizer is not None:
-            tail = self.tokenizer.decode(s.out[-32:], skip_special_tokens=False)
-            if any(stop in tail for stop in s.params.stop):
-                return "stop"
-        if len(s.out) >= s.params.max_new_tokens:
-            return "length"
-        return None
 
     def _retire(self) -> None:
         still = []
@@ -408,35 +440,7 @@ class Engine:
                 still.append(s)
                 continue
             heapq.heappush(self._free, s.slot)
-            routes = None
-            if s.routes:
-                # The last sampled token is never fed back, so it has no routing row.
-                routes = np.concatenate(s.routes, axis=0)[: len(s.prompt) + len(s.out) - 1]
+            info = self.decode_strategy.finished(s.view) if self.decode_strategy is not None else {}
             if not s.future.done():
-                s.future.set_result(
-                    EngineOutput(
-                        s.out, s.logps, s.finish, len(s.prompt), self.weight_version, routes, s.spec_info
-                    )
-                )
+                s.future.set_result(s.result(self.weight_version, info))
         self._running = still
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        eos = getattr(self.model.config, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if tok_eos is not None:
-            ids.add(int(tok_eos))
-        return ids
-
-
-def _filter_flags(seqs: list[_Seq]) -> dict[str, bool]:
-    """Whether any of these sequences samples with top-k / top-p (the sampler skips each filter, and
-    the host sync that would find out, when none does)."""
-    return {
-        "use_top_k": any(s.params.top_k > 0 for s in seqs),
-        "use_top_p": any(s.params.top_p < 1 for s in seqs),
-    }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -158,14 +157,16 @@ def _kernel_runs(kernel: str, device: torch.device, head_dim: int) -> bool:
     return _KERNEL_OK[key]
 
 
-def packed_attention_kernel(device: torch.device, head_dim: int) -> str | None:
+def packed_attention_kernel(device: torch.device, head_dim: int, want: str = "auto") -> str | None:
     """The kernel for causal attention over packed bf16/fp16 sequences on `device`: the Triton kernels
     (`varlen_attention`; power-of-two head sizes), else torch's flash varlen (sm80+), else None (SDPA
-    per run of equal lengths). ``MILES_PACKED_ATTENTION=triton|flash|sdpa`` picks one (if it runs)."""
-    want = os.environ.get("MILES_PACKED_ATTENTION", "")
-    if want and want not in PACKED_KERNELS:
-        raise ValueError(f"MILES_PACKED_ATTENTION={want!r}: choose one of {', '.join(PACKED_KERNELS)}")
-    for kernel in [want] if want else ["triton", "flash"]:
+    per run of equal lengths). ``want`` (``--packed-attention``) picks one of `PACKED_KERNELS` if it runs
+    here (else SDPA); ``auto`` takes the first that runs."""
+    if want != "auto" and want not in PACKED_KERNELS:
+        raise ValueError(
+            f"packed attention kernel {want!r}: choose auto or one of {', '.join(PACKED_KERNELS)}"
+        )
+    for kernel in [want] if want != "auto" else ["triton", "flash"]:
         if kernel != "sdpa" and _kernel_runs(kernel, device, head_dim):
             return kernel
     return None

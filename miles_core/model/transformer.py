@@ -159,6 +159,9 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = TransformerBody(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Kernel of packed (varlen) attention: "auto" or one of layers.PACKED_KERNELS (the trainer sets
+        # it from --packed-attention).
+        self.packed_attention = "auto"
         self.tie_weights()
 
     @property
@@ -219,7 +222,9 @@ class CausalLM(nn.Module):
             cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             ctx.seq_lens, ctx.cu_seqlens = list(seq_lens), to_device(cu, input_ids.device)
             ctx.max_seqlen = max(seq_lens)
-            ctx.packed_kernel = packed_attention_kernel(input_ids.device, self.config.head_dim)
+            ctx.packed_kernel = packed_attention_kernel(
+                input_ids.device, self.config.head_dim, self.packed_attention
+            )
         if routing is not None and routing.record:
             routing.clear()
         h = self.model.run_layers(h, ctx, routing)

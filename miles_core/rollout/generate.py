@@ -53,8 +53,10 @@ async def generate_into(
     ctx = current_context()
     out = await ctx.engine.generate(prompt_ids, sampling_params)
     sample.weight_versions.append(out.weight_version)
-    if getattr(out, "spec_info", None):  # speculative decoding stats (multi-turn: the last turn's)
+    if out.spec_info:  # decode-strategy stats (multi-turn: the last turn's)
         sample.spec_info = dict(out.spec_info)
+    if out.sampling_params:  # what the engine sampled with (multi-turn: the last turn's)
+        sample.sampling_params = dict(out.sampling_params)
     return out.output_ids, out.log_probs, out.finish_reason, out.routed_experts
 
 

@@ -12,11 +12,11 @@ import asyncio
 import time
 from typing import Any
 
-from miles_core import drivers
+from miles_core.custom import get_generate_fn
 from miles_core.logging import progress
 from miles_core.rollout.generate import RolloutContext, rollout_context
 from miles_core.rollout.reward import RewardRunner
-from miles_core.types import Sample, Status
+from miles_core.types import RolloutOptions, Sample, Status, UsageError
 
 
 def sampling_params(args: argparse.Namespace, evaluation: bool = False) -> dict[str, Any]:
@@ -33,6 +33,24 @@ def sampling_params(args: argparse.Namespace, evaluation: bool = False) -> dict[
         "stop": args.rollout_stop,
         "stop_token_ids": args.rollout_stop_token_ids,
     }
+
+
+def rollout_options(pm: Any, args: argparse.Namespace, rollout_id: int, engine: Any) -> RolloutOptions:
+    """Ask every plugin's ``pre_rollout`` and merge the answers: route capture if any asks for it, the
+    one decode strategy offered (two are an error)."""
+    answers = [
+        a for a in pm.hook.pre_rollout(args=args, rollout_id=rollout_id, engine=engine) if a is not None
+    ]
+    strategies = [a.decode_strategy for a in answers if a.decode_strategy is not None]
+    if len(strategies) > 1:
+        names = ", ".join(type(s).__name__ for s in strategies)
+        raise UsageError(
+            f"two plugins each replace the engine's decode step ({names}); turn one of them off."
+        )
+    return RolloutOptions(
+        capture_routes=any(a.capture_routes for a in answers),
+        decode_strategy=strategies[0] if strategies else None,
+    )
 
 
 def scalar_reward(sample: Sample, key: str | None) -> float:
@@ -54,7 +72,7 @@ class RolloutManager:
         self.args, self.pm, self.engine, self.tokenizer = args, pm, engine, tokenizer
         self.source = source
         self.eval_sets = eval_sets or {}
-        self.generate_fn = drivers.get_generate_fn(args.custom_generate_function_path or "single_turn")
+        self.generate_fn = get_generate_fn(args.custom_generate_function_path or "single_turn")
         self.rewards = RewardRunner(args)
 
     def _make_samples(self, prompts: list[Any], n: int) -> list[list[Sample]]:
@@ -75,22 +93,26 @@ class RolloutManager:
             )
         return groups
 
-    async def _one(self, sample: Sample, params: dict, bar: Any) -> Sample:
+    async def _one(self, sample: Sample, params: dict, bar: Any) -> list[Sample]:
+        """Generate (one sample, or several: one per turn or branch, all in the prompt's group) and, without
+        ``--group-rm``, reward each as soon as it is done."""
+        sample.sampling_params = {k: params[k] for k in ("temperature", "top_p", "top_k")}
         try:
             out = await self.generate_fn(self.args, sample, dict(params))
         except Exception as e:  # a failing generate function fails its sample, not the run
             sample.status = Status.FAILED
             sample.metadata["generate_error"] = f"{type(e).__name__}: {e}"
             out = sample
-        if isinstance(out, list):
-            raise TypeError("generate functions returning several samples are not supported yet")
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        for o in outs:
+            o.group_index = sample.group_index
         if not self.args.group_rm:
-            await self.rewards.score(out)
+            await asyncio.gather(*(self.rewards.score(o) for o in outs))
         bar.update(1)
-        return out
+        return outs
 
     async def _group(self, group: list[Sample], params: dict, bar: Any) -> list[Sample]:
-        done = list(await asyncio.gather(*(self._one(s, params, bar) for s in group)))
+        done = [o for outs in await asyncio.gather(*(self._one(s, params, bar) for s in group)) for o in outs]
         if self.args.group_rm:
             await self.rewards.score_group(done)
         return done
@@ -103,17 +125,20 @@ class RolloutManager:
             with rollout_context(ctx), progress(total, desc) as bar:
                 return await asyncio.gather(*(self._group(g, params, bar) for g in groups))
 
-        return asyncio.run(_all())
+        done = asyncio.run(_all())
+        for i, s in enumerate(s for g in done for s in g):  # several samples per call shift the numbering
+            s.index = i
+        return done
 
     def generate(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
         """Run rollout ``rollout_id``; returns its samples (group-major) and metrics."""
         args = self.args
-        self.pm.hook.pre_rollout(args=args, rollout_id=rollout_id, engine=self.engine)
+        self.engine.set_rollout_options(rollout_options(self.pm, args, rollout_id, self.engine))
         self.engine.reseed(args.rollout_seed + rollout_id)
         prompts = self.source.next_batch()
         failures_before = self.rewards.failures
         start = time.perf_counter()
-        tokens_before = self.engine.stats["generated_tokens"]
+        tokens_before = self.engine.generated_tokens
         groups = self._run(
             self._make_samples(prompts, args.n_samples_per_prompt),
             sampling_params(args),
@@ -125,9 +150,7 @@ class RolloutManager:
         metrics = self._metrics(samples, args.reward_key, "rollout")
         metrics["rollout/reward_failed"] = float(self.rewards.failures - failures_before)
         metrics["rollout/time_s"] = elapsed
-        metrics["rollout/tok_per_s"] = (self.engine.stats["generated_tokens"] - tokens_before) / max(
-            elapsed, 1e-9
-        )
+        metrics["rollout/tok_per_s"] = (self.engine.generated_tokens - tokens_before) / max(elapsed, 1e-9)
         for extra in self.pm.hook.rollout_metrics(args=args, rollout_id=rollout_id, samples=samples):
             metrics.update({f"rollout/{k}": float(v) for k, v in (extra or {}).items()})
         return samples, metrics

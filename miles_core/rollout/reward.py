@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from miles_core import drivers
+from miles_core.custom import load_function
 from miles_core.logging import get_logger
-from miles_core.plugins import load_function
 from miles_core.rollout.boxed import last_boxed
 from miles_core.types import Sample, Status
 
@@ -103,7 +103,12 @@ class RewardRunner:
             self._fail([sample], e)
 
     async def score_group(self, samples: list[Sample]) -> None:
-        """``--group-rm``: one call scores the whole group; must return one reward per sample."""
+        """``--group-rm``: one call of a ``--custom-rm-path`` function scores the whole group and must
+        return one reward per sample; an ``--rm-type`` reward scores a sample at a time, so the group's
+        samples are scored concurrently (slime's batched reward does the same)."""
+        if not self.args.custom_rm_path:
+            await asyncio.gather(*(self.score(s) for s in samples))
+            return
         try:
             rewards = await self._call(self.fn, samples)
             if len(rewards) != len(samples):

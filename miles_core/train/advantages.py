@@ -1,5 +1,11 @@
-"""Advantage estimators (GRPO / GSPO, REINFORCE++, REINFORCE++-baseline) and the core's ``advantage``
-hookimpl that picks one by ``--advantage-estimator``.
+"""Advantage estimators (GRPO / GSPO, REINFORCE++, REINFORCE++-baseline), registered under the
+``miles.advantages`` entry-point group, and the core's ``advantage`` hookimpl that asks the one
+``--advantage-estimator`` names.
+
+An estimator computes per-token advantages and, like GSPO, may supply its own policy log-ratio for the
+clipped loss (``protocols.AdvantageEstimator``); a plugin adds one by registering a class in that group.
+Groups are the consecutive samples sharing a ``group_index`` (a generate function may return several
+samples per prompt sample, so groups need not be ``--n-samples-per-prompt`` long).
 
 Formulas follow slime (`slime/utils/ppo_utils.py`, `_post_process_rewards` in `slime/ray/rollout.py`):
 group statistics use ``torch.std`` (unbiased) + 1e-6, whitening is masked with Bessel's correction.
@@ -9,34 +15,51 @@ from __future__ import annotations
 
 import argparse
 
-import pluggy
 import torch
 
-from miles_core.train.losses import compute_approx_kl
+from miles_core import drivers
+from miles_core.plugins import hookimpl
+from miles_core.train.losses import compute_approx_kl, gspo_log_ratio
 from miles_core.types import TrainBatch, UsageError
-
-try:  # the shared marker, once miles_core.plugins exists; an identical local one until then
-    from miles_core.plugins import hookimpl
-except ImportError:  # pragma: no cover - depends on what else is installed
-    hookimpl = pluggy.HookimplMarker("miles")
-
-ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 
 
 def group_normalize(
-    rewards: torch.Tensor, group_size: int, std_normalize: bool = True, eps: float = 1e-6
+    rewards: torch.Tensor, group_size: int | list[int], std_normalize: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
     """GRPO reward normalisation: ``(r - mean_group) / (std_group + eps)`` over consecutive groups of
-    ``group_size`` samples (the n samples of one prompt); the division is skipped when
-    ``std_normalize`` is off (Dr. GRPO) or groups have one sample (the std is undefined)."""
+    ``group_size`` samples (the samples of one prompt; a list gives each group's size); the division is
+    skipped when ``std_normalize`` is off (Dr. GRPO) and for one-sample groups (the std is undefined)."""
     n = rewards.numel()
-    if group_size < 1 or n % group_size:
+    sizes = group_size if isinstance(group_size, list) else [group_size] * (n // max(group_size, 1))
+    if min(sizes, default=1) < 1 or sum(sizes) != n:
         raise ValueError(f"{n} rewards do not split into groups of {group_size} samples")
-    grouped = rewards.float().reshape(-1, group_size)
-    centred = grouped - grouped.mean(dim=-1, keepdim=True)
-    if std_normalize and group_size > 1:
-        centred = centred / (grouped.std(dim=-1, keepdim=True) + eps)
-    return centred.reshape(n)
+    out = []
+    for chunk in rewards.float().split(sizes):
+        centred = chunk - chunk.mean()
+        if std_normalize and chunk.numel() > 1:
+            centred = centred / (chunk.std() + eps)
+        out.append(centred)
+    return torch.cat(out) if out else rewards.float()
+
+
+def group_sizes(batch: TrainBatch, default: int) -> list[int]:
+    """Sizes of the runs of consecutive samples sharing a ``group_index`` (``default``-sized runs when
+    the samples carry none)."""
+    ids = [s.group_index for s in batch.samples]
+    if any(i is None for i in ids):
+        if len(ids) % default:
+            raise UsageError(
+                f"the batch has {len(ids)} samples, not a multiple of --n-samples-per-prompt {default}, "
+                "and they carry no group_index; keep every prompt's group whole."
+            )
+        return [default] * (len(ids) // default)
+    sizes: list[int] = []
+    for i, g in enumerate(ids):
+        if i and g == ids[i - 1]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
 
 
 def masked_whiten(
@@ -60,7 +83,10 @@ def masked_whiten(
 
 
 def grpo_advantages(
-    rewards: torch.Tensor, loss_masks: list[torch.Tensor], group_size: int, std_normalize: bool = True
+    rewards: torch.Tensor,
+    loss_masks: list[torch.Tensor],
+    group_size: int | list[int],
+    std_normalize: bool = True,
 ) -> list[torch.Tensor]:
     """GRPO (and GSPO) advantages: each sample's group-normalised reward broadcast over its response
     tokens. ``loss_masks`` only give the per-sample lengths; the loss applies the mask."""
@@ -117,7 +143,7 @@ def reinforce_plus_plus_returns(
 
 def reinforce_plus_plus_baseline_advantages(
     rewards: torch.Tensor,
-    group_size: int,
+    group_size: int | list[int],
     kl: list[torch.Tensor],
     loss_masks: list[torch.Tensor],
     kl_coef: float,
@@ -138,59 +164,84 @@ def _reward_shaping_kl(args: argparse.Namespace, batch: TrainBatch) -> list[torc
     """Per-token KL(policy || ref) of the sampled tokens for reward shaping; zeros when ``--kl-coef`` is 0
     or either side's log-probs are missing (slime skips the ref forward then)."""
     log_probs = batch.old_log_probs if batch.old_log_probs is not None else batch.rollout_log_probs
-    if getattr(args, "kl_coef", 0.0) == 0 or log_probs is None or batch.ref_log_probs is None:
+    if args.kl_coef == 0 or log_probs is None or batch.ref_log_probs is None:
         return [torch.zeros(m.numel(), dtype=torch.float32, device=m.device) for m in batch.loss_masks]
-    kl_type = getattr(args, "kl_loss_type", "k1")
     return [
-        compute_approx_kl(lp, ref, kl_type) for lp, ref in zip(log_probs, batch.ref_log_probs, strict=True)
+        compute_approx_kl(lp, ref, args.kl_loss_type)
+        for lp, ref in zip(log_probs, batch.ref_log_probs, strict=True)
     ]
 
 
-def _group_rewards(args: argparse.Namespace) -> tuple[bool, bool]:
-    """(subtract the group mean?, divide by the group std?) from the flags, slime's semantics."""
-    centre = getattr(args, "rewards_normalization", True) and not getattr(
-        args, "disable_rewards_normalization", False
-    )
-    scale = not getattr(args, "disable_grpo_std_normalization", False) and getattr(
-        args, "grpo_std_normalization", True
-    )
-    return centre, scale and getattr(args, "n_samples_per_prompt", 1) > 1
+class GRPO:
+    """``grpo``: each sample's group-normalised reward over its response tokens (mean only with
+    ``--disable-grpo-std-normalization``, the raw reward with ``--disable-rewards-normalization``),
+    whitened over the batch with ``--normalize-advantages``; the token-level PPO ratio."""
+
+    def advantages(self, args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:
+        rewards, masks = batch.rewards.float(), batch.loss_masks
+        if args.disable_rewards_normalization:
+            advs = _broadcast(rewards, masks)
+        else:
+            sizes = group_sizes(batch, args.n_samples_per_prompt)
+            advs = grpo_advantages(
+                rewards, masks, sizes, std_normalize=not args.disable_grpo_std_normalization
+            )
+        return masked_whiten(advs, masks) if args.normalize_advantages else advs
+
+    def policy_log_ratio(
+        self,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        loss_mask: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The log-ratio of the clipped loss, or None for the per-token ``log_probs - old_log_probs``."""
+        return None
+
+
+class GSPO(GRPO):
+    """``gspo``: GRPO's advantages with GSPO's sequence-level importance ratio (`gspo_log_ratio`)."""
+
+    def policy_log_ratio(
+        self,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        loss_mask: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor | None:
+        return gspo_log_ratio(log_probs, old_log_probs, loss_mask, lengths)
+
+
+class ReinforcePlusPlus(GRPO):
+    """``reinforce_plus_plus``: discounted returns of the reward (minus ``--kl-coef`` x KL per token),
+    whitened over the batch's masked tokens."""
+
+    def advantages(self, args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:
+        kl = _reward_shaping_kl(args, batch)
+        return reinforce_plus_plus_returns(
+            batch.rewards.float(), kl, batch.loss_masks, args.kl_coef, args.gamma
+        )
+
+
+class ReinforcePlusPlusBaseline(GRPO):
+    """``reinforce_plus_plus_baseline``: (reward - group mean) minus ``--kl-coef`` x KL per token,
+    whitened over the batch's masked tokens (no group baseline with ``--disable-rewards-normalization``)."""
+
+    def advantages(self, args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:
+        rewards, masks = batch.rewards.float(), batch.loss_masks
+        kl = _reward_shaping_kl(args, batch)
+        if args.disable_rewards_normalization:
+            return masked_whiten(_broadcast_minus_kl(rewards, kl, args.kl_coef), masks)
+        sizes = group_sizes(batch, args.n_samples_per_prompt)
+        return reinforce_plus_plus_baseline_advantages(rewards, sizes, kl, masks, args.kl_coef)
 
 
 def compute_advantages(args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:
-    """Per-token float32 advantages ``[response_length]`` per sample for ``--advantage-estimator``."""
-    est = args.advantage_estimator
-    group = getattr(args, "n_samples_per_prompt", 1)
-    rewards, masks = batch.rewards.float(), batch.loss_masks
-    centre, scale = _group_rewards(args)
-    if est != "reinforce_plus_plus" and centre and len(batch) % group:
-        raise UsageError(
-            f"the batch has {len(batch)} samples, not a multiple of --n-samples-per-prompt {group}; "
-            "keep every prompt's group whole (check the custom generate function or the dynamic filter)."
-        )
-    if est in ("grpo", "gspo"):
-        advs = (
-            grpo_advantages(rewards, masks, group, std_normalize=scale)
-            if centre
-            else _broadcast(rewards, masks)
-        )
-        return masked_whiten(advs, masks) if getattr(args, "normalize_advantages", False) else advs
-    kl = _reward_shaping_kl(args, batch)
-    kl_coef = getattr(args, "kl_coef", 0.0)
-    if est == "reinforce_plus_plus":
-        return reinforce_plus_plus_returns(rewards, kl, masks, kl_coef, getattr(args, "gamma", 1.0))
-    if est == "reinforce_plus_plus_baseline":
-        if not centre:  # --disable-rewards-normalization: no group baseline, only the KL shaping
-            return masked_whiten(_broadcast_minus_kl(rewards, kl, kl_coef), masks)
-        return reinforce_plus_plus_baseline_advantages(rewards, group, kl, masks, kl_coef)
-    raise UsageError(
-        f"--advantage-estimator {est!r} is not built into the core; choose one of {', '.join(ESTIMATORS)} "
-        "or install the plugin that provides it."
-    )
+    """Per-token float32 advantages ``[response_length]`` per sample from ``--advantage-estimator``."""
+    return drivers.get_estimator(args.advantage_estimator).advantages(args, batch)
 
 
 @hookimpl
 def advantage(args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:
-    """The core's estimators (see ``compute_advantages``). REINFORCE++ variants always whiten (slime
-    requires ``--normalize-advantages`` for them); GRPO/GSPO whiten only with ``--normalize-advantages``."""
+    """The installed estimator ``--advantage-estimator`` names (see `compute_advantages`)."""
     return compute_advantages(args, batch)

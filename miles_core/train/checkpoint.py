@@ -7,6 +7,7 @@ complete or absent, and the pointer file moves only after the folder is in place
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 
 from miles_core.atomic import atomic_dir, atomic_write_text
-from miles_core.model import save_model
 from miles_core.types import UsageError
 
 POINTER = "latest_checkpointed_iteration.txt"
@@ -45,19 +45,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    save_dir: str | Path,
-    rollout_id: int,
-    model: torch.nn.Module,
-    trainer_state: dict,
-    loop_state: dict,
-    tokenizer_src: str | None,
+    save_dir: str | Path, rollout_id: int, trainer: Any, loop_state: dict, tokenizer_src: str | None
 ) -> Path:
-    """Write the checkpoint taken after rollout ``rollout_id`` and point ``latest`` at it."""
+    """Write the checkpoint taken after rollout ``rollout_id`` and point ``latest`` at it.
+
+    :param trainer: the train backend (``protocols.TrainBackend``): its ``save_model`` writes ``model/``
+        and its ``state_dict`` goes to ``trainer.pt``.
+    """
     save_dir = Path(save_dir)
     final = save_dir / f"iter_{rollout_id:07d}"
     with atomic_dir(final) as tmp:
-        save_model(model, tmp / "model", tokenizer_src=tokenizer_src)
-        torch.save(trainer_state, tmp / "trainer.pt")
+        trainer.save_model(tmp / "model", tokenizer_src)
+        torch.save(trainer.state_dict(), tmp / "trainer.pt")
         (tmp / "rng.json").write_text(json.dumps(rng_state()))
         (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=2, sort_keys=True))
     atomic_write_text(save_dir / POINTER, f"{rollout_id}\n")
@@ -82,6 +81,13 @@ def latest_checkpoint(load_dir: str | Path | None) -> Path | None:
             "file to start over or restore the folder."
         )
     return path
+
+
+def start_weights(args: argparse.Namespace) -> str:
+    """Where a run's policy weights come from: the ``model/`` folder of the newest complete checkpoint
+    under ``--load`` when there is one (a resumed run), else ``--hf-checkpoint``."""
+    resume = latest_checkpoint(args.load)
+    return str(resume / "model") if resume else args.hf_checkpoint
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-import pluggy
 import torch
 
+from miles_core.plugins import hookimpl
 from miles_core.train.losses import LossTerms
-
-try:  # the shared marker, once miles_core.plugins exists; an identical local one until then
-    from miles_core.plugins import hookimpl
-except ImportError:  # pragma: no cover - depends on what else is installed
-    hookimpl = pluggy.HookimplMarker("miles")
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,14 +60,11 @@ def apply_icepop(terms: LossTerms, low: float, high: float) -> dict[str, float]:
 def loss_correction(args: argparse.Namespace, terms: LossTerms) -> dict[str, float] | None:
     """The core's corrections: TIS with ``--use-tis``, IcePop with ``--use-icepop``; ``None`` when both
     are off or the batch carries no rollout log-probs (nothing to compare against)."""
-    use_tis, use_icepop = getattr(args, "use_tis", False), getattr(args, "use_icepop", False)
-    if not (use_tis or use_icepop) or terms.rollout_log_probs is None:
+    if not (args.use_tis or args.use_icepop) or terms.rollout_log_probs is None:
         return None
     metrics: dict[str, float] = {}
-    if use_tis:
-        metrics.update(apply_tis(terms, getattr(args, "tis_clip_low", 0.0), getattr(args, "tis_clip", 2.0)))
-    if use_icepop:
-        metrics.update(
-            apply_icepop(terms, getattr(args, "icepop_low", 0.5), getattr(args, "icepop_high", 5.0))
-        )
+    if args.use_tis:
+        metrics.update(apply_tis(terms, args.tis_clip_low, args.tis_clip))
+    if args.use_icepop:
+        metrics.update(apply_icepop(terms, args.icepop_low, args.icepop_high))
     return metrics

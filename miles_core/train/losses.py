@@ -42,22 +42,20 @@ class LossTerms:
 
 
 def check_loss_args(args: argparse.Namespace) -> None:
-    """Reject loss-flag combinations that would silently train wrong; call once after parsing."""
-    eps_clip_c = getattr(args, "eps_clip_c", None)
-    if eps_clip_c is not None and eps_clip_c <= 1.0:
+    """Reject loss-flag combinations that would silently train wrong; called once after parsing."""
+    if args.eps_clip_c is not None and args.eps_clip_c <= 1.0:
         raise UsageError(
-            f"--eps-clip-c is {eps_clip_c} but dual-clip PPO needs a value > 1; raise it or drop it."
+            f"--eps-clip-c is {args.eps_clip_c} but dual-clip PPO needs a value > 1; raise it or drop it."
         )
-    kl_type = getattr(args, "kl_loss_type", "k1")
-    if kl_type not in KL_TYPES:
-        raise UsageError(f"--kl-loss-type {kl_type!r} is unknown; choose one of {', '.join(KL_TYPES)}.")
-    if getattr(args, "use_tis", False) and getattr(args, "tis_clip_low", 0.0) > getattr(
-        args, "tis_clip", 2.0
-    ):
+    if args.kl_loss_type not in KL_TYPES:
+        raise UsageError(
+            f"--kl-loss-type {args.kl_loss_type!r} is unknown; choose one of {', '.join(KL_TYPES)}."
+        )
+    if args.use_tis and args.tis_clip_low > args.tis_clip:
         raise UsageError("--tis-clip-low is above --tis-clip; set the lower bound below the upper one.")
-    if getattr(args, "use_icepop", False) and args.icepop_low >= args.icepop_high:
+    if args.use_icepop and args.icepop_low >= args.icepop_high:
         raise UsageError("--icepop-low must be below --icepop-high; fix the IcePop ratio window.")
-    if getattr(args, "use_tis", False) and getattr(args, "use_icepop", False):
+    if args.use_tis and args.use_icepop:
         raise UsageError("--use-tis and --use-icepop both reweight the same tokens; pass only one of them.")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from miles_core import drivers
 from miles_core.devices import to_device_many
-from miles_core.model import CausalLM, RoutingState, named_hf_tensors
+from miles_core.model import CausalLM, RoutingState, named_hf_tensors, save_model
 from miles_core.train.losses import (
     LossTerms,
     aggregate,
     compute_approx_kl,
-    gspo_log_ratio,
     log_probs_and_entropy,
     mismatch_metrics,
     policy_loss,
@@ -62,6 +63,7 @@ class MicroBatch:
     advantages: torch.Tensor | None = None
     rollout_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
+    temperature: torch.Tensor | None = None  # float32 [N]: the rollout's temperature, where not 1
 
 
 def _cat(xs: list[torch.Tensor] | None, idx: list[int]) -> torch.Tensor | None:
@@ -118,31 +120,35 @@ class Trainer:
         else:
             # fused: one kernel per step instead of a foreach chain
             self.optimizer = torch.optim.AdamW(params, fused=self.device.type == "cuda", **adam)
-        self.max_tokens = getattr(args, "max_tokens_per_gpu", None)
-        if getattr(args, "use_dynamic_batch_size", False) and not self.max_tokens:
+        self.max_tokens = args.max_tokens_per_gpu
+        if args.use_dynamic_batch_size and not self.max_tokens:
             raise UsageError(
                 "--use-dynamic-batch-size packs micro-batches by tokens; also pass --max-tokens-per-gpu N."
             )
-        recompute = getattr(args, "recompute_granularity", None)
-        if recompute is None and getattr(args, "recompute_activations", False):
+        recompute = args.recompute_granularity
+        if recompute is None and args.recompute_activations:
             recompute = "selective"
         if hasattr(model.model, "recompute"):
             model.model.recompute = recompute
+        for m in (model, ref_model):
+            if m is not None:
+                m.packed_attention = args.packed_attention
         # --train-compile on CUDA also computes the response log-probs/entropies with the Triton kernels.
-        self.fused_loss = bool(getattr(args, "train_compile", False)) and self.device.type == "cuda"
-        if getattr(args, "train_compile", False):
+        self.fused_loss = args.train_compile and self.device.type == "cuda"
+        if args.train_compile:
             # One compiled graph serves every layer (parameters are graph inputs); shapes are dynamic so
             # a new packing length does not recompile.
             for layer in model.model.layers:
                 layer.compile(dynamic=True)
         self.step = 0
         self.total_steps = max(1, (args.num_rollout or 1) * (args.num_steps_per_rollout or 1))
-        self.temperature = args.rollout_temperature if args.rollout_temperature > 0 else 1.0
+        # The estimator may replace the per-token policy ratio (GSPO's sequence-level one).
+        self.estimator = drivers.get_estimator(args.advantage_estimator)
 
     # ------------------------------------------------------------------ batching and forward
 
     def micro_batches(self, batch: TrainBatch, idx: list[int]) -> Iterator[MicroBatch]:
-        if getattr(self.args, "use_dynamic_batch_size", False):
+        if self.args.use_dynamic_batch_size:
             for group in pack_by_tokens([batch.tokens[i].shape[0] - 1 for i in idx], self.max_tokens):
                 yield self._make_packed_micro_batch(batch, [idx[j] for j in group])
             return
@@ -180,9 +186,12 @@ class Trainer:
             "loss_mask": torch.cat([batch.loss_masks[i] for i in index]).float(),
         }
         for name in self.PER_TOKEN:
-            xs = getattr(batch, name, None)
+            xs = getattr(batch, name)
             if xs is not None:
                 fields[name] = torch.cat([xs[i] for i in index]).float()
+        temps = batch.temperatures
+        if temps is not None and bool((temps[index] != 1.0).any()):  # the rollout's, per response token
+            fields["temperature"] = torch.from_numpy(np.repeat(temps[index].numpy(), lens))
         return fields
 
     def _to_device(self, host: dict[str, Any]) -> dict[str, Any]:
@@ -249,8 +258,8 @@ class Trainer:
             else:
                 out = model(mb.input_ids, routing=routing, return_hidden=True, **packed)
                 logits = out.logits[mb.resp_rows, mb.resp_cols]
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
+        if mb.temperature is not None:
+            logits = logits / mb.temperature[:, None].to(logits.dtype)
         logp, ent = log_probs_and_entropy(
             logits, mb.targets, with_entropy=with_entropy, fused=self.fused_loss
         )
@@ -298,10 +307,12 @@ class Trainer:
             raise RuntimeError(
                 f"no plugin computed advantages for --advantage-estimator {args.advantage_estimator}"
             )
-        n, gbs = len(batch), args.global_batch_size
+        # --num-steps-per-rollout contiguous steps of equal size (of --global-batch-size samples when the
+        # rollout has rollout_batch_size x n_samples_per_prompt of them, as it does unless a generate
+        # function returns several samples per prompt sample).
         all_metrics = []
-        for start in range(0, n, gbs):
-            metrics = self._step(batch.subset(list(range(start, min(n, start + gbs)))))
+        for idx in np.array_split(np.arange(len(batch)), min(args.num_steps_per_rollout, len(batch))):
+            metrics = self._step(batch.subset(idx.tolist()))
             all_metrics.append({**rollout_metrics, **metrics})
         return all_metrics
 
@@ -369,9 +380,7 @@ class Trainer:
         args = self.args
         logp, ent, out, _ = self.forward(self.model, mb)
         old, adv = mb.old_log_probs, mb.advantages
-        log_ratio = None
-        if args.advantage_estimator == "gspo":
-            log_ratio = gspo_log_ratio(logp, old, mb.loss_mask, mb.lengths_t)
+        log_ratio = self.estimator.policy_log_ratio(logp, old, mb.loss_mask, mb.lengths_t)
         pg, clipfrac, ppo_kl = policy_loss(
             logp, old, adv, args.eps_clip, args.eps_clip_high, args.eps_clip_c, log_ratio=log_ratio
         )
@@ -428,6 +437,10 @@ class Trainer:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named policy tensors, for the weight sync to the engine and for saving."""
         return named_hf_tensors(self.model)
+
+    def save_model(self, path: str | os.PathLike, tokenizer_src: str | None = None) -> None:
+        """Write the policy as an HF checkpoint (config, safetensors, the tokenizer files)."""
+        save_model(self.model, path, tokenizer_src=tokenizer_src)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "step": self.step}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from miles_core import UsageError
-from miles_core.model import iter_safetensors, set_config_dtype, weight_files, write_hf_checkpoint
+from miles_core.api import iter_safetensors, set_config_dtype, weight_files, write_hf_checkpoint
 from miles_fp8.linear import is_high_precision
 from miles_fp8.quant import BLOCK, FP8_DTYPE, dequantize, quantize
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_core.model import Experts
+from miles_core.api import Experts
 from miles_fp8.quant import FP8_DTYPE, Recipe, dequantize, quantize, quantize_dequantize
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,11 @@ class Fp8Experts(nn.Module):
             self.register_buffer(f"{kind}_fp8", q)
             self.register_buffer(f"{kind}_scale_inv", s)
 
-    def down_proj_is_cuda(self) -> bool:
-        return (self.down_proj if self.train_mode else self.down_proj_fp8).is_cuda
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """On CUDA the per-expert loop sizes itself on the host (one sync per layer), which a CUDA graph
+        cannot capture, so the engine decodes eagerly (README, limits)."""
+        return not (self.down_proj if self.train_mode else self.down_proj_fp8).is_cuda
 
     def _master_view(self, experts: nn.Module, kind: str) -> torch.Tensor:
         i = self.intermediate
@@ -280,7 +283,7 @@ def is_high_precision(name: str, patterns: list[str] | tuple[str, ...] = ()) -> 
 
 def convert_model(model: nn.Module, recipe: Recipe, *, train: bool, keep: tuple[str, ...] = ()) -> list[str]:
     """Swap every eligible ``nn.Linear`` and ``Experts`` of `model` for its FP8 module; returns names."""
-    from miles_core.model import swap_modules
+    from miles_core.api import swap_modules
 
     def fn(name: str, mod: nn.Module) -> nn.Module | None:
         if is_high_precision(name, keep):
@@ -292,12 +295,6 @@ def convert_model(model: nn.Module, recipe: Recipe, *, train: bool, keep: tuple[
         return None
 
     return swap_modules(model, fn)
-
-
-def uses_host_sync(model: nn.Module) -> bool:
-    """True if `model` has CUDA `Fp8Experts`, whose forward reads per-expert token counts on the host
-    (so its decode step cannot be captured in a CUDA graph)."""
-    return any(isinstance(m, Fp8Experts) and m.down_proj_is_cuda() for _, m in fp8_modules(model))
 
 
 def fp8_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -312,5 +309,4 @@ __all__ = [
     "fp8_mm",
     "fp8_modules",
     "is_high_precision",
-    "uses_host_sync",
 ]

@@ -2,9 +2,9 @@
 unified FP8, into the policy and reference model), FP8 scale statistics, and ``miles convert --to fp8``.
 
 Only hookimpls live here; the work is in `miles_fp8.linear`, `.stats` and `.checkpoint`, imported lazily
-so an idle plugin costs nothing. The rollout engine re-quantizes at every weight sync through the FP8
-modules' ``weight_loader`` (``Engine.update_weights`` -> ``load_hf_tensors``), so no post_weight_sync is
-needed and the engine never holds a high-precision copy of the quantized weights.
+so an idle plugin costs nothing. An active run registers its own `Fp8Run`. The rollout engine
+re-quantizes at every weight sync through the FP8 modules' ``weight_loader``, so the engine never holds
+a high-precision copy of the quantized weights.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from typing import Any
 
 from miles_core import Sample, UsageError, hookimpl
 
-_rollout_stats: dict[str, float] = {}  # engine weight stats of the latest rollout (set in pre_rollout)
-
 
 def mode(args: argparse.Namespace) -> str | None:
     """``"unified"``, ``"rollout_only"`` or ``None`` (plugin idle)."""
-    if getattr(args, "fp8_rollout_only", False):
+    if args.fp8_rollout_only:
         return "rollout_only"
-    return "unified" if getattr(args, "fp8_recipe", None) else None
+    return "unified" if args.fp8_recipe else None
 
 
 def _recipe(args: argparse.Namespace):
@@ -58,6 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "always are: a full-name fnmatch pattern (model.layers.0.*) or a name component (o_proj).",
     )
     g.add_argument(
+        "--fp8-triton",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Quantize activations and weights with the fused Triton kernel on CUDA (rowwise and 1x128 "
+        "tiles, bit-identical to the eager path); --no-fp8-triton forces the eager PyTorch quantization.",
+    )
+    g.add_argument(
+        "--fp8-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the eager quantization's amax and encode passes on CUDA (used only if a probe "
+        "matches the eager result bit for bit; slower than eager as of torch 2.11).",
+    )
+    g.add_argument(
         "--fp8-stats-interval",
         type=int,
         default=1,
@@ -67,80 +79,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def configure(args: argparse.Namespace) -> bool:
-    global _rollout_stats
-    _rollout_stats = {}
+def configure(args: argparse.Namespace, pm: Any) -> bool:
     m = mode(args)
     if m is None:
         return False
-    if m == "rollout_only" and getattr(args, "true_on_policy_mode", False):
+    if m == "rollout_only" and args.true_on_policy_mode:
         raise UsageError(
             "--fp8-rollout-only makes rollout and training numerics differ, which --true-on-policy-mode "
             "forbids; use --fp8-recipe (unified FP8) instead or drop one of the two flags."
         )
-    backend = getattr(args, "rollout_backend", "torch")
-    if backend not in (None, "torch"):
+    if args.rollout_backend != "torch":
         raise UsageError(
-            f"miles-fp8 swaps layers of the built-in engine, not of --rollout-backend {backend}; use "
-            "--rollout-backend torch or the backend's own FP8 option."
+            "miles-fp8 swaps layers of the built-in engine, not of --rollout-backend "
+            f"{args.rollout_backend}; use --rollout-backend torch or the backend's own FP8 option."
         )
-    hf = getattr(args, "hf_checkpoint", None)
-    if hf:
+    if args.hf_checkpoint:
         from miles_fp8.checkpoint import is_fp8_checkpoint
 
-        if is_fp8_checkpoint(hf):
+        if is_fp8_checkpoint(args.hf_checkpoint):
+            hf = args.hf_checkpoint
             raise UsageError(
                 f"--hf-checkpoint {hf} is an FP8 checkpoint and training needs master weights; run "
                 f"`miles convert --hf-checkpoint {hf} --output OUT --to bf16` and train from OUT."
             )
+    pm.register(Fp8Run(args, m), name="fp8.run")
     return True
 
 
-@hookimpl
-def configure_model(args: argparse.Namespace, model: Any, role: str) -> None:
-    m = mode(args)
-    if m is None or (role != "rollout" and m != "unified"):
-        return
-    from miles_fp8.linear import convert_model
+class Fp8Run:
+    """The hooks of one run with FP8 on: module swaps, and FP8 weight statistics."""
 
-    keep = tuple(args.extra_high_precision_layers or ())
-    convert_model(model, _recipe(args), train=role != "rollout", keep=keep)
+    def __init__(self, args: argparse.Namespace, mode: str) -> None:
+        self.mode, self.every = mode, args.fp8_stats_interval
+        self.keep = tuple(args.extra_high_precision_layers or ())
+        self.rollout_stats: dict[str, float] = {}  # engine weight stats of the latest rollout
+        self.configure(args)
 
+    def configure(self, args: argparse.Namespace) -> None:
+        from miles_fp8.quant import configure_kernels
 
-def _stats_due(args: argparse.Namespace, n: int) -> bool:
-    every = getattr(args, "fp8_stats_interval", 1)
-    return bool(every) and n % every == 0
+        configure_kernels(compile=args.fp8_compile, triton=args.fp8_triton)
+        self.recipe = _recipe(args)
 
+    def _due(self, n: int) -> bool:
+        return bool(self.every) and n % self.every == 0
 
-@hookimpl
-def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> None:
-    global _rollout_stats
-    _rollout_stats = {}
-    if mode(args) and getattr(engine, "cuda_graph", False):
-        from miles_fp8.linear import uses_host_sync
+    @hookimpl
+    def configure_model(self, model: Any, role: str) -> None:
+        if role != "rollout" and self.mode != "unified":
+            return
+        from miles_fp8.linear import convert_model
 
-        if uses_host_sync(engine.model):
-            # Fp8Experts sizes its per-expert loop on the host (one sync per layer), which a CUDA graph
-            # cannot capture, so the engine decodes eagerly (README, limits).
-            engine.cuda_graph = False
-            engine.reset_graphs()
-    if mode(args) and _stats_due(args, rollout_id) and hasattr(engine, "model"):
-        from miles_fp8.stats import model_weight_stats
+        convert_model(model, self.recipe, train=role != "rollout", keep=self.keep)
 
-        _rollout_stats = model_weight_stats(engine.model, "fp8/rollout_weight_")
+    @hookimpl
+    def pre_rollout(self, rollout_id: int, engine: Any) -> None:
+        self.rollout_stats = {}
+        if self._due(rollout_id) and hasattr(engine, "model"):
+            from miles_fp8.stats import model_weight_stats
 
+            self.rollout_stats = model_weight_stats(engine.model, "fp8/rollout_weight_")
 
-@hookimpl
-def rollout_metrics(args: argparse.Namespace, rollout_id: int, samples: list[Sample]) -> dict | None:
-    return dict(_rollout_stats) if mode(args) else None
+    @hookimpl
+    def rollout_metrics(self, samples: list[Sample]) -> dict:
+        return dict(self.rollout_stats)
 
+    @hookimpl
+    def post_step(self, step: int, model: Any, metrics: dict) -> None:
+        if self.mode == "unified" and self._due(step):
+            from miles_fp8.stats import model_weight_stats
 
-@hookimpl
-def post_step(args: argparse.Namespace, step: int, model: Any, metrics: dict) -> None:
-    if mode(args) == "unified" and _stats_due(args, step):
-        from miles_fp8.stats import model_weight_stats
-
-        metrics.update(model_weight_stats(model, "fp8/train_weight_"))
+            metrics.update(model_weight_stats(model, "fp8/train_weight_"))
 
 
 @hookimpl
@@ -157,11 +166,11 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 @hookimpl
 def convert_checkpoint(args: argparse.Namespace, input_dir: str, output_dir: str) -> bool | None:
-    to = getattr(args, "to", None)
+    to = args.to
     if to == "fp8":
         from miles_fp8.checkpoint import convert_to_fp8
 
-        convert_to_fp8(input_dir, output_dir, keep=getattr(args, "extra_high_precision_layers", None) or ())
+        convert_to_fp8(input_dir, output_dir, keep=args.extra_high_precision_layers or ())
         return True
     if to in ("bf16", "fp32"):
         from miles_fp8.checkpoint import convert_from_fp8, is_fp8_checkpoint

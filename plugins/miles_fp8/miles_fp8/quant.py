@@ -11,7 +11,6 @@ Every step is exact except one fp32 division and one multiply per element, so CP
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,15 +104,27 @@ def _quantize_tiles(tiles: torch.Tensor, amax_fn: Callable = _tile_amax, encode_
 
 
 _cuda_impl: Callable | None = None
+_compile = False  # --fp8-compile (configure_kernels)
+
+
+def configure_kernels(compile: bool, triton: bool) -> None:
+    """The run's kernel choices (``--fp8-compile``, ``--[no-]fp8-triton``), set once by the plugin."""
+    global _compile, _cuda_impl
+    from miles_fp8 import triton_quant
+
+    if compile != _compile:
+        _cuda_impl = None  # choose again at the next call
+    _compile = compile
+    triton_quant.ENABLED = triton
 
 
 def _cuda_quantizer() -> Callable:
-    """With MILES_FP8_COMPILE=1: `_quantize_tiles` with its amax and encode passes compiled by torch.compile,
+    """With --fp8-compile: `_quantize_tiles` with its amax and encode passes compiled by torch.compile,
     used only if a probe reproduces the eager result bit for bit (rollout and training agree); else eager."""
     global _cuda_impl
     if _cuda_impl is None:
         _cuda_impl = _quantize_tiles
-        if os.environ.get("MILES_FP8_COMPILE", "0") == "1":  # opt-in: see README (slower as of torch 2.11)
+        if _compile:  # opt-in: see README (slower as of torch 2.11)
             try:
                 amax_c = torch.compile(_tile_amax, dynamic=True)
                 enc_c = torch.compile(_encode, dynamic=True)

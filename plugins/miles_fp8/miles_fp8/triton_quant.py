@@ -11,7 +11,6 @@ back to the eager path (with a warning) if it is not. Triton is imported lazily:
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -21,8 +20,9 @@ log = logging.getLogger(__name__)
 MAX_COLS = 16384  # widest row handled in one register tile (rowwise); wider rows use the eager path
 _kernel = None  # the compiled Triton kernel, or False when Triton is missing / the probe failed
 _state: str | None = None  # None: not probed yet; "ok" or the reason it is off
-# MILES_FP8_TRITON=0 (or ENABLED = False at run time, as bench/fp8_gemm.py does) forces the eager path.
-ENABLED = os.environ.get("MILES_FP8_TRITON", "1") != "0"
+# --no-fp8-triton (quant.configure_kernels; or ENABLED = False, as bench/fp8_gemm.py does) forces the
+# eager path.
+ENABLED = True
 launches = 0  # fused kernel calls so far (tests check the GPU layers really take this path)
 
 

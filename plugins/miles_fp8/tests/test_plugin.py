@@ -13,6 +13,7 @@ from miles_fp8.linear import Fp8Experts, Fp8Linear, fp8_modules
 from miles_core import Sample, Status, UsageError
 from miles_core.engine import Engine
 from miles_core.loop import make_train_batch
+from miles_core.rollout.manager import rollout_options
 from miles_core.train.trainer import Trainer
 
 
@@ -98,7 +99,7 @@ def test_weight_sync_requantizes_engine_and_rollout_metrics_report_scales():
     pm.hook.configure_model(args=args, model=fresh, role="rollout")
     ids = torch.randint(0, VOCAB, (2, 6))
     assert torch.equal(engine.model(ids).logits, fresh(ids).logits)
-    pm.hook.pre_rollout(args=args, rollout_id=0, engine=engine)
+    engine.set_rollout_options(rollout_options(pm, args, 0, engine))
     (metrics,) = [m for m in pm.hook.rollout_metrics(args=args, rollout_id=0, samples=[]) if m]
     amax = max(float(p.abs().max()) for n, p in new.named_parameters() if "proj" in n)
     assert metrics["fp8/rollout_weight_amax"] == pytest.approx(amax, rel=1e-5)
@@ -124,7 +125,7 @@ def test_pre_rollout_turns_cuda_graphs_off_for_fp8_experts_and_decoding_works():
     pm.hook.configure_model(args=args, model=model, role="rollout")
     engine = Engine(model, max_batch_size=4, seed=0)
     assert engine.cuda_graph
-    pm.hook.pre_rollout(args=args, rollout_id=0, engine=engine)
+    engine.set_rollout_options(rollout_options(pm, args, 0, engine))
     assert not engine.cuda_graph  # the per-expert loop syncs with the host: capturing it would fail
     outs = engine.generate_batch([[5, 6, 7]] * 4, {"temperature": 1.0, "max_new_tokens": 8})
     assert all(len(o.output_ids) == 8 for o in outs)

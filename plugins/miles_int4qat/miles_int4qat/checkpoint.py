@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from miles_core import UsageError
-from miles_core.model import iter_safetensors, weight_files, write_hf_checkpoint
+from miles_core.api import iter_safetensors, weight_files, write_hf_checkpoint
 from miles_int4qat.packing import check_group_size, dequantize, quantize_pack
 
 _EXPERT_W = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")

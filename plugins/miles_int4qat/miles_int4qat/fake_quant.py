@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_core.model import Experts
+from miles_core.api import Experts
 from miles_int4qat.packing import QMAX, group_scales
 
 

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miles_core import UsageError
-from miles_core.model import Experts, swap_modules
-from miles_core.model.moe import combine_copies, dispatch_copies, expert_order
+from miles_core.api import Experts, combine_copies, dispatch_copies, expert_order, swap_modules
 from miles_int4qat.packing import PACK, SCALE_DTYPE, check_group_size, dequantize, quantize, quantize_pack
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -126,12 +125,6 @@ def moe_combine(
     return combine_copies(ys, order, dest, topk_weight, x.dtype)
 
 
-def uses_host_sync(model: nn.Module) -> bool:
-    """Whether the model holds INT4 experts, whose per-expert loop reads the expert counts on the host
-    (so a decode step cannot be captured in a CUDA graph)."""
-    return any(isinstance(m, Int4Experts) for m in model.modules())
-
-
 class Int4Linear(nn.Module):
     """A linear layer holding packed INT4 ``weight_packed`` and ``weight_scale`` (plus any bias)."""
 
@@ -169,6 +162,10 @@ class Int4Linear(nn.Module):
 
 class Int4Experts(nn.Module):
     """E SwiGLU experts in packed INT4: ``gate_up`` ``[E, 2I, H]``, ``down`` ``[E, H, I]`` (as `Experts`)."""
+
+    # The per-expert loop reads the expert counts on the host (one sync per layer), which a CUDA graph
+    # cannot capture: the engine decodes eagerly (README, limits; a grouped INT4 kernel is future work).
+    cuda_graph_safe = False
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, kernel: Int4Kernel) -> None:
         super().__init__()

@@ -2,8 +2,7 @@
 for the rollout engine, INT4 memory metrics, and ``miles convert --to int4``.
 
 Only hookimpls live here; the work is in `miles_int4qat.modules` / `checkpoint` (imported lazily, so an
-idle plugin costs nothing). Run state (the bytes measured at the swap) is a module-level dict reset by
-`configure`, never on ``args``.
+idle plugin costs nothing). An active run registers its own `Int4Run` (the bytes measured at the swap).
 """
 
 from __future__ import annotations
@@ -14,10 +13,9 @@ from typing import Any
 
 from miles_core import UsageError, hookimpl
 
-QAT_ENV = "OPEN_TRAINING_INT4_FAKE_QAT_FLAG"
-GROUP_ENV = "OPEN_TRAINING_INT4_GROUP_SIZE"
 DEFAULT_GROUP_SIZE = 128
-_state: dict[str, Any] = {}
+# miles' environment switches for INT4 QAT: here flags decide, so a set variable is refused, not ignored.
+LEGACY_ENV = ("OPEN_TRAINING_INT4_FAKE_QAT_FLAG", "OPEN_TRAINING_INT4_GROUP_SIZE")
 
 
 def _add_common(group: argparse._ArgumentGroup) -> None:
@@ -25,8 +23,8 @@ def _add_common(group: argparse._ArgumentGroup) -> None:
         "--int4-group-size",
         type=int,
         default=None,
-        help=f"Weights per INT4 scale along the input dimension (default {DEFAULT_GROUP_SIZE}, or "
-        f"${GROUP_ENV}); must divide every quantized input dimension.",
+        help=f"Weights per INT4 scale along the input dimension (default {DEFAULT_GROUP_SIZE}); must "
+        "divide every quantized input dimension.",
     )
     group.add_argument(
         "--int4-scope",
@@ -46,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--int4-qat",
         action="store_true",
         default=False,
-        help=f"Train with per-group symmetric INT4 fake quantization (straight-through gradient) and roll "
-        f"out with packed INT4 weights; same as {QAT_ENV}=1. Implies --int4-rollout.",
+        help="Train with per-group symmetric INT4 fake quantization (straight-through gradient) and roll "
+        "out with packed INT4 weights. Implies --int4-rollout.",
     )
     group.add_argument(
         "--int4-rollout",
@@ -65,89 +63,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _env_group_size() -> int | None:
-    raw = os.environ.get(GROUP_ENV)
-    if raw in (None, ""):
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise UsageError(
-            f"{GROUP_ENV}={raw!r} is not an integer; set it to a group size such as 128."
-        ) from None
-
-
-def _active(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "int4_qat", False) or getattr(args, "int4_rollout", False))
-
-
 @hookimpl
-def configure(args: argparse.Namespace) -> bool:
-    _state.clear()
-    if os.environ.get(QAT_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        args.int4_qat = True
-    if getattr(args, "int4_qat", False):
+def configure(args: argparse.Namespace, pm: Any) -> bool:
+    legacy = [v for v in LEGACY_ENV if os.environ.get(v)]
+    if legacy:
+        raise UsageError(
+            f"{', '.join(legacy)} is set, but miles-int4qat is switched by flags only; unset it and pass "
+            "--int4-qat / --int4-group-size N instead."
+        )
+    if args.int4_qat:
         args.int4_rollout = True
-    if getattr(args, "int4_group_size", None) is None:
-        args.int4_group_size = _env_group_size() or DEFAULT_GROUP_SIZE
+    if args.int4_group_size is None:
+        args.int4_group_size = DEFAULT_GROUP_SIZE
     g = args.int4_group_size
     if g <= 0 or g % 8:
         raise UsageError(f"--int4-group-size {g} is not a positive multiple of 8; pass e.g. 32, 64 or 128.")
-    return _active(args)
+    if args.int4_rollout:
+        pm.register(Int4Run(args), name="int4qat.run")
+    return args.int4_rollout
 
 
-@hookimpl
-def configure_model(args: argparse.Namespace, model: Any, role: str) -> None:
-    if not _active(args):
-        return
-    from miles_int4qat import modules
+class Int4Run:
+    """The hooks of one run with INT4 on: the module swaps and the rollout weight-memory metrics."""
 
-    scope, g = args.int4_scope, args.int4_group_size
-    if role == "rollout":
-        bf16_bytes = 2 * modules.scope_weight_numel(model, scope)
-        modules.quantize_for_rollout(model, scope, g, kind=getattr(args, "int4_kernel", "auto"))
-        _requantize_from_masters(args, model, scope)
-        _state.update(bf16_bytes=bf16_bytes, int4_bytes=modules.int4_bytes(model))
-    elif role in ("train", "ref") and args.int4_qat:
-        modules.fake_quantize_for_training(model, scope, g)
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.bytes: dict[str, float] = {}  # int4 / bf16 bytes of the quantized scope, measured at the swap
 
+    @hookimpl
+    def configure_model(self, model: Any, role: str) -> None:
+        from miles_int4qat import modules
 
-def _requantize_from_masters(args: argparse.Namespace, model: Any, scope: str) -> None:
-    """Quantize rollout 0's weights from the checkpoint's full-precision tensors, as every later weight
-    sync does from the trainer's fp32 masters: the engine model arrives already cast to the rollout dtype,
-    and INT4 values rounded from bf16 weights differ from those the QAT trainer's fake quant computes."""
-    import torch
+        args = self.args
+        scope, g = args.int4_scope, args.int4_group_size
+        if role == "rollout":
+            bf16_bytes = 2 * modules.scope_weight_numel(model, scope)
+            modules.quantize_for_rollout(model, scope, g, kind=args.int4_kernel)
+            self._requantize_from_masters(model, scope)
+            self.bytes = {
+                "int4/rollout_weight_bytes": modules.int4_bytes(model),
+                "int4/bf16_weight_bytes": bf16_bytes,
+            }
+        elif role in ("train", "ref") and args.int4_qat:
+            modules.fake_quantize_for_training(model, scope, g)
 
-    if next(model.parameters()).dtype == torch.float32:
-        return
-    from miles_core.model import load_hf_tensors
-    from miles_core.train.checkpoint import latest_checkpoint
-    from miles_int4qat.checkpoint import iter_scope_tensors
+    def _requantize_from_masters(self, model: Any, scope: str) -> None:
+        """Quantize rollout 0's weights from the checkpoint's full-precision tensors, as every later weight
+        sync does from the trainer's fp32 masters: the engine model arrives already cast to the rollout
+        dtype, and INT4 values rounded from bf16 weights differ from those the QAT trainer's fake quant
+        computes."""
+        import torch
 
-    resume = latest_checkpoint(getattr(args, "load", None))
-    src = resume / "model" if resume else getattr(args, "hf_checkpoint", None)
-    if src and os.path.isfile(os.path.join(src, "config.json")):
-        load_hf_tensors(model, iter_scope_tensors(src, scope))
+        if next(model.parameters()).dtype == torch.float32:
+            return
+        from miles_core.api import load_hf_tensors, start_weights
+        from miles_int4qat.checkpoint import iter_scope_tensors
 
+        src = start_weights(self.args)
+        if src and os.path.isfile(os.path.join(src, "config.json")):
+            load_hf_tensors(model, iter_scope_tensors(src, scope))
 
-@hookimpl
-def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> None:
-    if not _active(args) or not getattr(engine, "cuda_graph", False):
-        return
-    from miles_int4qat.modules import uses_host_sync
-
-    if uses_host_sync(engine.model):
-        # The INT4 expert loop syncs with the host once per layer; capturing it would fail, so decode
-        # runs eagerly (see the README's limits: a graph-capturable grouped INT4 kernel is future work).
-        engine.cuda_graph = False
-        engine.reset_graphs()
-
-
-@hookimpl
-def rollout_metrics(args: argparse.Namespace, rollout_id: int, samples: list) -> dict | None:
-    if not _active(args) or "int4_bytes" not in _state:
-        return None
-    return {"int4/rollout_weight_bytes": _state["int4_bytes"], "int4/bf16_weight_bytes": _state["bf16_bytes"]}
+    @hookimpl
+    def rollout_metrics(self) -> dict:
+        return dict(self.bytes)
 
 
 # ------------------------------------------------------------------------------------ miles convert
@@ -164,8 +142,9 @@ def convert_checkpoint(args: argparse.Namespace, input_dir: str, output_dir: str
     from miles_int4qat import checkpoint
 
     if args.to == "int4":
-        g = getattr(args, "int4_group_size", None) or _env_group_size() or DEFAULT_GROUP_SIZE
-        checkpoint.export_int4(input_dir, output_dir, g, getattr(args, "int4_scope", "experts"))
+        checkpoint.export_int4(
+            input_dir, output_dir, args.int4_group_size or DEFAULT_GROUP_SIZE, args.int4_scope
+        )
         return True
     if args.to == "bf16" and checkpoint.int4_group_size(input_dir) is not None:
         checkpoint.import_int4(input_dir, output_dir)

@@ -1,5 +1,6 @@
-"""The plugin's flags, environment variables and role swaps, and a short `miles train` run comparing the
-train/rollout log-prob mismatch of a BF16 rollout with INT4 rollouts (with and without QAT)."""
+"""The plugin's flags, its refusal of miles' environment switches, role swaps, and a short `miles train`
+run comparing the train/rollout log-prob mismatch of a BF16 rollout with INT4 rollouts (with and without
+QAT)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from miles_core.plugins import configure_plugins
 
 
 def _args(*flags: str, env: dict | None = None, monkeypatch=None):
-    for key in (plugin.QAT_ENV, plugin.GROUP_ENV):
+    for key in plugin.LEGACY_ENV:
         monkeypatch.delenv(key, raising=False)
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
@@ -32,14 +33,12 @@ def test_flags_and_env(monkeypatch):
     assert not active["miles_int4qat.plugin"] and args.int4_group_size == 128 and args.int4_scope == "experts"
     _, args, active = _args("--int4-qat", monkeypatch=monkeypatch)
     assert active["miles_int4qat.plugin"] and args.int4_rollout
-    _, args, _ = _args(env={plugin.QAT_ENV: "1", plugin.GROUP_ENV: "64"}, monkeypatch=monkeypatch)
-    assert args.int4_qat and args.int4_rollout and args.int4_group_size == 64
-    _, args, _ = _args(
-        "--int4-rollout", "--int4-group-size", "32", env={plugin.GROUP_ENV: "64"}, monkeypatch=monkeypatch
-    )
+    _, args, _ = _args("--int4-rollout", "--int4-group-size", "32", monkeypatch=monkeypatch)
     assert args.int4_rollout and not args.int4_qat and args.int4_group_size == 32
-    with pytest.raises(UsageError, match="not an integer"):
-        _args(env={plugin.GROUP_ENV: "big"}, monkeypatch=monkeypatch)
+    # miles' environment switches never turn QAT on silently: a set one is refused in one sentence.
+    for key in plugin.LEGACY_ENV:
+        with pytest.raises(UsageError, match=rf"^{key} is set, but miles-int4qat is switched by flags only"):
+            _args(env={key: "1"}, monkeypatch=monkeypatch)
     with pytest.raises(UsageError, match="positive multiple of 8"):
         _args("--int4-group-size", "20", monkeypatch=monkeypatch)
 
@@ -97,7 +96,7 @@ def _short_run(tmp_path, ckpt, name: str, *flags: str) -> float:
 
 
 def test_short_run_mismatch_with_int4_qat_is_within_2x_of_bf16(tmp_path, monkeypatch):
-    for key in (plugin.QAT_ENV, plugin.GROUP_ENV):
+    for key in plugin.LEGACY_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(miles_core.plugins, "get_plugin_manager", lambda **kw: plugin_manager())
     ckpt = checkpoint(tmp_path)

@@ -2,7 +2,7 @@
 forward, and the ``routing_mismatch_frac`` / route-memory metrics.
 
 Only hookimpls live here; the work is done by `miles_r3.replay.RouteReplay` (imported lazily, so an idle
-plugin costs nothing). Its state is a module-level object reset by `configure`, never on ``args``.
+plugin costs nothing). An active run registers its own `R3Run`, which holds the run's state.
 """
 
 from __future__ import annotations
@@ -10,32 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from miles_core import Sample, TrainBatch, hookimpl
-
-_state: Any = None  # miles_r3.replay.RouteReplay of the current run
-
-
-def state() -> Any:
-    """The run's `RouteReplay` (created on first use, replaced by each `configure`)."""
-    global _state
-    if _state is None:
-        from miles_r3.replay import RouteReplay
-
-        _state = RouteReplay()
-    return _state
-
-
-def _mode(args: argparse.Namespace) -> str | None:
-    from miles_r3.replay import replay_mode
-
-    return replay_mode(args)
-
-
-def _active(args: argparse.Namespace) -> bool:
-    return any(
-        getattr(args, flag, False)
-        for flag in ("use_rollout_routing_replay", "use_routing_replay", "record_routing_mismatch")
-    )
+from miles_core import RolloutOptions, Sample, TrainBatch, hookimpl
 
 
 @hookimpl
@@ -68,44 +43,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def configure(args: argparse.Namespace) -> bool:
-    global _state
-    if getattr(args, "use_rollout_routing_replay", False):
+def configure(args: argparse.Namespace, pm: Any) -> bool:
+    if args.use_rollout_routing_replay:
         # As in miles: rollout replay is routing replay that takes its routes from the engine.
         args.use_routing_replay = True
-    _state = None  # a fresh RouteReplay per run
-    return _active(args)
+    active = args.use_routing_replay or args.record_routing_mismatch
+    if active:
+        pm.register(R3Run(args), name="r3.run")
+    return active
 
 
-@hookimpl
-def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> None:
-    if _active(args):
-        state().prepare_engine(engine)
+class R3Run:
+    """The hooks of one run with R3 on: route capture in rollout, replay before the training forwards."""
 
+    def __init__(self, args: argparse.Namespace) -> None:
+        from miles_r3.replay import RouteReplay, replay_mode
 
-@hookimpl
-def on_route_record(args: argparse.Namespace, sample: Sample, routed_experts: Any) -> None:
-    if _active(args):
-        state().store(sample, routed_experts)
+        self.mode = replay_mode(args)
+        self.replay = RouteReplay()
 
+    @hookimpl
+    def pre_rollout(self, engine: Any) -> RolloutOptions:
+        self.replay.prepare_engine(engine)
+        return RolloutOptions(capture_routes=True)
 
-@hookimpl
-def rollout_metrics(args: argparse.Namespace, rollout_id: int, samples: list[Sample]) -> dict | None:
-    if not _active(args):
-        return None
-    from miles_r3.replay import RouteReplay
+    @hookimpl
+    def on_route_record(self, sample: Sample, routed_experts: Any) -> None:
+        self.replay.store(sample, routed_experts)
 
-    return RouteReplay.rollout_metrics(samples)
+    @hookimpl
+    def rollout_metrics(self, samples: list[Sample]) -> dict:
+        return self.replay.rollout_metrics(samples)
 
+    @hookimpl
+    def pre_forward(self, model: Any, batch: TrainBatch, stage: str) -> None:
+        self.replay.before_forward(self.mode, model, batch, stage)
 
-@hookimpl
-def pre_forward(args: argparse.Namespace, model: Any, batch: TrainBatch, stage: str) -> None:
-    mode = _mode(args)
-    if mode is not None:
-        state().before_forward(mode, model, batch, stage)
-
-
-@hookimpl
-def post_step(args: argparse.Namespace, step: int, model: Any, metrics: dict) -> None:
-    if _active(args):
-        metrics.update(state().step_metrics())
+    @hookimpl
+    def post_step(self, metrics: dict) -> None:
+        metrics.update(self.replay.step_metrics())

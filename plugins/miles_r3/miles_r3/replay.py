@@ -29,11 +29,11 @@ ROLLOUT, OLD, MEASURE = "rollout", "old", "measure"
 
 def replay_mode(args: argparse.Namespace) -> str | None:
     """``rollout`` (replay the engine's routes), ``old`` (replay the old forward's), ``measure``, or None."""
-    if getattr(args, "use_rollout_routing_replay", False):
+    if args.use_rollout_routing_replay:
         return ROLLOUT
-    if getattr(args, "use_routing_replay", False):
+    if args.use_routing_replay:
         return OLD
-    if getattr(args, "record_routing_mismatch", False):
+    if args.record_routing_mismatch:
         return MEASURE
     return None
 
@@ -48,10 +48,10 @@ class RouteReplay:
     # ------------------------------------------------------------------ rollout side
 
     def prepare_engine(self, engine: Any) -> None:
-        """Turn route capture on; a dense model fails here, before any token is generated."""
+        """Check the engine's model (a dense one fails here, before any token is generated) and forget
+        the previous rollout's state; the plugin then asks the engine for route capture."""
         if getattr(getattr(engine, "model", None), "config", None) is not None:
             RouteShape.of_model(engine.model)
-        engine.capture_routes = True
         self._pending, self.last = None, None
 
     def store(self, sample: Sample, routed_experts: Any) -> None:

@@ -17,6 +17,7 @@ from miles_core.engine import Engine
 from miles_core.loop import make_train_batch
 from miles_core.model import CausalLM, ModelConfig, build_model
 from miles_core.plugins import configure_plugins, get_plugin_manager
+from miles_core.rollout.manager import rollout_options
 from miles_core.types import TrainBatch
 
 VOCAB = 64
@@ -62,7 +63,7 @@ def rollout(model: CausalLM, pm, args: argparse.Namespace, num_samples: int = 8,
             seed: int = 0) -> list[Sample]:  # fmt: skip
     """Generate with a bf16 copy of ``model`` (route capture through the plugin), rewards random."""
     engine = Engine(copy.deepcopy(model).to(torch.bfloat16), max_batch_size=num_samples, seed=seed)
-    pm.hook.pre_rollout(args=args, rollout_id=0, engine=engine)
+    engine.set_rollout_options(rollout_options(pm, args, 0, engine))
     rng = random.Random(seed)
     prompts = [
         [rng.randrange(VOCAB) for _ in range(rng.randint(3, 6))] for _ in range(num_samples // N_SAMPLES)

@@ -13,6 +13,7 @@ from miles_r3.routes import RouteShape, count_mismatch, decode_sglang_routes
 from r3_helpers import batch_of, make_args, plugin_manager, tiny_moe
 
 from miles_core import Sample, Status, UsageError
+from miles_core.rollout.manager import rollout_options
 
 L, K, E = 2, 2, 8  # tiny_moe(): 2 MoE layers, top-2 of 8 experts
 
@@ -142,4 +143,4 @@ def test_dense_model_is_refused_before_generation():
     pm = plugin_manager()
     args = make_args(pm, "--use-rollout-routing-replay", num_samples=2)
     with pytest.raises(UsageError, match="needs a mixture-of-experts model but LlamaForCausalLM"):
-        pm.hook.pre_rollout(args=args, rollout_id=0, engine=Engine(dense))
+        rollout_options(pm, args, 0, Engine(dense))

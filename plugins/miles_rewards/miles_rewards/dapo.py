@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from miles_core.rollout.boxed import last_boxed
+from miles_core.api import last_boxed
 
 _TAIL_CHARS = 300
 _ANSWER_LINE = re.compile(r"answer\s*:\s*([^\n]+)", re.IGNORECASE)

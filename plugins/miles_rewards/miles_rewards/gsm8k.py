@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any
 
-from miles_core.rollout.boxed import last_boxed
+from miles_core.api import last_boxed
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 

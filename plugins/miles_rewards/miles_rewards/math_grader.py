@@ -12,7 +12,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from miles_core.rollout.boxed import last_boxed
+from miles_core.api import last_boxed
 from miles_rewards.normalize import normalize_answer, parse_number, split_top_level
 from miles_rewards.symbolic import symbolic_equal
 

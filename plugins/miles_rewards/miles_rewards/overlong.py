@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from miles_core.types import Sample, Status, UsageError
+from miles_core import Sample, Status, UsageError
 
 
 def overlong_penalty(response_length: int, max_len: int, buffer_len: int, factor: float) -> float:

@@ -2,22 +2,25 @@
 
 Registered under ``miles.plugins`` as ``rewards``; the rewards themselves are entry points of the
 ``miles.rewards`` group, loaded by name when ``--rm-type`` asks for one, so nothing heavy is imported here.
+With ``--overlong-buffer-len`` the run registers an `OverlongRun` (DAPO's overlong penalty).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+from typing import Any
 
-import pluggy
+from miles_core import Sample, UsageError, hookimpl
 
-from miles_core.types import Sample, UsageError
 
-try:  # the core re-exports the marker once its plugin manager lands; both are the same marker
-    from miles_core.plugins import hookimpl
-except ImportError:  # pragma: no cover - depends on how far the core is
-    hookimpl = pluggy.HookimplMarker("miles")
-
-REWARD_NAMES = ("math", "gsm8k", "dapo", "deepscaler", "f1", "gpqa", "remote_rm", "random", "exact_match")
+def reward_names() -> set[str]:
+    """The ``--rm-type`` names this distribution registers (its ``miles.rewards`` entry points)."""
+    return {
+        ep.name
+        for ep in importlib.metadata.entry_points(group="miles.rewards")
+        if ep.module.startswith(__package__)
+    }
 
 
 @hookimpl
@@ -65,44 +68,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def configure(args: argparse.Namespace) -> bool:
-    rm_type = getattr(args, "rm_type", None) or ""
-    if rm_type == "remote_rm" and not getattr(args, "rm_url", None):
+def configure(args: argparse.Namespace, pm: Any) -> bool:
+    rm_type = args.rm_type or ""
+    if rm_type == "remote_rm" and not args.rm_url:
         raise UsageError("--rm-type remote_rm needs --rm-url http://host:port/path of the reward server.")
-    if getattr(args, "math_equivalence_timeout", 2.0) <= 0:
+    if args.math_equivalence_timeout <= 0:
         raise UsageError("--math-equivalence-timeout must be a positive number of seconds (default 2.0).")
     overlong = _check_overlong(args)
+    if overlong:
+        pm.register(OverlongRun(args), name="rewards.overlong")
     name = rm_type[len("boxed_") :] if rm_type.startswith("boxed_") else rm_type
-    return name in REWARD_NAMES or overlong
+    return name in reward_names() or overlong
 
 
 def _check_overlong(args: argparse.Namespace) -> bool:
-    buffer_len = getattr(args, "overlong_buffer_len", None)
+    buffer_len, max_len = args.overlong_buffer_len, args.rollout_max_response_len
     if buffer_len is None:
         return False
-    max_len = getattr(args, "rollout_max_response_len", None)
-    if buffer_len <= 0 or (max_len is not None and buffer_len > max_len):
+    if buffer_len <= 0 or buffer_len > max_len:
         raise UsageError(
             f"--overlong-buffer-len {buffer_len} must be between 1 and --rollout-max-response-len "
-            f"({max_len}); DAPO uses a quarter of the budget, e.g. {max(1, (max_len or 4) // 4)}."
+            f"({max_len}); DAPO uses a quarter of the budget, e.g. {max(1, max_len // 4)}."
         )
-    if getattr(args, "overlong_penalty_factor", 1.0) < 0:
+    if args.overlong_penalty_factor < 0:
         raise UsageError("--overlong-penalty-factor must be >= 0 (DAPO uses 1.0).")
     return True
 
 
-@hookimpl
-def post_reward(args: argparse.Namespace, samples: list[Sample]) -> None:
-    if getattr(args, "overlong_buffer_len", None):
+class OverlongRun:
+    """DAPO's overlong penalty for one run (``--overlong-buffer-len``)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    @hookimpl
+    def post_reward(self, samples: list[Sample]) -> None:
         from miles_rewards.overlong import apply_overlong_penalty
 
-        apply_overlong_penalty(args, samples)
+        apply_overlong_penalty(self.args, samples)
 
+    @hookimpl
+    def rollout_metrics(self, samples: list[Sample]) -> dict:
+        from miles_rewards.overlong import overlong_metrics
 
-@hookimpl
-def rollout_metrics(args: argparse.Namespace, rollout_id: int, samples: list[Sample]) -> dict | None:
-    if not getattr(args, "overlong_buffer_len", None):
-        return None
-    from miles_rewards.overlong import overlong_metrics
-
-    return overlong_metrics(samples)
+        return overlong_metrics(samples)

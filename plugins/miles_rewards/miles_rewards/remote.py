@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from miles_core.types import UsageError
+from miles_core import UsageError
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import pluggy
 import pytest
 from miles_rewards import plugin
 from miles_rewards.overlong import apply_overlong_penalty, overlong_metrics, overlong_penalty
 
-from miles_core import hookspecs
+from miles_core.args import parse_args
+from miles_core.plugins import configure_plugins, get_plugin_manager
 from miles_core.types import Sample, Status, UsageError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -68,6 +68,13 @@ def test_metrics():
     assert overlong_metrics([Sample()]) == {}
 
 
+def configured(*flags: str):
+    """A plugin manager with this plugin alone, ``flags`` parsed by the real parser and configured."""
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[plugin])
+    args = parse_args(["--rollout-max-response-len", "20", *flags], pm)
+    return pm, args, configure_plugins(pm, args)["miles_rewards.plugin"]
+
+
 def test_flags_and_configure():
     parser = argparse.ArgumentParser()
     plugin.add_arguments(parser=parser)
@@ -76,31 +83,29 @@ def test_flags_and_configure():
     args = parser.parse_args(["--overlong-buffer-len", "256", "--overlong-penalty-factor", "0.5"])
     assert (args.overlong_buffer_len, args.overlong_penalty_factor) == (256, 0.5)
 
-    assert plugin.configure(args=ns(rm_type="my_custom")) is True  # the penalty makes the plugin active
-    assert plugin.configure(args=ns(rm_type="my_custom", overlong_buffer_len=None)) is False
+    assert configured("--overlong-buffer-len", "8")[2] is True  # the penalty makes the plugin active
+    assert configured()[2] is False
     with pytest.raises(UsageError, match="--overlong-buffer-len 30 must be between 1 and"):
-        plugin.configure(args=ns(overlong_buffer_len=30))
+        configured("--overlong-buffer-len", "30")
     with pytest.raises(UsageError, match="--overlong-buffer-len 0"):
-        plugin.configure(args=ns(overlong_buffer_len=0))
+        configured("--overlong-buffer-len", "0")
     with pytest.raises(UsageError, match="--overlong-penalty-factor"):
-        plugin.configure(args=ns(overlong_penalty_factor=-1.0))
+        configured("--overlong-buffer-len", "8", "--overlong-penalty-factor", "-1.0")
 
 
 def test_hooks_through_pluggy():
-    pm = pluggy.PluginManager("miles")
-    pm.add_hookspecs(hookspecs)
-    pm.register(plugin)
-    pm.check_pending()
+    pm, args, _ = configured("--overlong-buffer-len", "8")
     samples = [Sample(response_length=18, reward=1.0)]
-    pm.hook.post_reward(args=ns(), samples=samples)
+    pm.hook.post_reward(args=args, samples=samples)
     assert samples[0].reward == pytest.approx(0.25)
-    assert pm.hook.rollout_metrics(args=ns(), rollout_id=0, samples=samples) == [
+    assert pm.hook.rollout_metrics(args=args, rollout_id=0, samples=samples) == [
         {"overlong_penalty_mean": -0.75, "overlong_penalized_frac": 1.0}
     ]
+    pm, args, _ = configured()  # off: no run object, the hooks do nothing
     off = [Sample(response_length=18, reward=1.0)]
-    pm.hook.post_reward(args=ns(overlong_buffer_len=None), samples=off)
+    pm.hook.post_reward(args=args, samples=off)
     assert off[0].reward == 1.0
-    assert pm.hook.rollout_metrics(args=ns(overlong_buffer_len=None), rollout_id=0, samples=off) == []
+    assert pm.hook.rollout_metrics(args=args, rollout_id=0, samples=off) == []
 
 
 def core_test_helpers():

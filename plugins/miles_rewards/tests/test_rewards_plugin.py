@@ -6,13 +6,12 @@ import argparse
 import importlib
 import inspect
 from pathlib import Path
-from types import SimpleNamespace
 
-import pluggy
 import pytest
 from miles_rewards import plugin
 
-from miles_core import hookspecs
+from miles_core.args import parse_args
+from miles_core.plugins import configure_plugins, get_plugin_manager
 from miles_core.types import UsageError
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
@@ -30,26 +29,27 @@ def test_add_arguments_defaults_and_values() -> None:
     assert any(g.title == "rewards" for g in parser._action_groups)
 
 
+def configured(*flags: str) -> bool:
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[plugin])
+    args = parse_args(list(flags), pm)
+    return configure_plugins(pm, args)["miles_rewards.plugin"]
+
+
 def test_configure() -> None:
     with pytest.raises(UsageError, match="--rm-type remote_rm needs --rm-url"):
-        plugin.configure(args=SimpleNamespace(rm_type="remote_rm", rm_url=None))
-    assert plugin.configure(args=SimpleNamespace(rm_type="remote_rm", rm_url="http://127.0.0.1:1/r")) is True
-    assert plugin.configure(args=SimpleNamespace(rm_type="math")) is True
-    assert plugin.configure(args=SimpleNamespace(rm_type="boxed_f1")) is True
-    assert plugin.configure(args=SimpleNamespace(rm_type="my_custom")) is False
-    assert plugin.configure(args=SimpleNamespace()) is False
+        configured("--rm-type", "remote_rm")
+    assert configured("--rm-type", "remote_rm", "--rm-url", "http://127.0.0.1:1/r") is True
+    assert configured("--rm-type", "math") is True
+    assert configured("--rm-type", "boxed_f1") is True
+    assert configured("--rm-type", "my_custom") is False
+    assert configured() is False
     with pytest.raises(UsageError, match="--math-equivalence-timeout"):
-        plugin.configure(args=SimpleNamespace(rm_type="math", math_equivalence_timeout=0.0))
+        configured("--rm-type", "math", "--math-equivalence-timeout", "0")
 
 
 def test_hookimpls_match_the_core_specs() -> None:
-    pm = pluggy.PluginManager("miles")
-    pm.add_hookspecs(hookspecs)
-    pm.register(plugin)
-    pm.check_pending()  # a misspelt hook or argument fails here
-    parser = argparse.ArgumentParser()
-    pm.hook.add_arguments(parser=parser)
-    assert pm.hook.configure(args=parser.parse_args([])) == [False]
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[plugin])  # check_pending runs here
+    assert set(configure_plugins(pm, parse_args([], pm))) >= {"miles_rewards.plugin"}
 
 
 def test_entry_points_resolve_to_async_rewards() -> None:
@@ -57,7 +57,7 @@ def test_entry_points_resolve_to_async_rewards() -> None:
     assert (project["name"], project["version"]) == ("miles-rewards", "0.1.0")
     assert project["entry-points"]["miles.plugins"] == {"rewards": "miles_rewards.plugin"}
     rewards = project["entry-points"]["miles.rewards"]
-    assert sorted(rewards) == sorted(plugin.REWARD_NAMES)
+    assert sorted(rewards) == sorted(plugin.reward_names())
     for target in rewards.values():
         module, func = target.split(":")
         fn = getattr(importlib.import_module(module), func)

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from miles_core import UsageError
-from miles_core.engine.sampler import keyed_exponentials
-from miles_core.model import CausalLM, KVCache
+from miles_core.api import CausalLM, KVCache, keyed_exponentials
 from miles_specrl.mtp import _dense_config, embed, head_logits, step_context
 
 # Noise streams of the speculative step, XORed into a sequence's sampling key (stream 0, the engine's
@@ -258,10 +257,10 @@ class MTPDrafter(Drafter):
                 hidden = h[:n]
                 break
         if hidden is None:  # not prefilled through the hooked engine: recompute the prompt's states
-            ids = torch.tensor([seq.prompt], device=self._model.lm_head.weight.device)
+            ids = torch.tensor([list(seq.prompt)], device=self._model.lm_head.weight.device)
             hidden = self._model(ids, return_hidden=True).hidden[0]
         # Entry i pairs the target state at position i with token i+1; the last one with the sampled token.
-        return list(seq.prompt[1:]) + list(seq.out[:1]), hidden
+        return list(seq.prompt[1:]) + list(seq.output[:1]), hidden
 
     def begin(self, engine: Any, seqs: list[Any]) -> None:
         super().begin(engine, seqs)
@@ -304,7 +303,7 @@ class ModelDrafter(Drafter):
         return KVCache(self.model.config, c.num_slots, c.max_len, dtype, engine.device)
 
     def entries(self, seq: Any) -> tuple[list[int], None]:
-        return list(seq.prompt) + list(seq.out[:1]), None
+        return list(seq.prompt) + list(seq.output[:1]), None
 
     def _body(self, engine, hidden, ids, pos, slots, kv_len, contiguous):
         out = self.model(

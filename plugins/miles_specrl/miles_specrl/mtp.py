@@ -22,10 +22,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from miles_core import UsageError
-from miles_core.atomic import atomic_dir
-from miles_core.model import KVCache, ModelConfig, RMSNorm, load_config
-from miles_core.model.layers import StepContext
-from miles_core.model.transformer import CausalLM, DecoderLayer, cache_context
+from miles_core.api import (
+    CausalLM,
+    DecoderLayer,
+    KVCache,
+    ModelConfig,
+    RMSNorm,
+    StepContext,
+    atomic_dir,
+    cache_context,
+    load_config,
+)
 
 NEXTN_KEY = "num_nextn_predict_layers"
 INDEX_NAME = "model.safetensors.index.json"

@@ -1,8 +1,8 @@
 """miles-specrl hook implementations: MTP heads on the models, speculative rollout, online MTP training,
 and ``miles convert --add-mtp-layers``.
 
-Only hookimpls live here; heavy modules are imported lazily. Runtime state (the speculator, the MTP trainer,
-a separate draft model) lives on the module-level `_State`, replaced by each `configure`.
+Only hookimpls live here; heavy modules are imported lazily. An active run registers its own `SpecRun`,
+which holds the run's speculator, MTP trainer and separate draft model.
 """
 
 from __future__ import annotations
@@ -11,31 +11,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from miles_core import Sample, TrainBatch, UsageError, hookimpl
+from miles_core import RolloutOptions, Sample, TrainBatch, UsageError, hookimpl
 
 ALGORITHMS = ("EAGLE", "NEXTN", "STANDALONE")
-
-
-class _State:
-    def __init__(self) -> None:
-        self.speculator: Any = None
-        self.mtp_trainer: Any = None
-        self.draft_model: Any = None
-
-
-_state = _State()
-
-
-def state() -> _State:
-    return _state
-
-
-def _spec_on(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "sglang_speculative_algorithm", None))
-
-
-def _mtp_layers(args: argparse.Namespace) -> int:
-    return int(getattr(args, "mtp_num_layers", 0) or 0)
 
 
 @hookimpl
@@ -100,21 +78,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def configure(args: argparse.Namespace) -> bool:
-    global _state
-    if _state.mtp_trainer is not None:  # a previous run in this process: drop its gradient hooks
-        _state.mtp_trainer.remove()
-    _state = _State()
-    if _mtp_layers(args) < 0:
+def configure(args: argparse.Namespace, pm: Any) -> bool:
+    active = _check(args)
+    if active:
+        pm.register(SpecRun(args), name="specrl.run")
+    return active
+
+
+def _check(args: argparse.Namespace) -> bool:
+    """Validate the flags (filling in the speculative defaults); whether the plugin is on."""
+    if args.mtp_num_layers < 0:
         raise UsageError(f"--mtp-num-layers must be >= 0, got {args.mtp_num_layers}.")
-    if args.enable_mtp_training and not _mtp_layers(args):
+    if args.enable_mtp_training and not args.mtp_num_layers:
         raise UsageError("--enable-mtp-training needs MTP heads; pass --mtp-num-layers N (N >= 1).")
     if args.mtp_train_chain < 0:
         raise UsageError(f"--mtp-train-chain must be >= 0, got {args.mtp_train_chain}.")
     if args.mtp_train_chain and not args.enable_mtp_training:
         raise UsageError("--mtp-train-chain applies to online MTP training; add --enable-mtp-training.")
-    if not _spec_on(args):
-        return bool(_mtp_layers(args))
+    if not args.sglang_speculative_algorithm:
+        return bool(args.mtp_num_layers)
     algo = args.sglang_speculative_algorithm.upper()
     if algo not in ALGORITHMS:
         raise UsageError(
@@ -126,7 +108,7 @@ def configure(args: argparse.Namespace) -> bool:
         raise UsageError(
             "--sglang-speculative-algorithm STANDALONE needs --sglang-speculative-draft-model-path."
         )
-    if not args.sglang_speculative_draft_model_path and not _mtp_layers(args):
+    if not args.sglang_speculative_draft_model_path and not args.mtp_num_layers:
         raise UsageError(
             f"--sglang-speculative-algorithm {algo} drafts with the MTP heads; pass --mtp-num-layers N "
             "or --sglang-speculative-draft-model-path."
@@ -157,7 +139,7 @@ def configure(args: argparse.Namespace) -> bool:
             f"with --sglang-speculative-eagle-topk 1 use {steps + 1} (or leave it unset)."
         )
     args.sglang_speculative_num_draft_tokens = steps + 1
-    if getattr(args, "rollout_backend", "torch") != "torch":
+    if args.rollout_backend != "torch":
         raise UsageError(
             "miles-specrl speculates in the built-in engine only; use --rollout-backend torch (pass "
             "SGLang's own speculative flags through --sglang-* for the sglang backend)."
@@ -165,84 +147,85 @@ def configure(args: argparse.Namespace) -> bool:
     return True
 
 
-def _weights_path(args: argparse.Namespace) -> str:
-    from miles_core.train.checkpoint import latest_checkpoint
+class SpecRun:
+    """The hooks of one run with MTP heads or speculative rollout on."""
 
-    resume = latest_checkpoint(getattr(args, "load", None))
-    return str(resume / "model") if resume else args.hf_checkpoint
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.speculator: Any = None
+        self.mtp_trainer: Any = None
+        self.draft_model: Any = None
 
+    @hookimpl
+    def configure_model(self, model: Any, role: str) -> None:
+        args, n = self.args, self.args.mtp_num_layers
+        if role == "ref":
+            return
+        if n:
+            from miles_core.api import start_weights
+            from miles_specrl.mtp import attach_mtp, load_mtp_weights
 
-@hookimpl
-def configure_model(args: argparse.Namespace, model: Any, role: str) -> None:
-    n = _mtp_layers(args)
-    if role == "ref":
-        return
-    if n:
-        from miles_specrl.mtp import attach_mtp, load_mtp_weights
+            heads = attach_mtp(model, n)
+            load_mtp_weights(heads, start_weights(args))
+            train = role == "train" and args.enable_mtp_training
+            heads.requires_grad_(train)
+            if train:
+                from miles_specrl.training import MTPTrainer
 
-        heads = attach_mtp(model, n)
-        load_mtp_weights(heads, _weights_path(args))
-        train = role == "train" and args.enable_mtp_training
-        heads.requires_grad_(train)
-        if train:
-            from miles_specrl.training import MTPTrainer
+                self.mtp_trainer = MTPTrainer(
+                    args.mtp_loss_scaling_factor, args.clip_grad, args.mtp_train_chain
+                )
+                self.mtp_trainer.install(heads)
+        if (
+            role == "rollout"
+            and args.sglang_speculative_algorithm
+            and args.sglang_speculative_draft_model_path
+        ):
+            from miles_core.api import load_model
 
-            _state.mtp_trainer = MTPTrainer(
-                args.mtp_loss_scaling_factor, args.clip_grad, args.mtp_train_chain
-            )
-            _state.mtp_trainer.install(heads)
-    if role == "rollout" and _spec_on(args) and args.sglang_speculative_draft_model_path:
-        from miles_core.model import load_model
+            p = next(model.parameters())
+            draft = load_model(args.sglang_speculative_draft_model_path, dtype=p.dtype, device=p.device)
+            self.draft_model = draft.requires_grad_(False)
 
-        p = next(model.parameters())
-        draft = load_model(args.sglang_speculative_draft_model_path, dtype=p.dtype, device=p.device)
-        _state.draft_model = draft.requires_grad_(False)
+    @hookimpl
+    def pre_rollout(self, engine: Any) -> RolloutOptions | None:
+        if not self.args.sglang_speculative_algorithm:
+            return None
+        if self.speculator is None:
+            from miles_specrl.drafters import ModelDrafter, MTPDrafter
+            from miles_specrl.speculator import Speculator
 
+            drafter = ModelDrafter(self.draft_model) if self.draft_model is not None else MTPDrafter()
+            self.speculator = Speculator(drafter, self.args.sglang_speculative_num_steps)
+        self.speculator.prepare(engine)
+        return RolloutOptions(decode_strategy=self.speculator)
 
-@hookimpl
-def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> None:
-    if not _spec_on(args):
-        return
-    if _state.speculator is None:
-        from miles_specrl.drafters import ModelDrafter, MTPDrafter
-        from miles_specrl.speculator import Speculator
+    @hookimpl
+    def rollout_metrics(self, samples: list[Sample]) -> dict | None:
+        if self.speculator is None:
+            return None
+        t = self.speculator.totals  # per-sample stats came with each EngineOutput (generate_into)
+        return {
+            "spec_accept_length": t.emitted / t.steps if t.steps else 0.0,
+            "spec_accept_rate": t.accepted / t.drafted if t.drafted else 0.0,
+            "spec_verify_steps": float(t.steps),
+        }
 
-        drafter = ModelDrafter(_state.draft_model) if _state.draft_model is not None else MTPDrafter()
-        _state.speculator = Speculator(drafter, args.sglang_speculative_num_steps)
-    _state.speculator.attach(engine)
-    _state.speculator.reset()
+    @hookimpl
+    def pre_forward(self, batch: TrainBatch, stage: str) -> None:
+        if stage == "train" and self.mtp_trainer is not None:
+            self.mtp_trainer.count_step(batch, self.args.mtp_num_layers)
 
+    @hookimpl
+    def auxiliary_loss(self, model: Any, inputs: Any, outputs: Any) -> Any:
+        if self.mtp_trainer is None or getattr(model, "mtp", None) is None or outputs.hidden is None:
+            return None
+        return self.mtp_trainer.loss(model, inputs, outputs)
 
-@hookimpl
-def rollout_metrics(args: argparse.Namespace, rollout_id: int, samples: list[Sample]) -> dict | None:
-    spec = _state.speculator
-    if spec is None:
-        return None
-    t = spec.totals  # per-sample spec_info came with each EngineOutput (copied by generate_into)
-    return {
-        "spec_accept_length": t.emitted / t.steps if t.steps else 0.0,
-        "spec_accept_rate": t.accepted / t.drafted if t.drafted else 0.0,
-        "spec_verify_steps": float(t.steps),
-    }
-
-
-@hookimpl
-def pre_forward(args: argparse.Namespace, model: Any, batch: TrainBatch, stage: str) -> None:
-    if stage == "train" and _state.mtp_trainer is not None:
-        _state.mtp_trainer.count_step(batch, _mtp_layers(args))
-
-
-@hookimpl
-def auxiliary_loss(args: argparse.Namespace, model: Any, inputs: Any, outputs: Any) -> Any:
-    if _state.mtp_trainer is None or getattr(model, "mtp", None) is None or outputs.hidden is None:
-        return None
-    return _state.mtp_trainer.loss(model, inputs, outputs)
-
-
-@hookimpl
-def post_step(args: argparse.Namespace, step: int, model: Any, metrics: dict) -> None:
-    if _state.mtp_trainer is not None:
-        metrics["mtp_grad_norm"] = _state.mtp_trainer.last_grad_norm
+    @hookimpl
+    def post_step(self, metrics: dict) -> None:
+        if self.mtp_trainer is not None:
+            metrics["mtp_grad_norm"] = self.mtp_trainer.last_grad_norm
 
 
 @hookimpl
@@ -259,7 +242,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 @hookimpl
 def convert_checkpoint(args: argparse.Namespace, input_dir: str, output_dir: str) -> bool | None:
-    if not getattr(args, "add_mtp_layers", 0):
+    if not args.add_mtp_layers:
         return None
     from miles_specrl.mtp import add_mtp_layers
 

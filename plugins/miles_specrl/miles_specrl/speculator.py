@@ -1,6 +1,8 @@
 """Speculative decoding for the built-in engine: draft k tokens, verify them in one target forward.
 
-Installed as ``engine.speculator``. Each decode step drafts up to k tokens per running sequence (with the
+The engine's decode strategy (``miles_core.api.DecodeStrategy``), returned by the plugin's
+``pre_rollout``: it sees each running sequence through a read-only ``SequenceView`` and appends tokens
+with ``engine.accept``. Each decode step drafts up to k tokens per running sequence (with the
 model's MTP depth reused autoregressively, EAGLE-style, or with a separate small draft model), runs ONE
 target forward over ``[last token, d_1..d_k]`` through the engine's KV cache, and accepts by rejection
 sampling (Leviathan et al., 2023), so every token follows the target's sampling distribution exactly at
@@ -21,11 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from miles_core.engine import tempered_logits
-from miles_core.engine.cuda_graph import HostCopies, bucket, capture_step, compile_step, model_fingerprint
-from miles_core.engine.engine import _filter_flags
-from miles_core.model import RoutingState
-from miles_core.model.layers import fuse_qkv
+from miles_core.api import (
+    HostCopies,
+    RoutingState,
+    bucket,
+    capture_step,
+    compile_step,
+    filter_flags,
+    fuse_qkv,
+    model_fingerprint,
+    tempered_logits,
+)
 from miles_specrl.drafters import ACCEPT_STREAM, RESIDUAL_STREAM, Drafter, keyed_uniform, race
 
 
@@ -75,7 +83,7 @@ class _State:
 
 
 class Speculator:
-    """``engine.speculator``: one speculative decode step for every running sequence.
+    """A decode strategy: one speculative decode step for every running sequence.
 
     :param drafter: proposes draft tokens (`miles_specrl.drafters.MTPDrafter` or ``ModelDrafter``).
     :param num_steps: k, draft tokens per step (``--sglang-speculative-num-steps``).
@@ -87,19 +95,23 @@ class Speculator:
             raise ValueError(f"speculative decoding needs num_steps >= 1, got {num_steps}")
         self.drafter, self.k, self.verifier = drafter, num_steps, verifier
         self._states: dict[int, _State] = {}
+        self._done: dict[int, dict[str, float]] = {}  # finished sequences' stats, until the engine asks
         self.totals = SeqStats()
         self._steps: SpecSteps | None = None
         self._inflight: _InFlight | None = None
 
-    def attach(self, engine: Any) -> None:
+    def prepare(self, engine: Any) -> None:
+        """Get ready to decode for ``engine`` in a new rollout (fresh statistics)."""
         self.drafter.attach(engine, self.k + 1)
-        engine.speculator = self
-
-    def reset(self) -> None:
         self._inflight = None
         self._states.clear()
+        self._done.clear()
         self.totals = SeqStats()
         self.drafter.reset()
+
+    def finished(self, seq: Any) -> dict[str, float]:
+        """The statistics of a sequence that stopped (empty if it never reached a speculative step)."""
+        return self._done.pop(id(seq), {})
 
     # ------------------------------------------------------------------ the decode step
 
@@ -135,7 +147,7 @@ class Speculator:
         if prev is not None and prev.runner is not runner:
             self._settle(engine, prev)
             prev = None
-        seqs = [s for s in seqs if s.finish is None]
+        seqs = [s for s in seqs if not s.finished]
         if not seqs:
             return
         for s in new:
@@ -145,8 +157,7 @@ class Speculator:
         if prev is None:  # give the device the host's view of every running row
             runner.load(seqs)
         rows = runner.rows(max(s.slot for s in seqs) + 1)
-        self._inflight = runner.launch(seqs, rows, routes=engine.capture_routes, **_filter_flags(seqs))
-        engine.stats["decode_steps"] += 1
+        self._inflight = runner.launch(seqs, rows, routes=engine.capture_routes, **filter_flags(seqs))
         if prev is not None:
             self._settle(engine, prev)
 
@@ -160,19 +171,19 @@ class Speculator:
         n_l, cap_l = host[:, 2 * w].long().tolist(), host[:, 2 * w + 1].long().tolist()
         done = []
         for s in step.seqs:
-            if s.finish is not None:
+            if s.finished:
                 continue  # finished at the step before: this row ran past its end
             i, a = s.slot, n_l[s.slot]
-            taken = engine.accept(s, toks_l[i][: a + 1], lp_l[i][: a + 1])
-            if step.routes is not None:
-                # Rows of the fed tokens that stay: the old last token and the kept drafts.
-                s.routes.append(step.routes[i, :taken].copy())
+            # Route rows of the fed tokens: the old last token and the drafts (the engine keeps those of
+            # the tokens it takes).
+            routes = None if step.routes is None else step.routes[i]
+            taken = engine.accept(s, toks_l[i][: a + 1], lp_l[i][: a + 1], routes)
             st = self._states[id(s)].stats
             st.steps += 1
             st.drafted += cap_l[i]
             st.accepted += min(a, taken)
             st.emitted += taken
-            if s.finish is not None:
+            if s.finished:
                 self._finish(s)
                 done.append(s.slot)
         if done and self._inflight is not None:
@@ -182,7 +193,7 @@ class Speculator:
         st = self._states.pop(id(s)).stats
         for f in ("steps", "drafted", "accepted", "emitted"):
             setattr(self.totals, f, getattr(self.totals, f) + getattr(st, f))
-        s.spec_info = st.info()  # the engine hands it out as EngineOutput.spec_info
+        self._done[id(s)] = st.info()  # the engine asks for it (`finished`) as the sequence retires
 
 
 @dataclass
@@ -237,13 +248,13 @@ class SpecSteps:
         # REMAIN: tokens a row may take after the one it feeds next (drafts past max_new_tokens are
         # never accepted, which keeps every real position inside the cache).
         vals = [
-            [s.out[-1], len(s.prompt) + len(s.out) - 1, s.key, s.params.max_new_tokens - len(s.out) - 1, 1]
-            for s in seqs
+            [s.last_token, s.position, s.key, s.sampling.max_new_tokens - s.num_output - 1, 1] for s in seqs
         ]
         slots = torch.tensor([s.slot for s in seqs])
         host[:, slots] = torch.tensor(vals, dtype=torch.long).T
         hp[:, slots] = torch.tensor(
-            [[s.params.temperature, s.params.top_p, float(s.params.top_k)] for s in seqs], dtype=torch.float32
+            [[s.sampling.temperature, s.sampling.top_p, float(s.sampling.top_k)] for s in seqs],
+            dtype=torch.float32,
         ).T
         self.state.copy_(host, non_blocking=self.capture)
         self.params.copy_(hp, non_blocking=self.capture)

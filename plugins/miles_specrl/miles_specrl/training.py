@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from miles_core.model.transformer import CausalLM
+from miles_core.api import CausalLM
 from miles_specrl.mtp import MTPHeads, embed, head_logits, step_context
 
 

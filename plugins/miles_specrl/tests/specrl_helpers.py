@@ -14,6 +14,7 @@ from miles_specrl.drafters import ModelDrafter, MTPDrafter
 from miles_specrl.mtp import add_mtp_layers, attach_mtp
 from miles_specrl.speculator import Speculator
 
+from miles_core import RolloutOptions
 from miles_core.args import parse_args
 from miles_core.engine import Engine
 from miles_core.model import CausalLM, ModelConfig, build_model, save_model
@@ -48,8 +49,14 @@ def with_mtp(model: CausalLM, num_layers: int = 1, seed: int = 1, std: float = 0
 def engine(model: CausalLM, n: int, seed: int = 0, spec: Speculator | None = None) -> Engine:
     eng = Engine(model, max_batch_size=n, seed=seed)
     if spec is not None:
-        spec.attach(eng)
+        use(spec, eng)
     return eng
+
+
+def use(spec: Speculator, eng: Engine) -> None:
+    """What a rollout with the plugin does: prepare the speculator, hand it to the engine."""
+    spec.prepare(eng)
+    eng.set_rollout_options(RolloutOptions(decode_strategy=spec))
 
 
 def mtp_speculator(k: int = 3, verifier: str = "rejection") -> Speculator:

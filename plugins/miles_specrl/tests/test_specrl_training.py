@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import miles_specrl.plugin as specrl_plugin
 import torch
 from specrl_helpers import checkpoint_with_mtp, make_args, plugin_manager, tiny_model
 
@@ -104,7 +103,7 @@ def test_mtp_gradient_comes_from_the_mtp_loss_alone(tmp_path):
     batch = make_train_batch(_samples(), args)
     batch.old_log_probs = trainer.compute_log_probs(batch, "old")
     batch.advantages = [torch.ones(s.response_length) for s in batch.samples]
-    mtp_trainer = specrl_plugin.state().mtp_trainer
+    mtp_trainer = pm.get_plugin("specrl.run").mtp_trainer
     pm.hook.pre_forward(args=args, model=model, batch=batch, stage="train")
     mb = next(trainer.micro_batches(batch, [0, 1]))
     trainer._micro_step(batch, mb, denom=2.0)  # policy loss + MTP loss
