@@ -53,7 +53,7 @@ def configure(args: argparse.Namespace, pm: pluggy.PluginManager) -> bool | None
     one registers nothing, so its hooks never run. No state goes on ``args`` or on core objects.
 
     :param args: the parsed namespace (read-only by convention; a plugin may fill in defaults of its
-        own flags, e.g. ``--use-routing-replay`` implied by ``--use-rollout-routing-replay``).
+        own flags, e.g. one flag implied by another).
     :param pm: the run's plugin manager, to register the per-run object with.
     :returns: ``True`` if the plugin's features are on for this run, ``False`` if installed but idle,
         ``None`` if it has no notion of being active. ``miles plugins`` and the run log show this.
@@ -235,7 +235,7 @@ def post_step(args: argparse.Namespace, step: int, model: torch.nn.Module, metri
 
 @hookspec
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the plugin's flags to ``miles convert`` (e.g. ``--add-mtp-layers``).
+    """Add the plugin's flags to ``miles convert`` (e.g. the options of its target format).
 
     Called once by the driver while the ``miles convert`` parser is built. The core defines
     ``--hf-checkpoint`` (input folder), ``--output`` and ``--to NAME``.

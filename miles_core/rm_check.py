@@ -1,7 +1,7 @@
 """`miles rm-check`: score a JSONL of responses with a reward function before spending a run on it.
 
 Takes the same reward flags as `miles train` (``--rm-type``, ``--custom-rm-path``, ``--reward-key``,
-``--group-rm``, plugin flags such as ``--rm-url``, even ``--config`` of the run), scores every row with the
+``--group-rm``, the reward plugins' own flags, even ``--config`` of the run), scores every row with the
 run's own `RewardRunner`, prints a table and a summary, and with ``--output`` writes the scores as JSONL.
 """
 

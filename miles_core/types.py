@@ -82,7 +82,8 @@ class TrainBatch:
     # float32 [num_samples]: the temperature each response was sampled at (1.0 for greedy samples, whose
     # log-probs the engine reports untempered); the trainer's log-probs divide the logits by it.
     temperatures: torch.Tensor | None = None
-    # Routing replay (mechanism in core, policy in miles-r3): per sample int32 [len(tokens)-1, L, topk].
+    # Routing replay (mechanism in the core, policy in a plugin's pre_forward): per sample int32
+    # [len(tokens)-1, L, topk].
     replay_routes: list[torch.Tensor] | None = None
     # Set to True to have the next forward record each sample's router top-k into `recorded_routes`.
     record_routes: bool = False

@@ -1,7 +1,8 @@
 """Find the final ``\\boxed{...}`` answer in a model response.
 
-Used by the core's ``boxed_`` reward prefix and by the miles-rewards graders. Braces are matched, so
-``\\boxed{\\frac{1}{2}}`` yields ``\\frac{1}{2}``; the brace-less ``\\boxed 5`` runs to ``$`` or the line end.
+Used by the core's ``boxed_`` reward prefix and by reward plugins' graders (through ``miles_core.api``).
+Braces are matched, so ``\\boxed{\\frac{1}{2}}`` yields ``\\frac{1}{2}``; the brace-less
+``\\boxed 5`` runs to ``$`` or the line end.
 """
 
 from __future__ import annotations

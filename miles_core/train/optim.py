@@ -15,8 +15,9 @@ into one flat buffer each, so a step is a handful of kernels whatever the number
   the bf16 weights in the same pass.
 
 A parameter with a post-accumulate-grad hook (a plugin that takes its gradient away after each
-backward, e.g. miles-specrl's MTP heads) is kept out of the flat buffers: it gets its own per-tensor
-AdamW in `step`, with whatever ``.grad`` the plugin puts back, unscaled by the policy's clip factor.
+backward, e.g. a plugin's draft heads trained on their own) is kept out of the flat buffers: it gets its
+own per-tensor AdamW in `step`, with whatever ``.grad`` the plugin puts back, unscaled by the policy's
+clip factor.
 """
 
 from __future__ import annotations
