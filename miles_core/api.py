@@ -13,6 +13,8 @@ modules around freely. Grouped by what a plugin does with them:
   itself uses;
 - **weights and files**: HF safetensors I/O, `start_weights` (resume-or-``--hf-checkpoint``),
   `atomic_dir` for checkpoint conversions;
+- **generate functions**: `current_context` (the rollout's engine, tokenizer and plugin manager) and
+  `generate_into` (run the engine for a sample, recording weight version and sampling parameters);
 - **rewards**: `last_boxed`.
 """
 
@@ -46,6 +48,7 @@ from miles_core.model.layers import StepContext, fuse_qkv
 from miles_core.model.moe import combine_copies, dispatch_copies, expert_order
 from miles_core.model.transformer import DecoderLayer, cache_context
 from miles_core.rollout.boxed import last_boxed
+from miles_core.rollout.generate import RolloutContext, current_context, generate_into
 from miles_core.train.checkpoint import start_weights
 from miles_core.train.losses import LossTerms
 from miles_core.train.trainer import MicroBatch
@@ -64,6 +67,7 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "RMSNorm",
+    "RolloutContext",
     "RoutingState",
     "SamplingParams",
     "SequenceView",
@@ -78,10 +82,12 @@ __all__ = [
     "capture_step",
     "combine_copies",
     "compile_step",
+    "current_context",
     "dispatch_copies",
     "expert_order",
     "filter_flags",
     "fuse_qkv",
+    "generate_into",
     "graph_safe",
     "iter_safetensors",
     "keyed_exponentials",

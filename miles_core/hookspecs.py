@@ -66,10 +66,10 @@ def configure_model(args: argparse.Namespace, model: torch.nn.Module, role: str)
 
     Called once per model instance right after its weights are loaded: by the trainer for
     ``role="train"`` and ``role="ref"``, and by the rollout engine for ``role="rollout"``. Use
-    ``miles_core.model.swap_modules`` to replace modules by name; the call sites stay the same.
+    ``miles_core.api.swap_modules`` to replace modules by name; the call sites stay the same.
 
     :param args: the parsed namespace.
-    :param model: the ``miles_core.model.CausalLM`` (parameters on their final device and dtype).
+    :param model: the ``miles_core.api.CausalLM`` (parameters on their final device and dtype).
     :param role: ``"train"``, ``"ref"`` or ``"rollout"``.
     :returns: nothing.
     """
@@ -91,7 +91,7 @@ def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> Rollo
 
     :param args: the parsed namespace.
     :param rollout_id: 0-based index of the rollout about to run.
-    :param engine: the rollout engine (``miles_core.engine.Engine`` for the built-in backend), to read
+    :param engine: the rollout engine (``miles_core.api.Engine`` for the built-in backend), to read
         (its ``model``, ``kv_cache``, ``device``).
     :returns: ``miles_core.types.RolloutOptions`` or ``None`` (nothing to ask).
     """
@@ -189,7 +189,7 @@ def loss_correction(args: argparse.Namespace, terms: Any) -> dict | None:
     per token and before it is aggregated. TIS and IcePop are the core's implementations.
 
     :param args: the parsed namespace.
-    :param terms: ``miles_core.train.losses.LossTerms``: flat float32 tensors ``[num_tokens]`` over the
+    :param terms: ``miles_core.api.LossTerms``: flat float32 tensors ``[num_tokens]`` over the
         micro-batch's response tokens: ``log_probs`` (current, with grad), ``old_log_probs``,
         ``rollout_log_probs`` (may be ``None``), ``advantages``, ``loss_mask``, and ``pg_loss``
         (per-token loss). A hook may replace ``terms.pg_loss`` (e.g. multiply by a weight) or zero
@@ -206,9 +206,9 @@ def auxiliary_loss(args: argparse.Namespace, model: torch.nn.Module, inputs: Any
 
     :param args: the parsed namespace.
     :param model: the policy model.
-    :param inputs: ``miles_core.train.trainer.MicroBatch`` (padded ``input_ids`` ``[B, T]``,
+    :param inputs: ``miles_core.api.MicroBatch`` (padded ``input_ids`` ``[B, T]``,
         ``attention_mask``, ``targets``, response ``loss_mask``).
-    :param outputs: ``miles_core.model.ModelOutput`` of the forward (``logits`` and ``hidden``).
+    :param outputs: ``miles_core.api.ModelOutput`` of the forward (``logits`` and ``hidden``).
     :returns: ``(loss, metrics)`` with a scalar tensor that joins the backward pass, or ``None``.
     """
 
@@ -250,7 +250,7 @@ def convert_checkpoint(args: argparse.Namespace, input_dir: str, output_dir: str
     """Convert an HF checkpoint, if the flags ask for a conversion this plugin owns.
 
     Called by the driver of ``miles convert``; ``firstresult``: the first plugin that returns ``True``
-    did the conversion. Write the output atomically (``miles_core.atomic.atomic_dir``).
+    did the conversion. Write the output atomically (``miles_core.api.atomic_dir``).
 
     :param args: the parsed ``miles convert`` namespace (``args.to`` names the target format).
     :param input_dir: folder of the source HF checkpoint (config.json, safetensors, tokenizer files).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from miles_core import Sample, Status
-from miles_core.rollout.generate import current_context, generate_into
+from miles_core.api import current_context, generate_into
 
 
 async def single_turn_stats(args: argparse.Namespace, sample: Sample, sampling_params: dict) -> Sample:
