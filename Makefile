@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PLUGINS := $(wildcard plugins/miles_*)
 STAMP := $(VENV)/.miles-installed
 
-.PHONY: setup demo test test-slow lint checkpoint clean
+.PHONY: setup demo test test-slow lint checkpoint wheels clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ lint: $(STAMP)
 
 checkpoint: $(STAMP)
 	$(PY) examples/arith/make_checkpoint.py
+
+# Wheels and sdists of miles-core and every plugin in dist/; install a chosen few by name from there:
+# pip install --find-links dist miles-core miles-r3
+wheels: $(STAMP)
+	rm -rf dist
+	for p in . $(PLUGINS); do $(PY) -m build --outdir dist $$p || exit 1; done
 
 clean:
 	rm -rf runs $(VENV)

@@ -9,16 +9,14 @@ installed ``miles`` command there.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import stevedore
 import stevedore._cache
+from venv_helpers import copy_source, fresh_venv, pip_install, run_in
 
 from miles_core import drivers
 from miles_core.cli import main
@@ -26,29 +24,6 @@ from miles_core.cli import main
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "third_party_plugin"
 PACKAGE = "miles_example_plugin"
-
-
-def copy_source(src: Path, dst: Path, keep: tuple[str, ...] | None = None) -> Path:
-    """Copy a project (or only its entries ``keep``) so pip's build/ and egg-info land outside the repo."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
-    dst.mkdir(parents=True)
-    for entry in src.iterdir():
-        if keep is not None and entry.name not in keep or ignore(str(src), [entry.name]):
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, dst / entry.name, ignore=ignore)
-        else:
-            shutil.copy2(entry, dst / entry.name)
-    return dst
-
-
-def pip_install(*args: str, python: str | None = None) -> None:
-    """Offline install with the running pip (``--python`` targets another interpreter)."""
-    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    cmd += ["--python", python] if python else []
-    cmd += ["install", "--no-deps", "--no-build-isolation", "--no-index", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -144,41 +119,10 @@ def test_rm_check_with_the_installed_reward(installed, tmp_path, capsys, choose)
 # a fresh venv
 
 
-def borrowed_dependencies(dest: Path) -> Path:
-    """Symlink every third-party package of this interpreter into ``dest``, leaving out all of miles.
-
-    The fresh venv reads them through a .pth line: torch and friends need no network or minute-long
-    install, while every miles distribution (and its entry points) the venv sees is one pip put there.
-    """
-    dest.mkdir()
-    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        name = entry.name.lower()
-        if "miles" in name or name.endswith(".pth") or name.startswith("__editable__"):
-            continue
-        (dest / entry.name).symlink_to(entry)
-    return dest
-
-
-def run_in(venv: Path, *cmd: str, cwd: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "MILES_"))}
-    env.update(OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{cmd}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
 @pytest.mark.slow
 def test_fresh_venv_install_and_train(tiny_ckpt, prompts_file, tmp_path):
-    venv = tmp_path / "venv"
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
+    venv = fresh_venv(tmp_path)
     python = str(venv / "bin" / "python")
-    purelib = run_in(
-        venv, python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path
-    )
-    deps = borrowed_dependencies(tmp_path / "deps")
-    Path(purelib.strip(), "_borrowed_deps.pth").write_text(f"{deps}\n")
-
     core = copy_source(REPO, tmp_path / "src" / "core", keep=("pyproject.toml", "README.md", "miles_core"))
     example = copy_source(EXAMPLE, tmp_path / "src" / "example")
     pip_install(str(core), str(example), python=python)
@@ -190,11 +134,11 @@ def test_fresh_venv_install_and_train(tiny_ckpt, prompts_file, tmp_path):
         "print(sorted(n for n in names if 'miles' in n.lower())); "
         "print(miles_core.__file__); print(p.__file__)"
     )
-    names, core_file, example_file = run_in(venv, python, "-c", probe, cwd=tmp_path).splitlines()
+    names, core_file, example_file = run_in(venv, python, "-c", probe, cwd=tmp_path).stdout.splitlines()
     assert names == "['miles-core', 'miles-example-plugin']"  # no miles-rewards, nothing from the repo
     assert core_file.startswith(str(venv)) and example_file.startswith(str(venv))
 
-    listing = run_in(venv, miles, "plugins", cwd=tmp_path)
+    listing = run_in(venv, miles, "plugins", cwd=tmp_path).stdout
     assert "example" in listing and "miles-example-plugin" in listing and "rewards" not in listing
 
     run = tmp_path / "run"
