@@ -2,11 +2,18 @@
 
 Both start from the same checkpoint (bench/rollout.py's random Qwen3-MoE, saved by miles and loaded into
 transformers for TRL), the same prompts, group size, completion length and reward. miles runs its
-engine (bf16, CUDA graphs) and trainer (fp32 master weights, bf16 autocast, packed micro-batches);
-TRL runs its defaults (transformers `generate`). Each side's second step is timed. TRL is an optional
-dependency: `pip install trl` (it travels to the GPU machine as wheels). Prints one JSON line.
+engine (bf16 and CUDA graphs on a GPU) and trainer (packed micro-batches; on a GPU `--bf16`: bf16
+weights, fp32 masters in the optimizer); TRL runs its defaults (transformers `generate`, no vLLM). Each
+side's second step is timed. TRL is an optional dependency: `pip install trl` (it travels to the GPU
+machine as wheels). Prints one JSON line.
 
-    python bench/grpo_vs_trl.py --preset cpu-small
+Gradient checkpointing: TRL's trainer configs default to `gradient_checkpointing=True` (TRL 1.16,
+`trl/trainer/base_config.py`), so its training forward runs twice; miles recomputes nothing unless
+`--recompute-granularity` asks. `--trl-gradient-checkpointing` sets TRL's side explicitly (default `on`,
+TRL's default) and the JSON line records it (`trl_gradient_checkpointing`). Generation is unaffected
+either way: transformers (5.25 checked) keeps the KV cache when generating under `torch.no_grad()`.
+
+    python bench/grpo_vs_trl.py --preset cpu-small [--trl-gradient-checkpointing on|off]
     python bench/grpo_vs_trl.py --preset gpu-0.7b
 """
 
@@ -85,7 +92,9 @@ def word_tokenizer(vocab: int):
     return fast
 
 
-def trl_step_time(folder: str, prompts: list[list[int]], shape: dict, device: str) -> float:
+def trl_step_time(
+    folder: str, prompts: list[list[int]], shape: dict, device: str, checkpointing: bool
+) -> float:
     from datasets import Dataset
     from datasets.table import InMemoryTable
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -120,7 +129,7 @@ def trl_step_time(folder: str, prompts: list[list[int]], shape: dict, device: st
             num_generations=g, max_completion_length=shape["completion"], temperature=1.0,
             learning_rate=1e-6, beta=0.0, max_steps=2, logging_steps=1, report_to="none",
             save_strategy="no", bf16=device == "cuda", use_cpu=device == "cpu", disable_tqdm=True,
-            seed=0, shuffle_dataset=False,
+            seed=0, shuffle_dataset=False, gradient_checkpointing=checkpointing,
         )  # fmt: skip
         clock = Clock()
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=data,
@@ -132,6 +141,12 @@ def trl_step_time(folder: str, prompts: list[list[int]], shape: dict, device: st
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(SHAPES), default="gpu-0.7b")
+    ap.add_argument(
+        "--trl-gradient-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="TRL's gradient_checkpointing (default on: TRL's own default; miles recomputes nothing)",
+    )
     a = ap.parse_args(argv)
     preset, shape = PRESETS[a.preset], SHAPES[a.preset]
     device = preset["device"]
@@ -146,12 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
         t_miles = miles_step_time(folder, prompts, shape, device)
         if device == "cuda":
             torch.cuda.empty_cache()
-        t_trl = trl_step_time(folder, prompts, shape, device)
+        t_trl = trl_step_time(folder, prompts, shape, device, a.trl_gradient_checkpointing == "on")
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "preset": a.preset,
         "miles_samples_s": round(n / t_miles, 2), "trl_samples_s": round(n / t_trl, 2),
         "ratio": round(t_trl / t_miles, 2), "samples_per_step": n, "group": shape["group"],
         "completion": shape["completion"], "miles_step_s": round(t_miles, 3), "trl_step_s": round(t_trl, 3),
+        "trl_gradient_checkpointing": a.trl_gradient_checkpointing, "miles_recompute": "none",
     }  # fmt: skip
     print(json.dumps(result))
     return result

@@ -62,7 +62,7 @@ def test_grpo_vs_trl_bench_prints_its_json_line():
         ("fp8_rollout.py", "cpu-small", {"bf16_tok_s", "fp8_rowwise_expert_bytes"}),
         ("int4_rollout.py", "cpu-small", {"bf16_tok_s", "bf16_expert_bytes"}),
         ("r3_mismatch.py", "cpu-small", {"mismatch_no_r3", "mismatch_r3"}),
-        ("fp8_mismatch.py", None, {"recipe", "rollout_dtype"}),
+        ("fp8_mismatch.py", None, {"recipe", "bf16_absdiff_ratio", "fp32_absdiff_ratio"}),
         ("int4_memory.py", None, {"bf16_bytes", "int4_bytes", "ratio"}),
     ],
 )  # fmt: skip
