@@ -25,7 +25,7 @@ for group in "${@:-tests}"; do
       python bench/train_step.py 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --compile 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --compile --samples 256 --max-tokens 98304 2>&1 | grep -E '^\{|Error'
-      MILES_PACKED_ATTENTION=flash python bench/train_step.py --compile --samples 256 --max-tokens 98304 2>&1 | grep -E '^\{|Error'
+      python bench/train_step.py --compile --samples 256 --max-tokens 98304 --packed-attention flash 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --compile --samples 128 --max-tokens 49152 --profile 2>&1 | grep -v -i warn | tail -44 ;;
     profile) python bench/decode_profile.py --generate 256 2>&1 | grep -v -i warn | tail -34 ;;
     specrl)

@@ -5,7 +5,7 @@ masters in the optimizer) on packed micro-batches (--use-dynamic-batch-size). MF
 step needs: 6 x active (routed) non-embedding parameters per input token, the LM head only at response
 positions (the trainer projects nothing else), plus causal attention; the peak is the card's dense bf16
 spec (989 TFLOP/s for H100/H200 SXM) and, as `mfu_vs_matmul`, a measured 8192^3 bf16 matmul. Prints one
-JSON line; `attention` names the packed-attention kernel (`MILES_PACKED_ATTENTION=flash` runs the peer).
+JSON line; `attention` names the packed-attention kernel (`--packed-attention flash` runs the peer).
 
     python bench/train_step.py --preset cpu-small
     python bench/train_step.py --compile                            # 64 samples, 24.5k tokens a step
@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", action="store_true", help="Also print one step's busiest kernels to stderr.")
     ap.add_argument("--samples", type=int, default=None, help="Samples per step (default: the preset's).")
     ap.add_argument("--max-tokens", type=int, default=None, help="--max-tokens-per-gpu (default: preset's).")
+    ap.add_argument(
+        "--packed-attention", choices=["auto", "triton", "flash", "sdpa"], default="auto",
+        help="The trainer's --packed-attention (flash: torch's flash varlen, the Triton kernels' peer).",
+    )  # fmt: skip
     a = ap.parse_args(argv)
     preset, shape = PRESETS[a.preset], dict(SHAPES[a.preset])
     shape.update({k: v for k, v in (("samples", a.samples), ("max_tokens", a.max_tokens)) if v})
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.compile:
         flags.append("--train-compile")
     pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
+    flags += ["--packed-attention", a.packed_attention]
     args = parse_args(flags, pm)
     trainer = Trainer(args, pm, model)
     batch = make_batch(n, shape["prompt"], shape["response"], model.config.vocab_size, trainer.device)
@@ -173,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops": round(peak / 1e12, 1), "matmul_tflops": round(measured / 1e12, 1),
         "tokens_per_step": tokens, "step_s": round(dt, 4), "recompute": a.recompute, "compile": a.compile,
         "max_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
-        "attention": packed_attention_kernel(trainer.device, model.config.head_dim) or "sdpa",
+        "attention": packed_attention_kernel(trainer.device, model.config.head_dim, a.packed_attention)
+        or "sdpa",
     }  # fmt: skip
     print(json.dumps(result))
     return result

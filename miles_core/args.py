@@ -195,8 +195,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
         "--train-compile",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="Compile each decoder layer of the policy with torch.compile (dynamic shapes; the packed "
-        "attention call stays eager): fuses norms, rope, casts and the MoE routing, forward and backward.",
+        help="Compile each decoder layer of the policy with torch.compile (dynamic shapes; the Triton and "
+        "flash packed attention run inside it, only the SDPA fallback stays eager): fuses norms, rope, "
+        "casts and the MoE routing, forward and backward.",
     )
     g.add_argument(
         "--packed-attention",
