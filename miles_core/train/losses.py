@@ -315,7 +315,8 @@ def mismatch_metrics(
     ``train_rollout_logprob_abs_diff``: mean |train - rollout|. ``train_rollout_kl``: mean k3 estimate of
     KL(rollout || train) from the rollout's samples, i.e. with ``r = p_train / p_rollout``,
     ``r - 1 - log r`` per token, clamped to [-10, 10] -- miles' definition
-    (``compute_approx_kl(rollout, train, "low_var_kl")``). Both are 0 only where the two sides compute bitwise-equal log-probs.
+    (``compute_approx_kl(rollout, train, "low_var_kl")``). Both are 0 only where the two sides compute
+    bitwise-equal log-probs.
     """
     train = train_log_probs.detach().float()
     rollout = rollout_log_probs.detach().float()
