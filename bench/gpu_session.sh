@@ -9,11 +9,12 @@
 #   bash bench/gpu_session.sh specrl    # speculative decoding vs none on a GSM8K-trained target (~5 min;
 #                                       # GSM8K in $GSM8K, default ../shared/data/gsm8k)
 #
-# On the device machine first: python -m pip install --no-deps <carried wheels> (stevedore, pytest).
+# On the device machine first: carried wheels (stevedore; setuptools>=77) on PYTHONPATH, then
+# python -m pip install --no-deps --no-build-isolation -e . -e plugins/* (registers the entry points).
 # Every bench prints one JSON line; stderr carries the profiles.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=".:plugins/miles_rewards:plugins/miles_r3:plugins/miles_fp8:plugins/miles_int4qat:plugins/miles_specrl"
+export PYTHONPATH=".:plugins/miles_rewards:plugins/miles_r3:plugins/miles_fp8:plugins/miles_int4qat:plugins/miles_specrl${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for group in "${@:-tests}"; do
   case "$group" in

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import stevedore
 import stevedore._cache
-from venv_helpers import copy_source, fresh_venv, pip_install, run_in
+from venv_helpers import copy_source, fresh_venv, installed_miles, pip_install, run_in
 
 from miles_core import drivers
 from miles_core.cli import main
@@ -128,14 +128,8 @@ def test_fresh_venv_install_and_train(tiny_ckpt, prompts_file, tmp_path):
     pip_install(str(core), str(example), python=python)
     miles = str(venv / "bin" / "miles")  # the console script pip wrote into the venv
 
-    probe = (
-        "import importlib.metadata as m, miles_core, miles_example_plugin as p; "
-        "names = (d.metadata['Name'] for d in m.distributions()); "
-        "print(sorted(n for n in names if 'miles' in n.lower())); "
-        "print(miles_core.__file__); print(p.__file__)"
-    )
-    names, core_file, example_file = run_in(venv, python, "-c", probe, cwd=tmp_path).stdout.splitlines()
-    assert names == "['miles-core', 'miles-example-plugin']"  # no miles-rewards, nothing from the repo
+    names, core_file, example_file = installed_miles(venv, "miles_example_plugin", tmp_path)
+    assert names == ["miles-core", "miles-example-plugin"]  # no miles-rewards, nothing from the repo
     assert core_file.startswith(str(venv)) and example_file.startswith(str(venv))
 
     listing = run_in(venv, miles, "plugins", cwd=tmp_path).stdout

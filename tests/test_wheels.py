@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from venv_helpers import copy_source, fresh_venv, pip_install, run, run_in
+from venv_helpers import copy_source, fresh_venv, installed_miles, pip_install, run, run_in
 
 REPO = Path(__file__).resolve().parents[1]
 ARITH = REPO / "examples" / "arith"
@@ -85,14 +85,8 @@ def test_build_all_wheels_and_install_only_core_and_r3(tmp_path):
     venv = fresh_venv(tmp_path)
     python = str(venv / "bin" / "python")
     pip_install("--find-links", str(wheelhouse), "miles-core", "miles-r3", python=python, deps=True)
-    probe = (
-        "import importlib.metadata as m, miles_core, miles_r3; "
-        "names = (d.metadata['Name'] for d in m.distributions()); "
-        "print(sorted(n for n in names if 'miles' in n.lower())); "
-        "print(miles_core.__file__); print(miles_r3.__file__)"
-    )
-    names, core_file, r3_file = run_in(venv, python, "-c", probe, cwd=tmp_path).stdout.splitlines()
-    assert names == "['miles-core', 'miles-r3']"  # of the six wheels on offer, the two asked for
+    names, core_file, r3_file = installed_miles(venv, "miles_r3", tmp_path)
+    assert names == ["miles-core", "miles-r3"]  # of the six wheels on offer, the two asked for
     assert core_file.startswith(str(venv)) and r3_file.startswith(str(venv))
     miles = str(venv / "bin" / "miles")  # the console script pip wrote into the venv
 

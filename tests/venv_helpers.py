@@ -7,6 +7,7 @@ network and no minute-long installs are needed; every miles distribution the ven
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -95,3 +96,17 @@ def run_in(venv: Path, *cmd: str, cwd: Path, rc: int = 0, timeout: float = 300):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "MILES_"))}
     env.update(OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     return run(list(cmd), cwd=cwd, env=env, rc=rc, timeout=timeout)
+
+
+def installed_miles(venv: Path, module: str, cwd: Path) -> tuple[list[str], str, str]:
+    """In ``venv``: the sorted names of installed miles distributions, and where ``miles_core`` and
+    ``module`` are imported from (to check they come from the venv, not from the repository)."""
+    probe = (
+        f"import importlib.metadata as m, json, miles_core, {module} as p; "
+        "names = (d.metadata['Name'] for d in m.distributions()); "
+        "print(json.dumps(sorted(n for n in names if 'miles' in n.lower()))); "
+        "print(miles_core.__file__); print(p.__file__)"
+    )
+    python = str(venv / "bin" / "python")
+    names, core_file, module_file = run_in(venv, python, "-c", probe, cwd=cwd).stdout.splitlines()
+    return json.loads(names), core_file, module_file

@@ -188,28 +188,16 @@ class GRPO:
             )
         return masked_whiten(advs, masks) if args.normalize_advantages else advs
 
-    def policy_log_ratio(
-        self,
-        log_probs: torch.Tensor,
-        old_log_probs: torch.Tensor,
-        loss_mask: torch.Tensor,
-        lengths: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """The log-ratio of the clipped loss, or None for the per-token ``log_probs - old_log_probs``."""
+    def policy_log_ratio(self, *terms: torch.Tensor) -> torch.Tensor | None:
+        """The log-ratio of the clipped loss from (log_probs, old_log_probs, loss_mask, lengths), or None
+        for the per-token ``log_probs - old_log_probs``."""
         return None
 
 
 class GSPO(GRPO):
     """``gspo``: GRPO's advantages with GSPO's sequence-level importance ratio (`gspo_log_ratio`)."""
 
-    def policy_log_ratio(
-        self,
-        log_probs: torch.Tensor,
-        old_log_probs: torch.Tensor,
-        loss_mask: torch.Tensor,
-        lengths: torch.Tensor,
-    ) -> torch.Tensor | None:
-        return gspo_log_ratio(log_probs, old_log_probs, loss_mask, lengths)
+    policy_log_ratio = staticmethod(gspo_log_ratio)
 
 
 class ReinforcePlusPlus(GRPO):
