@@ -75,9 +75,16 @@ def test_run_writes_outputs(tiny_ckpt, prompts_file, reward_file, tmp_path, caps
     ).is_file()
 
 
-@pytest.mark.parametrize("extra", [[], ["--bf16"]], ids=["fp32", "bf16-masters"])
+# Two optimizer steps a rollout, with a warm-up that spans the first leg's 4 steps then cosine decay: the
+# resumed leg's learning rates depend on the restored step count. (The decay horizon follows
+# --num-rollout, which the first leg sets lower, so the warm-up covers exactly the steps it takes.)
+LR_SCHEDULE = ["--global-batch-size", "4", "--lr-warmup-iters", "4", "--lr-decay-style", "cosine"]
+
+
+@pytest.mark.parametrize("extra", [LR_SCHEDULE, ["--bf16"]], ids=["fp32-warmup-cosine", "bf16-masters"])
 def test_resume_matches_uninterrupted_run(tiny_ckpt, prompts_file, reward_file, tmp_path, extra):
-    """Also with --bf16: the checkpoint's weights are bf16, its optimizer state restores the fp32
+    """The resumed run goes on at the interrupted step of the LR schedule, with the optimizer state of
+    that step. Also with --bf16: the checkpoint's weights are bf16, its optimizer state restores the fp32
     masters, so the resumed run ends on the same weights."""
     straight = tmp_path / "straight"
     assert main(base_argv(tiny_ckpt, prompts_file, straight, reward_file, 4) + extra) == 0
@@ -107,6 +114,8 @@ def test_resume_matches_uninterrupted_run(tiny_ckpt, prompts_file, reward_file, 
     ra = [r["rollout/reward_mean"] for r in rows(straight)]
     rb = [r["rollout/reward_mean"] for r in rows(split)]
     assert ra == rb and len(ra) == 4
+    lrs = [[r["train/lr"] for r in rows(p)] for p in (straight, split)]
+    assert lrs[0] == lrs[1] and (len(set(lrs[0])) > 1) == (extra == LR_SCHEDULE)
 
 
 def test_unknown_flag(capsys):

@@ -149,6 +149,40 @@ def test_routing_record_and_replay(norm_topk_prob):
         assert grad is not None and grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_replay_gate_weights_are_router_probabilities_at_replayed_experts(norm_topk_prob):
+    """Replaying experts the router would not pick: each token's output is the sum over the replayed
+    experts of (softmax router probability there, renormalised over the k when norm_topk_prob) times
+    that expert's SwiGLU output; the weights of the router's own top-k play no part."""
+    model = _model(norm_topk_prob=norm_topk_prob)
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    flat = x.reshape(-1, 32)
+    with torch.no_grad():
+        probs = torch.softmax(flat @ block.gate.weight.T, dim=-1)
+    # Per token a worse-ranked pair (ranks 2 and 4, then 5 and 3): never the router's own top-2.
+    ranked = probs.argsort(dim=-1, descending=True)
+    replay = torch.stack([ranked[:, 2], ranked[:, 4]], dim=1)
+    replay[1::2] = ranked[1::2][:, [5, 3]]
+    routing = RoutingState(replay=[replay.view(2, 5, 2)])
+    with torch.no_grad():
+        out = block(x, routing)
+    assert torch.equal(routing.used_topk[0], replay.view(2, 5, 2))
+    assert not torch.equal(routing.router_topk[0], routing.used_topk[0])
+
+    gate_up, down, inter = block.experts.gate_up_proj, block.experts.down_proj, block.experts.intermediate
+    expected = torch.zeros_like(flat)
+    with torch.no_grad():
+        for n in range(flat.shape[0]):
+            w = probs[n, replay[n]]
+            if norm_topk_prob:
+                w = w / w.sum()
+            for j, e in enumerate(replay[n].tolist()):
+                h = gate_up[e] @ flat[n]
+                expected[n] += w[j] * (down[e] @ (torch.nn.functional.silu(h[:inter]) * h[inter:]))
+    torch.testing.assert_close(out.reshape(-1, 32), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_routing_replay_rejects_wrong_shape():
     model = _model()
     with pytest.raises(ValueError, match="MoE layer 0"):

@@ -8,7 +8,7 @@ import torch
 from test_trainer import make_args, rollout
 
 from miles_core.loop import make_train_batch
-from miles_core.model import load_model
+from miles_core.model import RoutingState, load_model
 from miles_core.plugins import get_plugin_manager
 from miles_core.train.trainer import Trainer, pack_by_tokens
 from miles_core.types import UsageError
@@ -82,21 +82,35 @@ def test_packed_log_probs_and_recorded_routes_equal_padded(tiny_ckpt, samples):
         assert torch.equal(a, b)
 
 
-def test_packed_replay_routes_are_used(tiny_ckpt, samples):
-    args = make_args(tiny_ckpt, PACKED)
+def test_packed_replay_routes_are_used_token_by_token(tiny_ckpt, samples):
+    """Replay tables whose rows differ token by token: packed and padded micro-batches give the log-probs
+    of a plain forward of each sample with its own table (so no row of the table is shifted)."""
+    temp1 = ["--rollout-temperature", "1"]  # the plain forward's log-probs below are untempered
+    args = make_args(tiny_ckpt, [*PACKED, *temp1])
     batch = make_train_batch(samples, args)
     trainer = Trainer(args, _pm(), load_model(tiny_ckpt))
+    model = trainer.model
     free = trainer.compute_log_probs(batch, "old")
-    k = trainer.model.config.num_experts_per_tok
-    layers = trainer.model.num_moe_layers
-    # Replay expert set {0, 1} everywhere: log-probs must change, and equal the padded path's replay.
-    batch.replay_routes = [torch.tensor([0, 1][:k]).expand(len(t) - 1, layers, k) for t in batch.tokens]
+    e, k, layers = model.config.num_experts, model.config.num_experts_per_tok, model.num_moe_layers
+    g = torch.Generator().manual_seed(5)
+    # Per token and layer, k distinct experts drawn at random.
+    batch.replay_routes = [
+        torch.rand(len(t) - 1, layers, e, generator=g).argsort(-1)[..., :k].int() for t in batch.tokens
+    ]
     packed = trainer.compute_log_probs(batch, "old")
-    args_pad = make_args(tiny_ckpt, ["--micro-batch-size", "8"])
-    padded = Trainer(args_pad, _pm(), trainer.model).compute_log_probs(batch, "old")
+    args_pad = make_args(tiny_ckpt, ["--micro-batch-size", "8", *temp1])
+    padded = Trainer(args_pad, _pm(), model).compute_log_probs(batch, "old")
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(free, packed))
-    for a, b in zip(packed, padded):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for i, (tokens, s) in enumerate(zip(batch.tokens, batch.samples)):
+        routes = batch.replay_routes[i].long()
+        with torch.no_grad():
+            out = model(
+                tokens[:-1][None], routing=RoutingState(replay=[routes[None, :, m] for m in range(layers)])
+            )
+        n, r = len(tokens) - 1, s.response_length
+        plain = torch.log_softmax(out.logits[0, n - r : n], -1).gather(-1, tokens[n + 1 - r :, None])[:, 0]
+        torch.testing.assert_close(packed[i], plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(padded[i], plain, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("flag", [["--recompute-granularity", "full"], ["--recompute-activations"]])

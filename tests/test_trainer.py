@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -191,3 +192,120 @@ def test_bf16_compiled_layers_on_cuda_over_changing_packings(tiny_ckpt):
         assert a["pg_loss"] == pytest.approx(b["pg_loss"], abs=2e-2)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-2)
     assert graphs[0] > 0 and graphs[4] == graphs[2]
+
+
+# -------------------------------------------------------------------------------- loss terms, by hand
+# At the first step of a rollout the policy is the "old" policy (ratio 1, nothing clipped), so each
+# gradient below can be predicted exactly from the gradient of a plain step. Grad clipping is off so the
+# gradients the step leaves on the parameters are the loss gradients themselves.
+
+NO_CLIP = ["--micro-batch-size", "4", "--clip-grad", "0"]
+
+
+def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat(
+        [torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in model.parameters()]
+    )
+
+
+def _step_grad(ckpt, samples, extra, ref_model=None):
+    """(gradient, metrics) of one train step on `samples` from the checkpoint's weights."""
+    args = make_args(ckpt, [*NO_CLIP, *extra])
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
+    trainer = Trainer(args, pm, load_model(ckpt), ref_model)
+    metrics = trainer.train(0, make_train_batch(copy.deepcopy(samples), args))[0]
+    return _flat_grad(trainer.model), metrics
+
+
+def _off_policy(samples, ratio):
+    """The samples with rollout log-probs shifted so that the train/rollout ratio exp(old - rollout)
+    is `ratio` on every token (the trainer's old log-probs equal the engine's to ~1e-6)."""
+    out = copy.deepcopy(samples)
+    for s in out:
+        s.rollout_log_probs = [lp - math.log(ratio) for lp in s.rollout_log_probs]
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_samples(tiny_ckpt):
+    return rollout(tiny_ckpt, make_args(tiny_ckpt))
+
+
+@pytest.fixture(scope="module")
+def plain_grad(tiny_ckpt, plain_samples):
+    """The gradient of the first step without corrections (the rollout log-probs play no part in it)."""
+    return _step_grad(tiny_ckpt, plain_samples, [])[0]
+
+
+@pytest.mark.parametrize(
+    "flags,ratio,weight,metric",
+    [
+        (["--use-tis"], 0.5, 0.5, ("tis_weight_mean", 0.5)),
+        (["--use-tis", "--tis-clip", "2.0"], 3.0, 2.0, ("tis_weight_mean", 2.0)),  # clipped at 2
+        (["--use-icepop"], 2.0, 2.0, ("icepop_maskfrac", 0.0)),  # inside [0.5, 5]: weighted by the ratio
+        (["--use-icepop"], 8.0, 0.0, ("icepop_maskfrac", 1.0)),  # outside: no policy gradient at all
+    ],
+    ids=["tis", "tis-clipped", "icepop-kept", "icepop-dropped"],
+)
+def test_mismatch_correction_reweights_the_step(
+    tiny_ckpt, plain_samples, plain_grad, flags, ratio, weight, metric
+):
+    """--use-tis / --use-icepop with rollout log-probs off the trainer's: every token's loss is weighted
+    by the (clipped / windowed) ratio, so the step's gradient is the uncorrected step's times that
+    weight, and the correction reports its metrics."""
+    g_corr, metrics = _step_grad(tiny_ckpt, _off_policy(plain_samples, ratio), flags)
+    assert plain_grad.norm() > 0
+    torch.testing.assert_close(g_corr, weight * plain_grad, atol=1e-7, rtol=1e-4)
+    assert metrics[metric[0]] == pytest.approx(metric[1], rel=1e-4)
+    assert metrics["train_rollout_logprob_abs_diff"] == pytest.approx(abs(math.log(ratio)), rel=1e-4)
+
+
+def _perturbed(model, scale=0.03, seed=7):
+    """A reference model: `model`'s weights plus noise, frozen."""
+    ref = copy.deepcopy(model).requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return ref.eval()
+
+
+def _response_log_probs(model, tokens, r):
+    """Log-probs of the last `r` tokens under a plain forward of `tokens[:-1]` (temperature 1)."""
+    logits = model(tokens[:-1][None]).logits[0, -r:].float()
+    return torch.log_softmax(logits, -1).gather(-1, tokens[-r:, None])[:, 0]
+
+
+def _hand_low_var_kl(policy, ref, batch):
+    """The step's KL term from plain forwards: per token the low_var_kl estimate from log pi - log ref
+    at the sampled response tokens, each sample's masked mean, averaged over the samples."""
+    total = 0.0
+    for tokens, mask, s in zip(batch.tokens, batch.loss_masks, batch.samples):
+        logp = _response_log_probs(policy, tokens, s.response_length)
+        with torch.no_grad():
+            ref_logp = _response_log_probs(ref, tokens, s.response_length)
+        log_ratio = logp - ref_logp
+        kl = (torch.exp(-log_ratio) - 1 + log_ratio).clamp(-10, 10)  # k3, clamped
+        total = total + (kl * mask).sum() / mask.sum().clamp(min=1)
+    return total / len(batch)
+
+
+def test_kl_loss_gradient_is_pg_gradient_plus_coef_times_kl_gradient(tiny_ckpt, plain_samples):
+    """--use-kl-loss against a reference model that differs from the policy: the step's gradient is the
+    plain step's plus kl_loss_coef times the gradient of KL(policy || ref) computed by hand, and kl_loss
+    reports that KL (so neither the sign of the term nor the direction of the estimator can flip)."""
+    coef, kl_type = 0.5, "low_var_kl"  # not symmetric: swapping policy and reference changes it
+    ref = _perturbed(load_model(tiny_ckpt))
+    temp1 = ["--rollout-temperature", "1"]  # the hand-computed log-probs are those of the plain logits
+    kl_flags = [*temp1, "--use-kl-loss", "--kl-loss-coef", str(coef), "--kl-loss-type", kl_type]
+    g_plain, _ = _step_grad(tiny_ckpt, plain_samples, temp1)
+    g_step, metrics = _step_grad(tiny_ckpt, plain_samples, kl_flags, ref_model=ref)
+
+    policy = load_model(tiny_ckpt)
+    batch = make_train_batch(copy.deepcopy(plain_samples), make_args(tiny_ckpt, kl_flags))
+    kl = _hand_low_var_kl(policy, ref, batch)
+    kl.backward()
+    g_kl = _flat_grad(policy)
+    assert abs(kl.item()) > 1e-3 and coef * g_kl.norm() > 0.1 * g_plain.norm()  # the term matters
+    assert metrics["kl_loss"] == pytest.approx(kl.item(), rel=1e-4)
+    torch.testing.assert_close(g_step, g_plain + coef * g_kl, atol=1e-6, rtol=1e-4)

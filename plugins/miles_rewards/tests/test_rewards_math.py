@@ -60,6 +60,8 @@ EQUAL = [
     (r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", r"\begin{bmatrix} 1 & 2 \\ 3 & 4 \end{bmatrix}"),  # matrices
     (r"\begin{pmatrix}\frac12\\ 2\end{pmatrix}", r"\begin{pmatrix}0.5\\2\end{pmatrix}"),
     (r"\left[ 0, 1 \right]", "[0,1]"),
+    ("1000000.5", "1000000"),  # numbers within the relative tolerance (1e-6) are equal: 5e-7
+    ("1.0000005", "1"),
 ]
 
 DIFFERENT = [
@@ -67,6 +69,8 @@ DIFFERENT = [
     ("-3", "3"),
     ("0.333", r"\frac{1}{3}"),
     ("2.88e-19", "1.325e-27"),  # the tolerance is relative, so tiny values are not all equal
+    ("1000002", "1000000"),  # ... and numbers just outside it (1e-6) are not: 2e-6
+    ("1.000005", "1"),  # 5e-6
     (r"\frac{1}{10^{9}}", r"2\times10^{-9}"),
     ("(1,2)", "[1,2]"),  # open vs closed interval
     ("(1,2)", "(2,1)"),  # tuples are ordered
