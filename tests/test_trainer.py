@@ -296,13 +296,16 @@ def test_kl_loss_gradient_is_pg_gradient_plus_coef_times_kl_gradient(tiny_ckpt, 
     reports that KL (so neither the sign of the term nor the direction of the estimator can flip)."""
     coef, kl_type = 0.5, "low_var_kl"  # not symmetric: swapping policy and reference changes it
     ref = _perturbed(load_model(tiny_ckpt))
-    temp1 = ["--rollout-temperature", "1"]  # the hand-computed log-probs are those of the plain logits
-    kl_flags = [*temp1, "--use-kl-loss", "--kl-loss-coef", str(coef), "--kl-loss-type", kl_type]
-    g_plain, _ = _step_grad(tiny_ckpt, plain_samples, temp1)
-    g_step, metrics = _step_grad(tiny_ckpt, plain_samples, kl_flags, ref_model=ref)
+    # The hand-computed log-probs are those of the plain logits: samples drawn at temperature 1.
+    samples = copy.deepcopy(plain_samples)
+    for s in samples:
+        s.sampling_params = {**s.sampling_params, "temperature": 1.0}
+    kl_flags = ["--use-kl-loss", "--kl-loss-coef", str(coef), "--kl-loss-type", kl_type]
+    g_plain, _ = _step_grad(tiny_ckpt, samples, [])
+    g_step, metrics = _step_grad(tiny_ckpt, samples, kl_flags, ref_model=ref)
 
     policy = load_model(tiny_ckpt)
-    batch = make_train_batch(copy.deepcopy(plain_samples), make_args(tiny_ckpt, kl_flags))
+    batch = make_train_batch(copy.deepcopy(samples), make_args(tiny_ckpt, kl_flags))
     kl = _hand_low_var_kl(policy, ref, batch)
     kl.backward()
     g_kl = _flat_grad(policy)
