@@ -85,8 +85,7 @@ def test_packed_log_probs_and_recorded_routes_equal_padded(tiny_ckpt, samples):
 def test_packed_replay_routes_are_used_token_by_token(tiny_ckpt, samples):
     """Replay tables whose rows differ token by token: packed and padded micro-batches give the log-probs
     of a plain forward of each sample with its own table (so no row of the table is shifted)."""
-    temp1 = ["--rollout-temperature", "1"]  # the plain forward's log-probs below are untempered
-    args = make_args(tiny_ckpt, [*PACKED, *temp1])
+    args = make_args(tiny_ckpt, PACKED)
     batch = make_train_batch(samples, args)
     trainer = Trainer(args, _pm(), load_model(tiny_ckpt))
     model = trainer.model
@@ -98,7 +97,7 @@ def test_packed_replay_routes_are_used_token_by_token(tiny_ckpt, samples):
         torch.rand(len(t) - 1, layers, e, generator=g).argsort(-1)[..., :k].int() for t in batch.tokens
     ]
     packed = trainer.compute_log_probs(batch, "old")
-    args_pad = make_args(tiny_ckpt, ["--micro-batch-size", "8", *temp1])
+    args_pad = make_args(tiny_ckpt, ["--micro-batch-size", "8"])
     padded = Trainer(args_pad, _pm(), model).compute_log_probs(batch, "old")
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(free, packed))
     for i, (tokens, s) in enumerate(zip(batch.tokens, batch.samples)):
@@ -108,7 +107,8 @@ def test_packed_replay_routes_are_used_token_by_token(tiny_ckpt, samples):
                 tokens[:-1][None], routing=RoutingState(replay=[routes[None, :, m] for m in range(layers)])
             )
         n, r = len(tokens) - 1, s.response_length
-        plain = torch.log_softmax(out.logits[0, n - r : n], -1).gather(-1, tokens[n + 1 - r :, None])[:, 0]
+        logits = out.logits[0, n - r : n] / batch.temperatures[i]  # the temperature it was sampled at
+        plain = torch.log_softmax(logits, -1).gather(-1, tokens[n + 1 - r :, None])[:, 0]
         torch.testing.assert_close(packed[i], plain, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(padded[i], plain, atol=1e-5, rtol=1e-5)
 

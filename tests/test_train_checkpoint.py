@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from miles_core.model import load_model
+from miles_core.model import load_model, save_model
 from miles_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -24,6 +24,19 @@ def _draws() -> list:
     ]
 
 
+class _Backend:
+    """The two methods of a train backend a checkpoint reads (protocols.TrainBackend)."""
+
+    def __init__(self, model, state: dict) -> None:
+        self.model, self.state = model, state
+
+    def save_model(self, path, tokenizer_src) -> None:
+        save_model(self.model, path, tokenizer_src=tokenizer_src)
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
 def test_load_restores_rng_streams_and_state_of_save_time(tiny_ckpt, tmp_path):
     model = load_model(tiny_ckpt)
     random.seed(1)
@@ -33,7 +46,7 @@ def test_load_restores_rng_streams_and_state_of_save_time(tiny_ckpt, tmp_path):
     assert random.getstate()[2] is not None and np.random.get_state()[3] == 1
     trainer_state = {"step": 6, "optimizer": {"lr": 1e-3}}
     loop_state = {"next_rollout": 3, "data": {"epoch": 0, "offset": 6}}
-    path = save_checkpoint(tmp_path, 3, model, trainer_state, loop_state, str(tiny_ckpt))
+    path = save_checkpoint(tmp_path, 3, _Backend(model, trainer_state), loop_state, str(tiny_ckpt))
     expected = _draws()
 
     random.seed(99)  # every stream somewhere else
