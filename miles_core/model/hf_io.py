@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -320,6 +321,8 @@ def write_hf_checkpoint(
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
             save_file({n: stored(tensors[n]) for n in names}, str(tmp / fname), metadata={"format": "pt"})
+            # safetensors creates its files 0600; give them the mode (umask) of the files written here
+            os.chmod(tmp / fname, (tmp / "config.json").stat().st_mode & 0o777)
             weight_map.update(dict.fromkeys(names, fname))
         if len(shards) > 1:
             total = sum(nbytes(t) for t in tensors.values())
