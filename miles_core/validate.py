@@ -111,7 +111,9 @@ def check_run_args(args: argparse.Namespace) -> None:
         if vars(args)[dest] in (None, ""):
             raise UsageError(f"{_flag(dest)} is required for miles train; see miles train --help.")
     if not args.rm_type and not args.custom_rm_path:
-        raise UsageError("no reward: pass --rm-type NAME (e.g. math) or --custom-rm-path file.py.")
+        names = drivers.available(drivers.REWARDS)
+        rm = f"--rm-type NAME (installed: {', '.join(names)}) or " if names else ""
+        raise UsageError(f"no reward: pass {rm}--custom-rm-path file.py.")
     n = args.rollout_batch_size * args.n_samples_per_prompt
     if args.global_batch_size is None:
         steps = args.num_steps_per_rollout or 1

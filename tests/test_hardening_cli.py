@@ -207,6 +207,7 @@ CASES = [
          "pass an existing .jsonl or .parquet to --eval-prompt-data.", early=True),
     Case("parallel-no-absent-backend", ["--tensor-model-parallel-size", "2"], 2,
          "no installed backend (train backends: torch) implements; use 1.", early=True, absent="megatron"),
+    Case("no-reward", ["--rm-type", ""], 2, "no reward: pass --rm-type NAME (installed: ", early=True),
     Case("unknown-backend", ["--rollout-backend", "sglang"], 2,
          "unknown --rollout-backend 'sglang'; installed: torch", early=True),
 ]  # fmt: skip
