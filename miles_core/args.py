@@ -4,62 +4,92 @@ The core owns only the families every run needs (checkpoint, data, rollout, algo
 reward, eval, cluster layout). Each plugin adds its own group through the `add_arguments` hook.
 An unknown flag is an error (an `--sglang-*` one too, until a backend reads it). `--config file.yaml`
 supplies flags from a file; the command line wins. Names chosen from installed implementations
-(`--advantage-estimator`, `--rm-type`, backends) come from their entry-point groups.
+(`--advantage-estimator`, `--rm-type`, backends) come from their entry-point groups. On/off flags take
+``--no-FLAG`` too. The checks of the parsed values are in `miles_core.validate`.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from miles_core import drivers
+from miles_core.errors import UsageError
+from miles_core.flags import ArgumentParser, HelpFormatter, config_defaults
 from miles_core.plugins import add_plugin_arguments
-from miles_core.train.losses import check_loss_args
-from miles_core.types import UsageError
+from miles_core.validate import check_run_args, validate
+
+__all__ = ["build_parser", "check_run_args", "parse_args", "validate"]
+
+ON_OFF = argparse.BooleanOptionalAction
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoint")
     g.add_argument("--hf-checkpoint", type=str, default=None, help="HF model folder to start from.")
     g.add_argument("--model-name", type=str, default=None, help="Name recorded in logs and checkpoints.")
-    g.add_argument("--load", type=str, default=None, help="Checkpoint folder to resume from (if it has one).")
+    g.add_argument(
+        "--load",
+        type=str,
+        default=None,
+        help="Folder of checkpoints to resume from (its newest usable one); it must exist and hold one, "
+        "unless it is also --save (resume if a checkpoint is there, else start).",
+    )
     g.add_argument("--save", type=str, default=None, help="Folder for resumable checkpoints.")
     g.add_argument("--save-interval", type=int, default=None, help="Save every N rollouts (and at the end).")
+    g.add_argument(
+        "--keep-last-n-checkpoints",
+        type=int,
+        default=None,
+        help="Keep only the newest N checkpoints under --save (default: keep all).",
+    )
+    g.add_argument(
+        "--allow-changed-args",
+        action=ON_OFF,
+        default=False,
+        help="Resume even though flags that alter the run differ from the checkpoint's args.json.",
+    )
     g.add_argument(
         "--save-hf", type=str, default=None, help="Write the final policy as an HF checkpoint here."
     )
     g.add_argument("--run-dir", type=str, default="runs/latest", help="Metrics, TensorBoard, plots, summary.")
+    g.add_argument(
+        "--overwrite",
+        action=ON_OFF,
+        default=False,
+        help="Replace another run's metrics in --run-dir (without it, such a run dir is refused unless "
+        "the run resumes).",
+    )
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--prompt-data", type=str, default=None, help="JSONL/Parquet file of training prompts.")
-    g.add_argument("--input-key", type=str, default="input")
-    g.add_argument("--label-key", type=str, default=None)
-    g.add_argument("--metadata-key", type=str, default="metadata")
-    g.add_argument("--apply-chat-template", action="store_true", default=False)
-    g.add_argument("--system-prompt", type=str, default=None)
-    g.add_argument("--rollout-shuffle", action="store_true", default=False)
-    g.add_argument("--rollout-max-prompt-len", type=int, default=None, help="Drop longer prompts.")
+    g.add_argument("--input-key", type=str, default="input", help="Row key of the prompt (text or messages).")
+    g.add_argument("--label-key", type=str, default=None, help="Row key of the label the reward compares to.")
+    g.add_argument("--metadata-key", type=str, default="metadata", help="Row key of per-row metadata.")
+    g.add_argument(
+        "--apply-chat-template", action=ON_OFF, default=False, help="Render prompts with the chat template."
+    )
+    g.add_argument("--system-prompt", type=str, default=None, help="System message for the chat template.")
+    g.add_argument("--rollout-shuffle", action=ON_OFF, default=False, help="Shuffle the prompts each epoch.")
+    g.add_argument("--rollout-max-prompt-len", type=int, default=None, help="Drop longer prompts (tokens).")
 
 
 def _add_rollout(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("rollout")
     g.add_argument("--rollout-backend", type=str, default="torch", help="miles.rollout_backends name.")
     g.add_argument("--rollout-batch-size", type=int, default=None, help="Prompts per rollout.")
-    g.add_argument("--n-samples-per-prompt", type=int, default=1)
+    g.add_argument("--n-samples-per-prompt", type=int, default=1, help="Responses sampled per prompt.")
     g.add_argument("--num-rollout", type=int, default=None, help="Number of rollouts (training iterations).")
-    g.add_argument("--rollout-max-response-len", type=int, default=1024)
-    g.add_argument("--rollout-temperature", type=float, default=1.0)
-    g.add_argument("--rollout-top-p", type=float, default=1.0)
-    g.add_argument("--rollout-top-k", type=int, default=-1)
+    g.add_argument("--rollout-max-response-len", type=int, default=1024, help="Response token limit.")
+    g.add_argument("--rollout-temperature", type=float, default=1.0, help="Sampling temperature (0: greedy).")
+    g.add_argument("--rollout-top-p", type=float, default=1.0, help="Nucleus sampling mass, in (0, 1].")
+    g.add_argument("--rollout-top-k", type=int, default=-1, help="Sample from the k likeliest (-1: all).")
     g.add_argument("--rollout-stop", type=str, nargs="+", default=None, help="Stop strings.")
-    g.add_argument("--rollout-stop-token-ids", type=int, nargs="+", default=None)
-    g.add_argument("--rollout-seed", type=int, default=42)
+    g.add_argument("--rollout-stop-token-ids", type=int, nargs="+", default=None, help="Stop token ids.")
+    g.add_argument("--rollout-seed", type=int, default=42, help="Seed of the rollout sampling and shuffle.")
     g.add_argument(
         "--rollout-dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -74,14 +104,14 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--rollout-cuda-graph",
-        action=argparse.BooleanOptionalAction,
+        action=ON_OFF,
         default=True,
         help="Decode through CUDA graphs on CUDA (one per batch-size bucket); --no-rollout-cuda-graph "
         "keeps every step eager.",
     )
     g.add_argument(
         "--rollout-compile",
-        action=argparse.BooleanOptionalAction,
+        action=ON_OFF,
         default=False,
         help="Compile the static decode step with torch.compile (fuses norms, rope, router and sampler; "
         "one compile per batch/key-length bucket on first use). With CUDA graphs on CUDA; on CPU it also "
@@ -89,7 +119,7 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--rollout-fused-moe",
-        action=argparse.BooleanOptionalAction,
+        action=ON_OFF,
         default=None,
         help="Decode-sized MoE batches (up to ~16 token copies an expert) run on Triton expert kernels "
         "(miles_core.model.fused_moe) instead of grouped GEMMs. Default: on where triton and CUDA are; "
@@ -103,7 +133,7 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--true-on-policy-mode",
-        action="store_true",
+        action=ON_OFF,
         default=False,
         help="Train in the rollout dtype (fp32 on CPU, bf16 with --bf16) so rollout and training log-probs "
         "come from the same weights and dtype; they agree closely, not bitwise (see "
@@ -121,48 +151,81 @@ def _add_algorithm(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--disable-rewards-normalization",
-        action="store_true",
+        action=ON_OFF,
         default=False,
         help="Use raw rewards: no group mean subtracted (nor std divided) before the advantages.",
     )
-    g.add_argument("--disable-grpo-std-normalization", action="store_true", default=False)
-    g.add_argument("--normalize-advantages", action="store_true", default=False)
-    g.add_argument("--gamma", type=float, default=1.0)
+    g.add_argument(
+        "--disable-grpo-std-normalization",
+        action=ON_OFF,
+        default=False,
+        help="Subtract the group mean but do not divide by the group std (Dr. GRPO).",
+    )
+    g.add_argument(
+        "--normalize-advantages", action=ON_OFF, default=False, help="Whiten advantages over the batch."
+    )
+    g.add_argument("--gamma", type=float, default=1.0, help="Discount of reinforce++ returns.")
     g.add_argument("--kl-coef", type=float, default=0.0, help="KL reward shaping (reinforce++).")
-    g.add_argument("--eps-clip", type=float, default=0.2)
-    g.add_argument("--eps-clip-high", type=float, default=None)
+    g.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip range (lower, and upper if unset).")
+    g.add_argument("--eps-clip-high", type=float, default=None, help="Upper PPO clip (default: --eps-clip).")
     g.add_argument("--eps-clip-c", type=float, default=None, help="Dual-clip bound (> 1).")
-    g.add_argument("--use-kl-loss", action="store_true", default=False)
-    g.add_argument("--kl-loss-coef", type=float, default=0.0)
-    g.add_argument("--kl-loss-type", choices=["k1", "k2", "k3", "low_var_kl"], default="k1")
-    g.add_argument("--entropy-coef", type=float, default=0.0)
-    g.add_argument("--calculate-per-token-loss", action="store_true", default=False)
-    g.add_argument("--use-tis", action="store_true", default=False)
-    g.add_argument("--tis-clip", type=float, default=2.0)
-    g.add_argument("--tis-clip-low", type=float, default=0.0)
-    g.add_argument("--use-icepop", action="store_true", default=False)
-    g.add_argument("--icepop-low", type=float, default=0.5)
-    g.add_argument("--icepop-high", type=float, default=5.0)
+    g.add_argument("--use-kl-loss", action=ON_OFF, default=False, help="Add a KL-to-reference loss term.")
+    g.add_argument("--kl-loss-coef", type=float, default=0.0, help="Weight of the KL loss.")
+    g.add_argument(
+        "--kl-loss-type",
+        choices=["k1", "k2", "k3", "low_var_kl"],
+        default="k1",
+        help="KL estimator of the KL loss and reward shaping.",
+    )
+    g.add_argument("--entropy-coef", type=float, default=0.0, help="Weight of the entropy bonus.")
+    g.add_argument(
+        "--calculate-per-token-loss",
+        action=ON_OFF,
+        default=False,
+        help="Average the loss over tokens of the global batch instead of over samples.",
+    )
+    g.add_argument(
+        "--use-tis", action=ON_OFF, default=False, help="Truncated importance sampling (rollout/train)."
+    )
+    g.add_argument("--tis-clip", type=float, default=2.0, help="Upper clip of the TIS weight.")
+    g.add_argument("--tis-clip-low", type=float, default=0.0, help="Lower clip of the TIS weight.")
+    g.add_argument(
+        "--use-icepop", action=ON_OFF, default=False, help="IcePop: drop tokens with extreme ratios."
+    )
+    g.add_argument("--icepop-low", type=float, default=0.5, help="Lower bound of IcePop's ratio window.")
+    g.add_argument("--icepop-high", type=float, default=5.0, help="Upper bound of IcePop's ratio window.")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--train-backend", type=str, default="torch", help="miles.train_backends name.")
-    g.add_argument("--global-batch-size", type=int, default=None, help="Samples per optimizer step.")
-    g.add_argument("--num-steps-per-rollout", type=int, default=None)
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--lr", type=float, default=1e-6)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.98)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1234)
     g.add_argument(
-        "--bf16", action="store_true", default=False,
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="Samples per optimizer step (default: a rollout's samples / --num-steps-per-rollout).",
+    )
+    g.add_argument(
+        "--num-steps-per-rollout", type=int, default=None, help="Optimizer steps per rollout (default: 1)."
+    )
+    g.add_argument("--micro-batch-size", type=int, default=1, help="Samples per forward/backward pass.")
+    g.add_argument("--lr", type=float, default=1e-6, help="Learning rate.")
+    g.add_argument("--min-lr", type=float, default=0.0, help="Floor of the decayed learning rate.")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="Optimizer steps of linear warmup.")
+    g.add_argument(
+        "--lr-decay-style",
+        choices=["constant", "linear", "cosine"],
+        default="constant",
+        help="Learning-rate schedule after warmup.",
+    )
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam-beta2", type=float, default=0.98, help="AdamW beta2.")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="Gradient-norm clip (0: none).")
+    g.add_argument("--seed", type=int, default=1234, help="Seed of initialisation and training.")
+    g.add_argument(
+        "--bf16", action=ON_OFF, default=False,
         help="bf16 weights and compute; fp32 master weights, gradients and moments in the optimizer.",
     )  # fmt: skip
     g.add_argument(
@@ -173,7 +236,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--use-dynamic-batch-size",
-        action="store_true",
+        action=ON_OFF,
         default=False,
         help="Pack samples unpadded into micro-batches of at most --max-tokens-per-gpu tokens "
         "(replaces --micro-batch-size).",
@@ -187,13 +250,13 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--recompute-activations",
-        action="store_true",
+        action=ON_OFF,
         default=False,
         help="Shorthand for --recompute-granularity selective (as in Megatron).",
     )
     g.add_argument(
         "--train-compile",
-        action=argparse.BooleanOptionalAction,
+        action=ON_OFF,
         default=False,
         help="Compile each decoder layer of the policy with torch.compile (dynamic shapes; the Triton and "
         "flash packed attention run inside it, only the SDPA fallback stays eager): fuses norms, rope, "
@@ -222,38 +285,49 @@ def _add_reward(p: argparse.ArgumentParser) -> None:
         "--custom-rm-path", type=str, default=None, help="file.py[:func], pkg.mod:func or pkg.mod.func."
     )
     g.add_argument("--reward-key", type=str, default=None, help="Entry of a dict reward that trains.")
-    g.add_argument("--eval-reward-key", type=str, default=None)
-    g.add_argument("--group-rm", action="store_true", default=False, help="Reward whole groups at once.")
+    g.add_argument(
+        "--eval-reward-key", type=str, default=None, help="Entry of a dict reward for eval (--reward-key)."
+    )
+    g.add_argument("--group-rm", action=ON_OFF, default=False, help="Reward whole groups at once.")
     g.add_argument("--rm-concurrency", type=int, default=64, help="Reward calls in flight at once.")
     g.add_argument("--rm-timeout", type=float, default=None, help="Seconds before a reward call is cut off.")
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("eval")
-    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument(
+        "--eval-interval", type=int, default=None, help="Evaluate every N rollouts (and at the end)."
+    )
     g.add_argument("--eval-prompt-data", type=str, nargs="+", default=None, help="NAME PATH [NAME PATH ...]")
-    g.add_argument("--n-samples-per-eval-prompt", type=int, default=1)
-    g.add_argument("--eval-max-response-len", type=int, default=None)
-    g.add_argument("--eval-temperature", type=float, default=None)
-    g.add_argument("--eval-top-p", type=float, default=None)
-    g.add_argument("--eval-top-k", type=int, default=None)
+    g.add_argument("--n-samples-per-eval-prompt", type=int, default=1, help="Responses per eval prompt.")
+    g.add_argument(
+        "--eval-max-response-len", type=int, default=None, help="Default: --rollout-max-response-len."
+    )
+    g.add_argument("--eval-temperature", type=float, default=None, help="Default: --rollout-temperature.")
+    g.add_argument("--eval-top-p", type=float, default=None, help="Default: --rollout-top-p.")
+    g.add_argument("--eval-top-k", type=int, default=None, help="Default: --rollout-top-k.")
+
+
+_LAYOUT_HELP = {
+    "--actor-num-nodes": "Training nodes.",
+    "--actor-num-gpus-per-node": "Training GPUs per node.",
+    "--rollout-num-gpus-per-engine": "GPUs per rollout engine.",
+    "--tensor-model-parallel-size": "Tensor parallel size.",
+    "--pipeline-model-parallel-size": "Pipeline parallel size.",
+    "--expert-model-parallel-size": "Expert parallel size.",
+    "--context-parallel-size": "Context parallel size.",
+}
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster (the single-process default runs 1 of each)")
-    for flag in (
-        "--actor-num-nodes",
-        "--actor-num-gpus-per-node",
-        "--rollout-num-gpus-per-engine",
-        "--tensor-model-parallel-size",
-        "--pipeline-model-parallel-size",
-        "--expert-model-parallel-size",
-        "--context-parallel-size",
-    ):
-        g.add_argument(flag, type=int, default=1)
-    g.add_argument("--rollout-num-gpus", type=int, default=None)
-    g.add_argument("--colocate", action="store_true", default=False)
-    g.add_argument("--use-ray", action="store_true", default=False)
+    for flag, text in _LAYOUT_HELP.items():
+        g.add_argument(flag, type=int, default=1, help=text)
+    g.add_argument("--rollout-num-gpus", type=int, default=None, help="GPUs for rollout engines.")
+    g.add_argument(
+        "--colocate", action=ON_OFF, default=False, help="Share GPUs between rollout and training."
+    )
+    g.add_argument("--use-ray", action=ON_OFF, default=False, help="Run the parts as Ray actors.")
 
 
 def _add_plugins(p: argparse.ArgumentParser) -> None:
@@ -263,11 +337,11 @@ def _add_plugins(p: argparse.ArgumentParser) -> None:
 
 def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     """The `miles train` parser: the core's groups, then each plugin's (`add_arguments` hook)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="miles train",
         description="GRPO-style RL post-training of (MoE) language models.",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     for add in (
         _add_checkpoint,
@@ -286,42 +360,21 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     return p
 
 
-def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--config {path}: no such file; pass the path of a YAML file of flags.")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config {path} is not valid YAML ({e}); fix the file.") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path} must be a mapping of flag names to values.")
-    dests = {a.dest for a in parser._actions}
-    out = {}
-    for key, value in data.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in dests:
-            close = difflib.get_close_matches(dest, sorted(dests), n=1)
-            hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
-            raise UsageError(f"--config {path}: unknown flag '{key}'{hint}; see miles train --help.")
-        out[dest] = value
-    return out
-
-
 def parse_args(argv: list[str], pm: Any = None) -> argparse.Namespace:
     """Parse `miles train` flags (plus `--config`) and check the core's flag combinations."""
     parser = build_parser(pm)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        parser.set_defaults(**_config_defaults(parser, pre.config))
+        parser.set_defaults(**config_defaults(parser, pre.config))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        _refuse_unknown(unknown[0], parser)
+        refuse_unknown(unknown[0], parser)
     validate(args)
     return args
 
 
-def _refuse_unknown(flag: str, parser: argparse.ArgumentParser) -> None:
+def refuse_unknown(flag: str, parser: argparse.ArgumentParser) -> None:
+    """Raise the `UsageError` for an unknown flag, suggesting the closest known one."""
     name = flag.split("=")[0]
     if name.startswith("--sglang-"):
         raise UsageError(
@@ -331,75 +384,4 @@ def _refuse_unknown(flag: str, parser: argparse.ArgumentParser) -> None:
     known = [o for a in parser._actions for o in a.option_strings]
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    raise UsageError(f"unknown flag {flag}{hint}; see miles train --help for the flags.")
-
-
-def validate(args: argparse.Namespace) -> None:
-    """Refuse what the core cannot run, each with one sentence naming the flag and the fix."""
-    if (
-        args.use_ray
-        or args.colocate
-        or args.actor_num_nodes > 1
-        or args.actor_num_gpus_per_node > 1
-        or (args.rollout_num_gpus not in (None, 0, 1))
-    ):
-        raise UsageError(
-            "this layout needs several GPUs or Ray actors, which the single-process default cannot run; "
-            "drop --use-ray/--colocate and set --actor-num-nodes 1 --actor-num-gpus-per-node 1."
-        )
-    for flag in (
-        "tensor_model_parallel_size",
-        "pipeline_model_parallel_size",
-        "expert_model_parallel_size",
-        "context_parallel_size",
-        "rollout_num_gpus_per_engine",
-    ):
-        if vars(args)[flag] != 1:
-            raise UsageError(
-                f"--{flag.replace('_', '-')} {vars(args)[flag]} needs model parallelism, which the "
-                "built-in "
-                "torch backends do not implement; use 1 (or --train-backend megatron once installed)."
-            )
-    if args.eval_prompt_data is not None and len(args.eval_prompt_data) % 2:
-        raise UsageError(
-            "--eval-prompt-data takes NAME PATH pairs, e.g. --eval-prompt-data gsm8k test.jsonl."
-        )
-    check_loss_args(args)
-    if args.eps_clip_high is None:
-        args.eps_clip_high = args.eps_clip
-    if args.rm_type and args.custom_rm_path:
-        raise UsageError("pass either --rm-type or --custom-rm-path, not both.")
-
-
-def check_run_args(args: argparse.Namespace) -> None:
-    """Checks that only a training run needs (not `--help` or `miles plugins`)."""
-    for flag in ("hf_checkpoint", "prompt_data", "rollout_batch_size", "num_rollout"):
-        if vars(args)[flag] in (None, ""):
-            raise UsageError(
-                f"--{flag.replace('_', '-')} is required for miles train; see miles train --help."
-            )
-    if not args.rm_type and not args.custom_rm_path:
-        raise UsageError("no reward: pass --rm-type NAME (e.g. math) or --custom-rm-path file.py.")
-    n = args.rollout_batch_size * args.n_samples_per_prompt
-    if args.global_batch_size is None:
-        steps = args.num_steps_per_rollout or 1
-        if n % steps:
-            raise UsageError(f"--num-steps-per-rollout {steps} must divide the {n} samples of a rollout.")
-        args.global_batch_size = n // steps
-    if n % args.global_batch_size:
-        raise UsageError(
-            f"--global-batch-size {args.global_batch_size} must divide rollout-batch-size x "
-            f"n-samples-per-prompt = {n}."
-        )
-    steps = n // args.global_batch_size
-    if args.num_steps_per_rollout not in (None, steps):
-        raise UsageError(
-            f"--num-steps-per-rollout {args.num_steps_per_rollout} disagrees with --global-batch-size "
-            f"{args.global_batch_size} ({steps} steps per rollout); pass only one of them."
-        )
-    args.num_steps_per_rollout = steps
-    if args.global_batch_size % args.micro_batch_size:
-        raise UsageError(
-            f"--micro-batch-size {args.micro_batch_size} must divide "
-            f"--global-batch-size {args.global_batch_size}."
-        )
+    raise UsageError(f"unknown flag {flag}{hint}; see {parser.prog} --help for the flags.")

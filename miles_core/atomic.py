@@ -1,7 +1,9 @@
 """Atomic file and directory writes: a file or checkpoint folder is either complete or absent.
 
-Everything is first written under a temporary name in the same directory, flushed, then renamed into
-place, so a run killed mid-write leaves the previous version intact.
+Everything is first written under a temporary name in the same directory, flushed to disk, then renamed
+into place, so a run killed mid-write leaves the previous version intact and only a dot-named ``*.tmp``
+leftover behind. Files and folders are created with the process umask, like any other file the run
+writes, so a checkpoint's files all share one mode.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for open()
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; written files should read like any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -38,6 +40,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _temp_name(path: Path) -> Path:
+    """A fresh dot-named sibling of ``path``: ``.NAME.<random>.tmp``."""
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then the folders, so a rename publishes data that is on disk."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -52,10 +75,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+    tmp = _temp_name(path)
+    os.mkdir(tmp, 0o777)  # the umask decides, as for mkdir
     try:
         yield tmp
+        _fsync_tree(tmp)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old"

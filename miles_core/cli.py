@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from miles_core.types import UsageError
+from miles_core.errors import UsageError
 
 USAGE = """usage: miles COMMAND [flags]
 
@@ -60,13 +60,13 @@ def rm_check_cmd(argv: list[str]) -> int:
 
 def convert_main(argv: list[str]) -> int:
     """`miles convert --hf-checkpoint IN --output OUT --to FORMAT`: plugins do the converting."""
-    import argparse
     from pathlib import Path
 
+    from miles_core.flags import ArgumentParser
     from miles_core.plugins import add_plugin_arguments, disabled_from_argv, get_plugin_manager
 
     pm = get_plugin_manager(disable=disabled_from_argv(argv))
-    parser = argparse.ArgumentParser(prog="miles convert", description="Convert an HF checkpoint.")
+    parser = ArgumentParser(prog="miles convert", description="Convert an HF checkpoint.")
     parser.add_argument("--hf-checkpoint", required=True, help="Folder of the source HF checkpoint.")
     parser.add_argument("--output", required=True, help="Folder to write the converted checkpoint to.")
     parser.add_argument("--to", default=None, help="Target format, as installed plugins define (e.g. fp8).")

@@ -18,14 +18,17 @@ import numpy as np
 import torch
 
 from miles_core import drivers
+from miles_core.args import build_parser
 from miles_core.atomic import atomic_write_json
 from miles_core.data import PromptDataset, RolloutDataSource, Tokenizer
 from miles_core.logging import MetricsLogger, get_logger, plot_curves, progress
 from miles_core.model import load_model
 from miles_core.protocols import RolloutBackend, TrainBackend
 from miles_core.rollout.manager import RolloutManager
+from miles_core.run_dir import check_output_dirs
 from miles_core.train.advantages import group_sizes
-from miles_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from miles_core.train.checkpoint import load_checkpoint, save_checkpoint
+from miles_core.train.resume import resolve_resume
 from miles_core.types import Sample, Status, TrainBatch, UsageError
 
 log = get_logger(__name__)
@@ -60,7 +63,12 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def build_run(args: argparse.Namespace, pm: Any) -> Run:
-    """Load data, models, engine and trainer; resume from ``--load`` when it holds a checkpoint."""
+    """Load data, models, engine and trainer; resume from ``--load`` when it holds a checkpoint.
+
+    Output folders, the checkpoint to resume from and its flags are checked before any model loads.
+    """
+    resume = resolve_resume(args, build_parser(pm))
+    check_output_dirs(args, resuming=resume is not None)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -75,16 +83,24 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         system_prompt=args.system_prompt,
         max_prompt_len=args.rollout_max_prompt_len,
     )
+    prompts = PromptDataset(args.prompt_data, **common)
+    if args.rollout_batch_size > len(prompts):
+        raise UsageError(
+            f"--rollout-batch-size {args.rollout_batch_size} is larger than the {len(prompts)} usable "
+            f"prompts of {args.prompt_data}; lower it to at most {len(prompts)} or add prompts."
+        )
     source = RolloutDataSource(
-        PromptDataset(args.prompt_data, **common),
+        prompts,
         args.rollout_batch_size,
         shuffle=args.rollout_shuffle,
         seed=args.rollout_seed,
     )
     pairs = args.eval_prompt_data or []
-    eval_sets = {pairs[i]: PromptDataset(pairs[i + 1], **common) for i in range(0, len(pairs), 2)}
+    eval_sets = {
+        pairs[i]: PromptDataset(pairs[i + 1], **common, flag="--eval-prompt-data")
+        for i in range(0, len(pairs), 2)
+    }
 
-    resume = latest_checkpoint(args.load)
     weights = str(resume / "model") if resume else args.hf_checkpoint
     policy = load_model(weights, dtype=torch.float32, device=device)
     pm.hook.configure_model(args=args, model=policy, role="train")
@@ -176,7 +192,15 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
             (args.save_interval and done % args.save_interval == 0) or done == args.num_rollout
         ):
             r.state.update(next_rollout=done, data=r.source.state_dict())
-            save_checkpoint(args.save, done, r.trainer, r.state, args.hf_checkpoint)
+            save_checkpoint(
+                args.save,
+                done,
+                r.trainer,
+                r.state,
+                args.hf_checkpoint,
+                run_args=vars(args),
+                keep_last=args.keep_last_n_checkpoints,
+            )
     bar.close()
     if evaluating and not (
         args.eval_interval

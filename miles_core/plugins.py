@@ -22,7 +22,8 @@ from collections.abc import Iterable, Mapping
 import pluggy
 
 from miles_core import drivers, hookspecs
-from miles_core.types import UsageError
+from miles_core.errors import UsageError
+from miles_core.flags import ArgumentParser
 
 hookimpl = pluggy.HookimplMarker("miles")
 
@@ -161,7 +162,7 @@ def add_plugin_arguments(parser: argparse.ArgumentParser) -> None:
 
 def disabled_from_argv(argv: list[str]) -> list[str]:
     """Pre-parse ``--disable-plugins`` from a command line before the plugins' own flags exist."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(prog="miles", add_help=False)
     add_plugin_arguments(pre)
     known, _ = pre.parse_known_args(argv)
     return _split_names(known.disable_plugins)
@@ -271,7 +272,7 @@ def _default_activity(pm: pluggy.PluginManager) -> dict[str, bool | None] | None
     with contextlib.redirect_stderr(io.StringIO()):
         try:
             args = build_parser(pm).parse_args([])
-        except SystemExit:  # required flags without defaults: activity cannot be judged
+        except (SystemExit, UsageError):  # required flags without defaults: activity cannot be judged
             return None
     try:
         return configure_plugins(pm, args)
@@ -282,7 +283,7 @@ def _default_activity(pm: pluggy.PluginManager) -> dict[str, bool | None] | None
 
 def plugins_main(argv: list[str]) -> int:
     """``miles plugins [--json] [--disable-plugins a,b]``: list installed plugins."""
-    parser = argparse.ArgumentParser(prog="miles plugins", description="List installed miles plugins.")
+    parser = ArgumentParser(prog="miles plugins", description="List installed miles plugins.")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table.")
     add_plugin_arguments(parser)
     ns = parser.parse_args(argv)

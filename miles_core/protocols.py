@@ -75,7 +75,9 @@ class AdvantageEstimator(Protocol):
     """An ``--advantage-estimator`` (entry-point group ``miles.advantages``; a class is instantiated once).
 
     Called by the trainer: ``advantages`` once per rollout (through the core's ``advantage`` hookimpl),
-    ``policy_log_ratio`` once per training micro-batch.
+    ``policy_log_ratio`` once per training micro-batch. An estimator whose advantages compare each sample
+    with the others of its group sets the class attribute ``group_relative = True``, so a run with
+    ``--n-samples-per-prompt 1`` is warned that it learns nothing.
     """
 
     def advantages(self, args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:

@@ -35,12 +35,12 @@ def build_parser(pm: Any) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str], pm: Any) -> argparse.Namespace:
     """Parse rm-check flags (``--config`` files give defaults, as for `miles train`)."""
-    from miles_core.args import _config_defaults
+    from miles_core.flags import config_defaults
 
     parser = build_parser(pm)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        parser.set_defaults(**_config_defaults(parser, pre.config))
+        parser.set_defaults(**config_defaults(parser, pre.config))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         known = [o for a in parser._actions for o in a.option_strings]

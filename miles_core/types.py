@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from miles_core.errors import UsageError
+
 
 class Status(str, enum.Enum):
     """Where a sample stands. Finish reasons of the engine map onto COMPLETED and TRUNCATED."""
@@ -132,6 +134,4 @@ class RolloutOptions:
     decode_strategy: Any = None
 
 
-class UsageError(Exception):
-    """A mistake the user can fix (bad flag, bad data, missing file). Its message is one sentence that
-    names the problem and the fix; the CLI prints it without a traceback and exits with status 2."""
+__all__ = ["RolloutOptions", "Sample", "Status", "TrainBatch", "UsageError"]

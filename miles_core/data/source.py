@@ -20,12 +20,13 @@ from miles_core.types import UsageError
 # reading rows
 
 
-def _iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield `(where, row)` per row of a JSONL or Parquet file; `where` is "file:line" or "file row N"."""
+def _iter_rows(path: str | Path, flag: str = "--prompt-data") -> Iterator[tuple[str, dict]]:
+    """Yield `(where, row)` per row of a JSONL or Parquet file; `where` is "file:line" or "file row N".
+    ``flag`` is the flag that named the file, for the error messages."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(
-            f"prompt data file {path} does not exist; pass an existing .jsonl or .parquet to --prompt-data."
+            f"prompt data file {path} does not exist; pass an existing .jsonl or .parquet to {flag}."
         )
     if path.suffix == ".parquet":
         yield from _iter_parquet(path)
@@ -57,13 +58,11 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path} row {i}", row
 
 
-def read_rows(path: str | Path) -> list[dict]:
+def read_rows(path: str | Path, flag: str = "--prompt-data") -> list[dict]:
     """All rows of a JSONL (one object per line, blank lines skipped) or Parquet file."""
-    rows = [row for _, row in _iter_rows(path)]
+    rows = [row for _, row in _iter_rows(path, flag)]
     if not rows:
-        raise UsageError(
-            f"prompt data file {path} has no rows; give --prompt-data a file with at least one row."
-        )
+        raise UsageError(f"prompt data file {path} has no rows; give {flag} a file with at least one row.")
     return rows
 
 
@@ -87,7 +86,7 @@ def _is_messages(value: Any) -> bool:
 
 
 class PromptDataset:
-    """Every usable prompt of one data file, tokenized, in file order."""
+    """Every usable prompt of one data file, tokenized, in file order (``flag``: the flag that named it)."""
 
     def __init__(
         self,
@@ -99,6 +98,7 @@ class PromptDataset:
         apply_chat_template: bool = False,
         system_prompt: str | None = None,
         max_prompt_len: int | None = None,
+        flag: str = "--prompt-data",
     ):
         self.path = Path(path)
         self.tokenizer = tokenizer
@@ -109,7 +109,7 @@ class PromptDataset:
         self.num_filtered = 0  # prompts dropped for being longer than max_prompt_len
         self.prompts: list[Prompt] = []
         num_rows = 0
-        for where, row in _iter_rows(self.path):
+        for where, row in _iter_rows(self.path, flag):
             num_rows += 1
             prompt = self._build(where, row)
             if max_prompt_len is not None and len(prompt.prompt_ids) > max_prompt_len:
@@ -117,9 +117,7 @@ class PromptDataset:
                 continue
             self.prompts.append(prompt)
         if num_rows == 0:
-            raise UsageError(
-                f"prompt data file {self.path} has no rows; give --prompt-data a file with rows."
-            )
+            raise UsageError(f"prompt data file {self.path} has no rows; give {flag} a file with rows.")
         if not self.prompts:
             raise UsageError(
                 f"all {num_rows} prompts of {self.path} are longer than {max_prompt_len} tokens; "

@@ -92,7 +92,7 @@ class ModelConfig:
         if arch not in ARCH_TRAITS:
             raise UsageError(
                 f"model architecture {arch!r} is not supported by the built-in model; use a checkpoint of "
-                f"one of {sorted(ARCH_TRAITS)} or the sglang/megatron backends."
+                f"one of {sorted(ARCH_TRAITS)}."
             )
         traits = ARCH_TRAITS[arch]
         try:
@@ -116,7 +116,7 @@ class ModelConfig:
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise UsageError(
                     f"rope scaling type {rope_type!r} is not supported by the built-in model; use one of "
-                    f"{list(SUPPORTED_ROPE_TYPES)} or the sglang backend."
+                    f"{list(SUPPORTED_ROPE_TYPES)}."
                 )
         act = d.get("hidden_act", "silu")
         if act != "silu":

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from miles_core.atomic import atomic_dir
+from miles_core.errors import UsageError
 from miles_core.model.config import ModelConfig
 from miles_core.model.transformer import CausalLM, build_model
-from miles_core.types import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +179,29 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
+def safetensors_problem(file: Path) -> str | None:
+    """Why ``file`` is not a readable safetensors file (its header and length are checked), or None."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu"):
+            return None
+    except (SafetensorError, OSError) as err:
+        return " ".join(str(err).split())
+
+
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every (name, tensor) of these safetensors files, in file order, read on the CPU."""
+    """Every (name, tensor) of these safetensors files, in file order, read on the CPU.
+
+    :raises UsageError: naming the file, when one is truncated or not safetensors at all.
+    """
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
+        try:
+            fh = safe_open(str(f), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise UsageError(
+                f"{f} is truncated or not a safetensors file ({' '.join(str(err).split())}); "
+                "re-download or re-save the checkpoint."
+            ) from None
+        with fh:
             for key in fh.keys():
                 yield key, fh.get_tensor(key)
 
@@ -193,7 +213,13 @@ def load_config(path: str | Path) -> ModelConfig:
     cfg = path / "config.json"
     if not cfg.is_file():
         raise UsageError(f"{path} has no config.json; pass a folder saved by save_pretrained or save_model.")
-    return ModelConfig.from_hf(json.loads(cfg.read_text()))
+    try:
+        data = json.loads(cfg.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{cfg} is not valid JSON ({err}); fix it or re-download the checkpoint.") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{cfg} holds a JSON {type(data).__name__}, not an object; fix or re-download it.")
+    return ModelConfig.from_hf(data)
 
 
 def load_model(
@@ -295,6 +321,8 @@ def write_hf_checkpoint(
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
             save_file({n: stored(tensors[n]) for n in names}, str(tmp / fname), metadata={"format": "pt"})
+            # safetensors creates its files 0600; give them the mode (umask) of the files written here
+            os.chmod(tmp / fname, (tmp / "config.json").stat().st_mode & 0o777)
             weight_map.update(dict.fromkeys(names, fname))
         if len(shards) > 1:
             total = sum(nbytes(t) for t in tensors.values())
@@ -304,5 +332,5 @@ def write_hf_checkpoint(
             for fname in TOKENIZER_FILES:
                 src = Path(tokenizer_src) / fname
                 if src.is_file():
-                    shutil.copy2(src, tmp / fname)
+                    shutil.copyfile(src, tmp / fname)
     return out_dir

@@ -177,6 +177,8 @@ class GRPO:
     ``--disable-grpo-std-normalization``, the raw reward with ``--disable-rewards-normalization``),
     whitened over the batch with ``--normalize-advantages``; the token-level PPO ratio."""
 
+    group_relative = True  # compares each sample with its group: one sample per prompt learns nothing
+
     def advantages(self, args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:
         rewards, masks = batch.rewards.float(), batch.loss_masks
         if args.disable_rewards_normalization:
@@ -203,6 +205,8 @@ class GSPO(GRPO):
 class ReinforcePlusPlus(GRPO):
     """``reinforce_plus_plus``: discounted returns of the reward (minus ``--kl-coef`` x KL per token),
     whitened over the batch's masked tokens."""
+
+    group_relative = False
 
     def advantages(self, args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:
         kl = _reward_shaping_kl(args, batch)

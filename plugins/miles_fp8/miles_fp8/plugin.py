@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--fp8-rollout-only",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=False,
         help="FP8 rollout with high-precision training (the mismatched baseline); uses --fp8-recipe, "
         "default blockwise.",

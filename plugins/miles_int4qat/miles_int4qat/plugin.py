@@ -42,14 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--int4-qat",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=False,
         help="Train with per-group symmetric INT4 fake quantization (straight-through gradient) and roll "
         "out with packed INT4 weights. Implies --int4-rollout.",
     )
     group.add_argument(
         "--int4-rollout",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=False,
         help="Roll out with packed INT4 weights, re-quantized at every weight sync, without QAT (baseline).",
     )

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--use-rollout-routing-replay",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=False,
         help="Record each token's experts in the rollout engine and replay them in every training-side "
         "forward (ref, old, train); gate weights are recomputed from the training router. "
@@ -28,14 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--use-routing-replay",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=False,
         help="Record the experts of the old-log-prob forward and replay them in the training forwards, so "
         "the policy ratio compares the same experts across optimizer steps.",
     )
     group.add_argument(
         "--record-routing-mismatch",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=False,
         help="Capture rollout routes only to log routing_mismatch_frac, without replaying them "
         "(implied by either replay flag).",

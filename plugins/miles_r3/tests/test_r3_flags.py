@@ -23,7 +23,8 @@ def test_flags_absent_without_plugin_and_present_with_it():
     assert not set(FLAGS) & _options(plugin_manager(with_r3=False))
     assert set(FLAGS) <= _options(plugin_manager(with_r3=True))
     group = next(g for g in build_parser(plugin_manager())._action_groups if g.title == "r3")
-    assert {o for a in group._group_actions for o in a.option_strings} == set(FLAGS)
+    negated = {"--no-" + f.removeprefix("--") for f in FLAGS}  # on/off flags take --no-FLAG too
+    assert {o for a in group._group_actions for o in a.option_strings} == set(FLAGS) | negated
 
 
 def test_configure_implies_routing_replay_and_reports_activity():

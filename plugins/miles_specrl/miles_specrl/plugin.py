@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--enable-mtp-training",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=False,
         help="Train the MTP heads on each rollout (hidden states detached: the policy's "
         "gradients are unchanged) and sync them to the rollout draft.",
@@ -141,8 +141,8 @@ def _check(args: argparse.Namespace) -> bool:
     args.sglang_speculative_num_draft_tokens = steps + 1
     if args.rollout_backend != "torch":
         raise UsageError(
-            "miles-specrl speculates in the built-in engine only; use --rollout-backend torch (pass "
-            "SGLang's own speculative flags through --sglang-* for the sglang backend)."
+            f"miles-specrl speculates in the built-in engine only, not in --rollout-backend "
+            f"{args.rollout_backend}; use --rollout-backend torch."
         )
     return True
 

@@ -1,0 +1,154 @@
+"""Checks of parsed `miles train` flags, each failing with one sentence that names the flag and the fix.
+
+`validate` runs after every parse (also for `miles rm-check`); `check_run_args` adds what only a training
+run needs and derives the batch layout (``--global-batch-size``, ``--num-steps-per-rollout``). Both run
+before any file is read or any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from miles_core import drivers
+from miles_core.errors import UsageError
+from miles_core.logging import get_logger
+from miles_core.train.losses import check_loss_args
+
+log = get_logger(__name__)
+
+# Flags that count things: each must be at least 1 when given (None means "not set" where allowed).
+POSITIVE_INTS = (
+    "rollout_batch_size",
+    "n_samples_per_prompt",
+    "num_rollout",
+    "rollout_max_response_len",
+    "rollout_max_prompt_len",
+    "rollout_max_batch_size",
+    "global_batch_size",
+    "num_steps_per_rollout",
+    "micro_batch_size",
+    "max_tokens_per_gpu",
+    "save_interval",
+    "keep_last_n_checkpoints",
+    "eval_interval",
+    "n_samples_per_eval_prompt",
+    "eval_max_response_len",
+    "rm_concurrency",
+)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Counts at least 1, temperatures at least 0, top-p in (0, 1], non-negative rates and timeouts."""
+    values = vars(args)
+    for dest in POSITIVE_INTS:
+        if values[dest] is not None and values[dest] < 1:
+            raise UsageError(f"{_flag(dest)} must be at least 1, got {values[dest]}.")
+    for dest in ("rollout_temperature", "eval_temperature"):
+        if values[dest] is not None and values[dest] < 0:
+            raise UsageError(f"{_flag(dest)} must be 0 (greedy) or more, got {values[dest]}.")
+    for dest in ("rollout_top_p", "eval_top_p"):
+        if values[dest] is not None and not 0 < values[dest] <= 1:
+            raise UsageError(f"{_flag(dest)} must be in (0, 1] (1 keeps every token), got {values[dest]}.")
+    for dest in ("lr", "min_lr", "weight_decay", "clip_grad", "eps_clip", "kl_loss_coef", "kl_coef"):
+        if values[dest] < 0:
+            raise UsageError(f"{_flag(dest)} must be 0 or more, got {values[dest]}.")
+    if args.rm_timeout is not None and args.rm_timeout <= 0:
+        raise UsageError(f"--rm-timeout must be a positive number of seconds, got {args.rm_timeout}.")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Refuse what the core cannot run, each with one sentence naming the flag and the fix."""
+    if (
+        args.use_ray
+        or args.colocate
+        or args.actor_num_nodes > 1
+        or args.actor_num_gpus_per_node > 1
+        or (args.rollout_num_gpus not in (None, 0, 1))
+    ):
+        raise UsageError(
+            "this layout needs several GPUs or Ray actors, which the single-process default cannot run; "
+            "drop --use-ray/--colocate and set --actor-num-nodes 1 --actor-num-gpus-per-node 1."
+        )
+    for dest in (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "expert_model_parallel_size",
+        "context_parallel_size",
+        "rollout_num_gpus_per_engine",
+    ):
+        if vars(args)[dest] != 1:
+            installed = ", ".join(drivers.available(drivers.TRAIN_BACKENDS)) or "none"
+            raise UsageError(
+                f"{_flag(dest)} {vars(args)[dest]} needs model parallelism, which no installed backend "
+                f"(train backends: {installed}) implements; use 1."
+            )
+    backends = (("rollout_backend", drivers.ROLLOUT_BACKENDS), ("train_backend", drivers.TRAIN_BACKENDS))
+    for dest, group in backends:
+        names = drivers.available(group)
+        if vars(args)[dest] not in names:
+            raise UsageError(
+                f"unknown {_flag(dest)} {vars(args)[dest]!r}; installed: {', '.join(names) or 'none'}."
+            )
+    if args.eval_prompt_data is not None and len(args.eval_prompt_data) % 2:
+        raise UsageError(
+            "--eval-prompt-data takes NAME PATH pairs, e.g. --eval-prompt-data gsm8k test.jsonl."
+        )
+    check_numbers(args)
+    check_loss_args(args)
+    if args.eps_clip_high is None:
+        args.eps_clip_high = args.eps_clip
+    if args.rm_type and args.custom_rm_path:
+        raise UsageError("pass either --rm-type or --custom-rm-path, not both.")
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Checks that only a training run needs (not `--help` or `miles plugins`)."""
+    for dest in ("hf_checkpoint", "prompt_data", "rollout_batch_size", "num_rollout"):
+        if vars(args)[dest] in (None, ""):
+            raise UsageError(f"{_flag(dest)} is required for miles train; see miles train --help.")
+    if not args.rm_type and not args.custom_rm_path:
+        names = drivers.available(drivers.REWARDS)
+        rm = f"--rm-type NAME (installed: {', '.join(names)}) or " if names else ""
+        raise UsageError(f"no reward: pass {rm}--custom-rm-path file.py.")
+    n = args.rollout_batch_size * args.n_samples_per_prompt
+    if args.global_batch_size is None:
+        steps = args.num_steps_per_rollout or 1
+        if n % steps:
+            raise UsageError(f"--num-steps-per-rollout {steps} must divide the {n} samples of a rollout.")
+        args.global_batch_size = n // steps
+    if n % args.global_batch_size:
+        raise UsageError(
+            f"--global-batch-size {args.global_batch_size} must divide rollout-batch-size x "
+            f"n-samples-per-prompt = {n}."
+        )
+    steps = n // args.global_batch_size
+    if args.num_steps_per_rollout not in (None, steps):
+        raise UsageError(
+            f"--num-steps-per-rollout {args.num_steps_per_rollout} disagrees with --global-batch-size "
+            f"{args.global_batch_size} ({steps} steps per rollout); pass only one of them."
+        )
+    args.num_steps_per_rollout = steps
+    if args.global_batch_size % args.micro_batch_size:
+        raise UsageError(
+            f"--micro-batch-size {args.micro_batch_size} must divide "
+            f"--global-batch-size {args.global_batch_size}."
+        )
+    warn_single_sample_groups(args)
+
+
+def warn_single_sample_groups(args: argparse.Namespace) -> None:
+    """Warn when a group-relative estimator gets one sample per prompt: every advantage is zero."""
+    if args.n_samples_per_prompt > 1 or args.disable_rewards_normalization:
+        return
+    # An estimator declares `group_relative = True` when it compares each sample with its group.
+    if getattr(drivers.get_estimator(args.advantage_estimator), "group_relative", False):
+        log.warning(
+            "--advantage-estimator %s with --n-samples-per-prompt 1 compares each sample only with itself, "
+            "so every advantage is 0 and nothing trains (grad_norm 0); sample 2 or more per prompt or pass "
+            "--disable-rewards-normalization.",
+            args.advantage_estimator,
+        )
