@@ -62,6 +62,11 @@ for name, body in {
     "gen_mask.py": f"{TURN}    s.loss_mask = [1] * (s.response_length + 2)\n    return s\n",
     "gen_tokens.py": (f"{TURN}    s.tokens = [str(t) for t in s.tokens]\n    return s\n"),
     "gen_length.py": (f"{TURN}    s.response_length = len(s.tokens)\n    return s\n"),
+    "gen_no_response.py": (
+        "    prompt = list(sample.tokens)\n"
+        f"{TURN}    s.tokens, s.response_length, s.rollout_log_probs, s.loss_mask = prompt, 0, [], []\n"
+        "    return s\n"
+    ),
     "gen_failed.py": f"{TURN}    s.status = s.status.FAILED\n    return s\n",
     "gen_half.py": (
         f"{TURN}"
@@ -116,6 +121,8 @@ CASES = [
      f"{WHOSE} loss_mask has", False),
     ("gen-tokens", [GENFN, "{tmp}/gen_tokens.py"], 2, f"{WHOSE} tokens are ['", False),
     ("gen-length", [GENFN, "{tmp}/gen_length.py"], 2, f"{WHOSE} response_length", False),
+    ("gen-no-response", [GENFN, "{tmp}/gen_no_response.py"], 2,
+     f"{WHOSE} response_length 0 does not fit its", False),
     ("gen-failed", [GENFN, "{tmp}/gen_failed.py"], 2,
      EVERY + "generate function {GENFN} {tmp}/gen_failed.py marked it FAILED; see its own output", False),
     ("gen-half", [GENFN, "{tmp}/gen_half.py"], 0,

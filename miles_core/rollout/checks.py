@@ -20,8 +20,8 @@ log = get_logger(__name__)
 
 REWARD_FIX = "make it return a finite number, or a dict whose --reward-key entry is one"
 GENERATE_FIX = (
-    "make it return the Sample (or a non-empty list of Samples) with int tokens, a response_length that "
-    "fits them, and rollout_log_probs and loss_mask of response_length entries each (or None)"
+    "make it return the Sample (or a non-empty list of Samples) with int tokens, a response_length of at "
+    "least 1 that fits them, and rollout_log_probs and loss_mask of response_length entries each (or None)"
 )
 STAGES = {"reward": "reward", "generate": "generate function"}  # how messages name each kind of function
 MAX_LOGGED = 5  # failures logged per run beyond the first of each kind
@@ -156,10 +156,10 @@ def sample_problem(s: Sample) -> SampleError | None:
         isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens
     ):
         return bad(f"tokens are {short(tokens)}, not a list of ints", "tokens are not a list of ints")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < len(tokens):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n < len(tokens):
         return bad(
-            f"response_length {short(n)} does not fit its {len(tokens)} tokens (0 <= response_length < "
-            "len(tokens): at least one prompt token)",
+            f"response_length {short(n)} does not fit its {len(tokens)} tokens (1 <= response_length < "
+            "len(tokens): at least one prompt and one response token)",
             "response_length does not fit its tokens",
         )
     for name in ("rollout_log_probs", "loss_mask"):
