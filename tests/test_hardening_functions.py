@@ -189,7 +189,7 @@ def test_user_function_case(tmp_path, capsys, case, flags, status, fragment, in_
     if case.startswith("reward-sleep"):
         # A broken time limit waits out the 60 s sleep (or the exit joins the stuck thread).
         baseline = walls.get("reward-str", 15.0)
-        assert wall < baseline + RM_TIMEOUT + 5.0, walls
+        assert wall < baseline + RM_TIMEOUT + 8.0, walls  # margin: the start-up varies on a busy CPU
         print(f"{case}: {wall:.1f} s; string reward, failing at once: {baseline:.1f} s")
 
 

@@ -19,10 +19,7 @@ from miles_core.types import Sample, Status, UsageError
 log = get_logger(__name__)
 
 REWARD_FIX = "make it return a finite number, or a dict whose --reward-key entry is one"
-GENERATE_FIX = (
-    "make it return the Sample (or a non-empty list of Samples) with int tokens, a response_length of at "
-    "least 1 that fits them, and rollout_log_probs and loss_mask of response_length entries each (or None)"
-)
+GENERATE_FIX = "make it return the Sample it was given (or a non-empty list of Samples)"
 STAGES = {"reward": "reward", "generate": "generate function"}  # how messages name each kind of function
 MAX_LOGGED = 5  # failures logged per run beyond the first of each kind
 
@@ -149,18 +146,23 @@ def sample_problem(s: Sample) -> SampleError | None:
     """What is wrong with a generated sample's token fields, or None when the trainer can use it."""
     tokens, n = s.tokens, s.response_length
 
-    def bad(what: str, kind: str) -> SampleError:
-        return SampleError(f"returned a sample whose {what}", f"returned a sample whose {kind}", GENERATE_FIX)
+    def bad(what: str, kind: str, fix: str) -> SampleError:
+        return SampleError(f"returned a sample whose {what}", f"returned a sample whose {kind}", fix)
 
     if not isinstance(tokens, list) or not all(
         isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens
     ):
-        return bad(f"tokens are {short(tokens)}, not a list of ints", "tokens are not a list of ints")
+        return bad(
+            f"tokens are {short(tokens)}, not a list of ints",
+            "tokens are not a list of ints",
+            "make sample.tokens the list of token ids, prompt then response",
+        )
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n < len(tokens):
         return bad(
             f"response_length {short(n)} does not fit its {len(tokens)} tokens (1 <= response_length < "
             "len(tokens): at least one prompt and one response token)",
             "response_length does not fit its tokens",
+            "set response_length to the number of response tokens at the end of sample.tokens",
         )
     for name in ("rollout_log_probs", "loss_mask"):
         values = getattr(s, name)
@@ -168,9 +170,17 @@ def sample_problem(s: Sample) -> SampleError | None:
             continue
         if not isinstance(values, (list, tuple)) or len(values) != n:
             size = f"{len(values)} entries" if isinstance(values, (list, tuple)) else short(values)
-            return bad(f"{name} has {size} for response_length {n}", f"{name} length is not response_length")
+            return bad(
+                f"{name} has {size} for response_length {n}",
+                f"{name} length is not response_length",
+                f"give {name} one entry per response token (or None)",
+            )
         if name == "rollout_log_probs" and not all(_finite_number(v) is not None for v in values):
-            return bad("rollout_log_probs hold a non-finite or non-numeric value", "log-probs are not finite")
+            return bad(
+                "rollout_log_probs hold a non-finite or non-numeric value",
+                "log-probs are not finite",
+                "give rollout_log_probs the finite log-probs of the sampled tokens (or None)",
+            )
     return None
 
 
