@@ -1,7 +1,8 @@
 """Run outputs: metrics.jsonl and TensorBoard scalars, learning-curve plots, progress bars, and the logger.
 
-Every run directory gets `metrics.jsonl` (one JSON object per logged step, the source of truth) and
-`tb/` (the same scalars for TensorBoard); `plot_curves` draws a PNG from the JSONL for a quick look.
+Every run directory gets `metrics.jsonl` (one JSON object per logged step, the source of truth; strict
+JSON, so a NaN or infinite value is left out and counted) and `tb/` (the same scalars for TensorBoard);
+`plot_curves` draws a PNG from the JSONL for a quick look.
 """
 
 from __future__ import annotations
@@ -107,8 +108,14 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+NONFINITE_KEY = "metrics/nonfinite_dropped"
+
+
 class MetricsLogger:
     """Append each step's metrics to `run_dir/metrics.jsonl` and to TensorBoard under `run_dir/tb`.
+
+    A value that is NaN or infinite has no JSON spelling: it is left out of the row, the row gets
+    ``metrics/nonfinite_dropped`` (how many were left out) and the first drop of each key is logged.
 
     With `resume_from_step`, rows logged at that step or later by the interrupted run are removed first
     (from the JSONL, and via TensorBoard's `purge_step`), so the resumed run does not duplicate them.
@@ -122,6 +129,7 @@ class MetricsLogger:
             kept = [r for r in read_metrics(self.path) if r["step"] < resume_from_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
+        self._warned: set[str] = set()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -131,11 +139,27 @@ class MetricsLogger:
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict:
         """Record `metrics` at `step`; keys get `prefix` ("rollout/" etc.). Returns the row written."""
         row: dict[str, Any] = {"step": int(step)}
+        dropped = []
         for key, value in metrics.items():
             scalar = _scalar(value)
-            if scalar is not None:
+            if scalar is not None and math.isfinite(scalar):
                 row[f"{prefix}{key}"] = scalar
-        self._file.write(json.dumps(row) + "\n")
+            elif scalar is not None:
+                dropped.append((f"{prefix}{key}", scalar))
+        if dropped:
+            row[NONFINITE_KEY] = float(len(dropped))
+            for key, value in dropped:
+                if key not in self._warned:
+                    self._warned.add(key)
+                    get_logger(__name__).warning(
+                        "metric %s is %s at step %d; left out of metrics.jsonl (rows count such values "
+                        "in %s).",
+                        key,
+                        value,
+                        step,
+                        NONFINITE_KEY,
+                    )
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()  # so a crash loses at most the step being written
         if self._tb is not None:
             for key, value in row.items():

@@ -170,12 +170,19 @@ def test_config_file(tiny_ckpt, prompts_file, reward_file, tmp_path, capsys):
 
 def test_raising_reward_marks_failed_and_continues(tiny_ckpt, prompts_file, tmp_path, capsys):
     bad = tmp_path / "bad_reward.py"
-    bad.write_text("async def reward(args, sample):\n    raise ValueError('boom')\n")
+    bad.write_text(
+        "async def reward(args, sample):\n    if sample.index % 2:\n        raise ValueError('boom')\n"
+        "    return 1.0\n"
+    )
     run = tmp_path / "run"
     assert main(base_argv(tiny_ckpt, prompts_file, run, bad)) == 0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["rollout/reward_failed"] == 8.0 and lines[0]["rollout/failed_frac"] == 1.0
+    assert lines[0]["rollout/reward_failed"] == 4.0 and lines[0]["rollout/failed_frac"] == 0.5
     assert "boom" in capsys.readouterr().err
+    # When every sample fails there is nothing to train on: the run stops with one sentence.
+    bad.write_text("async def reward(args, sample):\n    raise ValueError('boom')\n")
+    msg = error_of(capsys, base_argv(tiny_ckpt, prompts_file, tmp_path / "run2", bad))
+    assert "every sample of rollout 0 failed (8 of 8)" in msg and "raised ValueError: boom" in msg
 
 
 @pytest.mark.parametrize("form", ["file", "file:func", "pkg.mod:func", "pkg.mod.func"])

@@ -28,6 +28,25 @@ def test_metrics_jsonl_rows_and_prefix(tmp_path):
     assert _lines(tmp_path / "metrics.jsonl")[1] == {"step": 2, "eval/accuracy": 0.25}
 
 
+def test_nonfinite_values_are_left_out_and_counted(tmp_path, capsys):
+    def strict(line: str) -> dict:
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+    with MetricsLogger(tmp_path) as log:
+        row = log.log(1, {"a": float("nan"), "b": 1.0, "c": float("inf"), "d": torch.tensor(float("-inf"))})
+        assert row == {"step": 1, "b": 1.0, "metrics/nonfinite_dropped": 3.0}
+        log.log(2, {"a": float("nan"), "b": 2.0})
+        log.log(3, {"a": 0.5})
+    rows = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [
+        {"step": 1, "b": 1.0, "metrics/nonfinite_dropped": 3.0},
+        {"step": 2, "b": 2.0, "metrics/nonfinite_dropped": 1.0},
+        {"step": 3, "a": 0.5},
+    ]
+    warned = capsys.readouterr().err.splitlines()  # once per key
+    assert len(warned) == 3 and warned[0].startswith("[miles] metric a is nan at step 1; left out of metrics")
+
+
 def test_resume_truncates_later_steps(tmp_path):
     with MetricsLogger(tmp_path, tensorboard=False) as log:
         for step in range(1, 6):

@@ -2,7 +2,9 @@
 
 One call of `generate` is one rollout: ``rollout_batch_size`` prompts, ``n_samples_per_prompt``
 samples each, all launched at once so the engine batches them, each rewarded as soon as it finishes.
-`evaluate` does the same over the eval sets without advancing the training data.
+What the generate function returns is checked before it is rewarded (`miles_core.rollout.checks`): a bad
+result fails its sample, and a rollout in which every sample failed stops the run. `evaluate` does the
+same over the eval sets without advancing the training data.
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from typing import Any
 
 from miles_core.custom import get_generate_fn
 from miles_core.logging import progress
+from miles_core.rollout.checks import (
+    FailureLog,
+    SampleError,
+    blank_response,
+    checked_samples,
+    raised,
+    sample_problem,
+)
 from miles_core.rollout.generate import RolloutContext, rollout_context
 from miles_core.rollout.reward import RewardRunner
 from miles_core.types import RolloutOptions, Sample, Status, UsageError
@@ -72,8 +82,11 @@ class RolloutManager:
         self.args, self.pm, self.engine, self.tokenizer = args, pm, engine, tokenizer
         self.source = source
         self.eval_sets = eval_sets or {}
-        self.generate_fn = get_generate_fn(args.custom_generate_function_path or "single_turn")
-        self.rewards = RewardRunner(args)
+        spec = args.custom_generate_function_path
+        self.generate_fn = get_generate_fn(spec or "single_turn")
+        self.generate_source = f"--custom-generate-function-path {spec}" if spec else "single_turn"
+        self.failures = FailureLog()
+        self.rewards = RewardRunner(args, self.failures)
 
     def _make_samples(self, prompts: list[Any], n: int) -> list[list[Sample]]:
         groups = []
@@ -93,37 +106,56 @@ class RolloutManager:
             )
         return groups
 
-    async def _one(self, sample: Sample, params: dict, bar: Any) -> list[Sample]:
+    async def _one(self, sample: Sample, params: dict, bar: Any, key: str | None) -> list[Sample]:
         """Generate (one sample, or several: one per turn or branch, all in the prompt's group) and, without
         ``--group-rm``, reward each as soon as it is done."""
         sample.sampling_params = {k: params[k] for k in ("temperature", "top_p", "top_k")}
-        try:
-            out = await self.generate_fn(self.args, sample, dict(params))
-        except Exception as e:  # a failing generate function fails its sample, not the run
-            sample.status = Status.FAILED
-            sample.metadata["generate_error"] = f"{type(e).__name__}: {e}"
-            out = sample
-        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        prompt_tokens = list(sample.tokens)
+        outs = await self._generate(sample, params, prompt_tokens)
         for o in outs:
             o.group_index = sample.group_index
         if not self.args.group_rm:
-            await asyncio.gather(*(self.rewards.score(o) for o in outs))
+            await asyncio.gather(*(self.rewards.score(o, key) for o in outs))
         bar.update(1)
         return outs
 
-    async def _group(self, group: list[Sample], params: dict, bar: Any) -> list[Sample]:
-        done = [o for outs in await asyncio.gather(*(self._one(s, params, bar) for s in group)) for o in outs]
+    async def _generate(self, sample: Sample, params: dict, prompt_tokens: list[int]) -> list[Sample]:
+        """The generate function's samples, each checked: a bad one is FAILED, its response blanked."""
+        source = self.generate_source
+        try:
+            outs = checked_samples(await self.generate_fn(self.args, sample, dict(params)))
+        except Exception as e:  # a failing generate function fails its sample, not the run
+            err = e if isinstance(e, SampleError) else raised(e, "fix what makes it raise")
+            blank_response(sample, prompt_tokens)
+            self.failures.record([sample], "generate", source, err)
+            return [sample]
+        for o in outs:
+            problem = sample_problem(o)
+            if problem is not None:
+                blank_response(o, prompt_tokens)
+                self.failures.record([o], "generate", source, problem)
+            elif o.status == Status.FAILED:  # the function's own verdict: counted, not logged
+                blank_response(o, prompt_tokens)
+                err = SampleError("marked it FAILED", fix="see its own output for why")
+                self.failures.record([o], "generate", source, err, quiet=True)
+        return outs
+
+    async def _group(self, group: list[Sample], params: dict, bar: Any, key: str | None) -> list[Sample]:
+        outs = await asyncio.gather(*(self._one(s, params, bar, key) for s in group))
+        done = [o for sample_outs in outs for o in sample_outs]
         if self.args.group_rm:
-            await self.rewards.score_group(done)
+            await self.rewards.score_group(done, key)
         return done
 
-    def _run(self, groups: list[list[Sample]], params: dict, desc: str) -> list[list[Sample]]:
+    def _run(
+        self, groups: list[list[Sample]], params: dict, desc: str, key: str | None
+    ) -> list[list[Sample]]:
         total = sum(len(g) for g in groups)
         ctx = RolloutContext(engine=self.engine, tokenizer=self.tokenizer, pm=self.pm)
 
         async def _all():
             with rollout_context(ctx), progress(total, desc) as bar:
-                return await asyncio.gather(*(self._group(g, params, bar) for g in groups))
+                return await asyncio.gather(*(self._group(g, params, bar, key) for g in groups))
 
         done = asyncio.run(_all())
         for i, s in enumerate(s for g in done for s in g):  # several samples per call shift the numbering
@@ -136,19 +168,23 @@ class RolloutManager:
         self.engine.set_rollout_options(rollout_options(self.pm, args, rollout_id, self.engine))
         self.engine.reseed(args.rollout_seed + rollout_id)
         prompts = self.source.next_batch()
-        failures_before = self.rewards.failures
+        counts_before = self.failures.counts.copy()
         start = time.perf_counter()
         tokens_before = self.engine.generated_tokens
         groups = self._run(
             self._make_samples(prompts, args.n_samples_per_prompt),
             sampling_params(args),
             f"rollout {rollout_id}",
+            args.reward_key,
         )
         elapsed = time.perf_counter() - start
         samples = [s for g in groups for s in g]
+        self.failures.check_some_succeeded(samples, counts_before, f"rollout {rollout_id}")
         self.pm.hook.post_reward(args=args, samples=samples)
         metrics = self._metrics(samples, args.reward_key, "rollout")
-        metrics["rollout/reward_failed"] = float(self.rewards.failures - failures_before)
+        failed = self.failures.counts - counts_before
+        for stage in ("reward", "generate"):
+            metrics[f"rollout/{stage}_failed"] = float(sum(n for (st, _), n in failed.items() if st == stage))
         metrics["rollout/time_s"] = elapsed
         metrics["rollout/tok_per_s"] = (self.engine.generated_tokens - tokens_before) / max(elapsed, 1e-9)
         for extra in self.pm.hook.rollout_metrics(args=args, rollout_id=rollout_id, samples=samples):
@@ -164,7 +200,7 @@ class RolloutManager:
         key = args.eval_reward_key or args.reward_key
         for name, dataset in self.eval_sets.items():
             groups = self._run(
-                self._make_samples(list(dataset), args.n_samples_per_eval_prompt), params, f"eval {name}"
+                self._make_samples(list(dataset), args.n_samples_per_eval_prompt), params, f"eval {name}", key
             )
             samples = [s for g in groups for s in g]
             for k, v in self._metrics(samples, key, f"eval/{name}").items():

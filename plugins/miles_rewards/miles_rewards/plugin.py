@@ -72,6 +72,7 @@ def configure(args: argparse.Namespace, pm: Any) -> bool:
     rm_type = args.rm_type or ""
     if rm_type == "remote_rm" and not args.rm_url:
         raise UsageError("--rm-type remote_rm needs --rm-url http://host:port/path of the reward server.")
+    _check_remote(args)
     if args.math_equivalence_timeout <= 0:
         raise UsageError("--math-equivalence-timeout must be a positive number of seconds (default 2.0).")
     overlong = _check_overlong(args)
@@ -79,6 +80,25 @@ def configure(args: argparse.Namespace, pm: Any) -> bool:
         pm.register(OverlongRun(args), name="rewards.overlong")
     name = rm_type[len("boxed_") :] if rm_type.startswith("boxed_") else rm_type
     return name in reward_names() or overlong
+
+
+def _check_remote(args: argparse.Namespace) -> None:
+    from miles_rewards import remote
+
+    problem = remote.url_problem(args.rm_url) if args.rm_url else None
+    if problem:
+        raise UsageError(
+            f"--rm-url {remote.shown(args.rm_url)} {problem}; "
+            "give the http(s):// address of the reward server."
+        )
+    if not 0 <= args.rm_max_retries <= remote.MAX_RETRIES:
+        raise UsageError(f"--rm-max-retries must be between 0 and {remote.MAX_RETRIES} (default 3).")
+    if not 0 <= args.rm_retry_backoff <= remote.MAX_BACKOFF_S:
+        raise UsageError(
+            f"--rm-retry-backoff must be between 0 and {remote.MAX_BACKOFF_S:g} seconds (default 0.5)."
+        )
+    if not args.rm_request_timeout > 0:
+        raise UsageError("--rm-request-timeout must be a positive number of seconds (default 30).")
 
 
 def _check_overlong(args: argparse.Namespace) -> bool:

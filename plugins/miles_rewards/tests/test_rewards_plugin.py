@@ -63,3 +63,26 @@ def test_entry_points_resolve_to_async_rewards() -> None:
         fn = getattr(importlib.import_module(module), func)
         assert inspect.iscoroutinefunction(fn), target
         assert list(inspect.signature(fn).parameters) == ["args", "sample"], target
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--rm-url", "file:///etc/passwd"], ["--rm-url file:///etc/passwd", "http(s)://"]),
+        (["--rm-url", "ftp://h/r"], ["not an http:// or https:// URL"]),
+        (["--rm-url", "https://h:8443/r?key=k"], None),
+        (["--rm-url", "http://user:pw@h/r"], ["--rm-url http://h/r carries a user name or password"]),
+        (["--rm-url", "http://h/r", "--rm-max-retries", "11"], ["--rm-max-retries", "between 0 and 10"]),
+        (["--rm-url", "http://h/r", "--rm-max-retries", "-1"], ["--rm-max-retries"]),
+        (["--rm-url", "http://h/r", "--rm-retry-backoff", "31"], ["--rm-retry-backoff", "30"]),
+        (["--rm-url", "http://h/r", "--rm-request-timeout", "0"], ["--rm-request-timeout"]),
+    ],
+)
+def test_configure_checks_the_remote_flags(flags: list[str], words: list[str] | None) -> None:
+    if words is None:  # accepted
+        assert configured("--rm-type", "remote_rm", *flags) is True
+        return
+    with pytest.raises(UsageError) as info:
+        configured("--rm-type", "remote_rm", *flags)
+    for word in words:
+        assert word in str(info.value)

@@ -113,3 +113,142 @@ def test_unreachable_server_and_missing_url() -> None:
         score(remote.reward, "a", "b", _args(url, rm_max_retries=1))
     with pytest.raises(UsageError, match="--rm-url"):
         score(remote.reward, "a", "b", SimpleNamespace(rm_url=None))
+
+
+@contextmanager
+def raw_server(handle: Any) -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
+    """A server whose ``handle(handler, n)`` writes the whole answer; records (method, path, body)."""
+    seen: list[tuple[str, str, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.command, self.path, body))
+            try:
+                handle(self, len(seen))
+            except OSError:
+                pass
+
+        do_POST = do_GET = _any  # noqa: N815 (http.server's naming)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/reward", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None, length: bool = True) -> Any:
+    def handle(h: BaseHTTPRequestHandler, n: int) -> None:
+        h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        if length:
+            h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    return handle
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_redirects_to_another_host_are_refused(code: int) -> None:
+    with raw_server(answer(200, b"1.0")) as (other, other_seen):
+        away = other.replace("127.0.0.1", "localhost")  # another host name, same machine
+        with raw_server(answer(code, headers={"Location": away})) as (url, seen):
+            with pytest.raises(RuntimeError, match=rf"redirected \(HTTP {code}\) to http://localhost:"):
+                score(remote.reward, "a", "b", _args(url))
+            assert len(seen) == 1  # a refused redirect is not retried
+        assert other_seen == []
+
+
+@pytest.mark.parametrize("code", [301, 302, 303])
+def test_other_redirects_are_refused_even_to_the_same_host(code: int) -> None:
+    with raw_server(answer(code, headers={"Location": "/elsewhere"})) as (url, seen):
+        with pytest.raises(RuntimeError, match=rf"redirected \(HTTP {code}\).*only 307/308"):
+            score(remote.reward, "a", "b", _args(url))
+        assert [(m, p) for m, p, _ in seen] == [("POST", "/reward")]
+
+
+@pytest.mark.parametrize("code", [307, 308])
+def test_307_and_308_to_the_same_host_keep_method_and_body(code: int) -> None:
+    def handle(h: BaseHTTPRequestHandler, n: int) -> None:
+        if h.path == "/reward":
+            answer(code, headers={"Location": "/v2/reward"})(h, n)
+        else:
+            answer(200, b'{"reward": 0.5}')(h, n)
+
+    with raw_server(handle) as (url, seen):
+        assert score(remote.reward, "42", "42", _args(url)) == 0.5
+    assert [(m, p) for m, p, _ in seen] == [("POST", "/reward"), ("POST", "/v2/reward")]
+    assert json.loads(seen[1][2]) == {"prompt": "q", "response": "42", "label": "42"}
+
+
+def test_redirect_loops_stop() -> None:
+    with raw_server(answer(307, headers={"Location": "/reward"})) as (url, seen):
+        with pytest.raises(RuntimeError, match="refused the request with HTTP 307"):
+            score(remote.reward, "a", "b", _args(url))
+    assert len(seen) <= remote.MAX_REDIRECTS + 2
+
+
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "until-close"])
+def test_oversized_answers_are_refused(length: bool) -> None:
+    big = b"[" + b"1," * remote.MAX_BODY_BYTES + b"1]"
+    with raw_server(answer(200, big, length=length)) as (url, seen):
+        with pytest.raises(RuntimeError, match="more than the 1048576 bytes") as info:
+            score(remote.reward, "a", "b", _args(url))
+        assert len(seen) == 1 and len(str(info.value)) < 300
+    if length:  # refused by its Content-Length, before reading it
+        assert f"answered {len(big)} bytes" in str(info.value)
+
+
+def test_errors_quote_a_short_excerpt_and_hide_the_query() -> None:
+    long = ("x" * 5000).encode()
+    with raw_server(answer(400, b"bad label: " + long)) as (url, _):
+        with pytest.raises(RuntimeError) as info:
+            score(remote.reward, "a", "b", _args(url + "?token=s3cret"))
+    message = str(info.value)
+    assert "HTTP 400 Bad Request: 'bad label: xxx" in message and len(message) < 300, message
+    assert "s3cret" not in message and url in message
+    for body in (long, b'"just text"', b'{"reward": "high"}'):
+        with raw_server(answer(200, body)) as (url, _):
+            with pytest.raises(RuntimeError) as info:
+                score(remote.reward, "a", "b", _args(url))
+        assert len(str(info.value)) < 300, info.value
+
+
+def test_only_http_urls_are_accepted() -> None:
+    for url in ("file:///etc/passwd", "ftp://127.0.0.1/r", "127.0.0.1:8000/reward", "http:///reward"):
+        with pytest.raises(UsageError, match="--rm-url"):
+            score(remote.reward, "a", "b", _args(url))
+
+
+def test_retries_and_backoff_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(remote.asyncio, "sleep", no_wait)
+    with raw_server(answer(503, b"busy")) as (url, seen):
+        with pytest.raises(RuntimeError, match=f"in {remote.MAX_RETRIES + 1} attempts.*HTTP 503"):
+            score(remote.reward, "a", "b", _args(url, rm_max_retries=1000, rm_retry_backoff=1000.0))
+    assert len(seen) == remote.MAX_RETRIES + 1
+    assert len(waits) == remote.MAX_RETRIES and max(waits) == remote.MAX_BACKOFF_S
+
+
+def test_too_many_requests_is_retried() -> None:
+    def handle(h: BaseHTTPRequestHandler, n: int) -> None:
+        answer(429, b"slow down")(h, n) if n <= 2 else answer(200, b"0.25")(h, n)
+
+    with raw_server(handle) as (url, seen):
+        assert score(remote.reward, "a", "b", _args(url)) == 0.25
+    assert len(seen) == 3
