@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from miles_core.cli import main
+from miles_core.testing import one_torch_thread  # noqa: F401  (an autouse fixture: tiny models, busy CPU)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = ["--hf-checkpoint", str(REPO / "examples/arith/checkpoint")]
