@@ -1,7 +1,9 @@
 """The demo's synthetic arithmetic task: "what is a+b?" / "what is a-b?" answered as \\boxed{n}.
 
 Problems are drawn from a seeded generator, so the SFT data, the RL prompts and the held-out test set
-are reproducible and disjoint (every problem lands in exactly one split by a hash of its text).
+are reproducible and disjoint. Every problem lands in one split by a hash of its unordered operand pair,
+so a+b, b+a and the subtraction on the same two numbers always share a split: no held-out problem is a
+reordering of one the model was trained on.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -41,9 +44,27 @@ def make_problem(rng: random.Random, carry_frac: float = 0.75) -> tuple[int, str
             return a, op, b
 
 
-def split_of(question: str) -> str:
-    h = int(hashlib.sha256(question.encode()).hexdigest(), 16) % 100
+def pair_key(a: int, b: int) -> tuple[int, int]:
+    """The unordered operand pair: the same for a+b, b+a, a-b and b-a."""
+    return min(a, b), max(a, b)
+
+
+def split_of(a: int, b: int) -> str:
+    """The split of every problem on operands `a` and `b` (in either order, with either operation)."""
+    lo, hi = pair_key(a, b)
+    h = int(hashlib.sha256(f"{lo},{hi}".encode()).hexdigest(), 16) % 100
     return "test" if h < 10 else ("sft" if h < 55 else "rl")
+
+
+QUESTION_RE = re.compile(r"What is (\d+)([+-])(\d+)\?")
+
+
+def operands(question: str) -> tuple[int, str, int]:
+    """(a, op, b) of a question written by `question_text`."""
+    m = QUESTION_RE.match(question)
+    if m is None:
+        raise ValueError(f"not an arithmetic question: {question!r}")
+    return int(m.group(1)), m.group(2), int(m.group(3))
 
 
 def question_text(expr: str) -> str:
@@ -73,7 +94,7 @@ def generate(
         a, op, b = make_problem(rng)
         value = a + b if op == "+" else a - b
         q = question_text(f"{a}{op}{b}")
-        split = split_of(q)
+        split = split_of(a, b)
         if split == "sft" or q not in seen:
             if len(rows[split]) < want[split]:
                 row = {"prompt": q, "label": str(value)}
