@@ -19,6 +19,21 @@ from miles_core.types import UsageError
 
 
 @contextmanager
+def serving(handler: type) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 (an unused port) for the duration of the block; its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/reward"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@contextmanager
 def reward_server(answer: Any) -> Iterator[tuple[str, list[dict]]]:
     """A server on a free loopback port; ``answer(n, payload)`` gives ``(status, body)`` for request n."""
     received: list[dict] = []
@@ -39,16 +54,8 @@ def reward_server(answer: Any) -> Iterator[tuple[str, list[dict]]]:
         def log_message(self, *args: Any) -> None:  # keep test output quiet
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/reward", received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(Handler) as url:
+        yield url, received
 
 
 def _args(url: str, **overrides: Any) -> SimpleNamespace:
@@ -134,16 +141,8 @@ def raw_server(handle: Any) -> Iterator[tuple[str, list[tuple[str, str, bytes]]]
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/reward", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(Handler) as url:
+        yield url, seen
 
 
 def answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None, length: bool = True) -> Any:
