@@ -129,7 +129,9 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
 
 
 def make_train_batch(samples: list[Sample], args: argparse.Namespace) -> TrainBatch:
-    """Tensors for training; FAILED samples stay in their group with an all-zero loss mask."""
+    """Tensors for training; FAILED samples stay in their group with an all-zero loss mask. Every sample
+    has at least one response token (the rollout manager checks generated samples and gives a failed one
+    a filler token)."""
     rewards = []
     for s in samples:
         rewards.append(s.get_reward_value(args.reward_key) if s.status != Status.FAILED else float("nan"))
@@ -142,8 +144,8 @@ def make_train_batch(samples: list[Sample], args: argparse.Namespace) -> TrainBa
         m = torch.tensor(
             s.loss_mask if s.loss_mask is not None else [1] * s.response_length, dtype=torch.float32
         )
-        batch.loss_masks.append(m * 0 if s.status == Status.FAILED or s.response_length == 0 else m)
-        batch.tokens.append(torch.tensor(s.tokens if s.response_length else s.tokens + [0], dtype=torch.long))
+        batch.loss_masks.append(m * 0 if s.status == Status.FAILED else m)
+        batch.tokens.append(torch.tensor(s.tokens, dtype=torch.long))
     if all(s.rollout_log_probs is not None for s in samples):
         batch.rollout_log_probs = [
             torch.tensor(s.rollout_log_probs or [0.0] * s.response_length, dtype=torch.float32)
