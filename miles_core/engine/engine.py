@@ -6,11 +6,10 @@ the other samples of the group), runs one decode step for every running sequence
 request as soon as its sequence stops, freeing the slot for the next one. Everything runs on the
 caller's asyncio loop, so a custom generate function needs no threads.
 
-On the static decode path (CUDA graphs) the scheduler keeps one step in flight: it launches step t+1
-(whose inputs the device already holds) before it reads step t's tokens on the host, so the host's
-bookkeeping overlaps the GPU. A sequence that stops at step t has one more token computed at step t+1,
-which is dropped. Samples are drawn with per-sequence keyed noise (`keyed_exponentials`), so they do
-not depend on the path, the batch or this overlap.
+On the static decode path (CUDA graphs, `static_decode`) the scheduler keeps one step in flight. Abort,
+pause, weight updates and memory release run between steps (`control`), from any thread. Samples are
+drawn with per-sequence keyed noise (`keyed_exponentials`), so they do not depend on the path, the batch
+or this overlap.
 """
 
 from __future__ import annotations
@@ -20,12 +19,12 @@ import asyncio
 import heapq
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from miles_core.engine.control import EngineControl
 from miles_core.engine.cuda_graph import DecodeGraphs, HostCopies, model_fingerprint
 from miles_core.engine.sampler import SamplingParams, sample_tokens
 from miles_core.engine.sequence import (
@@ -37,21 +36,12 @@ from miles_core.engine.sequence import (
     filter_flags,
     graph_safe,
 )
+from miles_core.engine.static_decode import StaticDecode, _InFlight
 from miles_core.model import CausalLM, KVCache, RoutingState, fused_moe, load_hf_tensors, set_fused_moe
 from miles_core.types import RolloutOptions, UsageError
 
 
-@dataclass
-class _InFlight:
-    """A launched static decode step whose tokens the host has not read yet."""
-
-    seqs: list[_Seq]
-    host: torch.Tensor  # float64 [rows, 2]: token, log-prob per row (filled asynchronously)
-    routes: torch.Tensor | None  # int32 [rows, L, k] on the host
-    event: Any  # torch.cuda.Event, or None on CPU (the copies were synchronous)
-
-
-class Engine:
+class Engine(EngineControl, StaticDecode):
     """Batched sampling with a KV cache; the rollout backend named ``torch``."""
 
     def __init__(
@@ -93,6 +83,7 @@ class Engine:
         self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
         self._task: asyncio.Task | None = None
+        self._init_control()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: CausalLM, tokenizer: Any) -> Engine:
@@ -154,12 +145,32 @@ class Engine:
         return self.stats["generated_tokens"]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Copy new weights (HF names) into the engine's model in place and bump the version."""
-        load_hf_tensors(self.model, named_tensors)
-        self.weight_version = version
+        """Copy new weights (HF names) into the engine's model in place and bump the version.
 
-    async def generate(self, input_ids: list[int], sampling_params: dict | SamplingParams) -> EngineOutput:
-        """Sample a continuation of ``input_ids``; returns when this sequence stops."""
+        Safe while requests run (from any thread): it happens between two decode steps, and the tokens
+        sampled after it are labelled ``version``."""
+
+        def load() -> None:
+            load_hf_tensors(self.model, named_tensors)
+            self.weight_version = version
+
+        self._between_steps(load)
+
+    @property
+    def num_running(self) -> int:
+        """Requests decoding now."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for a free slot (or for ``continue_generation``)."""
+        return len(self._waiting)
+
+    async def generate(
+        self, input_ids: list[int], sampling_params: dict | SamplingParams, rid: str | None = None
+    ) -> EngineOutput:
+        """Sample a continuation of ``input_ids``; returns when this sequence stops (or is aborted:
+        ``abort(rid)``, finish reason ``abort``, with the tokens generated so far)."""
         params = (
             sampling_params
             if isinstance(sampling_params, SamplingParams)
@@ -167,10 +178,15 @@ class Engine:
         )
         if not input_ids:
             raise ValueError("generate() needs at least one prompt token.")
-        seq = _Seq(prompt=list(input_ids), params=params, future=asyncio.get_running_loop().create_future())
-        self._waiting.append(seq)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        seq = _Seq(prompt=list(input_ids), params=params, future=loop.create_future(), rid=rid)
+        with self._lock:
+            if self._alive and self._loop is not loop:
+                raise RuntimeError("the engine is generating on another event loop; call it from that one.")
+            self._waiting.append(seq)
+            if not self._alive:
+                self._alive, self._loop = True, loop
+                self._task = loop.create_task(self._run())
         return await seq.future
 
     def generate_batch(
@@ -190,17 +206,29 @@ class Engine:
         if self._graphs is not None and self._graphs.fingerprint != model_fingerprint(self.model):
             self._graphs = None
         try:
-            while self._waiting or self._running or self._inflight is not None:
+            while True:
+                with self._lock:
+                    if not (self._waiting or self._running or self._inflight is not None or self._calls):
+                        self._alive = False
+                        break
                 with torch.inference_mode():
-                    if self._inflight is not None and self._admissible():
-                        self._drain()  # admission changes the batch: settle the step in flight first
-                    self._admit()
-                    if self._running:
-                        self._decode_step()
-                    else:
+                    self._run_calls()
+                    paused = self.paused
+                    if paused:
                         self._drain()
-                await asyncio.sleep(0)
+                    else:
+                        if self._inflight is not None and self._admissible():
+                            self._drain()  # admission changes the batch: settle the step in flight first
+                        self._admit()
+                        if self._running:
+                            self._decode_step()
+                        else:
+                            self._drain()
+                await asyncio.sleep(0.002 if paused else 0)
         except BaseException as e:  # surface the error to every waiting caller instead of hanging
+            with self._lock:
+                self._alive = False
+            self._fail_calls(e)
             for seq in self._waiting + self._running:
                 if not seq.future.done():
                     seq.future.set_exception(e)
@@ -322,62 +350,6 @@ class Engine:
         self.stats["decode_steps"] += 1
         self._sample(list(seqs), logits, routes)
 
-    # ---------------------------------------------------------------- static decode path
-
-    def _static_step(self) -> None:
-        """Launch one static decode step, then settle the previous one (one step stays in flight)."""
-        g = self._graphs
-        if g is None or g.cache is not self._cache or g.compile != self.compile:
-            g = self._graphs = DecodeGraphs(self.model, self._cache, self._slot_params, compile=self.compile)
-            self._host_copies = None
-        seqs = list(self._running)
-        prev, self._inflight = self._inflight, None
-        if prev is None:  # the batch changed: give the device the host's view of every running row
-            for s in seqs:
-                s.pos = len(s.prompt) + len(s.out) - 1
-            g.load([s.out[-1] for s in seqs], [s.pos for s in seqs], [s.key for s in seqs],
-                   [s.slot for s in seqs])  # fmt: skip
-        else:  # the device already fed each row's sampled token forward
-            for s in seqs:
-                s.pos += 1
-        rows, kv_len = g.buckets(max(s.slot for s in seqs) + 1, max(s.pos for s in seqs) + 1)
-        tokens, logps, routes = g.step(rows, kv_len, **filter_flags(seqs))
-        self.stats["decode_steps"] += 1
-        self._inflight = self._copy_out(seqs, tokens, logps, routes)
-        if prev is not None:
-            self._settle(prev)
-
-    def _copy_out(self, seqs, tokens, logps, routes) -> _InFlight:
-        """Start copying a step's outputs into one of two host buffers (no sync)."""
-        if self._host_copies is None:
-            self._host_copies = HostCopies(self._cache.num_slots, self.device)
-        want_routes = self.capture_routes and routes.numel() > 0
-        host, host_routes, event = self._host_copies.copy(
-            torch.stack([tokens.double(), logps.double()], dim=1), routes if want_routes else None
-        )
-        return _InFlight(seqs, host, host_routes, event)
-
-    def _settle(self, step: _InFlight) -> None:
-        """Wait for a launched step's outputs and hand its tokens to the sequences that still run."""
-        if step.event is not None:
-            step.event.synchronize()
-        toks, lps = step.host[:, 0].long().tolist(), step.host[:, 1].tolist()
-        for s in step.seqs:
-            if s.finish is not None:
-                continue  # stopped at the step before: this token was computed past the end, drop it
-            routes = None if step.routes is None else step.routes[s.slot : s.slot + 1].numpy()
-            self._accept(s, [toks[s.slot]], [lps[s.slot]], routes)
-        done = [s.slot for s in self._running if s.finish is not None]
-        self._retire()
-        if done and self._inflight is not None:
-            self._graphs.deactivate(done)  # the step in flight advanced them; stop them there
-
-    def _drain(self) -> None:
-        """Settle the step in flight, if any."""
-        step, self._inflight = self._inflight, None
-        if step is not None:
-            self._settle(step)
-
     def _stack_routes(self, routing: RoutingState | None) -> np.ndarray | None:
         """int32 [B, T, num_moe_layers, k] on the host, in one copy."""
         if routing is None or not routing.used_topk:
@@ -424,6 +396,7 @@ class Engine:
         for tok, lp in zip(tokens, log_probs):
             s.out.append(tok)
             s.logps.append(lp)
+            s.versions.append(self.weight_version)
             self.stats["generated_tokens"] += 1
             taken += 1
             s.finish = s.finish_reason(tok, self._eos, self.tokenizer)

@@ -28,9 +28,11 @@ class _Seq:
     prompt: list[int]
     params: SamplingParams
     future: asyncio.Future
+    rid: str | None = None  # the caller's request id (abort(rid))
     slot: int = -1
     out: list[int] = field(default_factory=list)
     logps: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # the weight version each output token came from
     routes: list[np.ndarray] = field(default_factory=list)  # chunks [n, L, k] in token order
     finish: str | None = None
     key: int = 0  # sampling key: the token at index i is drawn with keyed_exponentials(key, i, V)
@@ -60,8 +62,9 @@ class _Seq:
         p = self.params
         used = {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k}
         return EngineOutput(
-            self.out, self.logps, self.finish, len(self.prompt), weight_version, routes, info, used
-        )
+            self.out, self.logps, self.finish, len(self.prompt), weight_version, routes, info, used,
+            self.rid, self.versions,
+        )  # fmt: skip
 
 
 def eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
@@ -85,12 +88,14 @@ class EngineOutput:
 
     output_ids: list[int]
     log_probs: list[float]  # [len(output_ids)] log p of each sampled token (tempered)
-    finish_reason: str  # "stop" (EOS / stop token / stop string) or "length"
+    finish_reason: str  # "stop" (EOS / stop token / stop string), "length" or "abort"
     prompt_len: int
     weight_version: int
     routed_experts: np.ndarray | None = None  # int32 [prompt_len + len(output_ids) - 1, L, topk]
     spec_info: dict = field(default_factory=dict)  # from the decode strategy (spec_accept_length, ...)
     sampling_params: dict = field(default_factory=dict)  # temperature, top_p, top_k it sampled with
+    rid: str | None = None  # the request id the caller gave
+    output_weight_versions: list[int] = field(default_factory=list)  # [len(output_ids)] version per token
 
 
 class SequenceView:

@@ -111,6 +111,7 @@ class Speculator:
 
     def finished(self, seq: Any) -> dict[str, float]:
         """The statistics of a sequence that stopped (empty if it never reached a speculative step)."""
+        self._states.pop(id(seq), None)  # an aborted sequence retires without settling here
         return self._done.pop(id(seq), {})
 
     # ------------------------------------------------------------------ the decode step

@@ -1,0 +1,154 @@
+"""Engine control between steps: abort by request id, pause/continue, weight updates while requests run
+(same loop and another thread), per-token weight versions, cache flush and memory release."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from miles_core.engine import Engine
+from miles_core.model import load_model
+from miles_core.model.hf_io import named_hf_tensors
+
+LONG = {"temperature": 1.0, "max_new_tokens": 40}
+
+
+@pytest.fixture()
+def engine(tiny_ckpt):
+    e = Engine(load_model(tiny_ckpt).eval(), None, max_batch_size=8, seed=3)
+    e._eos = set()  # every request runs its full length unless aborted
+    return e
+
+
+async def _until(cond, limit=2000):
+    for _ in range(limit):
+        if cond():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+def test_abort_by_rid_returns_partial_output_and_frees_the_slot(engine):
+    async def go():
+        a = asyncio.ensure_future(engine.generate([5, 6, 7], LONG, rid="a"))
+        b = asyncio.ensure_future(engine.generate([5, 6, 8], LONG, rid="b"))
+        await _until(lambda: engine.num_running == 2 and len(engine._running[0].out) >= 3)
+        assert engine.abort("a") == 1
+        out_a = await a
+        assert engine.abort("nope") == 0
+        out_b = await b
+        return out_a, out_b
+
+    out_a, out_b = asyncio.run(go())
+    assert out_a.finish_reason == "abort" and out_a.rid == "a"
+    assert 3 <= len(out_a.output_ids) < 40 and len(out_a.log_probs) == len(out_a.output_ids)
+    assert out_b.finish_reason == "length" and len(out_b.output_ids) == 40
+    assert sorted(engine._free) == list(range(8))  # both slots back
+
+
+def test_abort_of_a_waiting_request_answers_it_with_nothing(engine):
+    engine.max_batch_size = 1
+
+    async def go():
+        first = asyncio.ensure_future(engine.generate([5, 6], LONG, rid="x"))
+        queued = asyncio.ensure_future(engine.generate([5, 7], LONG, rid="y"))
+        await _until(lambda: engine.num_running == 1)
+        assert engine.num_waiting == 1
+        engine.abort("y")
+        out_y = await queued
+        return await first, out_y
+
+    out_x, out_y = asyncio.run(go())
+    assert out_y.finish_reason == "abort" and out_y.output_ids == []
+    assert out_x.finish_reason == "length"
+
+
+def test_pause_in_place_then_update_labels_each_token_with_its_version(engine, tiny_ckpt):
+    new = load_model(tiny_ckpt).eval()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.01)
+
+    async def go():
+        fut = asyncio.ensure_future(engine.generate([5, 6, 7], LONG, rid="r"))
+        await _until(lambda: engine.num_running and len(engine._running[0].out) >= 5)
+        engine.pause_generation("in_place")
+        n = len(engine._running[0].out)
+        await asyncio.sleep(0.02)
+        assert len(engine._running[0].out) == n  # no step while paused
+        engine.update_weights(named_hf_tensors(new), version=7)
+        engine.continue_generation()
+        return n, await fut
+
+    n, out = asyncio.run(go())
+    assert out.finish_reason == "length" and out.weight_version == 7
+    assert out.output_weight_versions == [0] * n + [7] * (40 - n)
+
+
+def test_update_from_another_thread_runs_between_steps(engine, tiny_ckpt):
+    """The trainer's thread updates weights while the scheduler decodes on its own loop's thread."""
+    new = named_hf_tensors(load_model(tiny_ckpt).eval())
+    started = threading.Event()
+    result = {}
+
+    def rollout():
+        async def go():
+            fut = asyncio.ensure_future(engine.generate([5, 6, 7], {**LONG, "max_new_tokens": 400}))
+            await _until(lambda: engine.num_running)
+            started.set()
+            return await fut
+
+        result["out"] = asyncio.run(go())
+
+    t = threading.Thread(target=rollout)
+    t.start()
+    assert started.wait(10)
+    engine.update_weights(new, version=1)  # blocks until the scheduler ran it
+    t.join(60)
+    versions = result["out"].output_weight_versions
+    assert versions[0] == 0 and versions[-1] == 1 and versions == sorted(versions)
+
+
+def test_pause_abort_mode_answers_everything_and_waits_for_continue(engine):
+    async def go():
+        futs = [asyncio.ensure_future(engine.generate([5, i], LONG)) for i in range(3)]
+        await _until(lambda: engine.num_running == 3)
+        assert engine.pause_generation("abort") == 3
+        outs = await asyncio.gather(*futs)
+        later = asyncio.ensure_future(engine.generate([9, 9], {**LONG, "max_new_tokens": 4}))
+        await asyncio.sleep(0.02)
+        assert not later.done() and engine.num_running == 0  # paused: admitted only after continue
+        engine.continue_generation()
+        return outs, await later
+
+    outs, later = asyncio.run(go())
+    assert all(o.finish_reason == "abort" for o in outs)
+    assert later.finish_reason == "length" and len(later.output_ids) == 4
+    with pytest.raises(Exception, match="not one of"):
+        engine.pause_generation("retract")
+
+
+def test_flush_and_release_free_the_cache_and_generation_resumes(engine):
+    engine.generate_batch([[5, 6]], {**LONG, "max_new_tokens": 3})
+    assert engine.kv_cache is not None
+    assert engine.flush_cache() is True and engine.kv_cache is None
+    engine.release_memory_occupation()
+    assert engine.memory_released and engine.paused
+    engine.resume_memory_occupation()
+    out = engine.generate_batch([[5, 6]], {**LONG, "max_new_tokens": 3})[0]
+    assert len(out.output_ids) == 3 and engine.kv_cache is not None
+
+
+def test_release_is_refused_while_requests_run(engine):
+    async def go():
+        fut = asyncio.ensure_future(engine.generate([5, 6], LONG))
+        await _until(lambda: engine.num_running)
+        with pytest.raises(Exception, match="abort them"):
+            engine.release_memory_occupation()
+        assert engine.flush_cache() is False
+        return await fut
+
+    assert asyncio.run(go()).finish_reason == "length"
