@@ -277,7 +277,8 @@ class Engine(EngineControl, StaticDecode):
             if not self._fits(seq):
                 break
             seq.slot = heapq.heappop(self._free)
-            seq.key = self._keys.getrandbits(31)
+            seed = seq.params.sampling_seed
+            seq.key = self._keys.getrandbits(31) if seed is None else int(seed) & 0x7FFFFFFF
             admitted.append(self._waiting.pop(0))
         if admitted:
             # Per-slot sampling parameters live on the device: written once here, gathered per step.

@@ -28,6 +28,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     skip_special_tokens: bool = True
+    sampling_seed: int | None = None  # fixes the request's sampling key (same seed, same tokens)
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingParams:
