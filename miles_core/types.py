@@ -17,12 +17,20 @@ from miles_core.errors import UsageError
 
 
 class Status(str, enum.Enum):
-    """Where a sample stands. Finish reasons of the engine map onto COMPLETED and TRUNCATED."""
+    """Where a sample stands. Finish reasons of the engine map onto COMPLETED, TRUNCATED and ABORTED.
+
+    FAILED and ABORTED samples stay in their group (so groups keep their size) but train on nothing: their
+    loss mask is zero and their reward takes no part in the group's advantage baseline (`EXCLUDED`).
+    """
 
     PENDING = "pending"
     COMPLETED = "completed"  # stopped on EOS or a stop token
     TRUNCATED = "truncated"  # hit --rollout-max-response-len
     FAILED = "failed"  # generation or reward raised; excluded from training
+    ABORTED = "aborted"  # cut off by --rollout-timeout; not rewarded, excluded from training
+
+
+EXCLUDED = (Status.FAILED, Status.ABORTED)  # statuses whose samples train on nothing
 
 
 @dataclass
@@ -38,7 +46,11 @@ class Sample:
     label: str | None = None  # ground truth for the reward (from --label-key)
     reward: float | dict[str, Any] | None = None  # float, or dict read through --reward-key
     loss_mask: list[int] | None = None  # [response_length]; 0 drops a token from the loss
-    weight_versions: list[int] = field(default_factory=list)  # engine weight versions that produced it
+    weight_versions: list[int] = field(default_factory=list)  # weight version at the end of each engine call
+    # [response_length] the weight version each response token was sampled under (a partial rollout's
+    # continuation or an in-place weight update mixes versions); -1 for tokens no policy sampled (the user
+    # turns multi_turn inserts, a failed sample's filler token).
+    response_weight_versions: list[int] = field(default_factory=list)
     rollout_log_probs: list[float] | None = None  # [response_length] log p of each sampled token
     rollout_routed_experts: Any = None  # int32 [len(tokens)-1, num_moe_layers, topk] (on_route_record)
     status: Status = Status.PENDING
@@ -51,6 +63,12 @@ class Sample:
     @property
     def prompt_length(self) -> int:
         return len(self.tokens) - self.response_length
+
+    @property
+    def oldest_weight_version(self) -> int | None:
+        """The oldest weight version any of its sampled response tokens came from (None: none known)."""
+        sampled = [v for v in self.response_weight_versions if v >= 0]
+        return min(sampled) if sampled else None
 
     def get_reward_value(self, reward_key: str | None = None) -> float:
         """The scalar reward: `reward` itself, or `reward[reward_key]` for dict rewards."""
@@ -134,4 +152,4 @@ class RolloutOptions:
     decode_strategy: Any = None
 
 
-__all__ = ["RolloutOptions", "Sample", "Status", "TrainBatch", "UsageError"]
+__all__ = ["EXCLUDED", "RolloutOptions", "Sample", "Status", "TrainBatch", "UsageError"]

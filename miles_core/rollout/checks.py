@@ -190,6 +190,7 @@ def blank_response(s: Sample, prompt_tokens: list[int]) -> None:
     s.tokens = [*prompt_tokens, 0]
     s.response, s.response_length = "", 1
     s.rollout_log_probs, s.loss_mask = [0.0], [0]
+    s.response_weight_versions = [-1]
     s.rollout_routed_experts = None
 
 

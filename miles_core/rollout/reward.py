@@ -29,7 +29,7 @@ from miles_core.rollout.checks import (
     checked_reward,
     raised,
 )
-from miles_core.types import Sample, Status
+from miles_core.types import EXCLUDED, Sample
 
 
 def _boxed_wrapper(inner: Callable) -> Callable:
@@ -159,7 +159,7 @@ class RewardRunner:
     async def score(self, sample: Sample, key: str | None = None) -> None:
         """Set ``sample.reward`` (or mark the sample FAILED); ``key`` is the dict entry that must be a
         number (default ``--reward-key``)."""
-        if sample.status == Status.FAILED:
+        if sample.status in EXCLUDED:  # failed or aborted: nothing to score
             sample.reward = 0.0
             return
         fn, source = self._fn_for(sample)
@@ -181,7 +181,7 @@ class RewardRunner:
             self.log.record(samples, "reward", self.source, err)
             return
         for s, r in zip(samples, rewards):
-            if s.status == Status.FAILED:  # its generate function failed: no reward to check
+            if s.status in EXCLUDED:  # its generate function failed or timed out: no reward to check
                 s.reward = 0.0
                 continue
             try:
