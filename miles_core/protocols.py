@@ -103,7 +103,12 @@ class AdvantageEstimator(Protocol):
 @runtime_checkable
 class RolloutBackend(Protocol):
     """A rollout backend (``--rollout-backend``): exactly what the loop, the rollout manager and the
-    built-in generate functions call. Built with ``from_args(args, model, tokenizer)`` (a classmethod)."""
+    built-in generate functions call. Built with ``from_args(args, model, tokenizer)`` (a classmethod).
+
+    ``generate`` runs on the rollout's event loop. With ``--async`` that loop runs on a thread of its own
+    and the control calls (``update_weights``, ``pause_generation``, ``continue_generation``, ``abort``)
+    come from the trainer's thread while requests are in flight, so they must be thread-safe; ``abort``
+    is also called from a worker thread of the rollout's loop."""
 
     weight_version: int
     """The version of the weights now served; ``weight_versions`` of each sample records it. The loop
@@ -114,9 +119,31 @@ class RolloutBackend(Protocol):
         """The backend the flags ask for, serving ``model`` (weights on their device and dtype)."""
         ...
 
-    async def generate(self, input_ids: list[int], sampling_params: dict[str, Any]) -> Any:
+    async def generate(
+        self, input_ids: list[int], sampling_params: dict[str, Any], rid: str | None = None
+    ) -> Any:
         """Sample a continuation; returns an ``EngineOutput`` (``output_ids``, ``log_probs``,
-        ``finish_reason``, ``weight_version``, ``routed_experts``, ``spec_info``, ``sampling_params``)."""
+        ``finish_reason`` (``stop``, ``length``, or ``abort`` with the tokens so far), ``weight_version``,
+        ``output_weight_versions`` (one per output token), ``routed_experts``, ``spec_info``,
+        ``sampling_params``).
+
+        :param rid: the request's id, unique within the run, by which ``abort`` finds it.
+        """
+        ...
+
+    def abort(self, rid: str | None = None) -> int:
+        """End request ``rid`` (every request when None) now: it returns its tokens so far with finish
+        reason ``abort``. Returns how many requests were aborted."""
+        ...
+
+    def pause_generation(self, mode: str = "in_place") -> int:
+        """Stop decoding before a weight update. ``in_place``: requests in flight keep their state and go
+        on at ``continue_generation``; ``abort``: they all return now (finish reason ``abort``). New
+        requests wait until ``continue_generation``. Returns how many requests were aborted."""
+        ...
+
+    def continue_generation(self) -> None:
+        """Resume decoding after ``pause_generation``."""
         ...
 
     def set_rollout_options(self, options: RolloutOptions) -> None:
@@ -138,8 +165,19 @@ class RolloutBackend(Protocol):
         :param named_tensors: ``(HF parameter name, tensor)`` pairs in the trainer's dtype; may be a
             generator so the full model never has to sit in memory twice.
         :param version: the new weight version (the number of completed rollouts).
-        :returns: nothing; on return, every new request sees the new weights.
+        :returns: nothing; on return, every new request sees the new weights, and every token sampled
+            after it is labelled ``version``.
         """
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Backend statistics, logged with each rollout as ``rollout/<name>`` (e.g. an HTTP backend's
+        ``engine_restarts`` and ``retries``, counted over the run); may be empty."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend started (an HTTP backend stops its server processes); called once at
+        the end of the run, also when it fails."""
         ...
 
 

@@ -156,6 +156,15 @@ class Engine(EngineControl, StaticDecode):
 
         self._between_steps(load)
 
+    def metrics(self) -> dict[str, float]:
+        """Backend statistics for the rollout metrics (``rollout/<name>``); the in-process engine has
+        none beyond what the rollout measures itself."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to stop: the engine lives and dies with the process (an HTTP backend stops its
+        servers here)."""
+
     @property
     def num_running(self) -> int:
         """Requests decoding now."""
