@@ -141,6 +141,49 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_async(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("async and partial rollout")
+    g.add_argument(
+        "--async",
+        dest="async_rollout",
+        action=ON_OFF,
+        default=False,
+        help="Generate the next rollouts on a background thread while the trainer trains on this one "
+        "(one-step off-policy with --max-weight-staleness 1, slime's train_async.py).",
+    )
+    g.add_argument(
+        "--max-weight-staleness",
+        type=int,
+        default=1,
+        help="With --async: how many weight versions the policy that trains on a sample may be ahead of "
+        "the oldest policy that sampled one of its tokens; rollout k starts once the engine serves "
+        "version k-N (0: as sync).",
+    )
+    g.add_argument(
+        "--update-weights-pause-mode",
+        choices=["in_place", "abort"],
+        default=None,
+        help="With --async, what a weight update does to requests in flight: in_place pauses them and "
+        "they go on under the new weights; abort ends them and they are sent again (default: abort with "
+        "--partial-rollout, else in_place).",
+    )
+    g.add_argument(
+        "--partial-rollout",
+        action=ON_OFF,
+        default=False,
+        help="With --async: a request aborted by a weight update continues under the new weights from "
+        "its partial response (prompt + partial response as input, the rest of the token budget) "
+        "instead of starting over.",
+    )
+    g.add_argument(
+        "--rollout-timeout",
+        type=float,
+        default=None,
+        help="Seconds a sample's generation may take; after it the request is aborted and the sample "
+        "marked ABORTED (kept in its group, unrewarded, zero loss mask). Default: no limit.",
+    )
+
+
 def _add_algorithm(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("algorithm")
     g.add_argument(
@@ -347,6 +390,7 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
         _add_checkpoint,
         _add_data,
         _add_rollout,
+        _add_async,
         _add_algorithm,
         _add_training,
         _add_reward,

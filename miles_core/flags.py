@@ -117,10 +117,12 @@ def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any
     if not isinstance(data, dict):
         raise UsageError(f"--config {path} must be a mapping of flag names to values.")
     actions = {a.dest: a for a in parser._actions if a.option_strings}
+    # A key is a flag's name, which may differ from its dest (``--async`` stores ``async_rollout``).
+    named = {flag_name(a)[2:].replace("-", "_"): a for a in actions.values()}
     out = {}
     for key, value in data.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        action = actions.get(dest)
+        action = named.get(dest) or actions.get(dest)
         if action is None or dest in ("help", "config"):
             close = difflib.get_close_matches(dest, sorted(actions), n=1)
             hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
@@ -130,5 +132,5 @@ def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any
                 f"--config {path}: {flag_name(action)} is read before the config file; pass it on the "
                 "command line."
             )
-        out[dest] = coerce(action, value, f"--config {path}: {key}")
+        out[action.dest] = coerce(action, value, f"--config {path}: {key}")
     return out

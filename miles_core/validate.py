@@ -60,6 +60,29 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--rm-timeout must be a positive number of seconds, got {args.rm_timeout}.")
 
 
+def check_async_args(args: argparse.Namespace) -> None:
+    """The async/partial-rollout flags agree; the weight-update pause mode gets its default."""
+    if args.max_weight_staleness < 0:
+        raise UsageError(f"--max-weight-staleness must be 0 or more, got {args.max_weight_staleness}.")
+    if args.rollout_timeout is not None and args.rollout_timeout <= 0:
+        raise UsageError(
+            f"--rollout-timeout must be a positive number of seconds, got {args.rollout_timeout}."
+        )
+    for dest in ("partial_rollout", "update_weights_pause_mode"):
+        if vars(args)[dest] and not args.async_rollout:
+            raise UsageError(
+                f"{_flag(dest)} acts on requests that a weight update interrupts, which happens only "
+                "with --async; add --async or drop it."
+            )
+    if args.partial_rollout and args.update_weights_pause_mode == "in_place":
+        raise UsageError(
+            "--partial-rollout continues requests that a weight update aborts, but "
+            "--update-weights-pause-mode in_place aborts none; drop one of them."
+        )
+    if args.async_rollout and args.update_weights_pause_mode is None:
+        args.update_weights_pause_mode = "abort" if args.partial_rollout else "in_place"
+
+
 def validate(args: argparse.Namespace) -> None:
     """Refuse what the core cannot run, each with one sentence naming the flag and the fix."""
     if (
@@ -98,6 +121,7 @@ def validate(args: argparse.Namespace) -> None:
             "--eval-prompt-data takes NAME PATH pairs, e.g. --eval-prompt-data gsm8k test.jsonl."
         )
     check_numbers(args)
+    check_async_args(args)
     check_loss_args(args)
     if args.eps_clip_high is None:
         args.eps_clip_high = args.eps_clip
