@@ -24,12 +24,13 @@ from miles_core.data import PromptDataset, RolloutDataSource, Tokenizer
 from miles_core.logging import MetricsLogger, get_logger, plot_curves, progress
 from miles_core.model import load_model
 from miles_core.protocols import RolloutBackend, TrainBackend
+from miles_core.rollout.async_loop import SyncRollouts, open_rollouts
 from miles_core.rollout.manager import RolloutManager
 from miles_core.run_dir import check_output_dirs
 from miles_core.train.advantages import group_sizes
 from miles_core.train.checkpoint import load_checkpoint, save_checkpoint
 from miles_core.train.resume import resolve_resume
-from miles_core.types import Sample, Status, TrainBatch, UsageError
+from miles_core.types import EXCLUDED, Sample, TrainBatch, UsageError
 
 log = get_logger(__name__)
 
@@ -115,26 +116,30 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
     pm.hook.configure_model(args=args, model=engine_model, role="rollout")
     # Backends are named implementations (entry points), so another one plugs in without loop changes.
     engine = drivers.get_rollout_backend(args.rollout_backend).from_args(args, engine_model, tokenizer)
-    trainer = drivers.get_train_backend(args.train_backend)(args, pm, policy, ref)
-    state: dict = {"next_rollout": 0}
-    if resume:
-        trainer_state, state = load_checkpoint(resume)
-        trainer.load_state_dict(trainer_state)
-        source.load_state_dict(state["data"])
-        engine.weight_version = state["next_rollout"]
-        log.info("resumed from %s at rollout %d", resume, state["next_rollout"])
-    logger = MetricsLogger(args.run_dir, resume_from_step=state["next_rollout"] + 1 if resume else None)
-    rollouts = RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
+    try:
+        trainer = drivers.get_train_backend(args.train_backend)(args, pm, policy, ref)
+        state: dict = {"next_rollout": 0}
+        if resume:
+            trainer_state, state = load_checkpoint(resume)
+            trainer.load_state_dict(trainer_state)
+            source.load_state_dict(state["data"])
+            engine.weight_version = state["next_rollout"]
+            log.info("resumed from %s at rollout %d", resume, state["next_rollout"])
+        logger = MetricsLogger(args.run_dir, resume_from_step=state["next_rollout"] + 1 if resume else None)
+        rollouts = RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
+    except BaseException:
+        engine.close()  # a backend's server processes must not outlive a run that failed to start
+        raise
     return Run(args, pm, tokenizer, engine, trainer, rollouts, source, logger, state["next_rollout"], state)
 
 
 def make_train_batch(samples: list[Sample], args: argparse.Namespace) -> TrainBatch:
-    """Tensors for training; FAILED samples stay in their group with an all-zero loss mask. Every sample
-    has at least one response token (the rollout manager checks generated samples and gives a failed one
-    a filler token)."""
+    """Tensors for training; FAILED and ABORTED samples stay in their group with an all-zero loss mask.
+    Every sample has at least one response token (the rollout manager checks generated samples and gives
+    a failed one a filler token)."""
     rewards = []
     for s in samples:
-        rewards.append(s.get_reward_value(args.reward_key) if s.status != Status.FAILED else float("nan"))
+        rewards.append(s.get_reward_value(args.reward_key) if s.status not in EXCLUDED else float("nan"))
     r = torch.tensor(rewards, dtype=torch.float32)
     batch = TrainBatch(samples=samples, rewards=r, tokens=[], loss_masks=[])
     for chunk in r.split(group_sizes(batch, args.n_samples_per_prompt)):
@@ -144,7 +149,7 @@ def make_train_batch(samples: list[Sample], args: argparse.Namespace) -> TrainBa
         m = torch.tensor(
             s.loss_mask if s.loss_mask is not None else [1] * s.response_length, dtype=torch.float32
         )
-        batch.loss_masks.append(m * 0 if s.status == Status.FAILED else m)
+        batch.loss_masks.append(m * 0 if s.status in EXCLUDED else m)
         batch.tokens.append(torch.tensor(s.tokens, dtype=torch.long))
     if all(s.rollout_log_probs is not None for s in samples):
         batch.rollout_log_probs = [
@@ -157,8 +162,8 @@ def make_train_batch(samples: list[Sample], args: argparse.Namespace) -> TrainBa
     return batch
 
 
-def _eval(run: Run, rollout_id: int) -> dict[str, float]:
-    metrics = run.rollouts.evaluate(rollout_id)
+def _eval(run: Run, rollouts: SyncRollouts, rollout_id: int) -> dict[str, float]:
+    metrics = rollouts.evaluate(rollout_id)
     run.logger.log(rollout_id, metrics)
     return metrics
 
@@ -172,28 +177,40 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
     """Run the whole job; returns the summary written to ``<run-dir>/summary.json``."""
     t0 = time.perf_counter()
     r = build_run(args, pm)
+    try:
+        with open_rollouts(args, r.rollouts, r.engine, r.start_rollout) as rollouts:
+            last_eval = _train(r, rollouts)
+    finally:
+        r.engine.close()
+    return _finish(r, last_eval, time.perf_counter() - t0)
+
+
+def _train(r: Run, rollouts: SyncRollouts) -> dict[str, float]:
+    """The loop: take a rollout, train on it, sync the weights, log, evaluate, save. With ``--async`` the
+    next rollouts are generated meanwhile (`miles_core.rollout.async_loop`). Returns the last eval."""
+    args = r.args
     evaluating = bool(r.rollouts.eval_sets)
     if evaluating and r.start_rollout == 0:
-        r.state["accuracy_before"] = _first_accuracy(_eval(r, 0))
+        r.state["accuracy_before"] = _first_accuracy(_eval(r, rollouts, 0))
         log.info("held-out accuracy before training: %.3f", r.state["accuracy_before"] or 0.0)
     last_eval: dict[str, float] = {}
     bar = progress(args.num_rollout, "GRPO", disable=None)
     bar.update(r.start_rollout)
     for rollout_id in range(r.start_rollout, args.num_rollout):
-        samples, metrics = r.rollouts.generate(rollout_id)
+        samples, metrics = rollouts.take(rollout_id)
         steps = r.trainer.train(rollout_id, make_train_batch(samples, args))
-        r.engine.update_weights(r.trainer.named_weights(), version=rollout_id + 1)
+        rollouts.update_weights(r.trainer.named_weights(), version=rollout_id + 1)
         train_means = {f"train/{k}": float(np.mean([s[k] for s in steps if k in s])) for k in steps[-1]}
         r.logger.log(rollout_id + 1, {**metrics, **train_means})
         bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
         bar.update(1)
         done = rollout_id + 1
         if evaluating and args.eval_interval and done % args.eval_interval == 0:
-            last_eval = _eval(r, done)
+            last_eval = _eval(r, rollouts, done)
         if args.save and (
             (args.save_interval and done % args.save_interval == 0) or done == args.num_rollout
         ):
-            r.state.update(next_rollout=done, data=r.source.state_dict())
+            r.state.update(next_rollout=done, data=rollouts.data_state(done))
             save_checkpoint(
                 args.save,
                 done,
@@ -209,8 +226,8 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
         and args.num_rollout % args.eval_interval == 0
         and r.start_rollout < args.num_rollout
     ):
-        last_eval = _eval(r, args.num_rollout)
-    return _finish(r, last_eval, time.perf_counter() - t0)
+        last_eval = _eval(r, rollouts, args.num_rollout)
+    return last_eval
 
 
 def _finish(r: Run, last_eval: dict[str, float], wall_s: float) -> dict[str, Any]:

@@ -124,7 +124,7 @@ def test_protocols_list_exactly_what_the_loop_calls():
     core = REPO / "miles_core"
     engine_owners = {"engine", "self.engine", "r.engine", "ctx.engine", "run.engine", "engine_cls"}
     used = set()
-    for f in ("loop.py", "rollout/manager.py", "rollout/generate.py"):
+    for f in ("loop.py", "rollout/manager.py", "rollout/generate.py", "rollout/async_loop.py"):
         used |= contract.attribute_uses(core / f, engine_owners)
     # The loop builds the backend from its class: drivers.get_rollout_backend(...).from_args(...)
     used |= (

@@ -3,19 +3,26 @@
 One call of `generate` is one rollout: ``rollout_batch_size`` prompts, ``n_samples_per_prompt``
 samples each, all launched at once so the engine batches them, each rewarded as soon as it finishes.
 What the generate function returns is checked before it is rewarded (`miles_core.rollout.checks`): a bad
-result fails its sample, and a rollout in which every sample failed stops the run. `evaluate` does the
-same over the eval sets without advancing the training data.
+result fails its sample, and a rollout in which every sample failed stops the run. A sample whose engine
+call outlived ``--rollout-timeout`` is ABORTED: kept in its group unrewarded, with a zero loss mask. A
+sample with a token older than ``--max-weight-staleness`` allows is failed rather than trained on.
+`evaluate` does the same over the eval sets without advancing the training data.
+
+Both run on whichever thread calls them, each rollout on an event loop (``agenerate`` / ``aevaluate`` on
+the caller's own, e.g. the rollout thread of ``--async``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
 import time
+import uuid
 from typing import Any
 
 from miles_core.custom import get_generate_fn
-from miles_core.logging import progress
+from miles_core.logging import get_logger, progress
 from miles_core.rollout.checks import (
     FailureLog,
     SampleError,
@@ -24,9 +31,11 @@ from miles_core.rollout.checks import (
     raised,
     sample_problem,
 )
-from miles_core.rollout.generate import RolloutContext, rollout_context
+from miles_core.rollout.generate import RolloutContext, current_context, rollout_context
 from miles_core.rollout.reward import RewardRunner
-from miles_core.types import RolloutOptions, Sample, Status, UsageError
+from miles_core.types import EXCLUDED, RolloutOptions, Sample, Status, UsageError
+
+log = get_logger(__name__)
 
 
 def sampling_params(args: argparse.Namespace, evaluation: bool = False) -> dict[str, Any]:
@@ -67,6 +76,13 @@ def scalar_reward(sample: Sample, key: str | None) -> float:
     return sample.get_reward_value(key) if sample.reward is not None else 0.0
 
 
+def staleness(sample: Sample, train_version: int) -> int:
+    """How many weight versions the policy that trains on ``sample`` (``train_version``) is ahead of the
+    oldest policy that sampled one of its tokens (0 when none is known)."""
+    oldest = sample.oldest_weight_version
+    return 0 if oldest is None else train_version - oldest
+
+
 class RolloutManager:
     """Generates and scores the samples of each rollout."""
 
@@ -87,6 +103,10 @@ class RolloutManager:
         self.generate_source = f"--custom-generate-function-path {spec}" if spec else "single_turn"
         self.failures = FailureLog()
         self.rewards = RewardRunner(args, self.failures)
+        self.stopping = threading.Event()  # set when the run stops: in-flight requests are not resent
+        self._run_id = uuid.uuid4().hex[:8]  # request ids are unique per run, also on a shared server
+        self._data_states: dict[int, dict] = {}  # rollout id -> data position before its prompts
+        self._data_lock = threading.Lock()
 
     def _make_samples(self, prompts: list[Any], n: int) -> list[list[Sample]]:
         groups = []
@@ -111,9 +131,14 @@ class RolloutManager:
         ``--group-rm``, reward each as soon as it is done."""
         sample.sampling_params = {k: params[k] for k in ("temperature", "top_p", "top_k")}
         prompt_tokens = list(sample.tokens)
+        start_version = self.engine.weight_version
         outs = await self._generate(sample, params, prompt_tokens)
         for o in outs:
             o.group_index = sample.group_index
+            if len(o.response_weight_versions) != o.response_length:
+                # A generate function that bypassed generate_into: every token is counted as old as
+                # the weights were when the sample started, the oldest they can be.
+                o.response_weight_versions = [start_version] * o.response_length
         if not self.args.group_rm:
             await asyncio.gather(*(self.rewards.score(o, key) for o in outs))
         bar.update(1)
@@ -129,8 +154,14 @@ class RolloutManager:
             blank_response(sample, prompt_tokens)
             self.failures.record([sample], "generate", source, err)
             return [sample]
+        timed_out = current_context().timed_out
         for o in outs:
             problem = sample_problem(o)
+            if id(o) in timed_out or o.status == Status.ABORTED:  # cut off: kept, never trained on
+                o.status, o.reward = Status.ABORTED, 0.0
+                if problem is not None:  # e.g. aborted before its first token
+                    blank_response(o, prompt_tokens)
+                continue
             if problem is not None:
                 blank_response(o, prompt_tokens)
                 self.failures.record([o], "generate", source, problem)
@@ -147,38 +178,68 @@ class RolloutManager:
             await self.rewards.score_group(done, key)
         return done
 
-    def _run(
-        self, groups: list[list[Sample]], params: dict, desc: str, key: str | None
+    async def _run(
+        self, groups: list[list[Sample]], params: dict, desc: str, key: str | None, ctx: RolloutContext
     ) -> list[list[Sample]]:
         total = sum(len(g) for g in groups)
-        ctx = RolloutContext(engine=self.engine, tokenizer=self.tokenizer, pm=self.pm)
-
-        async def _all():
-            with rollout_context(ctx), progress(total, desc) as bar:
-                return await asyncio.gather(*(self._group(g, params, bar, key) for g in groups))
-
-        done = asyncio.run(_all())
+        with rollout_context(ctx), progress(total, desc) as bar:
+            done = await asyncio.gather(*(self._group(g, params, bar, key) for g in groups))
         for i, s in enumerate(s for g in done for s in g):  # several samples per call shift the numbering
             s.index = i
         return done
 
+    def _context(self, name: str, min_weight_version: int | None = None) -> RolloutContext:
+        args = self.args
+        return RolloutContext(
+            engine=self.engine,
+            tokenizer=self.tokenizer,
+            pm=self.pm,
+            timeout=args.rollout_timeout,
+            partial_rollout=args.partial_rollout,
+            min_weight_version=min_weight_version,
+            stopping=self.stopping,
+            rid_prefix=f"miles-{self._run_id}-{name}",
+        )
+
     def generate(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
-        """Run rollout ``rollout_id``; returns its samples (group-major) and metrics."""
+        """Run rollout ``rollout_id`` on a fresh event loop; see `agenerate`."""
+        return asyncio.run(self.agenerate(rollout_id))
+
+    def data_state(self, rollout_id: int) -> dict:
+        """The data source's position before rollout ``rollout_id`` drew its prompts (what a checkpoint
+        taken before training on it saves), also when a rollout thread has drawn them already."""
+        with self._data_lock:
+            self._data_states = {r: st for r, st in self._data_states.items() if r >= rollout_id}
+            if rollout_id in self._data_states:
+                return self._data_states[rollout_id]
+            return self.source.state_dict()
+
+    def _next_prompts(self, rollout_id: int) -> list[Any]:
+        with self._data_lock:
+            self._data_states[rollout_id] = self.source.state_dict()
+            return self.source.next_batch()
+
+    async def agenerate(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
+        """Run rollout ``rollout_id`` (the policy at weight version ``rollout_id`` trains on it); returns
+        its samples (group-major) and metrics."""
         args = self.args
         self.engine.set_rollout_options(rollout_options(self.pm, args, rollout_id, self.engine))
         self.engine.reseed(args.rollout_seed + rollout_id)
-        prompts = self.source.next_batch()
+        prompts = self._next_prompts(rollout_id)
         counts_before = self.failures.counts.copy()
         start = time.perf_counter()
         tokens_before = self.engine.generated_tokens
-        groups = self._run(
+        ctx = self._context(f"r{rollout_id}", rollout_id - args.max_weight_staleness)
+        groups = await self._run(
             self._make_samples(prompts, args.n_samples_per_prompt),
             sampling_params(args),
             f"rollout {rollout_id}",
             args.reward_key,
+            ctx,
         )
         elapsed = time.perf_counter() - start
         samples = [s for g in groups for s in g]
+        self._drop_stale(samples, rollout_id)
         self.failures.check_some_succeeded(samples, counts_before, f"rollout {rollout_id}")
         self.pm.hook.post_reward(args=args, samples=samples)
         metrics = self._metrics(samples, args.reward_key, "rollout")
@@ -187,28 +248,70 @@ class RolloutManager:
             metrics[f"rollout/{stage}_failed"] = float(sum(n for (st, _), n in failed.items() if st == stage))
         metrics["rollout/time_s"] = elapsed
         metrics["rollout/tok_per_s"] = (self.engine.generated_tokens - tokens_before) / max(elapsed, 1e-9)
+        metrics.update(self._version_metrics(samples, rollout_id, ctx))
+        for k, v in self.engine.metrics().items():
+            metrics[f"rollout/{k}"] = float(v)
         for extra in self.pm.hook.rollout_metrics(args=args, rollout_id=rollout_id, samples=samples):
             metrics.update({f"rollout/{k}": float(v) for k, v in (extra or {}).items()})
         return samples, metrics
 
+    def _drop_stale(self, samples: list[Sample], rollout_id: int) -> None:
+        """Fail (never train on) samples with a token older than ``--max-weight-staleness`` allows."""
+        bound = self.args.max_weight_staleness
+        stale = [s for s in samples if s.status not in EXCLUDED and staleness(s, rollout_id) > bound]
+        for s in stale:
+            err = SampleError(
+                f"returned a sample with a token of weight version {s.oldest_weight_version}, more than "
+                f"--max-weight-staleness {bound} behind the policy version {rollout_id} that trains on it",
+                "returned a sample with a token older than --max-weight-staleness allows",
+                "make it generate every token within the rollout it is given",
+            )
+            self.failures.record([s], "generate", self.generate_source, err)
+
+    def _version_metrics(self, samples: list[Sample], rollout_id: int, ctx: RolloutContext) -> dict:
+        """Staleness (policy version trained at minus a sample's oldest token version), its bound, and
+        what became of requests aborted by weight updates or timeouts."""
+        kept = [s for s in samples if s.status not in EXCLUDED]
+        lags = [staleness(s, rollout_id) for s in kept] or [0]
+        oldest = [v for s in kept if (v := s.oldest_weight_version) is not None]
+        out = {
+            "rollout/max_staleness": float(max(lags)),
+            "rollout/mean_staleness": sum(lags) / len(lags),
+            "rollout/oldest_weight_version": float(min(oldest, default=rollout_id)),
+        }
+        for name in ("continuations", "restarts", "stale_restarts", "timeouts"):
+            out[f"rollout/{name}"] = float(ctx.stats[name])
+        if ctx.stats["timeouts"]:
+            log.warning(
+                "rollout %d: %d requests outlived --rollout-timeout %g s and were aborted (their samples "
+                "train on nothing); raise it if that is too many.",
+                rollout_id,
+                ctx.stats["timeouts"],
+                self.args.rollout_timeout,
+            )
+        return out
+
     def evaluate(self, rollout_id: int) -> dict[str, float]:
+        """Score every eval set on a fresh event loop; see `aevaluate`."""
+        return asyncio.run(self.aevaluate(rollout_id))
+
+    async def aevaluate(self, rollout_id: int) -> dict[str, float]:
         """Score every eval set; ``eval/<name>/accuracy`` is the fraction of rewards above 0.5."""
         args = self.args
         params = sampling_params(args, evaluation=True)
         metrics: dict[str, float] = {}
         self.engine.reseed(args.rollout_seed + 10_000_019 + rollout_id)
         key = args.eval_reward_key or args.reward_key
-        for name, dataset in self.eval_sets.items():
-            groups = self._run(
-                self._make_samples(list(dataset), args.n_samples_per_eval_prompt), params, f"eval {name}", key
-            )
-            samples = [s for g in groups for s in g]
-            for k, v in self._metrics(samples, key, f"eval/{name}").items():
+        for i, (name, dataset) in enumerate(self.eval_sets.items()):
+            samples = self._make_samples(list(dataset), args.n_samples_per_eval_prompt)
+            ctx = self._context(f"eval{rollout_id}.{i}")
+            groups = await self._run(samples, params, f"eval {name}", key, ctx)
+            for k, v in self._metrics([s for g in groups for s in g], key, f"eval/{name}").items():
                 metrics[k] = v
         return metrics
 
     def _metrics(self, samples: list[Sample], key: str | None, prefix: str) -> dict[str, float]:
-        ok = [s for s in samples if s.status != Status.FAILED]
+        ok = [s for s in samples if s.status not in EXCLUDED]
         rewards = [scalar_reward(s, key) for s in ok]
         n = max(len(samples), 1)
         return {
@@ -217,5 +320,6 @@ class RolloutManager:
             f"{prefix}/response_len_mean": sum(s.response_length for s in samples) / n,
             f"{prefix}/truncated_frac": sum(s.status == Status.TRUNCATED for s in samples) / n,
             f"{prefix}/failed_frac": sum(s.status == Status.FAILED for s in samples) / n,
+            f"{prefix}/aborted_frac": sum(s.status == Status.ABORTED for s in samples) / n,
             f"{prefix}/num_samples": float(len(samples)),
         }
