@@ -85,7 +85,9 @@ def pre_rollout(args: argparse.Namespace, rollout_id: int, engine: Any) -> Rollo
     """Say how the engine should run one rollout, and read what the plugin needs of it.
 
     Called by the driver before each rollout's generation starts (after the weight sync of the
-    previous step). The driver merges the answers (route capture if any plugin asks; at most one
+    previous step; with ``--async`` on the rollout thread, while the trainer may still be training on
+    an earlier rollout, and ``engine.weight_version`` may lag ``rollout_id`` by up to
+    ``--max-weight-staleness``). The driver merges the answers (route capture if any plugin asks; at most one
     decode strategy, else a ``UsageError``) and hands them to the engine: R3 asks for route capture,
     speculative RL returns its speculative decoder. Do not set attributes on ``engine``.
 
@@ -135,7 +137,7 @@ def post_reward(args: argparse.Namespace, samples: list[Sample]) -> None:
     and before the rollout's metrics are computed and the samples go to training. Not called for
     evaluation, so eval accuracy stays the raw reward. Change ``sample.reward`` in place: add to a
     float, or to the entry ``args.reward_key`` names in a dict reward. Skip samples whose ``status`` is
-    ``Status.FAILED`` (their reward is a placeholder 0).
+    ``Status.FAILED`` or ``Status.ABORTED`` (their reward is a placeholder 0).
 
     :param args: the parsed namespace.
     :param samples: every sample of the rollout, group-major, ``reward`` and ``response_length`` set.

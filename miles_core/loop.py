@@ -1,8 +1,9 @@
 """The training loop of `miles train`: generate, reward, train, sync weights, log, save, eval.
 
-`build_run` wires the parts together from the parsed flags; `run` is the loop itself, short enough to
-read in one sitting. Each part is reached only through its interface (engine.generate /
-update_weights, trainer.train / named_weights / state_dict), so another backend can replace it.
+`build_run` wires the parts together from the parsed flags; `run` / `_train` are the loop itself, short
+enough to read in one sitting. Each part is reached only through its interface (engine.generate /
+update_weights, trainer.train / named_weights / state_dict), so another backend can replace it. Rollouts
+come from `miles_core.rollout.async_loop`: generated when the loop asks, or ahead of it with ``--async``.
 """
 
 from __future__ import annotations
