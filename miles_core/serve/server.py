@@ -159,6 +159,8 @@ class Server:
                 "num_waiting": e.num_waiting,
                 "generated_tokens": e.generated_tokens,
                 "decode_steps": e.stats["decode_steps"],
+                "prefill_tokens": e.stats["prefill_tokens"],
+                "cuda_graph": e.cuda_graph,
                 "paused": e.paused,
                 "memory_released": e.memory_released,
                 "max_batch_size": e.max_batch_size,
