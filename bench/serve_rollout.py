@@ -76,6 +76,7 @@ async def clients(url: str, prompts, params) -> tuple[int, float]:
         after = _info(url)
         STEPS["served"] = after["decode_steps"] - before["decode_steps"]
         STEPS["served_cuda_graph"] = after["cuda_graph"]
+        STEPS["served_busy_frac"] = round((after["busy_s"] - before["busy_s"]) / wall, 3)
         STEPS["latency_s"] = [round(min(LAT), 3), round(max(LAT), 3)]
         return sum(counts), wall
 
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clients", type=int, default=64, help="Concurrent HTTP requests (= in-process batch).")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="--rollout-compile on both sides.")
+    ap.add_argument("--served-first", action="store_true", help="Time the server before the in-process arm.")
     ap.add_argument("--also-eager", action="store_true", help="Also time the in-process engine eagerly.")
     a = ap.parse_args(argv)
     PRESET.update(PRESETS[a.preset])
@@ -133,13 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(1, vocab, (a.clients, PRESET["prompt_len"]), generator=g).tolist()
+        if a.served_first:  # no CUDA context in this process while the server runs
+            remote = served(tmp + "/ckpt", prompts, params, device, flags, Path(tmp))
         local = in_process(tmp + "/ckpt", prompts, params, device, flags)
         eager = None
         if a.also_eager:
             eager = in_process(tmp + "/ckpt", prompts, params, device, flags + ["--no-rollout-cuda-graph"])
         if device == "cuda":
             torch.cuda.empty_cache()
-        remote = served(tmp + "/ckpt", prompts, params, device, flags, Path(tmp))
+        if not a.served_first:
+            remote = served(tmp + "/ckpt", prompts, params, device, flags, Path(tmp))
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "preset": a.preset,
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "decode_steps_served": STEPS["served"],
         "served_cuda_graph": STEPS["served_cuda_graph"],
         "served_latency_s": STEPS["latency_s"],
+        "served_busy_frac": STEPS["served_busy_frac"],
     }
     if eager is not None:
         result["in_process_eager_tok_s"] = round(eager, 1)

@@ -160,6 +160,7 @@ class Server:
                 "generated_tokens": e.generated_tokens,
                 "decode_steps": e.stats["decode_steps"],
                 "prefill_tokens": e.stats["prefill_tokens"],
+                "busy_s": round(e.stats["busy_s"], 4),
                 "cuda_graph": e.cuda_graph,
                 "paused": e.paused,
                 "memory_released": e.memory_released,
