@@ -1,9 +1,8 @@
-"""Real `miles serve` processes for tests: start on a free port, wait until they answer, stop at teardown.
+"""Start real `miles serve` processes on 127.0.0.1 for tests, and always stop them.
 
-``with miles_serve(ckpt, tmp_path, n=2) as servers:`` starts ``n`` servers at once (their model loads
-overlap), waits (bounded) for each port file, and stops every process it started, however the block
-ends. `ServeProcess.kill` sends SIGKILL for fault tests. `http_json` is a blocking JSON request for
-talking to a server from the test's own thread.
+`served` / `served_many` start one or ``n`` servers (their model loads overlap) and stop them however the
+block ends; `start_server` / `stop_server` for a test that kills (`Served.kill`, SIGKILL) or restarts one.
+`http_json` is a blocking JSON request to any url (a server, a router).
 """
 
 from __future__ import annotations
@@ -18,92 +17,115 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def serve_env(**extra: str) -> dict[str, str]:
-    """The test's environment with the repo and its plugins first on PYTHONPATH, one thread per process."""
-    paths = [str(REPO), *(str(p) for p in sorted((REPO / "plugins").iterdir()) if p.is_dir())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])
-    return env
-
-
-class ServeProcess:
-    """One ``python -m miles_core.cli serve`` process; its output goes to ``workdir/serve.log``."""
-
-    def __init__(self, ckpt: Path, workdir: Path, *flags: str, port: int = 0) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port_file, self.log_path = workdir / "port", workdir / "serve.log"
-        self.port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "miles_core.cli", "serve", "--hf-checkpoint", str(ckpt)]
-        cmd += ["--port", str(port), "--port-file", str(self.port_file), *flags]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=serve_env(), cwd=REPO)
-        self.url: str | None = None
-
-    def log_tail(self, chars: int = 2000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def wait_ready(self, timeout: float = 120.0) -> str:
-        """Wait for the port file (written once the server accepts requests); returns the server's url."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.port_file.exists():
-                self.url = f"http://127.0.0.1:{int(self.port_file.read_text())}"
-                return self.url
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"miles serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            time.sleep(0.05)
-        raise TimeoutError(f"miles serve did not start within {timeout:g} s:\n{self.log_tail()}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` and wait for the process to end."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within 10 s."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@contextlib.contextmanager
-def miles_serve(
-    ckpt: Path, workdir: Path, *flags: str, n: int = 1, timeout: float = 120.0
-) -> Iterator[list[ServeProcess]]:
-    """``n`` ready `miles serve` processes on free ports (in ``workdir/serve<i>``), stopped at exit."""
-    procs: list[ServeProcess] = []
-    try:
-        for i in range(n):
-            procs.append(ServeProcess(ckpt, workdir / f"serve{i}", *flags))
-        for p in procs:
-            p.wait_ready(timeout)
-        yield procs
-    finally:
-        for p in procs:
-            p.stop()
-
-
-def http_json(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
-    """One blocking request; returns (HTTP status, decoded JSON answer or None if the body is not JSON).
-    ``body`` is sent as JSON, or as is when it is bytes."""
+def http_json(method: str, url: str, body: Any = None, timeout: float = 120.0) -> tuple[int, Any]:
+    """One blocking request; returns (HTTP status, the decoded JSON answer, or None for an empty or
+    non-JSON body). ``body`` is sent as JSON, or as is when it is bytes."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
     try:
         return status, json.loads(raw) if raw.strip() else None
     except ValueError:
         return status, None
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            text = r.read().decode()
+        return json.loads(text) if text else {}
+
+    def post(self, path: str, body: dict | None = None) -> tuple[int, dict]:
+        status, answer = http_json("POST", self.url + path, body or {})
+        return status, answer or {}
+
+    def kill(self) -> None:
+        """SIGKILL (a crash), then wait for the process to end."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+
+def serve_env() -> dict[str, str]:
+    """This interpreter's environment for a child: the same sys.path, one thread per process."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+
+
+def launch_server(ckpt: Path, workdir: Path, *flags: str, port: int = 0) -> tuple[subprocess.Popen, Path]:
+    """Start a `miles serve` process (``port`` 0: a free one); returns it and its port file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"serve-{time.monotonic_ns()}.port"
+    cmd = [sys.executable, "-m", "miles_core.cli", "serve", "--hf-checkpoint", str(ckpt), "--port", str(port),
+           "--port-file", str(port_file), "--device", "cpu", *flags]  # fmt: skip
+    log = port_file.with_suffix(".log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=serve_env(), cwd=REPO)
+    log.close()
+    return proc, port_file
+
+
+def wait_server(proc: subprocess.Popen, port_file: Path, deadline_s: float = 120.0) -> Served:
+    """Returns once the server answers /health (or stops it and raises with its log)."""
+    log = port_file.with_suffix(".log")
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"miles serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if port_file.is_file():
+            served = Served(proc, f"http://127.0.0.1:{port_file.read_text().strip()}", log)
+            with contextlib.suppress(OSError):
+                served.get("/health")
+                return served
+        time.sleep(0.05)
+    stop_server(Served(proc, "", log))
+    raise RuntimeError(f"miles serve did not come up in {deadline_s} s:\n{log.read_text()[-3000:]}")
+
+
+def start_server(ckpt: Path, workdir: Path, *flags: str, port: int = 0, deadline_s: float = 120.0) -> Served:
+    """A ready `miles serve` process (on ``port``, 0: a free one)."""
+    return wait_server(*launch_server(ckpt, workdir, *flags, port=port), deadline_s)
+
+
+def stop_server(served: Served) -> None:
+    if served.proc.poll() is None:
+        served.proc.terminate()
+        try:
+            served.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            served.proc.kill()
+            served.proc.wait(10)
+
+
+@contextlib.contextmanager
+def served(ckpt: Path, workdir: Path, *flags: str) -> Iterator[Served]:
+    s = start_server(ckpt, workdir, *flags)
+    try:
+        yield s
+    finally:
+        stop_server(s)
+
+
+@contextlib.contextmanager
+def served_many(ckpt: Path, workdir: Path, n: int, *flags: str) -> Iterator[list[Served]]:
+    """``n`` ready servers, started at once; all stopped at exit."""
+    launched = [launch_server(ckpt, workdir, *flags) for _ in range(n)]
+    try:
+        yield [wait_server(proc, port_file) for proc, port_file in launched]
+    finally:
+        for proc, port_file in launched:
+            stop_server(Served(proc, "", port_file.with_suffix(".log")))

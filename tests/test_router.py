@@ -7,14 +7,13 @@ with ``/pause_generation {"mode": "in_place"}`` holds a request in flight for as
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 import time
 
 import aiohttp
 import pytest
-from serve_helpers import REPO, ServeProcess, http_json, miles_serve, serve_env
+from serve_helpers import REPO, http_json, serve_env, served_many, start_server, stop_server
 
 from miles_core.serve.pool import WorkerError, WorkerPool
 from miles_core.serve.router import RouterThread
@@ -24,7 +23,7 @@ BODY = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "temper
 
 @pytest.fixture(scope="module")
 def engines(tiny_ckpt, tmp_path_factory):
-    with miles_serve(tiny_ckpt, tmp_path_factory.mktemp("engines"), n=2) as servers:
+    with served_many(tiny_ckpt, tmp_path_factory.mktemp("engines"), 2) as servers:
         yield [s.url for s in servers]
 
 
@@ -178,9 +177,9 @@ def test_bad_router_requests_get_400_and_the_router_keeps_serving(engines, route
 def test_engine_killed_mid_request_is_retried_and_revived_by_health_checks(
     tiny_ckpt, tmp_path, engines, router
 ):
-    victim = ServeProcess(tiny_ckpt, tmp_path / "victim")
+    victim = start_server(tiny_ckpt, tmp_path)
+    dead = victim.url
     try:
-        dead = victim.wait_ready()
         url, thread = router([dead], failure_threshold=2)
         assert http_json("POST", dead + "/pause_generation", {"mode": "in_place"})[0] == 200
 
@@ -195,7 +194,7 @@ def test_engine_killed_mid_request_is_retried_and_revived_by_health_checks(
                 req = asyncio.create_task(send())
                 await asyncio.to_thread(wait_until, lambda: thread.pool.workers()[0]["in_flight"] == 1)
                 assert http_json("POST", f"{url}/add_worker?url={engines[1]}")[0] == 200
-                victim.kill(signal.SIGKILL)
+                victim.kill()
                 return await asyncio.wait_for(req, 30)
 
         answer = asyncio.run(kill_mid_request())
@@ -207,16 +206,15 @@ def test_engine_killed_mid_request_is_retried_and_revived_by_health_checks(
         # a later request skips the dead engine without a retry; a restart on its port revives it
         assert http_json("POST", url + "/generate", BODY)[0] == 200
         assert thread.pool.retries == 1
-        victim = ServeProcess(tiny_ckpt, tmp_path / "victim", port=int(dead.rsplit(":", 1)[1]))
-        victim.wait_ready()
+        victim = start_server(tiny_ckpt, tmp_path, port=int(dead.rsplit(":", 1)[1]))
         wait_until(lambda: thread.pool.healthy == [dead, engines[1]], what="the restarted engine's revival")
     finally:
-        victim.stop()
+        stop_server(victim)
 
 
 def test_health_checks_mark_a_dead_engine_and_no_healthy_engine_is_a_503(tiny_ckpt, tmp_path, engines):
-    victim = ServeProcess(tiny_ckpt, tmp_path / "victim")
-    dead = victim.wait_ready()
+    victim = start_server(tiny_ckpt, tmp_path)
+    dead = victim.url
     victim.kill()
     pool = WorkerPool([dead, engines[0]], health_check_interval=0.2, failure_threshold=3, wait_healthy_s=0.3)
 
