@@ -83,7 +83,7 @@ def test_least_in_flight_picks_the_idle_engine(engines):
         await asyncio.sleep(0.2)
         assert [w["in_flight"] for w in pool.workers()] == [1, 0]
         for _ in range(3):  # round-robin would send the second of these to a, where it would hang
-            await asyncio.wait_for(pool.generate(BODY), 30)
+            await asyncio.wait_for(pool.generate(BODY), 10)
         assert served(pool) == [0, 3]
         http_json("POST", a + "/continue_generation")
         await asyncio.wait_for(held, 30)
@@ -179,8 +179,15 @@ def test_engine_killed_mid_request_is_retried_and_revived_by_health_checks(
 ):
     victim = start_server(tiny_ckpt, tmp_path)
     dead = victim.url
+    revivals: list[str] = []
+
+    async def on_revive(worker: str) -> None:  # where a client would load the current weights
+        revivals.append(worker)
+        if len(revivals) == 1:
+            raise RuntimeError("not ready")  # keeps the worker out of rotation until the next check
+
     try:
-        url, thread = router([dead], failure_threshold=2)
+        url, thread = router([dead], failure_threshold=2, on_revive=on_revive)
         assert http_json("POST", dead + "/pause_generation", {"mode": "in_place"})[0] == 200
 
         async def kill_mid_request() -> dict:
@@ -208,6 +215,7 @@ def test_engine_killed_mid_request_is_retried_and_revived_by_health_checks(
         assert thread.pool.retries == 1
         victim = start_server(tiny_ckpt, tmp_path, port=int(dead.rsplit(":", 1)[1]))
         wait_until(lambda: thread.pool.healthy == [dead, engines[1]], what="the restarted engine's revival")
+        assert revivals == [dead, dead]
     finally:
         stop_server(victim)
 
@@ -262,6 +270,7 @@ def test_router_main_serves_until_sigterm_and_imports_no_torch(tmp_path, engines
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        proc.stderr.close()
     bad = subprocess.run(
         [sys.executable, "-m", "miles_core.serve.router", "--health-check-interval", "0"],
         env=serve_env(),

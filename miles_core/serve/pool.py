@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,6 +83,10 @@ def normalize_url(url: Any) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def _encode(body: dict[str, Any] | bytes | None) -> bytes | None:
+    return body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+
+
 def error_message(raw: bytes, status: int) -> str:
     """The one sentence of an error answer: ``{"error": {"message": ...}}`` (miles, SGLang), ``message``,
     ``detail`` or the text itself."""
@@ -111,6 +116,9 @@ class WorkerPool:
     :param retry_backoff: seconds before the first re-send, doubled for each later one (at most 1 s).
     :param wait_healthy_s: how long a request waits for a healthy worker when there is none.
     :param connect_timeout: seconds to open a connection to a worker.
+    :param on_revive: ``async f(url)`` run when an unhealthy worker answers ``/health`` again, before it
+        is used (e.g. to load the current weights into a restarted engine); if it raises, the worker
+        stays unhealthy until the next check.
     """
 
     def __init__(
@@ -124,6 +132,7 @@ class WorkerPool:
         retry_backoff: float = 0.05,
         wait_healthy_s: float = 30.0,
         connect_timeout: float = 5.0,
+        on_revive: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         if failure_threshold < 1:
             raise UsageError(f"failure_threshold={failure_threshold} must be at least 1.")
@@ -134,6 +143,7 @@ class WorkerPool:
         self.retry_backoff = retry_backoff
         self.wait_healthy_s = wait_healthy_s
         self.connect_timeout = connect_timeout
+        self.on_revive = on_revive
         self.retries = 0  # re-sends after a failure, over the pool's life (rollout metrics report it)
         self._workers: list[Worker] = []
         self._next = 0  # round-robin position among equally loaded workers
@@ -178,11 +188,14 @@ class WorkerPool:
         """POST ``/generate`` to the least-loaded healthy worker, retrying elsewhere on failure."""
         return await self.request("POST", "/generate", body)
 
-    async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def request(
+        self, method: str, path: str, body: dict[str, Any] | bytes | None = None
+    ) -> dict[str, Any]:
         """One request to one worker (least in flight), retried on another after a connection error,
-        a dropped connection or a 5xx. Raises `WorkerError` (4xx, no healthy worker, retries spent)."""
+        a dropped connection or a 5xx. ``body``: a dict sent as JSON, or bytes sent as they are. Raises
+        `WorkerError` (4xx, no healthy worker, retries spent)."""
         st = self._loop_state()
-        data = None if body is None else json.dumps(body).encode()
+        data = _encode(body)
         attempts = 1 + (len(self._workers) if self.max_retries is None else self.max_retries)
         tried: set[str] = set()
         last = ""
@@ -201,11 +214,12 @@ class WorkerPool:
             finally:
                 worker.in_flight -= 1
         raise WorkerError(
-            502, f"{path} failed on every attempt ({attempts}), last: {last}; check the engines' logs."
+            502,
+            f"{path} failed on all {attempts} attempts, last: {last.rstrip('.')}; check the engines' logs.",
         )
 
     async def broadcast(
-        self, path: str, body: dict[str, Any] | None = None, method: str = "POST"
+        self, path: str, body: dict[str, Any] | bytes | None = None, method: str = "POST"
     ) -> list[dict[str, Any]]:
         """Send one request to every healthy worker at once (pause, continue, weight updates, ...).
 
@@ -213,7 +227,7 @@ class WorkerPool:
         status) added; a worker that failed gives ``{"url", "status", "success": False, "message"}``
         (status 502 for a connection error). Nothing is retried."""
         st = self._loop_state()
-        data = None if body is None else json.dumps(body).encode()
+        data = _encode(body)
 
         async def one(worker: Worker) -> dict[str, Any]:
             worker.in_flight += 1
@@ -354,11 +368,19 @@ class WorkerPool:
                 ok, why = resp.status == 200, f"/health answered HTTP {resp.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             ok, why = False, f"/health: {type(e).__name__}: {e}"
-        if ok:
-            w.failed_checks = 0
-            self._set_health(w, True, "/health answered")
-        else:
+        if not ok:
             self._failed_check(w, why)
+            return
+        w.failed_checks = 0
+        if not w.healthy and self.on_revive is not None:
+            try:
+                await self.on_revive(w.url)
+            except Exception as e:  # stays out of rotation; the next check tries again
+                log.warning(
+                    "worker %s answers /health but on_revive failed: %s: %s", w.url, type(e).__name__, e
+                )
+                return
+        self._set_health(w, True, "/health answered")
 
     def _failed_check(self, w: Worker, why: str) -> None:
         w.failed_checks += 1

@@ -108,8 +108,9 @@ class Router:
     async def broadcast(self, request: web.Request) -> web.Response:
         """A control request to every healthy worker; 200 if all answered 2xx, else the first worker's
         4xx (or 502) with each failure named."""
-        path = request.path
-        results = await self.pool.broadcast(path, await _json_body(request))
+        path = request.path  # the body goes on as it came (weights can be large); each worker checks it
+        raw = await request.read() if request.can_read_body else b""
+        results = await self.pool.broadcast(path, raw if raw.strip() else b"{}")
         if not results:
             return _error(
                 503, f"no healthy engine worker to send {path} to; start one or add it with /add_worker."
