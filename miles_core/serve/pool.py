@@ -148,7 +148,7 @@ class WorkerPool:
         self._workers: list[Worker] = []
         self._next = 0  # round-robin position among equally loaded workers
         self._state: _LoopState | None = None
-        for url in urls:
+        for url in [urls] if isinstance(urls, str) else urls:
             self.add(url)
 
     # ---------------------------------------------------------------- membership

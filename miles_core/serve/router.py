@@ -122,7 +122,7 @@ class Router:
                 {"success": True, "message": f"{path} done on {n} workers", "workers": results}
             )
         status = next((r["status"] for r in bad if 400 <= r["status"] < 500), 502)
-        why = "; ".join(f"{r['url']}: {r['message']}" for r in bad)
+        why = "; ".join(f"{r['url']}: {str(r['message']).rstrip('.')}" for r in bad)
         return _error(status, f"{len(bad)} of {len(results)} workers failed {path} ({why}).", workers=results)
 
 
