@@ -13,7 +13,7 @@ import time
 
 import aiohttp
 import pytest
-from serve_helpers import REPO, http_json, serve_env, served_many, start_server, stop_server
+from serve_helpers import http_json, serve_env, served_many, start_server, stop_server
 
 from miles_core.serve.pool import WorkerError, WorkerPool
 from miles_core.serve.router import RouterThread
@@ -257,7 +257,7 @@ def test_router_main_serves_until_sigterm_and_imports_no_torch(tmp_path, engines
         "--worker-urls",
         *engines,
     ]
-    proc = subprocess.Popen(cmd, env=serve_env(), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=serve_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: port_file.exists() or proc.poll() is not None, what="the router's port file")
         assert proc.poll() is None, proc.stderr.read()
@@ -274,7 +274,7 @@ def test_router_main_serves_until_sigterm_and_imports_no_torch(tmp_path, engines
     bad = subprocess.run(
         [sys.executable, "-m", "miles_core.serve.router", "--health-check-interval", "0"],
         env=serve_env(),
-        cwd=REPO,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
