@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -56,6 +58,24 @@ def write_sum_tokenizer(out: Path) -> int:
 
 
 # ---------------------------------------------------------------- real `miles serve` processes
+# `served` / `served_many` start one or ``n`` servers (their model loads overlap) and stop them however the
+# block ends; `start_server` / `stop_server` for a test that kills (`Served.kill`, SIGKILL) or restarts one.
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 120.0) -> tuple[int, Any]:
+    """One blocking request to any url (a server, a router); returns (HTTP status, the decoded JSON answer,
+    or None for an empty or non-JSON body). ``body`` is sent as JSON, or as is when it is bytes."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw.strip() else None
+    except ValueError:
+        return status, None
 
 
 @dataclass
@@ -70,24 +90,36 @@ class Served:
         return json.loads(text) if text else {}
 
     def post(self, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body or {}).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+        status, answer = http_json("POST", self.url + path, body or {})
+        return status, answer if isinstance(answer, dict) else {}
+
+    def kill(self) -> None:
+        """SIGKILL (a crash), then wait for the process to end."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
 
 
-def start_server(ckpt: Path, workdir: Path, *flags: str, deadline_s: float = 120.0) -> Served:
-    """A `miles serve` process on a free port; returns once it answers /health (or raises with its log)."""
+def serve_env() -> dict[str, str]:
+    """This interpreter's environment for a child process: the same sys.path, one thread."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+
+
+def launch_server(ckpt: Path, workdir: Path, *flags: str, port: int = 0) -> tuple[subprocess.Popen, Path]:
+    """Start a `miles serve` process (``port`` 0: a free one) without waiting; returns it and its port file
+    (its log is the port file's name with ``.log``)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port_file = workdir / f"port.{time.monotonic_ns()}"
-    log = port_file.with_suffix(".log")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "miles_core.cli", "serve", "--hf-checkpoint", str(ckpt), "--port", "0",
+    port_file = workdir / f"serve-{time.monotonic_ns()}.port"
+    cmd = [sys.executable, "-m", "miles_core.cli", "serve", "--hf-checkpoint", str(ckpt), "--port", str(port),
            "--port-file", str(port_file), "--device", "cpu", *flags]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    with port_file.with_suffix(".log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=serve_env(), cwd=workdir)
+    return proc, port_file
+
+
+def wait_server(proc: subprocess.Popen, port_file: Path, deadline_s: float = 120.0) -> Served:
+    """Returns once the launched server answers /health (or stops it and raises with its log)."""
+    log = port_file.with_suffix(".log")
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -100,6 +132,12 @@ def start_server(ckpt: Path, workdir: Path, *flags: str, deadline_s: float = 120
         time.sleep(0.05)
     stop_server(Served(proc, "", log))
     raise RuntimeError(f"miles serve did not come up in {deadline_s} s:\n{log.read_text()[-3000:]}")
+
+
+def start_server(ckpt: Path, workdir: Path, *flags: str, port: int = 0, deadline_s: float = 120.0) -> Served:
+    """A `miles serve` process (``port`` 0: a free one); returns once it answers /health (or raises with
+    its log)."""
+    return wait_server(*launch_server(ckpt, workdir, *flags, port=port), deadline_s)
 
 
 def stop_server(served: Served) -> None:
@@ -119,3 +157,14 @@ def served(ckpt: Path, workdir: Path, *flags: str) -> Iterator[Served]:
         yield s
     finally:
         stop_server(s)
+
+
+@contextlib.contextmanager
+def served_many(ckpt: Path, workdir: Path, n: int, *flags: str) -> Iterator[list[Served]]:
+    """``n`` servers started at once (their model loads overlap); all stopped at exit."""
+    launched = [launch_server(ckpt, workdir, *flags) for _ in range(n)]
+    try:
+        yield [wait_server(proc, port_file) for proc, port_file in launched]
+    finally:
+        for proc, port_file in launched:
+            stop_server(Served(proc, "", port_file.with_suffix(".log")))
