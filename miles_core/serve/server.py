@@ -318,7 +318,7 @@ def build_app(server: Server) -> web.Application:
 
 async def run_app(app: web.Application, host: str, port: int, port_file: str | None = None) -> None:
     """Serve ``app`` until SIGTERM/SIGINT; writes the bound port to ``port_file`` once accepting."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
