@@ -42,12 +42,14 @@ def in_process(folder: str, prompts, params, device: str, flags: list[str]) -> f
     engine = Engine.from_args(args, model, None)
     engine.generate_batch(prompts, params)  # warm-up: cache, graphs, compiles
     sync(device)
-    steps = engine.stats["decode_steps"]
+    steps, busy = engine.stats["decode_steps"], engine.stats["busy_s"]
     t0 = time.perf_counter()
     outs = engine.generate_batch(prompts, params)
     sync(device)
+    wall = time.perf_counter() - t0
     STEPS["in_process"] = engine.stats["decode_steps"] - steps
-    return sum(len(o.output_ids) for o in outs) / (time.perf_counter() - t0)
+    STEPS["in_process_busy_frac"] = round((engine.stats["busy_s"] - busy) / wall, 3)
+    return sum(len(o.output_ids) for o in outs) / wall
 
 
 async def clients(url: str, prompts, params) -> tuple[int, float]:
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         "served_cuda_graph": STEPS["served_cuda_graph"],
         "served_latency_s": STEPS["latency_s"],
         "served_busy_frac": STEPS["served_busy_frac"],
+        "in_process_busy_frac": STEPS["in_process_busy_frac"],
+        "served_first": a.served_first,
     }
     if eager is not None:
         result["in_process_eager_tok_s"] = round(eager, 1)
