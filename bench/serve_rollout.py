@@ -36,6 +36,11 @@ def engine_flags(batch: int, dtype: torch.dtype, compile: bool) -> list[str]:
     return flags + (["--rollout-compile"] if compile else [])
 
 
+def serve_flags(context: int) -> list[str]:
+    """A server sized for the requests and warmed up (every batch-size step captured) before it serves."""
+    return ["--context-length", str(context)]
+
+
 def in_process(folder: str, prompts, params, device: str, flags: list[str], how: str = "engine") -> float:
     """``how``: ``engine`` (Engine.from_args), ``server`` (the engine `miles serve` builds, with the
     installed plugins, used without HTTP) or ``server-no-plugins``."""
@@ -100,7 +105,8 @@ def served(folder: str, prompts, params, device: str, flags: list[str], workdir:
     port_file = workdir / "port"
     log = (workdir / "serve.log").open("w")
     cmd = [sys.executable, "-m", "miles_core.cli", "serve", "--hf-checkpoint", folder, "--port", "0",
-           "--port-file", str(port_file), "--device", device, *flags]  # fmt: skip
+           "--port-file", str(port_file), "--device", device, *flags,
+           *serve_flags(len(prompts[0]) + params["max_new_tokens"])]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
         for _ in range(6000):  # up to 10 minutes to load and bind

@@ -246,3 +246,10 @@ def test_weights_over_http_equal_an_engine_built_from_them(server, tiny_ckpt, ck
         )[0]
         == 400
     )
+
+
+def test_context_length_sizes_the_cache_up_front_and_bounds_requests(tiny_ckpt, tmp_path):
+    with served(tiny_ckpt, tmp_path, "--context-length", "64", "--rollout-max-batch-size", "4") as s:
+        code, body = s.post("/generate", {"input_ids": [5] * 60, "sampling_params": {"max_new_tokens": 8}})
+        assert code == 400 and "64 positions" in body["error"]["message"]
+        assert gen(s, {**GREEDY, "max_new_tokens": 8})["meta_info"]["completion_tokens"] == 8

@@ -343,6 +343,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--port", type=int, default=30000, help="Port to bind (0: any free port).")
     g.add_argument("--port-file", default=None, help="Write the bound port to this file once serving.")
+    g.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="Longest prompt + response served (tokens). Set, the KV cache is sized for it and the decode "
+        "step captured for every batch size before the first request (default: sized by the first "
+        "requests, captured as batch sizes appear).",
+    )
 
 
 def build_server(args: argparse.Namespace, pm: Any) -> Server:
@@ -368,7 +376,16 @@ def build_server(args: argparse.Namespace, pm: Any) -> Server:
     if args.rollout_max_batch_size is None and args.rollout_batch_size is None:
         args.rollout_max_batch_size = 128
     engine = Engine.from_args(args, model, tokenizer)
+    if args.context_length:
+        limit = getattr(model.config, "max_position_embeddings", None) or args.context_length
+        if args.context_length > limit:
+            raise UsageError(
+                f"--context-length {args.context_length} exceeds the model's {limit} positions; lower it."
+            )
+        log.info("warmed up %d decode steps", engine.warm_up(args.context_length))
     server = Server(args, pm, engine, tokenizer)
+    if args.context_length:
+        server.max_len = args.context_length
     server.prepare_rollout()
     return server
 
