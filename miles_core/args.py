@@ -383,10 +383,10 @@ def _add_plugins(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=str, default=None, help="YAML file of flags (the command line wins).")
 
 
-def build_parser(pm: Any = None) -> argparse.ArgumentParser:
+def build_parser(pm: Any = None, prog: str = "miles train") -> argparse.ArgumentParser:
     """The `miles train` parser: the core's groups, then each plugin's (`add_arguments` hook)."""
     p = ArgumentParser(
-        prog="miles train",
+        prog=prog,
         description="GRPO-style RL post-training of (MoE) language models.",
         allow_abbrev=False,
         formatter_class=HelpFormatter,
@@ -409,9 +409,14 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str], pm: Any = None) -> argparse.Namespace:
-    """Parse `miles train` flags (plus `--config`) and check the core's flag combinations."""
-    parser = build_parser(pm)
+def parse_args(
+    argv: list[str], pm: Any = None, extra: Any = None, prog: str = "miles train"
+) -> argparse.Namespace:
+    """Parse `miles train` flags (plus `--config`) and check the core's flag combinations. ``extra(parser)``
+    adds a command's own flags (``miles serve``: host and port)."""
+    parser = build_parser(pm, prog)
+    if extra is not None:
+        extra(parser)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**config_defaults(parser, pre.config))

@@ -89,7 +89,7 @@ class Engine(EngineControl, StaticDecode):
     def from_args(cls, args: argparse.Namespace, model: CausalLM, tokenizer: Any) -> Engine:
         """The engine a run's flags ask for: batch size, seed, CUDA graphs, compile, fused MoE kernels."""
         device = next(model.parameters()).device
-        n = args.rollout_batch_size * args.n_samples_per_prompt
+        n = (args.rollout_batch_size or 0) * args.n_samples_per_prompt
         engine = cls(
             model,
             tokenizer,
