@@ -174,6 +174,12 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def _child_env() -> dict[str, str]:
+    """This environment, with this process's import path: the engine imports the same miles (and
+    plugins) as the run that starts it, installed or from a source tree."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+
+
 class EngineProcess:
     """One engine server process: start, wait until ``/health`` answers, stop."""
 
@@ -195,7 +201,12 @@ class EngineProcess:
             logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
             logf.flush()
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
+                start_new_session=True,
             )
         # Stops the process when this object goes away or the interpreter exits, whatever happens.
         self._finalizer = weakref.finalize(self, _stop, self.proc)
@@ -238,10 +249,14 @@ class EngineProcess:
 class EngineFleet:
     """N engine processes started by this run, with restart of one that died."""
 
-    def __init__(self, commands: list[Command], log_dir: Path, start_timeout: float = START_TIMEOUT_S) -> None:
+    def __init__(
+        self, commands: list[Command], log_dir: Path, start_timeout: float = START_TIMEOUT_S
+    ) -> None:
         self.start_timeout = start_timeout
-        self.engines = [EngineProcess(f"#{i}", c, log_dir / f"engine-{i}.log") for i, c in enumerate(commands)]
-        self.restarts = 0
+        self.engines = [
+            EngineProcess(f"#{i}", c, log_dir / f"engine-{i}.log") for i, c in enumerate(commands)
+        ]
+        self.stopped = False
 
     def start(self) -> list[str]:
         """Start every engine at once, then wait for each; returns their URLs (stops all on failure)."""
@@ -267,12 +282,14 @@ class EngineFleet:
         e.stop()
         log.warning("rollout engine %s (%s) died; restarting it (log: %s)", e.name, e.url, e.log_path)
         e.start()
-        url = e.wait_ready(self.start_timeout)
-        self.restarts += 1
-        return url
+        if self.stopped:  # stop() ran meanwhile: this one must not outlive it
+            e.stop()
+            raise RuntimeError(f"rollout engine {e.name} was not restarted: the engines are stopping.")
+        return e.wait_ready(self.start_timeout)
 
     def stop(self) -> None:
         """Stop every engine: SIGTERM all first, so their grace periods run together."""
+        self.stopped = True
         for e in self.engines:
             if e.alive():
                 try:

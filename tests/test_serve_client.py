@@ -1,0 +1,195 @@
+"""The HTTP rollout client (`--rollout-backend http`) against real `miles serve` processes on 127.0.0.1:
+generation on one and two engines equals the in-process engine's, weights pushed in each update mode give
+the tokens of an engine built from them, routed experts round-trip, and an engine killed mid-rollout is
+retried elsewhere, restarted and caught up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_checkpoint
+from serve_helpers import Served, served
+
+from miles_core.args import parse_args
+from miles_core.engine import Engine
+from miles_core.model import load_model, named_hf_tensors
+from miles_core.serve.client import HttpEngine
+from miles_core.serve.protocol import decode_routes
+from miles_core.types import RolloutOptions
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [5, 6, 7, 8]]
+SEEDED = {"temperature": 1.0, "max_new_tokens": 10}
+
+
+@pytest.fixture(autouse=True)
+def one_thread_engines(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def ckpt_b(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "b", seed=7)
+
+
+@pytest.fixture(scope="module")
+def two_servers(tiny_ckpt, tmp_path_factory):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    work = tmp_path_factory.mktemp("servers")
+    with served(tiny_ckpt, work) as a, served(tiny_ckpt, work) as b:
+        yield a, b
+
+
+@pytest.fixture
+def servers(two_servers, tiny_ckpt):
+    """The two servers, back on the start weights as version 0."""
+    for s in two_servers:
+        code, body = s.post("/update_weights_from_disk", {"model_path": str(tiny_ckpt), "weight_version": 0})
+        assert code == 200, body
+    return two_servers
+
+
+def run_args(tmp_path: Path, ckpt: Path, *flags: str):
+    argv = ["--hf-checkpoint", str(ckpt), "--prompt-data", "unused.jsonl", "--rollout-batch-size", "4"]
+    argv += ["--num-rollout", "1", "--device", "cpu", "--run-dir", str(tmp_path / "run"), *flags]
+    return parse_args(argv)
+
+
+def client_over(tmp_path, ckpt, servers: tuple[Served, ...], *flags: str) -> HttpEngine:
+    urls = [s.url for s in servers]
+    return HttpEngine.from_args(run_args(tmp_path, ckpt, "--rollout-engine-urls", *urls, *flags), None, None)
+
+
+def generate_all(client: HttpEngine, prompts, params, seeds=None):
+    async def all_():
+        return await asyncio.gather(
+            *(
+                client.generate(p, params if seeds is None else {**params, "sampling_seed": s})
+                for p, s in zip(prompts, seeds or [None] * len(prompts))
+            )
+        )
+
+    return asyncio.run(all_())
+
+
+def local_engine(ckpt, routes=False) -> Engine:
+    engine = Engine(load_model(ckpt).eval(), None, max_batch_size=8)
+    engine.capture_routes = routes
+    return engine
+
+
+def local_seeded(ckpt, prompts, seeds, routes=False):
+    """The in-process engine's answers, one explicit sampling seed a prompt."""
+    engine = local_engine(ckpt, routes)
+
+    async def all_():
+        return await asyncio.gather(
+            *(engine.generate(p, {**SEEDED, "sampling_seed": s}) for p, s in zip(prompts, seeds))
+        )
+
+    return asyncio.run(all_())
+
+
+def same_tokens(got, want):
+    assert [o.output_ids for o in got] == [o.output_ids for o in want]
+    for g, w in zip(got, want):
+        assert np.allclose(g.log_probs, w.log_probs, atol=1e-5)
+
+
+def test_generate_on_one_and_two_engines_equals_the_in_process_engine(servers, tiny_ckpt, tmp_path):
+    local = local_engine(tiny_ckpt)
+    local.reseed(7)
+    want = local.generate_batch(PROMPTS, SEEDED)
+    before = [s.get("/get_server_info")["generated_tokens"] for s in servers]
+    for engines in (servers[:1], servers):
+        with client_over(tmp_path, tiny_ckpt, engines) as client:
+            client.reseed(7)  # the client draws each request's seed as the engine would
+            got = generate_all(client, PROMPTS, SEEDED)
+            same_tokens(got, want)
+            assert client.generated_tokens == sum(len(o.output_ids) for o in want)
+            assert all(o.weight_version == 0 for o in got)
+    after = [s.get("/get_server_info")["generated_tokens"] for s in servers]
+    assert (
+        after[1] > before[1] and after[0] - before[0] > after[1] - before[1]
+    )  # #1 served only the 2nd round
+
+
+@pytest.mark.parametrize("mode", ["tensor", "disk", "distributed"])
+def test_weights_pushed_in_each_mode_give_the_tokens_of_those_weights(
+    servers, tiny_ckpt, ckpt_b, tmp_path, mode
+):
+    seeds = [11, 12, 13, 14]
+    want = local_seeded(ckpt_b, PROMPTS, seeds)
+    new = load_model(ckpt_b)
+    with client_over(tmp_path, tiny_ckpt, servers, "--update-weights-mode", mode) as client:
+        for version in (3, 4):  # twice: a distributed group is reused, a disk folder replaced
+            client.update_weights(named_hf_tensors(new), version=version)
+            assert client.weight_version == version
+            got = generate_all(client, PROMPTS, SEEDED, seeds)
+            assert all(o.weight_version == version for o in got)
+            same_tokens(got, want)
+        assert [s.get("/get_server_info")["weight_version"] for s in servers] == ["4", "4"]
+    folders = sorted(p.name for p in (tmp_path / "run" / "rollout_weights").glob("v*"))
+    assert folders == (["v4"] if mode == "disk" else [])
+
+
+def test_routed_experts_round_trip(servers, tiny_ckpt, tmp_path):
+    want = local_seeded(tiny_ckpt, PROMPTS[:1], [5], routes=True)[0]
+    with client_over(tmp_path, tiny_ckpt, servers[:1]) as client:
+        client.set_rollout_options(RolloutOptions(capture_routes=True))
+        got = generate_all(client, PROMPTS[:1], SEEDED, [5])[0]
+        client.set_rollout_options(RolloutOptions(capture_routes=False))
+        assert generate_all(client, PROMPTS[:1], SEEDED, [5])[0].routed_experts is None
+    assert got.output_ids == want.output_ids
+    routes = decode_routes(got.routed_experts).reshape(want.routed_experts.shape)
+    assert routes.shape == (len(PROMPTS[0]) + len(want.output_ids) - 1, 2, 2)
+    assert np.array_equal(routes, want.routed_experts)
+
+
+def test_killed_engine_is_retried_restarted_and_caught_up(tiny_ckpt, ckpt_b, tmp_path):
+    args = run_args(
+        tmp_path, tiny_ckpt, "--rollout-num-engines", "2", "--rollout-health-check-interval", "0.3"
+    )
+    client = HttpEngine.from_args(args, None, None)
+    try:
+        client.update_weights(named_hf_tensors(load_model(ckpt_b)), version=1)
+        first = client.fleet.engines[0]
+        victim = Served(first.proc, first.url, first.log_path)
+        victim.post("/pause_generation", {"mode": "in_place"})  # its requests stay in flight until killed
+        seeds = list(range(100, 110))
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(seeds))]
+        results: list = []
+        worker = threading.Thread(target=lambda: results.extend(generate_all(client, prompts, SEEDED, seeds)))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while sum(victim.get("/get_server_info")[k] for k in ("num_waiting", "num_running")) < 2:
+            assert time.monotonic() < deadline, "no request reached engine #0"
+            time.sleep(0.05)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        worker.join(120)
+        assert not worker.is_alive()
+        want = local_seeded(ckpt_b, prompts, seeds)
+        same_tokens(results, want)  # each request answered once, in full, under the current weights
+        assert all(o.weight_version == 1 for o in results)
+        while client.metrics()["engine_restarts"] < 1:
+            assert time.monotonic() < deadline + 120, "the killed engine was not restarted"
+            time.sleep(0.1)
+        m = client.metrics()
+        assert m["engine_restarts"] == 1 and m["retries"] >= 2
+        back = Served(first.proc, first.url, first.log_path)
+        assert back.url != victim.url and back.get("/get_server_info")["weight_version"] == "1"
+        while len(client.pool.healthy) < 2:
+            assert time.monotonic() < deadline + 180
+            time.sleep(0.05)
+        request = {"input_ids": prompts[0], "sampling_params": {**SEEDED, "sampling_seed": 100}}
+        code, body = back.post("/generate", request)
+        assert code == 200 and body["output_ids"] == want[0].output_ids
+    finally:
+        client.close()
+    assert all(e.proc.poll() is not None for e in client.fleet.engines)
