@@ -3,7 +3,7 @@ the HTTP rollout client (`--rollout-backend http` / `sglang`).
 
 - ``protocol``: request/response encoding shared by all three.
 - ``server``: the aiohttp app around an `Engine`; ``miles serve --hf-checkpoint DIR --port N``.
-- ``router``: least-in-flight balancing, health checks and retries over N engines (``miles router``,
-  and in-process as `WorkerPool`).
+- ``pool``: `WorkerPool`, least-in-flight balancing, health checks and retries over N engines, in-process.
+- ``router``: the pool behind HTTP (``miles router``; `RouterThread` runs it on a background thread).
 - ``client``: the rollout backend that talks to engines through the pool or a router.
 """

@@ -357,7 +357,11 @@ def build_server(args: argparse.Namespace, pm: Any) -> Server:
     model = load_model(args.hf_checkpoint, dtype=DTYPES[dtype], device=device).requires_grad_(False)
     if pm is not None:
         pm.hook.configure_model(args=args, model=model, role="rollout")
-    tokenizer = Tokenizer.from_pretrained(args.hf_checkpoint)
+    tokenizer = None
+    if Path(args.hf_checkpoint, "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_pretrained(args.hf_checkpoint)
+    else:  # token ids in, token ids out (stop strings and "text" requests need a tokenizer)
+        log.warning("%s has no tokenizer.json: requests must send input_ids", args.hf_checkpoint)
     if args.rollout_max_batch_size is None and args.rollout_batch_size is None:
         args.rollout_max_batch_size = 128
     engine = Engine.from_args(args, model, tokenizer)
