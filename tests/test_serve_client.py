@@ -6,6 +6,7 @@ retried elsewhere, restarted and caught up."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import threading
@@ -15,12 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_checkpoint
-from serve_helpers import Served, served
+from serve_helpers import Served, served, start_server, stop_server
 
+from miles_core import drivers
 from miles_core.args import parse_args
 from miles_core.engine import Engine
+from miles_core.errors import UsageError
 from miles_core.model import load_model, named_hf_tensors
-from miles_core.serve.client import HttpEngine
+from miles_core.serve import launch
+from miles_core.serve.client import HttpEngine, SGLangEngine
 from miles_core.serve.protocol import decode_routes
 from miles_core.types import RolloutOptions
 
@@ -193,3 +197,76 @@ def test_killed_engine_is_retried_restarted_and_caught_up(tiny_ckpt, ckpt_b, tmp
     finally:
         client.close()
     assert all(e.proc.poll() is not None for e in client.fleet.engines)
+
+
+def test_external_engine_back_after_a_crash_gets_the_current_weights(tiny_ckpt, ckpt_b, tmp_path):
+    """An engine given by address that dies and comes back on its port is caught up before it serves;
+    a request sent while it is down waits for it."""
+    first = start_server(tiny_ckpt, tmp_path / "a")
+    port = first.url.rsplit(":", 1)[1]
+    client = client_over(tmp_path, tiny_ckpt, (first,), "--rollout-health-check-interval", "0.3")
+    again = None
+    try:
+        client.update_weights(named_hf_tensors(load_model(ckpt_b)), version=2)
+        first.kill()
+        results: list = []
+        waiting = threading.Thread(
+            target=lambda: results.extend(generate_all(client, PROMPTS[:1], SEEDED, [3]))
+        )
+        waiting.start()
+        again = start_server(tiny_ckpt, tmp_path / "a", port=int(port))  # starts on version 0
+        waiting.join(60)
+        assert not waiting.is_alive() and again.get("/get_server_info")["weight_version"] == "2"
+        same_tokens(results, local_seeded(ckpt_b, PROMPTS[:1], [3]))
+        assert results[0].weight_version == 2
+    finally:
+        client.close()
+        stop_server(first)
+        if again is not None:
+            stop_server(again)
+
+
+def test_serving_flags_are_checked_in_one_sentence(tmp_path, tiny_ckpt):
+    cases = [
+        (["--rollout-num-engines", "0"], "--rollout-num-engines 0 must be at least 1"),
+        (["--sglang-router-ip", "127.0.0.1"], "go together"),
+        (
+            ["--sglang-router-ip", "h", "--sglang-router-port", "1", "--rollout-engine-urls", "http://h:2"],
+            "one of",
+        ),
+        (["--sglang-router-ip", "127.0.0.1", "--sglang-router-port", "9"], "did not list its workers"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(UsageError, match=message):
+            HttpEngine.from_args(run_args(tmp_path, tiny_ckpt, *flags), None, None)
+    with pytest.raises(UsageError, match=r"read only by --rollout-backend sglang"):
+        run_args(tmp_path, tiny_ckpt, "--sglang-mem-fraction-static", "0.8")
+
+
+@pytest.fixture
+def backends_installed(site):
+    """The `http` and `sglang` entry points, as the installed distribution declares them."""
+    group = {"http": "miles_core.serve.client:HttpEngine", "sglang": "miles_core.serve.client:SGLangEngine"}
+    site.dist("miles-serve-backends", "0.0.0", {"miles.rollout_backends": group})
+    return site
+
+
+def test_sglang_flags_pass_through_and_a_missing_sglang_is_one_sentence(
+    backends_installed, tmp_path, tiny_ckpt
+):
+    args = run_args(tmp_path, tiny_ckpt, "--rollout-backend", "sglang", "--sglang-mem-fraction-static", "0.7",
+                    "--sglang-enable-return-routed-experts", "--sglang-router-port", "8", "--sglang-tp=2",
+                    "--sglang-router-ip", "h")  # fmt: skip
+    argv, url, _ = launch.sglang_command(args, str(tiny_ckpt))
+    assert argv[1:5] == ["-m", "sglang.launch_server", "--model-path", str(tiny_ckpt)]
+    assert argv[-4:] == ["--mem-fraction-static", "0.7", "--enable-return-routed-experts", "--tp=2"]
+    assert url == f"http://127.0.0.1:{argv[argv.index('--port') + 1]}" and "--router-ip" not in argv
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("sglang is installed here")
+    args = run_args(tmp_path, tiny_ckpt, "--rollout-backend", "sglang")
+    with pytest.raises(
+        UsageError, match=r'^--rollout-backend sglang needs SGLang.*pip install "sglang\[all\]"'
+    ):
+        drivers.get_rollout_backend("sglang").from_args(args, None, None)
+    with pytest.raises(UsageError, match="tensor sends safetensors"):
+        SGLangEngine.from_args(run_args(tmp_path, tiny_ckpt, "--update-weights-mode", "tensor"), None, None)

@@ -33,7 +33,7 @@ from miles_core.logging import get_logger
 from miles_core.serve import launch
 from miles_core.serve.pool import WorkerPool, normalize_url
 from miles_core.serve.protocol import parse_generate_response
-from miles_core.serve.remote import LoopThread, router_workers
+from miles_core.serve.remote import LoopThread, get_json, router_workers
 from miles_core.serve.updater import WeightUpdater
 from miles_core.train.checkpoint import start_weights
 from miles_core.types import RolloutOptions
@@ -90,7 +90,10 @@ class HttpEngine:
         wait = fleet.start_timeout if fleet is not None else 30.0
         interval = args.rollout_health_check_interval
         self.pool = WorkerPool(
-            [router] if router else self._urls, health_check_interval=interval, wait_healthy_s=wait
+            [router] if router else self._urls,
+            health_check_interval=interval,
+            wait_healthy_s=wait,
+            on_revive=None if router else self._revived,
         )
         self._seeds = random.Random(args.rollout_seed)
         self._tokens = 0
@@ -283,33 +286,48 @@ class HttpEngine:
         await self._bg.close_session()
 
     def _all(self, urls: list[str], path: str, body: dict, skip_dead: bool = False) -> list[dict]:
-        """``path`` on every engine at once; with ``skip_dead``, a local engine whose process died is
-        left out (it is restarted and caught up)."""
-
+        """``path`` on every engine at once; with ``skip_dead``, an engine that is down is left out."""
         answers = self._bg.post_all(urls, path, body)
-        dead = set(self._dead_urls()) if skip_dead else set()
+        failed = [u for u, a in zip(urls, answers) if isinstance(a, BaseException)]
+        down = self._down(failed) if skip_dead else set()
         for url, a in zip(urls, answers):
-            if isinstance(a, BaseException) and url not in dead:
+            if isinstance(a, BaseException) and url not in down:
                 raise a
         return [a for a in answers if not isinstance(a, BaseException)]
 
-    def _dead_urls(self) -> list[str]:
-        if self.fleet is None:
-            return []
-        return [normalize_url(e.url) for e in self.fleet.engines if e.url and not e.alive()]
+    def _down(self, urls: list[str]) -> set[str]:
+        """Those of ``urls`` that are down: a local engine whose process died, or one that does not answer
+        ``/health``. Each is caught up when it is back (restarted, or revived in the pool)."""
+        dead = (
+            {normalize_url(e.url) for e in self.fleet.engines if e.url and not e.alive()}
+            if self.fleet
+            else set()
+        )
+        return {u for u in urls if u in dead or not launch.answers_health(u)}
 
     def _send(self, urls: list[str]) -> None:
-        """The current weights to ``urls``; engines that died meanwhile are left to their restart."""
-        try:
-            self.updater.send(urls)
-        except Exception:
-            dead = set(self._dead_urls())
-            if not dead & set(urls):
-                raise
-            log.warning(
-                "rollout engines %s died during a weight update; it goes on without them", sorted(dead)
-            )
-            self.updater.send([u for u in urls if u not in dead])
+        """The current weights to ``urls``; engines that are down are left to catch up when back."""
+        while True:
+            try:
+                return self.updater.send(urls)
+            except Exception:
+                down = self._down(urls)
+                if not down:
+                    raise
+                log.warning(
+                    "rollout engines %s are down; the weight update goes on without them", sorted(down)
+                )
+                urls = [u for u in urls if u not in down]
+
+    async def _revived(self, url: str) -> None:
+        """The pool's ``on_revive``: an engine back after failing its checks gets the current weights."""
+        await asyncio.to_thread(self._catch_up, url)
+
+    def _catch_up(self, url: str) -> None:
+        with self._lock:
+            if str(get_json(url + "/get_server_info").get("weight_version")) != str(self.updater.version):
+                log.warning("rollout engine %s is back; loading weight version %d", url, self.updater.version)
+                self.updater.send([url])
 
     def _replace(self, i: int) -> None:
         with self._lock:  # no weight update is sent to it from now on

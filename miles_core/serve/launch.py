@@ -158,6 +158,11 @@ def _stop(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
             continue
 
 
+def answers_health(url: str, timeout: float = 5.0) -> bool:
+    """Whether the server at ``url`` answers ``GET /health`` with 200 now."""
+    return _get_ok(url + "/health", timeout)
+
+
 def _get_ok(url: str, timeout: float = 5.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:

@@ -77,11 +77,17 @@ class LoopThread:
             self.loop.close()
 
 
+def get_json(url: str, timeout: float = 10.0) -> dict:
+    """``GET url`` from blocking code: the JSON object it answers (raises OSError or ValueError)."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        answer = json.loads(r.read() or b"{}")
+    return answer if isinstance(answer, dict) else {}
+
+
 def router_workers(router: str) -> list[str]:
     """The workers of a running router (``GET /list_workers``, as the miles and SGLang routers answer)."""
     try:
-        with urllib.request.urlopen(router + "/list_workers", timeout=10) as r:
-            urls = json.loads(r.read()).get("urls") or []
+        urls = get_json(router + "/list_workers").get("urls") or []
     except (OSError, ValueError) as e:
         raise UsageError(
             f"the router at {router} did not list its workers ({e}); check --sglang-router-ip and "

@@ -180,10 +180,18 @@ class WeightUpdater:
         return self._submit(coro).result()
 
     def _all(self, urls: list[str], path: str, body: dict) -> list[dict]:
-        async def gather() -> list[dict]:
-            return list(await asyncio.gather(*(self._post(u, path, body) for u in urls)))
+        """``path`` on every engine at once; waits for all, then raises the first failure."""
 
-        return self._run(gather())
+        async def gather() -> list[Any]:
+            return list(
+                await asyncio.gather(*(self._post(u, path, body) for u in urls), return_exceptions=True)
+            )
+
+        answers = self._run(gather())
+        for a in answers:
+            if isinstance(a, BaseException):
+                raise a
+        return answers
 
     # ---------------------------------------------------------------- distributed groups
 
