@@ -6,16 +6,20 @@ retried elsewhere, restarted and caught up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_checkpoint
+from conftest import Site, make_checkpoint
 from serve_helpers import Served, served, start_server, stop_server
 
 from miles_core import drivers
@@ -26,6 +30,7 @@ from miles_core.model import load_model, named_hf_tensors
 from miles_core.serve import launch
 from miles_core.serve.client import HttpEngine, SGLangEngine
 from miles_core.serve.protocol import decode_routes
+from miles_core.serve.remote import get_json
 from miles_core.types import RolloutOptions
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [5, 6, 7, 8]]
@@ -270,3 +275,75 @@ def test_sglang_flags_pass_through_and_a_missing_sglang_is_one_sentence(
         drivers.get_rollout_backend("sglang").from_args(args, None, None)
     with pytest.raises(UsageError, match="tensor sends safetensors"):
         SGLangEngine.from_args(run_args(tmp_path, tiny_ckpt, "--update-weights-mode", "tensor"), None, None)
+
+
+def _pid_of(marker: str) -> int | None:
+    """The process whose command line holds ``marker`` (a local engine, by its port file)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def test_miles_train_on_two_http_engines_survives_a_killed_engine(
+    tiny_ckpt, prompts_file, reward_file, tmp_path
+):
+    """`miles train --rollout-backend http --rollout-num-engines 2`, one engine SIGKILLed mid-rollout: the
+    run finishes with every group complete, and no engine outlives it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    group = {"http": "miles_core.serve.client:HttpEngine"}
+    Site(site).dist("miles-serve-backends", "0.0.0", {"miles.rollout_backends": group})
+    run = tmp_path / "run"
+    argv = ["--hf-checkpoint", str(tiny_ckpt), "--prompt-data", str(prompts_file), "--input-key", "prompt"]
+    argv += ["--label-key", "label", "--apply-chat-template", "--rollout-batch-size", "2"]
+    argv += ["--n-samples-per-prompt", "4", "--num-rollout", "4", "--rollout-max-response-len", "32"]
+    argv += ["--custom-rm-path", str(reward_file), "--micro-batch-size", "4", "--run-dir", str(run)]
+    argv += [
+        "--rollout-backend",
+        "http",
+        "--rollout-num-engines",
+        "2",
+        "--rollout-health-check-interval",
+        "0.3",
+    ]
+    argv += ["--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(site), *sys.path]))
+    log = tmp_path / "train.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "miles_core.cli", "train", *argv], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        port_file = run / "engines" / "port-0"
+        deadline = time.monotonic() + 180
+        killed = False
+        while proc.poll() is None and time.monotonic() < deadline and not killed:
+            with contextlib.suppress(OSError, ValueError):  # not up yet
+                url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+                if get_json(url + "/get_server_info", timeout=2)["num_running"] > 0:
+                    os.kill(_pid_of(str(port_file)), signal.SIGKILL)
+                    killed = True
+            time.sleep(0.02)
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert killed, "no rollout ran on engine #0"
+    rollouts = [
+        m
+        for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "rollout/reward_mean" in m
+    ]
+    assert len(rollouts) == 4
+    assert all(m["rollout/num_samples"] == 8 and m["rollout/generate_failed"] == 0 for m in rollouts)
+    assert (run / "engines" / "engine-0.log").read_text().count("\n--- ") == 1  # restarted once
+    for i in range(2):  # every engine, the restarted one included, stopped with the run
+        port_file = run / "engines" / f"port-{i}"
+        assert _pid_of(str(port_file)) is None
+        if port_file.is_file():
+            assert not launch.answers_health(f"http://127.0.0.1:{port_file.read_text().strip()}", timeout=2)

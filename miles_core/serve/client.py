@@ -103,8 +103,7 @@ class HttpEngine:
         self._closing = threading.Event()
         self.updater = WeightUpdater(
             args.update_weights_mode or self.default_update_mode,
-            self._bg.submit,
-            self._bg.post,
+            self._bg,
             weights,
             Path(args.run_dir) / "rollout_weights",
             ranks_per_engine=self.ranks_per_engine(args),
@@ -265,13 +264,10 @@ class HttpEngine:
                 self.updater.close()
             except Exception as e:  # engines we do not own may already be gone
                 log.warning("leaving the weight update group failed: %s", e)
-        else:
-            self.fleet.stop()
+        self._bg.run(self._close_sessions())  # no health checks of engines that are being stopped
+        self._finalizer()
         if self._watcher is not None:
             self._watcher.join(30)
-        if self._bg.loop.is_running():
-            self._bg.run(self._close_sessions())
-        self._finalizer()
 
     def __enter__(self) -> HttpEngine:
         return self
@@ -365,6 +361,8 @@ def _watch(ref: weakref.ref[HttpEngine], closing: threading.Event, interval: flo
                 client._replace(i)
                 failures[i] = 0
             except Exception as e:  # tried again at the next check
+                if closing.is_set():  # stopped on purpose
+                    return
                 failures[i] = failures.get(i, 0) + 1
                 given_up = "; giving up on it" if failures[i] >= MAX_RESTART_FAILURES else ""
                 log.error("restarting rollout engine #%d failed: %s%s", i, e, given_up)
@@ -373,9 +371,9 @@ def _watch(ref: weakref.ref[HttpEngine], closing: threading.Event, interval: flo
 
 def _shutdown(closing: threading.Event, fleet: launch.EngineFleet | None, bg: LoopThread) -> None:
     closing.set()
+    bg.stop()
     if fleet is not None:
         fleet.stop()
-    bg.stop()
 
 
 class SGLangEngine(HttpEngine):

@@ -39,7 +39,17 @@ class LoopThread:
 
     def run(self, coro: Awaitable[T]) -> T:
         """Run ``coro`` on the loop and wait for its result (never from the loop's own thread)."""
-        return self.submit(coro).result()
+        return self.wait(self.submit(coro))
+
+    def wait(self, fut: concurrent.futures.Future[T]) -> T:
+        """The result of a submitted coroutine; raises instead of waiting forever if the loop stops."""
+        while True:
+            try:
+                return fut.result(timeout=1.0)
+            except concurrent.futures.TimeoutError:
+                if not self.loop.is_running():
+                    fut.cancel()
+                    raise RuntimeError("the HTTP client is closed; its event loop has stopped.") from None
 
     async def post(self, url: str, path: str, body: dict) -> dict:
         """One control request to one engine (on the loop); raises `WorkerError` with its sentence."""

@@ -21,13 +21,12 @@ the last update's tensors (one copy of the model in host memory). It is caught u
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,17 +39,13 @@ from miles_core.logging import get_logger
 from miles_core.model import set_config_dtype, write_hf_checkpoint
 from miles_core.serve import weight_sync
 from miles_core.serve.protocol import encode_tensors
+from miles_core.serve.remote import LoopThread
 
 log = get_logger(__name__)
 
 BUCKET_BYTES = 256 << 20  # raw tensor bytes per request (HTTP body or broadcast batch)
 GROUP_TIMEOUT_S = 120.0
 MODES = ("tensor", "disk", "distributed")
-
-Post = Callable[[str, str, dict], Awaitable[dict]]
-"""``await post(url, path, body)``: one control request to one engine; raises if it failed."""
-Submit = Callable[[Awaitable[Any]], concurrent.futures.Future]
-"""Starts a coroutine on the client's event loop thread (``asyncio.run_coroutine_threadsafe``)."""
 
 
 def _buckets(
@@ -90,8 +85,7 @@ class WeightUpdater:
     def __init__(
         self,
         mode: str,
-        submit: Submit,
-        post: Post,
+        bg: LoopThread,
         start_weights: str,
         folder: Path,
         *,
@@ -100,7 +94,7 @@ class WeightUpdater:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"update mode {mode!r} is not one of {', '.join(MODES)}.")
-        self.mode, self._submit, self._post = mode, submit, post
+        self.mode, self._bg, self._post = mode, bg, bg.post
         self.bucket_bytes = bucket_bytes
         self.ranks_per_engine = ranks_per_engine
         self.version = 0
@@ -177,7 +171,7 @@ class WeightUpdater:
         self._destroy_group()
 
     def _run(self, coro: Awaitable[Any]) -> Any:
-        return self._submit(coro).result()
+        return self._bg.run(coro)
 
     def _all(self, urls: list[str], path: str, body: dict) -> list[dict]:
         """``path`` on every engine at once; waits for all, then raises the first failure."""
@@ -263,9 +257,9 @@ class WeightUpdater:
                     )
                 )
 
-            receiving = self._submit(gather())
+            receiving = self._bg.submit(gather())
             weight_sync.send(group, (t for _, t in bucket))
-            receiving.result()
+            self._bg.wait(receiving)
 
     def _destroy_group(self) -> None:
         group, urls = self._group, self._group_urls
