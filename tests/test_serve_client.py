@@ -27,6 +27,7 @@ from miles_core.args import parse_args
 from miles_core.engine import Engine
 from miles_core.errors import UsageError
 from miles_core.model import load_model, named_hf_tensors
+from miles_core.protocols import RolloutBackend
 from miles_core.serve import launch
 from miles_core.serve.client import HttpEngine, SGLangEngine
 from miles_core.serve.protocol import decode_routes
@@ -118,6 +119,7 @@ def test_generate_on_one_and_two_engines_equals_the_in_process_engine(servers, t
     before = [s.get("/get_server_info")["generated_tokens"] for s in servers]
     for engines in (servers[:1], servers):
         with client_over(tmp_path, tiny_ckpt, engines) as client:
+            assert isinstance(client, RolloutBackend)
             client.reseed(7)  # the client draws each request's seed as the engine would
             got = generate_all(client, PROMPTS, SEEDED)
             same_tokens(got, want)
