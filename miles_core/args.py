@@ -159,9 +159,9 @@ def _add_serving(p: argparse.ArgumentParser) -> None:
         "--update-weights-mode",
         choices=["tensor", "disk", "distributed"],
         default=None,
-        help="How new weights reach the engines: tensor (safetensors over HTTP), disk (an HF folder under "
-        "--run-dir), distributed (a torch.distributed broadcast). Default: tensor for http, disk for "
-        "sglang.",
+        help="How new weights reach the engines: distributed (a Gloo broadcast from this process), tensor "
+        "(safetensors over HTTP), disk (an HF folder under --run-dir). Default: distributed for http, "
+        "disk for sglang.",
     )
     g.add_argument(
         "--rollout-health-check-interval",

@@ -163,10 +163,17 @@ def test_routed_experts_round_trip(servers, tiny_ckpt, tmp_path):
     assert np.array_equal(routes, want.routed_experts)
 
 
-def test_killed_engine_is_retried_restarted_and_caught_up(tiny_ckpt, ckpt_b, tmp_path):
-    args = run_args(
-        tmp_path, tiny_ckpt, "--rollout-num-engines", "2", "--rollout-health-check-interval", "0.3"
-    )
+@pytest.mark.parametrize("mode", ["distributed", "disk"])
+def test_killed_engine_is_retried_restarted_and_caught_up(tiny_ckpt, ckpt_b, tmp_path, mode):
+    flags = [
+        "--rollout-num-engines",
+        "2",
+        "--rollout-health-check-interval",
+        "0.3",
+        "--update-weights-mode",
+        mode,
+    ]
+    args = run_args(tmp_path, tiny_ckpt, *flags)
     client = HttpEngine.from_args(args, None, None)
     try:
         client.update_weights(named_hf_tensors(load_model(ckpt_b)), version=1)

@@ -68,7 +68,7 @@ class HttpEngine:
     """
 
     name = "http"
-    default_update_mode = "tensor"
+    default_update_mode = "distributed"  # the fastest (bench/weight_update.py); tensor needs no extra port
     # miles draws each request's sampling seed (so retries and resumed runs repeat their samples);
     # a server that rejects unknown sampling parameters does not get one.
     sends_seeds = True

@@ -22,6 +22,7 @@ from miles_core.errors import UsageError
 from miles_core.serve.pool import WorkerError, error_message, normalize_url
 
 T = TypeVar("T")
+_JSON = {"Content-Type": "application/json"}
 
 
 class LoopThread:
@@ -51,12 +52,14 @@ class LoopThread:
                     fut.cancel()
                     raise RuntimeError("the HTTP client is closed; its event loop has stopped.") from None
 
-    async def post(self, url: str, path: str, body: dict) -> dict:
-        """One control request to one engine (on the loop); raises `WorkerError` with its sentence."""
+    async def post(self, url: str, path: str, body: dict | bytes) -> dict:
+        """One control request to one engine (on the loop); raises `WorkerError` with its sentence.
+        ``body``: a JSON object, or its encoding already made (bytes)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         try:
-            async with self._session.post(url + path, json=body) as resp:
+            async with self._session.post(url + path, data=data, headers=_JSON) as resp:
                 status, raw = resp.status, await resp.read()
         except aiohttp.ClientError as e:
             raise WorkerError(502, f"{path} on {url} failed ({type(e).__name__}: {e}).", url) from None
@@ -64,7 +67,7 @@ class LoopThread:
             raise WorkerError(status, f"{path} on {url}: {error_message(raw, status)}", url)
         return json.loads(raw) if raw.strip() else {}
 
-    def post_all(self, urls: list[str], path: str, body: dict) -> list[Any]:
+    def post_all(self, urls: list[str], path: str, body: dict | bytes) -> list[Any]:
         """``path`` on every engine at once; each engine's answer or the exception it raised."""
 
         async def gather() -> list[Any]:
