@@ -150,6 +150,51 @@ def test_weights_pushed_in_each_mode_give_the_tokens_of_those_weights(
     assert folders == (["v4"] if mode == "disk" else [])
 
 
+def wait_for(cond, what: str, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, what
+        time.sleep(0.02)
+
+
+def test_pause_survives_a_weight_update_and_abort_returns_the_tokens_so_far(
+    servers, tiny_ckpt, ckpt_b, tmp_path
+):
+    server = servers[0]
+    waiting = lambda: (
+        server.get("/get_server_info")["num_waiting"] + server.get("/get_server_info")["num_running"]
+    )  # noqa: E731
+    with client_over(tmp_path, tiny_ckpt, servers[:1]) as client:
+        assert client.pause_generation("in_place") == 0
+        results: list = []
+        worker = threading.Thread(
+            target=lambda: results.extend(generate_all(client, PROMPTS[:1], SEEDED, [9]))
+        )
+        worker.start()
+        wait_for(lambda: waiting() == 1, "the request did not reach the engine")
+        client.update_weights(named_hf_tensors(load_model(ckpt_b)), version=5)
+        assert waiting() == 1 and not results  # still paused: the caller continues
+        client.continue_generation()
+        worker.join(30)
+        same_tokens(results, local_seeded(ckpt_b, PROMPTS[:1], [9]))
+        assert results[0].weight_version == 5
+
+        client.pause_generation("in_place")
+        long = {"temperature": 1.0, "max_new_tokens": 100, "sampling_seed": 1}
+
+        async def one():
+            return await client.generate(PROMPTS[0], long, rid="long-one")
+
+        aborted: list = []
+        worker = threading.Thread(target=lambda: aborted.append(asyncio.run(one())))
+        worker.start()
+        wait_for(lambda: waiting() == 1, "the request did not reach the engine")
+        assert client.abort("long-one") == 1 and client.abort("no-such-request") == 0
+        worker.join(30)
+        client.continue_generation()
+    assert aborted[0].finish_reason == "abort" and len(aborted[0].output_ids) < 100
+
+
 def test_routed_experts_round_trip(servers, tiny_ckpt, tmp_path):
     want = local_seeded(tiny_ckpt, PROMPTS[:1], [5], routes=True)[0]
     with client_over(tmp_path, tiny_ckpt, servers[:1]) as client:

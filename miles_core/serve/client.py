@@ -99,6 +99,7 @@ class HttpEngine:
         self._tokens = 0
         self._restarts = 0  # engines restarted, caught up and back in the pool
         self._capture_routes = False
+        self._paused = False  # by pause_generation, until continue_generation
         self._lock = threading.Lock()  # one weight change at a time: an update, or catching up a restart
         self._closing = threading.Event()
         self.updater = WeightUpdater(
@@ -214,12 +215,15 @@ class HttpEngine:
         caught up when it is back."""
         with self._lock:
             urls = self.engine_urls()
-            self._all(urls, "/pause_generation", {"mode": "in_place"}, skip_dead=True)
+            pausing = not self._paused  # a caller's pause stays until its continue_generation
+            if pausing:
+                self._all(urls, "/pause_generation", {"mode": "in_place"}, skip_dead=True)
             try:
                 self.updater.keep(named_tensors, version)
                 self._send(urls)
             finally:
-                self._all(urls, "/continue_generation", {}, skip_dead=True)
+                if pausing:
+                    self._all(urls, "/continue_generation", {}, skip_dead=True)
 
     # ---------------------------------------------------------------- control
 
@@ -238,10 +242,12 @@ class HttpEngine:
         """Pause every engine (``in_place`` or ``abort``); returns how many requests were aborted."""
         if mode not in ("in_place", "abort"):
             raise UsageError(f"pause mode {mode!r} is not one of in_place, abort.")
+        self._paused = True
         answers = self._all(self.engine_urls(), "/pause_generation", {"mode": mode})
         return sum(int(a.get("num_aborted", 0)) for a in answers)
 
     def continue_generation(self) -> None:
+        self._paused = False
         self._all(self.engine_urls(), "/continue_generation", {})
 
     def metrics(self) -> dict[str, float]:
@@ -333,6 +339,8 @@ class HttpEngine:
         with self._lock:
             try:
                 self.updater.send([url])
+                if self._paused:  # paused like the others until continue_generation
+                    self._all([url], "/pause_generation", {"mode": "in_place"})
             except BaseException:
                 self.fleet.engines[i].stop()  # found dead at the next check, and restarted again
                 raise
