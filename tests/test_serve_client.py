@@ -161,9 +161,11 @@ def test_pause_survives_a_weight_update_and_abort_returns_the_tokens_so_far(
     servers, tiny_ckpt, ckpt_b, tmp_path
 ):
     server = servers[0]
-    waiting = lambda: (
-        server.get("/get_server_info")["num_waiting"] + server.get("/get_server_info")["num_running"]
-    )  # noqa: E731
+
+    def waiting() -> int:
+        info = server.get("/get_server_info")
+        return info["num_waiting"] + info["num_running"]
+
     with client_over(tmp_path, tiny_ckpt, servers[:1]) as client:
         assert client.pause_generation("in_place") == 0
         results: list = []
