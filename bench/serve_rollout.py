@@ -42,27 +42,45 @@ def in_process(folder: str, prompts, params, device: str, flags: list[str]) -> f
     engine = Engine.from_args(args, model, None)
     engine.generate_batch(prompts, params)  # warm-up: cache, graphs, compiles
     sync(device)
+    steps, busy = engine.stats["decode_steps"], engine.stats["busy_s"]
     t0 = time.perf_counter()
     outs = engine.generate_batch(prompts, params)
     sync(device)
-    return sum(len(o.output_ids) for o in outs) / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    STEPS["in_process"] = engine.stats["decode_steps"] - steps
+    STEPS["in_process_busy_frac"] = round((engine.stats["busy_s"] - busy) / wall, 3)
+    return sum(len(o.output_ids) for o in outs) / wall
 
 
 async def clients(url: str, prompts, params) -> tuple[int, float]:
+    """A warm-up pass, then the timed pass, over one session (kept-alive connections, as a rollout
+    client keeps them); returns the timed pass's tokens and wall time."""
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as s:
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
 
         async def one(p):
+            t = time.perf_counter()
             async with s.post(url + "/generate", json={"input_ids": p, "sampling_params": params}) as r:
                 body = await r.json()
                 if r.status != 200:
                     raise RuntimeError(body)
+                LAT.append(time.perf_counter() - t)
                 return body["meta_info"]["completion_tokens"]
 
+        await asyncio.gather(*(one(p) for p in prompts))  # warm-up, as in-process
+        LAT.clear()
+        before = _info(url)
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(one(p) for p in prompts))
-        return sum(counts), time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        after = _info(url)
+        STEPS["served"] = after["decode_steps"] - before["decode_steps"]
+        STEPS["served_cuda_graph"] = after["cuda_graph"]
+        STEPS["served_busy_frac"] = round((after["busy_s"] - before["busy_s"]) / wall, 3)
+        STEPS["latency_s"] = [round(min(LAT), 3), round(max(LAT), 3)]
+        return sum(counts), wall
 
 
 def served(folder: str, prompts, params, device: str, flags: list[str], workdir: Path) -> float:
@@ -79,7 +97,6 @@ def served(folder: str, prompts, params, device: str, flags: list[str], workdir:
         if not port_file.is_file():
             raise RuntimeError(f"miles serve did not start:\n{(workdir / 'serve.log').read_text()[-2000:]}")
         url = f"http://127.0.0.1:{port_file.read_text().strip()}"
-        asyncio.run(clients(url, prompts, params))  # warm-up, as in-process
         tokens, wall = asyncio.run(clients(url, prompts, params))
         return tokens / wall
     finally:
@@ -87,7 +104,16 @@ def served(folder: str, prompts, params, device: str, flags: list[str], workdir:
         proc.wait(30)
 
 
+def _info(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/get_server_info", timeout=60) as r:
+        return json.loads(r.read())
+
+
 PRESET: dict = {}
+STEPS: dict = {}
+LAT: list = []
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clients", type=int, default=64, help="Concurrent HTTP requests (= in-process batch).")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="--rollout-compile on both sides.")
+    ap.add_argument("--served-first", action="store_true", help="Time the server before the in-process arm.")
+    ap.add_argument("--also-eager", action="store_true", help="Also time the in-process engine eagerly.")
     a = ap.parse_args(argv)
     PRESET.update(PRESETS[a.preset])
     device = PRESET["device"]
@@ -109,10 +137,16 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(1, vocab, (a.clients, PRESET["prompt_len"]), generator=g).tolist()
+        if a.served_first:  # no CUDA context in this process while the server runs
+            remote = served(tmp + "/ckpt", prompts, params, device, flags, Path(tmp))
         local = in_process(tmp + "/ckpt", prompts, params, device, flags)
+        eager = None
+        if a.also_eager:
+            eager = in_process(tmp + "/ckpt", prompts, params, device, flags + ["--no-rollout-cuda-graph"])
         if device == "cuda":
             torch.cuda.empty_cache()
-        remote = served(tmp + "/ckpt", prompts, params, device, flags, Path(tmp))
+        if not a.served_first:
+            remote = served(tmp + "/ckpt", prompts, params, device, flags, Path(tmp))
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "preset": a.preset,
@@ -122,7 +156,16 @@ def main(argv: list[str] | None = None) -> dict:
         "in_process_tok_s": round(local, 1),
         "served_tok_s": round(remote, 1),
         "ratio": round(remote / local, 3),
+        "decode_steps_in_process": STEPS["in_process"],
+        "decode_steps_served": STEPS["served"],
+        "served_cuda_graph": STEPS["served_cuda_graph"],
+        "served_latency_s": STEPS["latency_s"],
+        "served_busy_frac": STEPS["served_busy_frac"],
+        "in_process_busy_frac": STEPS["in_process_busy_frac"],
+        "served_first": a.served_first,
     }
+    if eager is not None:
+        result["in_process_eager_tok_s"] = round(eager, 1)
     print(json.dumps(result))
     return result
 

@@ -168,15 +168,19 @@ def test_abort_pause_continue_and_client_disconnect(server):
 
     async def disconnect():
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as s:
-            with pytest.raises(asyncio.TimeoutError):
+            async with s.post(server.url + "/pause_generation", json={"mode": "in_place"}) as r:
+                assert r.status == 200
+            with pytest.raises(asyncio.TimeoutError):  # waits, paused, until the client gives up
                 await s.post(server.url + "/generate", json={"input_ids": [5], "sampling_params": long})
 
     asyncio.run(disconnect())
-    for _ in range(300):  # the server stops decoding for a client that went away
-        if server.get("/get_server_info")["num_running"] == 0:
+    for _ in range(300):  # the server drops the request of a client that went away, even while paused
+        info = server.get("/get_server_info")
+        if info["num_running"] + info["num_waiting"] == 0:
             break
         asyncio.run(asyncio.sleep(0.01))
-    assert server.get("/get_server_info")["num_running"] == 0
+    assert info["num_running"] + info["num_waiting"] == 0
+    assert server.post("/continue_generation")[0] == 200
 
 
 def test_flush_release_and_resume_memory(server):

@@ -159,6 +159,9 @@ class Server:
                 "num_waiting": e.num_waiting,
                 "generated_tokens": e.generated_tokens,
                 "decode_steps": e.stats["decode_steps"],
+                "prefill_tokens": e.stats["prefill_tokens"],
+                "busy_s": round(e.stats["busy_s"], 4),
+                "cuda_graph": e.cuda_graph,
                 "paused": e.paused,
                 "memory_released": e.memory_released,
                 "max_batch_size": e.max_batch_size,
@@ -315,7 +318,7 @@ def build_app(server: Server) -> web.Application:
 
 async def run_app(app: web.Application, host: str, port: int, port_file: str | None = None) -> None:
     """Serve ``app`` until SIGTERM/SIGINT; writes the bound port to ``port_file`` once accepting."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
