@@ -22,7 +22,7 @@ import pytest
 from conftest import Site, make_checkpoint
 from serve_helpers import Served, served, start_server, stop_server
 
-from miles_core import drivers
+from miles_core import cli, drivers
 from miles_core.args import parse_args
 from miles_core.engine import Engine
 from miles_core.errors import UsageError
@@ -403,3 +403,40 @@ def test_miles_train_on_two_http_engines_survives_a_killed_engine(
         assert _pid_of(str(port_file)) is None
         if port_file.is_file():
             assert not launch.answers_health(f"http://127.0.0.1:{port_file.read_text().strip()}", timeout=2)
+
+
+def test_a_run_over_http_samples_and_learns_as_the_in_process_run(
+    backends_installed, tiny_ckpt, prompts_file, reward_file, tmp_path
+):
+    """The client draws each request's sampling seed as the engine does, so the same flags give the same
+    samples, rewards and losses over HTTP as in-process."""
+    argv = ["train", "--hf-checkpoint", str(tiny_ckpt), "--prompt-data", str(prompts_file), "--input-key"]
+    argv += ["prompt", "--label-key", "label", "--apply-chat-template", "--rollout-batch-size", "2"]
+    argv += ["--n-samples-per-prompt", "4", "--num-rollout", "2", "--rollout-max-response-len", "8"]
+    argv += [
+        "--custom-rm-path",
+        str(reward_file),
+        "--micro-batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+    ]
+    runs = {}
+    try:
+        for backend in ("torch", "http"):
+            run = tmp_path / backend
+            assert cli.main([*argv, "--run-dir", str(run), "--rollout-backend", backend]) == 0
+            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            runs[backend] = [{k: v for k, v in m.items() if k.split("/")[-1] in COMPARED} for m in lines]
+    finally:  # the loop may not close its backend: stop the engine it started
+        pid = _pid_of(str(tmp_path / "http" / "engines" / "port-0"))
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+    assert len(runs["http"]) == 2 and all(len(m) == len(COMPARED) for m in runs["http"])
+    for a, b in zip(runs["torch"], runs["http"]):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
+
+
+COMPARED = ("reward_mean", "response_len_mean", "truncated_frac", "pg_loss", "train_rollout_logprob_abs_diff")

@@ -93,7 +93,7 @@ class HttpEngine:
             [router] if router else self._urls,
             health_check_interval=interval,
             wait_healthy_s=wait,
-            on_revive=None if router else self._revived,
+            on_revive=None if router else partial(_revived, weakref.ref(self)),
         )
         self._seeds = random.Random(args.rollout_seed)
         self._tokens = 0
@@ -321,10 +321,6 @@ class HttpEngine:
                 )
                 urls = [u for u in urls if u not in down]
 
-    async def _revived(self, url: str) -> None:
-        """The pool's ``on_revive``: an engine back after failing its checks gets the current weights."""
-        await asyncio.to_thread(self._catch_up, url)
-
     def _catch_up(self, url: str) -> None:
         with self._lock:
             if str(get_json(url + "/get_server_info").get("weight_version")) != str(self.updater.version):
@@ -352,6 +348,14 @@ class HttpEngine:
 
 async def _async(fn: Any) -> Any:
     return fn()
+
+
+async def _revived(ref: weakref.ref[HttpEngine], url: str) -> None:
+    """The pool's ``on_revive``: an engine back after failing its checks gets the current weights. (The
+    pool's task holds the client only weakly.)"""
+    client = ref()
+    if client is not None:
+        await asyncio.to_thread(client._catch_up, url)
 
 
 def _watch(ref: weakref.ref[HttpEngine], closing: threading.Event, interval: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import json
 import threading
 import urllib.request
@@ -35,8 +36,10 @@ class LoopThread:
         self._session: aiohttp.ClientSession | None = None
 
     def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
-        """Start ``coro`` on the loop (from any other thread)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Start ``coro`` on the loop (from any other thread). It runs in a context of its own: tasks it
+        leaves behind (the pool's health checks) must not keep the caller's context variables (a
+        rollout's) alive."""
+        return contextvars.Context().run(asyncio.run_coroutine_threadsafe, coro, self.loop)
 
     def run(self, coro: Awaitable[T]) -> T:
         """Run ``coro`` on the loop and wait for its result (never from the loop's own thread)."""
