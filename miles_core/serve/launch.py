@@ -35,11 +35,13 @@ START_TIMEOUT_S = 600.0  # loading a large checkpoint into SGLang takes minutes
 STOP_GRACE_S = 10.0
 # Flags that are not written to the server's config file: `config` itself, the weights (given as
 # --hf-checkpoint), --disable-plugins (read from the command line before the plugins load), and the
-# flags that only mean something to the process that starts engines.
+# flags that only mean something to the process that starts engines (the server is the built-in engine,
+# whichever backend talks to it).
 _NOT_IN_CONFIG = {
     "config",
     "hf_checkpoint",
     "disable_plugins",
+    "rollout_backend",
     "rollout_num_engines",
     "rollout_engine_urls",
     "sglang_router_ip",
