@@ -1,7 +1,7 @@
 """Faults of engines behind the HTTP rollout client, with real `miles serve` processes killed by SIGKILL:
 requests in flight are retried on another engine, a local engine is restarted and caught up to the
-current weights (distributed and disk updates), an engine given by address is caught up when it comes back, and a
-`miles train` run finishes with every group complete and leaves no engine behind."""
+current weights (distributed and disk updates), an engine given by address is caught up when it comes
+back, and a `miles train` run finishes with every group complete and leaves no engine behind."""
 
 from __future__ import annotations
 
