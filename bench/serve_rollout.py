@@ -36,10 +36,23 @@ def engine_flags(batch: int, dtype: torch.dtype, compile: bool) -> list[str]:
     return flags + (["--rollout-compile"] if compile else [])
 
 
-def in_process(folder: str, prompts, params, device: str, flags: list[str]) -> float:
-    args = build_parser().parse_args(["--hf-checkpoint", folder, *flags])
-    model = load_model(folder, dtype=PRESET["dtype"], device=device).requires_grad_(False)
-    engine = Engine.from_args(args, model, None)
+def in_process(folder: str, prompts, params, device: str, flags: list[str], how: str = "engine") -> float:
+    """``how``: ``engine`` (Engine.from_args), ``server`` (the engine `miles serve` builds, with the
+    installed plugins, used without HTTP) or ``server-no-plugins``."""
+    args = build_parser().parse_args(["--hf-checkpoint", folder, "--device", device, *flags])
+    if how == "engine":
+        model = load_model(folder, dtype=PRESET["dtype"], device=device).requires_grad_(False)
+        engine = Engine.from_args(args, model, None)
+    else:
+        from miles_core.plugins import configure_plugins, get_plugin_manager
+        from miles_core.serve.server import build_server
+
+        pm = None
+        if how == "server":
+            pm = get_plugin_manager()
+            args = build_parser(pm).parse_args(["--hf-checkpoint", folder, "--device", device, *flags])
+            configure_plugins(pm, args)
+        engine = build_server(args, pm).engine
     engine.generate_batch(prompts, params)  # warm-up: cache, graphs, compiles
     sync(device)
     steps, busy = engine.stats["decode_steps"], engine.stats["busy_s"]
@@ -123,6 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="--rollout-compile on both sides.")
     ap.add_argument("--served-first", action="store_true", help="Time the server before the in-process arm.")
+    ap.add_argument(
+        "--direct", nargs="*", default=[], choices=["server", "server-no-plugins"],
+        help="Also time the engine `miles serve` builds, called in this process without HTTP.",
+    )  # fmt: skip
     ap.add_argument("--also-eager", action="store_true", help="Also time the in-process engine eagerly.")
     a = ap.parse_args(argv)
     PRESET.update(PRESETS[a.preset])
@@ -143,6 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
         eager = None
         if a.also_eager:
             eager = in_process(tmp + "/ckpt", prompts, params, device, flags + ["--no-rollout-cuda-graph"])
+        direct = {}
+        for how in a.direct:
+            direct[f"direct_{how}_tok_s"] = round(
+                in_process(tmp + "/ckpt", prompts, params, device, flags, how), 1
+            )
         if device == "cuda":
             torch.cuda.empty_cache()
         if not a.served_first:
@@ -166,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if eager is not None:
         result["in_process_eager_tok_s"] = round(eager, 1)
+    result.update(direct)
     print(json.dumps(result))
     return result
 
