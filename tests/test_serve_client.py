@@ -169,10 +169,14 @@ def test_sglang_flags_pass_through_and_a_missing_sglang_is_one_sentence(
     args = run_args(tmp_path, tiny_ckpt, "--rollout-backend", "sglang", "--sglang-mem-fraction-static", "0.7",
                     "--sglang-enable-return-routed-experts", "--sglang-router-port", "8", "--sglang-tp=2",
                     "--sglang-router-ip", "h")  # fmt: skip
-    argv, url, _ = launch.sglang_command(args, str(tiny_ckpt))
+    argv, url, _ = launch.sglang_command(args, str(tiny_ckpt), index=1)
     assert argv[1:5] == ["-m", "sglang.launch_server", "--model-path", str(tiny_ckpt)]
-    assert argv[-4:] == ["--mem-fraction-static", "0.7", "--enable-return-routed-experts", "--tp=2"]
+    assert argv[-6:] == ["--mem-fraction-static", "0.7", "--enable-return-routed-experts", "--tp=2"] + [
+        "--base-gpu-id",
+        "2",  # engine 1 of tensor-parallel size 2
+    ]
     assert url == f"http://127.0.0.1:{argv[argv.index('--port') + 1]}" and "--router-ip" not in argv
+    assert SGLangEngine.ranks_per_engine(args) == 2
     if importlib.util.find_spec("sglang") is not None:
         pytest.skip("sglang is installed here")
     args = run_args(tmp_path, tiny_ckpt, "--rollout-backend", "sglang")

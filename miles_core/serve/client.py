@@ -399,12 +399,12 @@ class SGLangEngine(HttpEngine):
     @classmethod
     def start_fleet(cls, args: argparse.Namespace, weights: str) -> launch.EngineFleet:
         launch.require_sglang()
-        commands = [partial(launch.sglang_command, args, weights) for _ in range(args.rollout_num_engines)]
+        commands = [partial(launch.sglang_command, args, weights, i) for i in range(args.rollout_num_engines)]
         return launch.EngineFleet(commands, Path(args.run_dir) / "engines")
 
     @staticmethod
     def ranks_per_engine(args: argparse.Namespace) -> int:
-        return max(1, args.rollout_num_gpus_per_engine)
+        return launch.sglang_tp_size(args)
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> None:

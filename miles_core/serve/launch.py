@@ -128,12 +128,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def sglang_command(args: argparse.Namespace, weights: str) -> tuple[list[str], str, None]:
+def sglang_tp_size(args: argparse.Namespace) -> int:
+    """The tensor-parallel size the run passes SGLang (``--sglang-tp-size N`` or ``--sglang-tp N``): the
+    GPUs, and the weight-update ranks, of one engine."""
+    raw = list(args.sglang_server_args or [])
+    for i, token in enumerate(raw):
+        name, _, value = token.partition("=")
+        if name in ("--sglang-tp-size", "--sglang-tp"):
+            value = value or (raw[i + 1] if i + 1 < len(raw) else "")
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"{name} {value!r} must be a positive integer.")
+            return int(value)
+    return 1
+
+
+def sglang_command(args: argparse.Namespace, weights: str, index: int = 0) -> tuple[list[str], str, None]:
     """``python -m sglang.launch_server --model-path ... --port ... --host 127.0.0.1`` plus the run's
-    ``--sglang-*`` flags."""
+    ``--sglang-*`` flags; engine ``index`` starts at GPU ``index * tp size`` unless the run says where
+    (``--sglang-base-gpu-id``)."""
     port = free_port()
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", weights]
     argv += ["--port", str(port), "--host", "127.0.0.1", *sglang_flags(args)]
+    if not any(t.split("=")[0] == "--base-gpu-id" for t in argv):
+        argv += ["--base-gpu-id", str(index * sglang_tp_size(args))]
     return argv, f"http://127.0.0.1:{port}", None
 
 
