@@ -98,8 +98,9 @@ class WeightUpdater:
         self.bucket_bytes = bucket_bytes
         self.ranks_per_engine = ranks_per_engine
         self.version = 0
-        self.start_weights = start_weights
-        self.folder = Path(folder)
+        # Absolute: an engine resolves a model_path against its own working directory.
+        self.start_weights = start_weights = str(Path(start_weights).resolve())
+        self.folder = Path(folder).resolve()
         self._config = json.loads((Path(start_weights) / "config.json").read_text())
         self._path = start_weights  # the folder that holds the current weights (None: the CPU copy does)
         self._cpu: list[tuple[str, torch.Tensor]] | None = None
