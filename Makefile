@@ -38,6 +38,7 @@ checkpoint: $(STAMP)
 wheels: $(STAMP)
 	rm -rf dist
 	for p in . $(PLUGINS); do $(PY) -m build --outdir dist $$p || exit 1; done
+	rm -rf *.egg-info plugins/*/*.egg-info  # stale in-tree metadata would shadow the installed entry points
 
 clean:
 	rm -rf runs $(VENV)

@@ -203,7 +203,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--fp8", action="store_true", help="FP8 (miles-fp8) vs BF16 decode: bench/fp8_rollout.py."
     )
+    ap.add_argument(
+        "--server", action="store_true",
+        help="64 concurrent HTTP clients against one `miles serve` vs the in-process engine: "
+        "bench/serve_rollout.py.",
+    )  # fmt: skip
     a = ap.parse_args(argv)
+    if a.server:  # same 0.7B config, same engine; the served arm lives in its own bench
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import serve_rollout
+
+        extra = [f"--clients={a.batch}"] if a.batch else []
+        extra += [f"--new-tokens={a.new_tokens}"] if a.new_tokens else []
+        return serve_rollout.main([f"--preset={a.preset}", *extra])
     if a.fp8:  # same engine, same 0.7B config; the FP8 arms live with the plugin's bench
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import fp8_rollout

@@ -2,10 +2,10 @@
 
 The core owns only the families every run needs (checkpoint, data, rollout, algorithm, optimizer,
 reward, eval, cluster layout). Each plugin adds its own group through the `add_arguments` hook.
-An unknown flag is an error (an `--sglang-*` one too, until a backend reads it). `--config file.yaml`
-supplies flags from a file; the command line wins. Names chosen from installed implementations
-(`--advantage-estimator`, `--rm-type`, backends) come from their entry-point groups. On/off flags take
-``--no-FLAG`` too. The checks of the parsed values are in `miles_core.validate`.
+An unknown flag is an error (an `--sglang-*` one too, unless `--rollout-backend sglang` passes it on to
+SGLang). `--config file.yaml` supplies flags from a file; the command line wins. Names chosen from
+installed implementations (`--advantage-estimator`, `--rm-type`, backends) come from their entry-point
+groups. On/off flags take ``--no-FLAG`` too. The checks of the parsed values are in `miles_core.validate`.
 """
 
 from __future__ import annotations
@@ -182,6 +182,54 @@ def _add_async(p: argparse.ArgumentParser) -> None:
         help="Seconds a sample's generation may take; after it the request is aborted and the sample "
         "marked ABORTED (kept in its group, unrewarded, zero loss mask). Default: no limit.",
     )
+
+
+def _add_serving(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rollout engines over HTTP (--rollout-backend http or sglang)")
+    g.add_argument(
+        "--rollout-num-engines", type=int, default=1, help="Local engine servers to start for the run."
+    )
+    g.add_argument(
+        "--rollout-engine-urls",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Use these running engines (http://HOST:PORT ...) instead of starting any.",
+    )
+    g.add_argument("--sglang-router-ip", type=str, default=None, help="Send requests to this running router.")
+    g.add_argument("--sglang-router-port", type=int, default=None, help="Port of --sglang-router-ip.")
+    g.add_argument(
+        "--update-weights-mode",
+        choices=["tensor", "disk", "distributed"],
+        default=None,
+        help="How new weights reach the engines: distributed (a Gloo broadcast from this process), tensor "
+        "(safetensors over HTTP), disk (an HF folder under --run-dir). Default: distributed for http, "
+        "disk for sglang.",
+    )
+    g.add_argument(
+        "--rollout-health-check-interval",
+        type=float,
+        default=2.0,
+        help="Seconds between checks that every engine is alive (a dead one is restarted and re-synced).",
+    )
+    # --sglang-* flags no parser knows, kept raw for SGLang's own (with --rollout-backend sglang).
+    p.set_defaults(sglang_server_args=[])
+
+
+def collect_sglang_flags(args: argparse.Namespace, unknown: list[str]) -> list[str]:
+    """With ``--rollout-backend sglang``, move the unknown ``--sglang-*`` flags (and the values after
+    each) from ``unknown`` into ``args.sglang_server_args``; returns what is left unknown."""
+    if args.rollout_backend != "sglang":
+        return unknown
+    rest: list[str] = []
+    passed: list[str] = []
+    taking = False
+    for token in unknown:
+        if token.startswith("--"):
+            taking = token.startswith("--sglang-")
+        (passed if taking else rest).append(token)
+    args.sglang_server_args = passed
+    return rest
 
 
 def _add_algorithm(p: argparse.ArgumentParser) -> None:
@@ -378,10 +426,10 @@ def _add_plugins(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=str, default=None, help="YAML file of flags (the command line wins).")
 
 
-def build_parser(pm: Any = None) -> argparse.ArgumentParser:
+def build_parser(pm: Any = None, prog: str = "miles train") -> argparse.ArgumentParser:
     """The `miles train` parser: the core's groups, then each plugin's (`add_arguments` hook)."""
     p = ArgumentParser(
-        prog="miles train",
+        prog=prog,
         description="GRPO-style RL post-training of (MoE) language models.",
         allow_abbrev=False,
         formatter_class=HelpFormatter,
@@ -391,6 +439,7 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
         _add_data,
         _add_rollout,
         _add_async,
+        _add_serving,
         _add_algorithm,
         _add_training,
         _add_reward,
@@ -404,13 +453,19 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str], pm: Any = None) -> argparse.Namespace:
-    """Parse `miles train` flags (plus `--config`) and check the core's flag combinations."""
-    parser = build_parser(pm)
+def parse_args(
+    argv: list[str], pm: Any = None, extra: Any = None, prog: str = "miles train"
+) -> argparse.Namespace:
+    """Parse `miles train` flags (plus `--config`) and check the core's flag combinations. ``extra(parser)``
+    adds a command's own flags (``miles serve``: host and port)."""
+    parser = build_parser(pm, prog)
+    if extra is not None:
+        extra(parser)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**config_defaults(parser, pre.config))
     args, unknown = parser.parse_known_args(argv)
+    unknown = collect_sglang_flags(args, unknown)
     if unknown:
         refuse_unknown(unknown[0], parser)
     validate(args)
@@ -422,8 +477,8 @@ def refuse_unknown(flag: str, parser: argparse.ArgumentParser) -> None:
     name = flag.split("=")[0]
     if name.startswith("--sglang-"):
         raise UsageError(
-            f"{name} is not read by any installed rollout backend (the built-in engine takes its own "
-            "--rollout-* flags); drop it."
+            f"{name} is read only by --rollout-backend sglang (the other backends take --rollout-* "
+            "flags); drop it or use that backend."
         )
     known = [o for a in parser._actions for o in a.option_strings]
     close = difflib.get_close_matches(name, known, n=1)

@@ -17,6 +17,8 @@ commands:
   plugins   list installed plugins, their versions, hooks and whether each is active
   convert   convert an HF checkpoint (the formats installed plugins provide)
   rm-check  score a JSONL of {response, label} rows with a reward (--rm-type NAME --data FILE)
+  serve     serve the engine over SGLang's HTTP API (--hf-checkpoint DIR --port N)
+  router    balance requests over running engines (--worker-urls URL ... --port N)
 """
 
 
@@ -87,11 +89,25 @@ def convert_main(argv: list[str]) -> int:
     return 0
 
 
+def serve_cmd(argv: list[str]) -> int:
+    from miles_core.serve.server import serve_main
+
+    return serve_main(argv)
+
+
+def router_cmd(argv: list[str]) -> int:
+    from miles_core.serve.router import main as router_main
+
+    return router_main(argv)
+
+
 COMMANDS = {
     "train": train_main,
     "plugins": plugins_cmd,
     "convert": convert_main,
     "rm-check": rm_check_cmd,
+    "serve": serve_cmd,
+    "router": router_cmd,
 }
 
 

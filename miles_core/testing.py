@@ -5,8 +5,19 @@ from miles_core.testing import one_torch_thread  # noqa: F401  (an autouse fixtu
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,3 +55,116 @@ def write_sum_tokenizer(out: Path) -> int:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return tok.get_vocab_size()
+
+
+# ---------------------------------------------------------------- real `miles serve` processes
+# `served` / `served_many` start one or ``n`` servers (their model loads overlap) and stop them however the
+# block ends; `start_server` / `stop_server` for a test that kills (`Served.kill`, SIGKILL) or restarts one.
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 120.0) -> tuple[int, Any]:
+    """One blocking request to any url (a server, a router); returns (HTTP status, the decoded JSON answer,
+    or None for an empty or non-JSON body). ``body`` is sent as JSON, or as is when it is bytes."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw.strip() else None
+    except ValueError:
+        return status, None
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            text = r.read().decode()
+        return json.loads(text) if text else {}
+
+    def post(self, path: str, body: dict | None = None) -> tuple[int, dict]:
+        status, answer = http_json("POST", self.url + path, body or {})
+        return status, answer if isinstance(answer, dict) else {}
+
+    def kill(self) -> None:
+        """SIGKILL (a crash), then wait for the process to end."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+
+def serve_env() -> dict[str, str]:
+    """This interpreter's environment for a child process: the same sys.path, one thread."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+
+
+def launch_server(ckpt: Path, workdir: Path, *flags: str, port: int = 0) -> tuple[subprocess.Popen, Path]:
+    """Start a `miles serve` process (``port`` 0: a free one) without waiting; returns it and its port file
+    (its log is the port file's name with ``.log``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"serve-{time.monotonic_ns()}.port"
+    cmd = [sys.executable, "-m", "miles_core.cli", "serve", "--hf-checkpoint", str(ckpt), "--port", str(port),
+           "--port-file", str(port_file), "--device", "cpu", *flags]  # fmt: skip
+    with port_file.with_suffix(".log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=serve_env(), cwd=workdir)
+    return proc, port_file
+
+
+def wait_server(proc: subprocess.Popen, port_file: Path, deadline_s: float = 120.0) -> Served:
+    """Returns once the launched server answers /health (or stops it and raises with its log)."""
+    log = port_file.with_suffix(".log")
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"miles serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if port_file.is_file():
+            served = Served(proc, f"http://127.0.0.1:{port_file.read_text().strip()}", log)
+            with contextlib.suppress(OSError):
+                served.get("/health")
+                return served
+        time.sleep(0.05)
+    stop_server(Served(proc, "", log))
+    raise RuntimeError(f"miles serve did not come up in {deadline_s} s:\n{log.read_text()[-3000:]}")
+
+
+def start_server(ckpt: Path, workdir: Path, *flags: str, port: int = 0, deadline_s: float = 120.0) -> Served:
+    """A `miles serve` process (``port`` 0: a free one); returns once it answers /health (or raises with
+    its log)."""
+    return wait_server(*launch_server(ckpt, workdir, *flags, port=port), deadline_s)
+
+
+def stop_server(served: Served) -> None:
+    if served.proc.poll() is None:
+        served.proc.terminate()
+        try:
+            served.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            served.proc.kill()
+            served.proc.wait(10)
+
+
+@contextlib.contextmanager
+def served(ckpt: Path, workdir: Path, *flags: str) -> Iterator[Served]:
+    s = start_server(ckpt, workdir, *flags)
+    try:
+        yield s
+    finally:
+        stop_server(s)
+
+
+@contextlib.contextmanager
+def served_many(ckpt: Path, workdir: Path, n: int, *flags: str) -> Iterator[list[Served]]:
+    """``n`` servers started at once (their model loads overlap); all stopped at exit."""
+    launched = [launch_server(ckpt, workdir, *flags) for _ in range(n)]
+    try:
+        yield [wait_server(proc, port_file) for proc, port_file in launched]
+    finally:
+        for proc, port_file in launched:
+            stop_server(Served(proc, "", port_file.with_suffix(".log")))

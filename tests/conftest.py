@@ -64,6 +64,12 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt_b(tmp_path_factory) -> Path:
+    """Other random weights of `tiny_ckpt`'s shape (weight updates push them)."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_b", seed=7)
+
+
+@pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
     rows = [
@@ -117,3 +123,12 @@ def site(tmp_path, monkeypatch):
     for name in list(sys.modules):
         if name.partition(".")[0] in s.tops:
             del sys.modules[name]
+
+
+@pytest.fixture
+def serving_backends(site):
+    """The `http` and `sglang` rollout backends' entry points, as miles-core's metadata declares them
+    (visible before a reinstall picks up pyproject.toml)."""
+    group = {"http": "miles_core.serve.client:HttpEngine", "sglang": "miles_core.serve.client:SGLangEngine"}
+    site.dist("miles-serve-backends", "0.0.0", {"miles.rollout_backends": group})
+    return site

@@ -39,6 +39,13 @@ def test_rollout_bench_prints_its_json_line():
     assert 0 < r["roof_frac"] < 1
 
 
+def test_served_rollout_bench_prints_its_json_line():
+    r = _run("rollout.py", "--server", "--batch", "4", "--new-tokens", "8")
+    assert {"device", "in_process_tok_s", "served_tok_s", "ratio", "clients"} <= r.keys()
+    assert r["clients"] == 4 and r["served_tok_s"] > 0
+    assert r["ratio"] == pytest.approx(r["served_tok_s"] / r["in_process_tok_s"], rel=1e-2)
+
+
 def test_train_step_bench_prints_its_json_line():
     r = _run("train_step.py", "--steps", "1")
     assert {"device", "tok_s", "mfu"} <= r.keys()

@@ -152,3 +152,15 @@ def test_release_is_refused_while_requests_run(engine):
         return await fut
 
     assert asyncio.run(go()).finish_reason == "length"
+
+
+def test_warm_up_builds_every_batch_bucket_and_keeps_the_tokens(tiny_ckpt):
+    params = {"temperature": 1.0, "max_new_tokens": 6}
+    prompts = [[5, 6, i] for i in range(5)]
+    cold = Engine(load_model(tiny_ckpt).eval(), None, max_batch_size=24, seed=1, cuda_graph=True)
+    warm = Engine(load_model(tiny_ckpt).eval(), None, max_batch_size=24, seed=1, cuda_graph=True)
+    assert warm.warm_up(40) == 6  # row buckets 1, 2, 4, 8, 16, 24
+    assert warm.kv_cache.max_len == 64 and len(warm._graphs._graphs) == 6
+    outs = [e.generate_batch(prompts, params) for e in (cold, warm)]
+    assert [o.output_ids for o in outs[0]] == [o.output_ids for o in outs[1]]
+    assert Engine(load_model(tiny_ckpt).eval(), None, cuda_graph=False).warm_up(40) == 0

@@ -208,8 +208,8 @@ CASES = [
     Case("parallel-no-absent-backend", ["--tensor-model-parallel-size", "2"], 2,
          "no installed backend (train backends: torch) implements; use 1.", early=True, absent="megatron"),
     Case("no-reward", ["--rm-type", ""], 2, "no reward: pass --rm-type NAME (installed: ", early=True),
-    Case("unknown-backend", ["--rollout-backend", "sglang"], 2,
-         "unknown --rollout-backend 'sglang'; installed: torch", early=True),
+    Case("unknown-backend", ["--rollout-backend", "vllm"], 2,
+         "unknown --rollout-backend 'vllm'; installed: http, sglang, torch", early=True),
 ]  # fmt: skip
 
 

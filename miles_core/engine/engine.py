@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import heapq
 import random
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -65,7 +66,7 @@ class Engine(EngineControl, StaticDecode):
         self.decode_strategy: DecodeStrategy | None = None
         self.weight_version = 0
         self._keys = random.Random(seed)  # per-sequence sampling keys, drawn in admission order
-        self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
+        self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0, "busy_s": 0.0}
         # Decode through CUDA graphs (default on CUDA) unless a module of the model declares
         # `cuda_graph_safe = False`; outputs are the same as the eager path's. `compile` compiles the
         # static decode step with torch.compile (fuses the small kernels; a compile per batch/key-length
@@ -89,7 +90,7 @@ class Engine(EngineControl, StaticDecode):
     def from_args(cls, args: argparse.Namespace, model: CausalLM, tokenizer: Any) -> Engine:
         """The engine a run's flags ask for: batch size, seed, CUDA graphs, compile, fused MoE kernels."""
         device = next(model.parameters()).device
-        n = args.rollout_batch_size * args.n_samples_per_prompt
+        n = (args.rollout_batch_size or 0) * args.n_samples_per_prompt
         engine = cls(
             model,
             tokenizer,
@@ -220,6 +221,7 @@ class Engine(EngineControl, StaticDecode):
                     if not (self._waiting or self._running or self._inflight is not None or self._calls):
                         self._alive = False
                         break
+                t0 = time.perf_counter()
                 with torch.inference_mode():
                     self._run_calls()
                     paused = self.paused
@@ -233,6 +235,7 @@ class Engine(EngineControl, StaticDecode):
                             self._decode_step()
                         else:
                             self._drain()
+                self.stats["busy_s"] += time.perf_counter() - t0  # host time in steps (not awaiting)
                 await asyncio.sleep(0.002 if paused else 0)
         except BaseException as e:  # surface the error to every waiting caller instead of hanging
             with self._lock:

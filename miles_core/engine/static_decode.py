@@ -29,12 +29,38 @@ class _InFlight:
 class StaticDecode:
     """The static decode step, its host copies and the step in flight (state lives on `Engine`)."""
 
-    def _static_step(self) -> None:
-        """Launch one static decode step, then settle the previous one (one step stays in flight)."""
+    def _decode_graphs(self) -> DecodeGraphs:
         g = self._graphs
         if g is None or g.cache is not self._cache or g.compile != self.compile:
             g = self._graphs = DecodeGraphs(self.model, self._cache, self._slot_params, compile=self.compile)
             self._host_copies = None
+        return g
+
+    def warm_up(self, max_len: int) -> int:
+        """Allocate the KV cache for ``max_len`` positions and, on the static path, capture (or compile)
+        the decode step for every batch-size bucket now, as a server does before it takes requests; the
+        first requests then run no capture. Returns how many steps were built. Call while idle."""
+        if self._running or self._waiting:
+            raise RuntimeError("warm_up() runs before requests arrive.")
+        self._ensure_cache(max_len)
+        if not self.cuda_graph:
+            return 0
+        built = 0
+        with torch.inference_mode():
+            g = self._decode_graphs()
+            g.load([], [], [], [])  # every row idle: the steps below advance nothing
+            rows = 1
+            while True:
+                g.step(*g.buckets(rows, self._cache.max_len))
+                built += 1
+                if rows >= self._cache.num_slots:
+                    break
+                rows = min(2 * rows, self._cache.num_slots)
+        return built
+
+    def _static_step(self) -> None:
+        """Launch one static decode step, then settle the previous one (one step stays in flight)."""
+        g = self._decode_graphs()
         seqs = list(self._running)
         prev, self._inflight = self._inflight, None
         if prev is None:  # the batch changed: give the device the host's view of every running row

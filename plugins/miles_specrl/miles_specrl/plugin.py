@@ -191,6 +191,10 @@ class SpecRun:
     def pre_rollout(self, engine: Any) -> RolloutOptions | None:
         if not self.args.sglang_speculative_algorithm:
             return None
+        if getattr(engine, "model", None) is None:
+            # A served rollout backend (--rollout-backend http): each `miles serve` runs its own speculator
+            # from the same flags; the statistics come back with every sample (rollout_metrics).
+            return None
         if self.speculator is None:
             from miles_specrl.drafters import ModelDrafter, MTPDrafter
             from miles_specrl.speculator import Speculator
@@ -203,8 +207,8 @@ class SpecRun:
     @hookimpl
     def rollout_metrics(self, samples: list[Sample]) -> dict | None:
         if self.speculator is None:
-            return None
-        t = self.speculator.totals  # per-sample stats came with each EngineOutput (generate_into)
+            return _served_metrics(samples) if self.args.sglang_speculative_algorithm else None
+        t = self.speculator.totals  # every sequence's steps (a multi-turn sample's earlier turns too)
         return {
             "spec_accept_length": t.emitted / t.steps if t.steps else 0.0,
             "spec_accept_rate": t.accepted / t.drafted if t.drafted else 0.0,
@@ -248,3 +252,19 @@ def convert_checkpoint(args: argparse.Namespace, input_dir: str, output_dir: str
 
     add_mtp_layers(input_dir, output_dir, args.add_mtp_layers, seed=args.mtp_init_seed)
     return True
+
+
+def _served_metrics(samples: list[Sample]) -> dict[str, float]:
+    """The rollout's speculation statistics from the per-sample ``spec_info`` the servers returned."""
+    steps = drafted = accepted = emitted = 0.0
+    for s in samples:
+        info = s.spec_info or {}
+        n, d = float(info.get("spec_verify_steps", 0.0)), float(info.get("spec_draft_tokens", 0.0))
+        steps, drafted = steps + n, drafted + d
+        accepted += float(info.get("spec_accept_rate", 0.0)) * d
+        emitted += float(info.get("spec_accept_length", 0.0)) * n
+    return {
+        "spec_accept_length": emitted / steps if steps else 0.0,
+        "spec_accept_rate": accepted / drafted if drafted else 0.0,
+        "spec_verify_steps": steps,
+    }
