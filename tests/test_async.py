@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from serve_client_helpers import client_over, wait_for
 from test_cli import base_argv, error_of
 from test_trainer import make_args
 
@@ -27,6 +28,7 @@ from miles_core.plugins import get_plugin_manager
 from miles_core.rollout.async_loop import AsyncRollouts
 from miles_core.rollout.generate import RolloutContext, rollout_context, single_turn
 from miles_core.rollout.manager import staleness
+from miles_core.testing import served
 from miles_core.train.corrections import apply_icepop, apply_tis
 from miles_core.train.losses import LossTerms
 from miles_core.train.trainer import Trainer
@@ -163,6 +165,59 @@ def test_a_request_past_the_timeout_is_aborted_not_left_waiting(engine):
     assert s.status == Status.ABORTED and s.response_length == 0 and id(s) in ctx.timed_out
     assert ctx.stats["timeouts"] == 1 and engine.num_waiting == 0  # abort(rid) took it off the queue
     engine.continue_generation()
+
+
+def test_partial_rollout_over_http_continues_on_the_served_engine(
+    tiny_ckpt, tiny_ckpt_b, tmp_path, monkeypatch
+):
+    """The same continuation through `--rollout-backend http` and a real `miles serve` process: the
+    server answers an aborted request with its tokens and their versions, and the continuation runs there
+    under the weights pushed over HTTP."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    budget = 150
+    local = Engine(load_model(tiny_ckpt).eval(), None, max_batch_size=8)
+    eos = local._eos
+    seed = next(  # a seed whose version-0 response runs past the update (no end of sequence early)
+        s
+        for s in range(50)
+        if not eos
+        & set(local.generate_batch([PROMPT], {"max_new_tokens": 60, "sampling_seed": s})[0].output_ids)
+    )
+    with (
+        served(tiny_ckpt, tmp_path / "serve") as server,
+        client_over(tmp_path, tiny_ckpt, (server,)) as client,
+    ):
+        ctx = RolloutContext(
+            engine=client, tokenizer=Tokenizer.from_pretrained(tiny_ckpt), pm=pm(), partial_rollout=True
+        )
+        sample = Sample(group_index=0, index=0, tokens=list(PROMPT), reward=1.0)
+        params = {"temperature": 1.0, "max_new_tokens": budget, "sampling_seed": seed}
+        out = {}
+
+        def rollout():
+            async def go():
+                with rollout_context(ctx):
+                    return await single_turn(None, sample, params)
+
+            out["sample"] = asyncio.run(go())
+
+        thread = threading.Thread(target=rollout)
+        thread.start()
+        wait_for(lambda: server.get("/get_server_info")["generated_tokens"] >= 5, "no tokens were sampled")
+        client.pause_generation("abort")
+        client.update_weights(named_hf_tensors(load_model(tiny_ckpt_b)), version=1)
+        client.continue_generation()
+        thread.join(60)
+    s = out["sample"]
+    n = s.response_weight_versions.count(0)
+    assert ctx.stats["continuations"] == 1 and 5 <= n < s.response_length
+    assert s.response_weight_versions == [0] * n + [1] * (s.response_length - n)
+    assert len(s.rollout_log_probs) == len(s.loss_mask) == s.response_length == len(s.tokens) - len(PROMPT)
+    args = make_args(tiny_ckpt, ["--micro-batch-size", "1"])
+    old = teacher_forced(load_model(tiny_ckpt), s, args)
+    new = teacher_forced(load_model(tiny_ckpt_b), s, args)
+    rollout = torch.tensor(s.rollout_log_probs)
+    assert torch.allclose(rollout[:n], old[:n], atol=1e-4) and torch.allclose(rollout[n:], new[n:], atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------
