@@ -22,3 +22,28 @@ def test_served_speculative_decoding_matches_plain_and_reports_spec_info(tmp_pat
     info = fast["meta_info"]["spec_info"]
     assert info["spec_verify_steps"] >= 1 and info["spec_accept_length"] >= 1.0
     assert "spec_info" not in plain["meta_info"]
+
+
+def test_served_metrics_from_samples_equal_the_speculators_totals():
+    """A served rollout's statistics, summed from each sample's spec_info, are the ones an in-process
+    speculator keeps in its totals (steps, accept length and rate weighted by each sequence's counts)."""
+    from miles_specrl.plugin import _served_metrics
+    from specrl_helpers import engine, mtp_speculator, with_mtp
+
+    from miles_core.types import Sample
+
+    spec = mtp_speculator(k=3)
+    eng = engine(with_mtp(tiny_model(std=0.5)), 6, spec=spec)
+    lengths = [3, 9, 17, 30, 5, 12]
+    outs = [
+        eng.generate_batch([[1 + i, 2, 3]], {"temperature": 1.0, "max_new_tokens": n})[0]
+        for i, n in enumerate(lengths)
+    ]
+    t = spec.totals
+    assert t.steps > len(lengths) and 0 < t.accepted < t.drafted  # mixed acceptance: a real average
+    got = _served_metrics([Sample(spec_info=o.spec_info) for o in outs])
+    assert got["spec_verify_steps"] == t.steps
+    assert abs(got["spec_accept_length"] - t.emitted / t.steps) < 1e-9
+    assert abs(got["spec_accept_rate"] - t.accepted / t.drafted) < 1e-9
+    unweighted = sum(o.spec_info["spec_accept_rate"] for o in outs) / len(outs)
+    assert abs(got["spec_accept_rate"] - unweighted) > 1e-6  # a plain mean of rates would differ
