@@ -113,10 +113,13 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
     rollout_dtype = args.rollout_dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if args.true_on_policy_mode:
         rollout_dtype = "bfloat16" if args.bf16 else "float32"
-    engine_model = load_model(weights, dtype=_dtype(rollout_dtype), device=device).requires_grad_(False)
-    pm.hook.configure_model(args=args, model=engine_model, role="rollout")
     # Backends are named implementations (entry points), so another one plugs in without loop changes.
-    engine = drivers.get_rollout_backend(args.rollout_backend).from_args(args, engine_model, tokenizer)
+    backend = drivers.get_rollout_backend(args.rollout_backend)
+    engine_model = None
+    if backend.in_process:  # a served backend's engines load their own weights
+        engine_model = load_model(weights, dtype=_dtype(rollout_dtype), device=device).requires_grad_(False)
+        pm.hook.configure_model(args=args, model=engine_model, role="rollout")
+    engine = backend.from_args(args, engine_model, tokenizer)
     try:
         trainer = drivers.get_train_backend(args.train_backend)(args, pm, policy, ref)
         state: dict = {"next_rollout": 0}

@@ -110,6 +110,11 @@ class RolloutBackend(Protocol):
     come from the trainer's thread while requests are in flight, so they must be thread-safe; ``abort``
     is also called from a worker thread of the rollout's loop."""
 
+    in_process: bool
+    """Whether the backend decodes with the model the loop loads for it (``from_args`` gets it, with the
+    plugins' ``configure_model(role="rollout")`` applied). A served backend says False: ``from_args`` gets
+    None and its servers load and configure their own."""
+
     weight_version: int
     """The version of the weights now served; ``weight_versions`` of each sample records it. The loop
     sets it when a run resumes."""

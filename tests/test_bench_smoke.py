@@ -46,6 +46,12 @@ def test_served_rollout_bench_prints_its_json_line():
     assert r["ratio"] == pytest.approx(r["served_tok_s"] / r["in_process_tok_s"], rel=1e-2)
 
 
+def test_async_grpo_bench_prints_its_json_line():
+    r = _run("async_grpo.py", "--rollouts", "3")
+    assert {"device", "sync_s_per_rollout", "async_s_per_rollout", "speedup"} <= r.keys()
+    assert r["speedup"] == pytest.approx(r["sync_s_per_rollout"] / r["async_s_per_rollout"], rel=1e-2)
+
+
 def test_train_step_bench_prints_its_json_line():
     r = _run("train_step.py", "--steps", "1")
     assert {"device", "tok_s", "mfu"} <= r.keys()

@@ -45,6 +45,8 @@ from miles_core.types import RolloutOptions, UsageError
 class Engine(EngineControl, StaticDecode):
     """Batched sampling with a KV cache; the rollout backend named ``torch``."""
 
+    in_process = True  # decodes with the model the loop hands it
+
     def __init__(
         self,
         model: CausalLM,

@@ -67,6 +67,8 @@ class HttpEngine:
     :param weights: the HF folder the engines serve at start.
     """
 
+    in_process = False  # the engines load their own weights (from_args gets no model)
+
     name = "http"
     default_update_mode = "distributed"  # the fastest (bench/weight_update.py); tensor needs no extra port
     # miles draws each request's sampling seed (so retries and resumed runs repeat their samples);
