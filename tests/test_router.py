@@ -7,6 +7,8 @@ with ``/pause_generation {"mode": "in_place"}`` holds a request in flight for as
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -241,6 +243,39 @@ def test_health_checks_mark_a_dead_engine_and_no_healthy_engine_is_a_503(tiny_ck
         assert err.value.status == 503 and "no healthy engine worker among 1" in err.value.message
 
     asyncio.run(run())
+
+
+def test_a_busy_engine_that_answers_health_late_stays_healthy_an_idle_one_does_not(tiny_ckpt, tmp_path):
+    """SIGSTOP freezes an engine: its /health times out. With a request in flight through the pool it is
+    busy (a long prefill looks the same) and stays in rotation; idle, it is marked unhealthy."""
+    frozen = start_server(tiny_ckpt, tmp_path)
+    pool = WorkerPool([frozen.url], health_check_interval=None, health_check_timeout=0.2, failure_threshold=2)
+    slow = {**BODY, "sampling_params": {**BODY["sampling_params"], "max_new_tokens": 4}}
+
+    async def run() -> None:
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        try:
+            request = asyncio.ensure_future(pool.generate(slow))
+            await asyncio.sleep(0.1)
+            for _ in range(3):
+                await pool.check_health()
+            assert pool.healthy == [frozen.url]  # busy: late answers do not count
+        finally:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        await request
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(2):
+                await pool.check_health()
+            assert pool.healthy == []  # idle and silent: unhealthy
+        finally:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        await pool.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        stop_server(frozen)
 
 
 def test_router_main_serves_until_sigterm_and_imports_no_torch(tmp_path, engines):

@@ -366,7 +366,11 @@ class WorkerPool:
         try:
             async with session.get(w.url + "/health", timeout=timeout) as resp:
                 ok, why = resp.status == 200, f"/health answered HTTP {resp.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except asyncio.TimeoutError:
+            if w.in_flight:  # busy, not dead: a long prefill holds its loop; a dead one refuses or drops
+                return
+            ok, why = False, f"/health: no answer in {self.health_check_timeout} s"
+        except aiohttp.ClientError as e:
             ok, why = False, f"/health: {type(e).__name__}: {e}"
         if not ok:
             self._failed_check(w, why)
