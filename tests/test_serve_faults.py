@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-from conftest import Site
 from serve_client_helpers import (
     PROMPTS,
     SEEDED,
@@ -123,10 +122,6 @@ def test_miles_train_on_two_http_engines_survives_a_killed_engine(
 ):
     """`miles train --rollout-backend http --rollout-num-engines 2`, one engine SIGKILLed mid-rollout: the
     run finishes with every group complete, and no engine outlives it."""
-    site = tmp_path / "site"
-    site.mkdir()
-    group = {"http": "miles_core.serve.client:HttpEngine"}
-    Site(site).dist("miles-serve-backends", "0.0.0", {"miles.rollout_backends": group})
     run = tmp_path / "run"
     argv = ["--hf-checkpoint", str(tiny_ckpt), "--prompt-data", str(prompts_file), "--input-key", "prompt"]
     argv += ["--label-key", "label", "--apply-chat-template", "--rollout-batch-size", "2"]
@@ -141,7 +136,7 @@ def test_miles_train_on_two_http_engines_survives_a_killed_engine(
         "0.3",
     ]
     argv += ["--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(site), *sys.path]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     log = tmp_path / "train.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "miles_core.cli", "train", *argv], env=env, stdout=out,
