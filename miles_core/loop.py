@@ -60,6 +60,14 @@ def pick_device(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def rollout_dtype(args: argparse.Namespace, device: torch.device) -> str:
+    """The engine's weight dtype: ``--rollout-dtype``, else bf16 on GPU and fp32 on CPU; with
+    ``--true-on-policy-mode`` the trainer's (bf16 with ``--bf16``, else fp32). `miles serve` uses it too."""
+    if args.true_on_policy_mode:
+        return "bfloat16" if args.bf16 else "float32"
+    return args.rollout_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -110,14 +118,12 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
     if args.use_kl_loss or args.kl_coef:
         ref = load_model(args.hf_checkpoint, dtype=torch.float32, device=device).eval().requires_grad_(False)
         pm.hook.configure_model(args=args, model=ref, role="ref")
-    rollout_dtype = args.rollout_dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if args.true_on_policy_mode:
-        rollout_dtype = "bfloat16" if args.bf16 else "float32"
+    engine_dtype = rollout_dtype(args, device)
     # Backends are named implementations (entry points), so another one plugs in without loop changes.
     backend = drivers.get_rollout_backend(args.rollout_backend)
     engine_model = None
     if backend.in_process:  # a served backend's engines load their own weights
-        engine_model = load_model(weights, dtype=_dtype(rollout_dtype), device=device).requires_grad_(False)
+        engine_model = load_model(weights, dtype=_dtype(engine_dtype), device=device).requires_grad_(False)
         pm.hook.configure_model(args=args, model=engine_model, role="rollout")
     engine = backend.from_args(args, engine_model, tokenizer)
     try:

@@ -253,3 +253,22 @@ def test_context_length_sizes_the_cache_up_front_and_bounds_requests(tiny_ckpt, 
         code, body = s.post("/generate", {"input_ids": [5] * 60, "sampling_params": {"max_new_tokens": 8}})
         assert code == 400 and "64 positions" in body["error"]["message"]
         assert gen(s, {**GREEDY, "max_new_tokens": 8})["meta_info"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize(
+    "flags, dtype",
+    [
+        ([], torch.float32),
+        (["--rollout-dtype", "bfloat16"], torch.bfloat16),
+        (["--rollout-dtype", "bfloat16", "--true-on-policy-mode"], torch.float32),  # the trainer's dtype
+        (["--true-on-policy-mode", "--bf16"], torch.bfloat16),
+    ],
+)
+def test_the_served_engine_takes_the_runs_rollout_dtype(tiny_ckpt, flags, dtype):
+    from miles_core.args import parse_args
+    from miles_core.serve.server import add_serve_arguments, build_server
+
+    args = parse_args(
+        ["--hf-checkpoint", str(tiny_ckpt), "--device", "cpu", *flags], None, add_serve_arguments
+    )
+    assert build_server(args, None).engine.dtype == dtype

@@ -166,6 +166,7 @@ class Server:
                 "memory_released": e.memory_released,
                 "max_batch_size": e.max_batch_size,
                 "device": str(e.device),
+                "dtype": str(e.dtype).removeprefix("torch."),
             }
         )
 
@@ -356,7 +357,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def build_server(args: argparse.Namespace, pm: Any) -> Server:
     """Load the model named by ``--hf-checkpoint`` with the rollout flags and plugins; wrap it."""
     from miles_core.data import Tokenizer
-    from miles_core.loop import pick_device
+    from miles_core.loop import pick_device, rollout_dtype
     from miles_core.model import load_model
 
     if not args.hf_checkpoint or not Path(args.hf_checkpoint, "config.json").is_file():
@@ -364,7 +365,7 @@ def build_server(args: argparse.Namespace, pm: Any) -> Server:
             f"--hf-checkpoint {args.hf_checkpoint} is not an HF checkpoint folder; point it at one."
         )
     device = pick_device(args)
-    dtype = args.rollout_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = rollout_dtype(args, device)
     model = load_model(args.hf_checkpoint, dtype=DTYPES[dtype], device=device).requires_grad_(False)
     if pm is not None:
         pm.hook.configure_model(args=args, model=model, role="rollout")

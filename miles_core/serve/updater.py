@@ -200,9 +200,8 @@ class WeightUpdater:
         made: dict[str, Any] = {}
 
         def make_pg() -> None:
-            try:  # the same store prefix as the engines' side (weight_sync.join_group)
-                prefixed = dist.PrefixStore(f"miles_weights/{name}", store)
-                made["pg"] = dist.ProcessGroupGloo(prefixed, 0, world, timeout)
+            try:  # the store seen as the engines' side sees it (weight_sync.join_group)
+                made["pg"] = dist.ProcessGroupGloo(weight_sync.group_store(store, name), 0, world, timeout)
             except Exception as e:  # reported below
                 made["error"] = e
 

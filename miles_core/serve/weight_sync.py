@@ -54,6 +54,11 @@ class WeightGroup:
         )
 
 
+def group_store(store: Any, group_name: str) -> Any:
+    """The group's view of a TCPStore (every rank wraps it the same way)."""
+    return dist.PrefixStore(f"miles_weights/{group_name}", store)
+
+
 def join_group(
     master_address: str,
     master_port: int,
@@ -75,7 +80,7 @@ def join_group(
         timeout=timeout,
         wait_for_workers=False,
     )
-    prefixed = dist.PrefixStore(f"miles_weights/{group_name}", store)
+    prefixed = group_store(store, group_name)
     if backend == "gloo":
         pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
     else:
