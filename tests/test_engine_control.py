@@ -164,3 +164,27 @@ def test_warm_up_builds_every_batch_bucket_and_keeps_the_tokens(tiny_ckpt):
     outs = [e.generate_batch(prompts, params) for e in (cold, warm)]
     assert [o.output_ids for o in outs[0]] == [o.output_ids for o in outs[1]]
     assert Engine(load_model(tiny_ckpt).eval(), None, cuda_graph=False).warm_up(40) == 0
+
+
+def test_a_control_call_while_the_schedulers_loop_is_stopped_runs_at_once(engine, tiny_ckpt):
+    """A rollout thread drives its own loop with run_until_complete: when it returns, the scheduler task
+    waits there (a request still runs), alive but not running. A control call from another thread must
+    run at once instead of waiting for that scheduler."""
+    loop = asyncio.new_event_loop()
+    try:
+        long = loop.create_task(engine.generate([5, 7], {**LONG, "max_new_tokens": 30}))
+        short = loop.run_until_complete(engine.generate([5, 6], {**LONG, "max_new_tokens": 3}))
+        assert len(short.output_ids) == 3
+        assert engine._alive and engine.num_running == 1 and not loop.is_running()
+        new = named_hf_tensors(load_model(tiny_ckpt).eval())
+        t = threading.Thread(target=lambda: engine.update_weights(new, 2))
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the control call waited for a scheduler whose loop is stopped"
+        assert engine.weight_version == 2
+        out = loop.run_until_complete(long)
+        n = out.output_weight_versions.count(0)
+        assert 0 < n < 30 and out.output_weight_versions == [0] * n + [2] * (30 - n)
+    finally:
+        loop.run_until_complete(asyncio.sleep(0.05))  # let the scheduler task finish
+        loop.close()

@@ -4,8 +4,10 @@
 that changes it runs *between* two scheduler steps: at once when the scheduler is idle or when the caller
 is a coroutine on the scheduler's own loop (an HTTP handler of ``miles serve``), otherwise (another
 thread, e.g. the trainer's while an async rollout runs) it is queued, run by the scheduler at its next
-step, and the caller blocks until it has run. Before such a call the step in flight (static decode path)
-is settled, so every token is labelled with the weight version that computed it.
+step, and the caller blocks until it has run; if the scheduler's loop is not running (a thread's loop
+between two ``run_until_complete`` calls), the caller runs it itself. Each scheduler step holds the lock.
+Before such a call the step in flight (static decode path) is settled, so every token is labelled with
+the weight version that computed it.
 """
 
 from __future__ import annotations
@@ -38,19 +40,34 @@ class EngineControl:
 
     def _between_steps(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` between two scheduler steps (see the module docstring); returns its result."""
-        with self._lock:
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
             on_loop = False
-            try:
-                on_loop = asyncio.get_running_loop() is self._loop
-            except RuntimeError:
-                pass
-            if not self._alive or on_loop:
-                with torch.inference_mode():
-                    self._drain()
-                    return fn()
+        with self._lock:
+            if on_loop or self._stopped():
+                return self._call_now(fn)
             done: concurrent.futures.Future = concurrent.futures.Future()
             self._calls.append((fn, done))
-        return done.result()
+        while True:
+            try:
+                return done.result(timeout=0.05)
+            except concurrent.futures.TimeoutError:
+                pass
+            with self._lock:  # the loop may have stopped before the scheduler took the call
+                if (fn, done) in self._calls and self._stopped():
+                    self._calls.remove((fn, done))
+                    return self._call_now(fn)
+
+    def _stopped(self) -> bool:
+        """No scheduler step can run now: none is alive, or its loop is not running (a thread's loop between
+        two ``run_until_complete`` calls: the task waits there, between two steps). Under ``_lock``."""
+        return not self._alive or self._loop is None or not self._loop.is_running()
+
+    def _call_now(self, fn: Callable[[], T]) -> T:
+        with torch.inference_mode():
+            self._drain()
+            return fn()
 
     def _run_calls(self) -> None:
         """The scheduler's side: run the queued calls (inside ``inference_mode``, on its loop)."""

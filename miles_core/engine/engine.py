@@ -223,21 +223,23 @@ class Engine(EngineControl, StaticDecode):
                     if not (self._waiting or self._running or self._inflight is not None or self._calls):
                         self._alive = False
                         break
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    self._run_calls()
-                    paused = self.paused
-                    if paused:
-                        self._drain()
-                    else:
-                        if self._inflight is not None and self._admissible():
-                            self._drain()  # admission changes the batch: settle the step in flight first
-                        self._admit()
-                        if self._running:
-                            self._decode_step()
-                        else:
+                    # The whole step holds the lock: a control call from a thread that finds this loop
+                    # stopped (between two run_until_complete calls) runs itself instead of queueing.
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        self._run_calls()
+                        paused = self.paused
+                        if paused:
                             self._drain()
-                self.stats["busy_s"] += time.perf_counter() - t0  # host time in steps (not awaiting)
+                        else:
+                            if self._inflight is not None and self._admissible():
+                                self._drain()  # admission changes the batch: settle the step in flight first
+                            self._admit()
+                            if self._running:
+                                self._decode_step()
+                            else:
+                                self._drain()
+                    self.stats["busy_s"] += time.perf_counter() - t0  # host time in steps (not awaiting)
                 await asyncio.sleep(0.002 if paused else 0)
         except BaseException as e:  # surface the error to every waiting caller instead of hanging
             with self._lock:
