@@ -5,6 +5,8 @@ concurrent clients share one batch, bad requests get one-sentence 400s and the s
 from __future__ import annotations
 
 import asyncio
+import base64
+import pickle
 import socket
 import threading
 
@@ -17,7 +19,7 @@ from serve_helpers import served
 
 from miles_core.engine import Engine
 from miles_core.model import load_model, named_hf_tensors
-from miles_core.serve import weight_sync
+from miles_core.serve import ipc, weight_sync
 from miles_core.serve.protocol import decode_routes, encode_tensors, parse_generate_response
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
@@ -246,6 +248,32 @@ def test_weights_over_http_equal_an_engine_built_from_them(server, tiny_ckpt, ck
         )[0]
         == 400
     )
+
+
+def test_weights_handed_over_in_shared_memory_load_exactly(server, tiny_ckpt, ckpt_b):
+    """The colocated path: SGLang's pickle of tensors, CPU storages in shared memory, loads checkpoint B
+    exactly; a pickle that is not (name, tensor) pairs is a 400 and the server keeps serving."""
+    want_b = local_outputs(ckpt_b, SEEDED)[0].output_ids
+    b_named = list(named_hf_tensors(load_model(ckpt_b)))
+    blob = ipc.share_tensors(b_named)
+    assert all(t.is_shared() for _, t in b_named)  # handed over, not copied into the request
+    code, r = server.post(
+        "/update_weights_from_tensor", {"serialized_named_tensors": [blob], "weight_version": "6"}
+    )
+    assert code == 200 and r["weight_version"] == "6"
+    assert gen(server, SEEDED)["output_ids"] == want_b
+    bad = base64.b64encode(pickle.dumps({"not": "pairs"})).decode()
+    code, r = server.post("/update_weights_from_tensor", {"serialized_named_tensors": [bad]})
+    assert code == 400 and "pairs" in r["error"]["message"]
+    assert (
+        server.post("/update_weights_from_disk", {"model_path": str(tiny_ckpt), "weight_version": "7"})[0]
+        == 200
+    )
+
+
+def test_pickles_are_taken_only_from_this_machine():
+    assert ipc.is_local_peer("127.0.0.1") and ipc.is_local_peer("::1")
+    assert not ipc.is_local_peer("10.0.0.5") and not ipc.is_local_peer(None) and not ipc.is_local_peer("x")
 
 
 def test_context_length_sizes_the_cache_up_front_and_bounds_requests(tiny_ckpt, tmp_path):

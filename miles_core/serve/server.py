@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import json
 import signal
 import uuid
@@ -27,7 +29,7 @@ from miles_core.engine import Engine
 from miles_core.errors import UsageError
 from miles_core.logging import get_logger
 from miles_core.model.hf_io import iter_safetensors, weight_files
-from miles_core.serve import weight_sync
+from miles_core.serve import ipc, weight_sync
 from miles_core.serve.protocol import BadRequest, decode_tensors, generate_response, parse_generate
 
 log = get_logger(__name__)
@@ -200,8 +202,28 @@ class Server:
         blobs = body.get("serialized_named_tensors")
         if not isinstance(blobs, list) or not all(isinstance(b, str) for b in blobs):
             raise BadRequest("serialized_named_tensors must be a list of base64 safetensors blobs.")
-        named = [pair for b in blobs for pair in decode_tensors(b)]
+        named = [pair for b in blobs for pair in self._tensors(b, request.remote)]
         return self._loaded(named, body)
+
+    @staticmethod
+    def _tensors(blob: str, peer: str | None) -> list[tuple[str, torch.Tensor]]:
+        """One blob of safetensors, or (from this machine only) SGLang's pickle of tensors handed over in
+        place (`miles_core.serve.ipc`)."""
+        try:
+            raw = base64.b64decode(blob[:8], validate=True)
+        except binascii.Error:
+            raw = b""
+        if not ipc.is_pickle(raw):
+            return decode_tensors(blob)
+        if not ipc.is_local_peer(peer):
+            raise BadRequest(
+                f"a pickled tensor blob is accepted only from this machine, not from {peer}; send "
+                "safetensors (miles_core.serve.protocol.encode_tensors) instead."
+            )
+        try:
+            return ipc.load_shared(base64.b64decode(blob, validate=True))
+        except Exception as err:  # a bad pickle raises anything
+            raise BadRequest(f"serialized_named_tensors holds a pickle that does not load ({err}).") from err
 
     async def update_from_disk(self, request: web.Request) -> web.Response:
         body = await self._body(request)
