@@ -50,12 +50,13 @@ def in_process(folder: str, prompts, params, device: str, flags: list[str], how:
         engine = Engine.from_args(args, model, None)
     else:
         from miles_core.plugins import configure_plugins, get_plugin_manager
-        from miles_core.serve.server import build_server
+        from miles_core.serve.server import add_serve_arguments, build_server
 
-        pm = None
-        if how == "server":
-            pm = get_plugin_manager()
-            args = build_parser(pm).parse_args(["--hf-checkpoint", folder, "--device", device, *flags])
+        pm = get_plugin_manager() if how == "server" else None
+        parser = build_parser(pm)
+        add_serve_arguments(parser)  # --context-length, as `miles serve` has it
+        args = parser.parse_args(["--hf-checkpoint", folder, "--device", device, *flags])
+        if pm is not None:
             configure_plugins(pm, args)
         engine = build_server(args, pm).engine
     engine.generate_batch(prompts, params)  # warm-up: cache, graphs, compiles
