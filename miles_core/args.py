@@ -322,15 +322,45 @@ _LAYOUT_HELP = {
 }
 
 
+LAYOUTS = """\
+The single-process default runs the trainer and one engine in this process. --use-ray (implied by more
+than one trainer rank or engine, or --colocate) runs them as Ray actors; on CPU the flags count processes.
+  disaggregated: --actor-num-gpus-per-node 2 --rollout-num-gpus 2
+    dev0 [trainer rank 0]  dev1 [trainer rank 1]  dev2 [engine 0]  dev3 [engine 1]
+    rank 0 gathers the sharded weights and broadcasts them to the engines in buckets
+  colocated: --actor-num-gpus-per-node 2 --colocate
+    dev0 [trainer rank 0 | engine 0]  dev1 [trainer rank 1 | engine 1]
+    they take turns: the engines release their memory while the trainer trains, the trainer offloads its
+    optimizer state while the engines generate, and each rank hands its engine the weights in place
+"""
+
+
 def _add_cluster(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cluster (the single-process default runs 1 of each)")
+    g = p.add_argument_group("cluster (the single-process default runs 1 of each)", LAYOUTS)
     for flag, text in _LAYOUT_HELP.items():
         g.add_argument(flag, type=int, default=1, help=text)
     g.add_argument("--rollout-num-gpus", type=int, default=None, help="GPUs for rollout engines.")
     g.add_argument(
         "--colocate", action=ON_OFF, default=False, help="Share GPUs between rollout and training."
     )
-    g.add_argument("--use-ray", action=ON_OFF, default=False, help="Run the parts as Ray actors.")
+    g.add_argument(
+        "--use-ray",
+        action=ON_OFF,
+        default=False,
+        help="Run the trainer ranks and engines as Ray actors (implied by a layout of several processes).",
+    )
+    g.add_argument(
+        "--ray-address",
+        type=str,
+        default=None,
+        help="Join this running Ray cluster (ray.init address); default: start one on 127.0.0.1 for the run.",
+    )
+    g.add_argument(
+        "--update-weight-buffer-size",
+        type=int,
+        default=512 << 20,
+        help="Bytes of weights gathered and sent per bucket when the trainer ranks update the engines.",
+    )
 
 
 def _add_plugins(p: argparse.ArgumentParser) -> None:

@@ -26,8 +26,9 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see {self.prog} --help.")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends ``(default: X)`` to each flag's help, unless the help already says what its default is."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to each flag's help, unless the help already says what its default is;
+    descriptions (the layout pictures) keep their lines."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""

@@ -112,6 +112,37 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
     }
 
     weights = str(resume / "model") if resume else args.hf_checkpoint
+    trainer: TrainBackend | None = None
+    if args.use_ray:  # trainer ranks and engines as Ray actors (miles_core.distributed)
+        from miles_core.distributed.build import build_scaled_out
+
+        engine, trainer = build_scaled_out(args, weights)
+    else:
+        engine, policy, ref = _single_process(args, pm, weights, device, tokenizer)
+    try:
+        if trainer is None:
+            trainer = drivers.get_train_backend(args.train_backend)(args, pm, policy, ref)
+        state: dict = {"next_rollout": 0}
+        if resume:
+            trainer_state, state = load_checkpoint(resume)
+            trainer.load_state_dict(trainer_state)
+            source.load_state_dict(state["data"])
+            engine.weight_version = state["next_rollout"]
+            log.info("resumed from %s at rollout %d", resume, state["next_rollout"])
+        logger = MetricsLogger(args.run_dir, resume_from_step=state["next_rollout"] + 1 if resume else None)
+        rollouts = RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
+    except BaseException:
+        engine.close()  # a backend's server processes must not outlive a run that failed to start
+        if trainer is not None:
+            trainer.close()
+        raise
+    return Run(args, pm, tokenizer, engine, trainer, rollouts, source, logger, state["next_rollout"], state)
+
+
+def _single_process(
+    args: argparse.Namespace, pm: Any, weights: str, device: torch.device, tokenizer: Tokenizer
+) -> tuple[RolloutBackend, Any, Any]:
+    """The engine (the rollout backend's), the policy and the reference model of a single-process run."""
     policy = load_model(weights, dtype=torch.float32, device=device)
     pm.hook.configure_model(args=args, model=policy, role="train")
     ref = None
@@ -125,22 +156,7 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
     if backend.in_process:  # a served backend's engines load their own weights
         engine_model = load_model(weights, dtype=_dtype(engine_dtype), device=device).requires_grad_(False)
         pm.hook.configure_model(args=args, model=engine_model, role="rollout")
-    engine = backend.from_args(args, engine_model, tokenizer)
-    try:
-        trainer = drivers.get_train_backend(args.train_backend)(args, pm, policy, ref)
-        state: dict = {"next_rollout": 0}
-        if resume:
-            trainer_state, state = load_checkpoint(resume)
-            trainer.load_state_dict(trainer_state)
-            source.load_state_dict(state["data"])
-            engine.weight_version = state["next_rollout"]
-            log.info("resumed from %s at rollout %d", resume, state["next_rollout"])
-        logger = MetricsLogger(args.run_dir, resume_from_step=state["next_rollout"] + 1 if resume else None)
-        rollouts = RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
-    except BaseException:
-        engine.close()  # a backend's server processes must not outlive a run that failed to start
-        raise
-    return Run(args, pm, tokenizer, engine, trainer, rollouts, source, logger, state["next_rollout"], state)
+    return backend.from_args(args, engine_model, tokenizer), policy, ref
 
 
 def make_train_batch(samples: list[Sample], args: argparse.Namespace) -> TrainBatch:
@@ -188,11 +204,14 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     r = build_run(args, pm)
     try:
-        with open_rollouts(args, r.rollouts, r.engine, r.start_rollout) as rollouts:
-            last_eval = _train(r, rollouts)
+        try:
+            with open_rollouts(args, r.rollouts, r.engine, r.start_rollout) as rollouts:
+                last_eval = _train(r, rollouts)
+        finally:
+            r.engine.close()
+        return _finish(r, last_eval, time.perf_counter() - t0)
     finally:
-        r.engine.close()
-    return _finish(r, last_eval, time.perf_counter() - t0)
+        r.trainer.close()  # after _finish: trainer ranks write the final model
 
 
 def _train(r: Run, rollouts: SyncRollouts) -> dict[str, float]:

@@ -215,5 +215,14 @@ class TrainBackend(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned (the weights come from the checkpoint's ``model/``)."""
+        """Restore what ``state_dict`` returned (the weights come from the checkpoint's ``model/``).
+        A backend that saves with ``save_state`` gets ``{"sharded": checkpoint folder}``."""
         ...
+
+    def close(self) -> None:
+        """Stop what the backend started (trainer rank processes); called once at the end of the run,
+        after the final model is saved, also when the run fails."""
+        ...
+
+    # Optional: ``save_state(folder)``, defined by a backend whose state is sharded over processes, is
+    # called instead of ``state_dict`` and writes into the checkpoint folder itself.

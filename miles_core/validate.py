@@ -83,19 +83,39 @@ def check_async_args(args: argparse.Namespace) -> None:
         args.update_weights_pause_mode = "abort" if args.partial_rollout else "in_place"
 
 
+def check_layout(args: argparse.Namespace) -> None:
+    """A layout of more than one process (or --colocate) runs on Ray: set ``use_ray`` and refuse what the
+    trainer ranks and engine actors cannot run. The layout's own arithmetic is checked where Ray starts
+    (`miles_core.distributed.placement.Layout`)."""
+    if (
+        args.colocate
+        or args.actor_num_nodes * args.actor_num_gpus_per_node > 1
+        or (args.rollout_num_gpus or 0) > 1
+    ):
+        args.use_ray = True
+    if not args.use_ray:
+        return
+    if args.train_backend != "torch":
+        raise UsageError(
+            f"--use-ray runs ranks of the built-in trainer, not --train-backend {args.train_backend}; "
+            "use --train-backend torch or run single-process."
+        )
+    if args.rollout_backend not in ("torch", "http"):
+        raise UsageError(
+            f"--use-ray starts built-in engines (miles serve) as actors, not --rollout-backend "
+            f"{args.rollout_backend}; start those servers yourself and pass --rollout-engine-urls with "
+            "--rollout-backend http."
+        )
+    if args.colocate and args.async_rollout:
+        raise UsageError(
+            "--colocate makes training and rollout take turns on the same devices, so --async cannot "
+            "overlap them; drop one of the two."
+        )
+
+
 def validate(args: argparse.Namespace) -> None:
     """Refuse what the core cannot run, each with one sentence naming the flag and the fix."""
-    if (
-        args.use_ray
-        or args.colocate
-        or args.actor_num_nodes > 1
-        or args.actor_num_gpus_per_node > 1
-        or (args.rollout_num_gpus not in (None, 0, 1))
-    ):
-        raise UsageError(
-            "this layout needs several GPUs or Ray actors, which the single-process default cannot run; "
-            "drop --use-ray/--colocate and set --actor-num-nodes 1 --actor-num-gpus-per-node 1."
-        )
+    check_layout(args)
     for dest in (
         "tensor_model_parallel_size",
         "pipeline_model_parallel_size",

@@ -83,6 +83,7 @@ class HttpEngine:
         weights: str,
         fleet: launch.EngineFleet | None = None,
         router: str | None = None,
+        updater: Any = None,
     ) -> None:
         self.args = args
         self.fleet = fleet
@@ -104,7 +105,8 @@ class HttpEngine:
         self._paused = False  # by pause_generation, until continue_generation
         self._lock = threading.Lock()  # one weight change at a time: an update, or catching up a restart
         self._closing = threading.Event()
-        self.updater = WeightUpdater(
+        # Another sender of the weights (the trainer ranks of a scaled-out run) may take this one's place.
+        self.updater = updater or WeightUpdater(
             args.update_weights_mode or self.default_update_mode,
             self._bg,
             weights,
@@ -251,6 +253,16 @@ class HttpEngine:
     def continue_generation(self) -> None:
         self._paused = False
         self._all(self.engine_urls(), "/continue_generation", {})
+
+    def release_memory(self) -> None:
+        """Every engine gives its device memory back (colocated training takes the device meanwhile)."""
+        self._all(self.engine_urls(), "/release_memory_occupation", {}, skip_dead=True)
+
+    def resume_memory(self, urls: list[str] | None = None) -> None:
+        """The engines ``urls`` (default all) take their memory back, before weights are loaded into them."""
+        self._all(
+            self.engine_urls() if urls is None else urls, "/resume_memory_occupation", {}, skip_dead=True
+        )
 
     def metrics(self) -> dict[str, float]:
         """``engine_restarts`` (local engines restarted after dying), ``retries`` (requests re-sent to

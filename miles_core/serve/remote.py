@@ -13,6 +13,7 @@ import concurrent.futures
 import contextvars
 import json
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -98,6 +99,19 @@ def get_json(url: str, timeout: float = 10.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         answer = json.loads(r.read() or b"{}")
     return answer if isinstance(answer, dict) else {}
+
+
+def post_json(url: str, body: dict, timeout: float = 600.0) -> dict:
+    """``POST url`` with a JSON body from blocking code; raises `WorkerError` with the server's sentence."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=_JSON)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        raise WorkerError(e.code, f"{url}: {error_message(e.read(), e.code)}", url) from None
+    except OSError as e:
+        raise WorkerError(502, f"{url} failed ({type(e).__name__}: {e}).", url) from None
+    return json.loads(raw) if raw.strip() else {}
 
 
 def router_workers(router: str) -> list[str]:

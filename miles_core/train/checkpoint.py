@@ -1,11 +1,13 @@
 """Resumable checkpoints: ``<save>/iter_XXXXXXX/`` plus ``latest_checkpointed_iteration.txt``.
 
 Each checkpoint folder holds the policy as an HF checkpoint (``model/``), the optimizer state
-(``trainer.pt``), the loop state (next rollout, data position), the RNG states and the run's flags
-(``args.json``), written atomically: a checkpoint is complete or absent, and the pointer file moves only
-after the folder is in place. Reading picks the newest checkpoint whose files all open, so one damaged
-after the fact (a truncated copy, a full disk) gives way to the one before it. A write cut short leaves
-only dot-named leftovers, which `clean_leftovers` removes at the next start.
+(``trainer.pt``, or ``optimizer/`` sharded by the trainer ranks of a scaled-out run, which
+`torch.distributed.checkpoint` reshards to another number of ranks), the loop state (next rollout, data
+position), the RNG states and the run's flags (``args.json``), written atomically: a checkpoint is
+complete or absent, and the pointer file moves only after the folder is in place. Reading picks the
+newest checkpoint whose files all open, so one damaged after the fact (a truncated copy, a full disk)
+gives way to the one before it. A write cut short leaves only dot-named leftovers, which
+`clean_leftovers` removes at the next start.
 """
 
 from __future__ import annotations
@@ -77,7 +79,11 @@ def save_checkpoint(
     final = save_dir / f"iter_{rollout_id:07d}"
     with atomic_dir(final) as tmp:
         trainer.save_model(tmp / "model", tokenizer_src)
-        torch.save(trainer.state_dict(), tmp / "trainer.pt")
+        save_state = getattr(trainer, "save_state", None)
+        if save_state is not None:  # trainer ranks: each writes its shard under ``optimizer/``
+            save_state(tmp)
+        else:
+            torch.save(trainer.state_dict(), tmp / "trainer.pt")
         (tmp / "rng.json").write_text(json.dumps(rng_state()))
         (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=2, sort_keys=True))
         if run_args is not None:
@@ -147,12 +153,19 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} is truncated or corrupt (not valid JSON)"
         if not isinstance(data, dict) or (name == "loop_state.json" and "next_rollout" not in data):
             return f"{name} is truncated or corrupt (not the expected object)"
-    if not (path / "trainer.pt").is_file():
+    if is_sharded(path):
+        from miles_core.distributed.trainer import state_problem
+
+        problem = state_problem(path)
+        if problem:
+            return problem
+    elif not (path / "trainer.pt").is_file():
         return "trainer.pt is missing"
-    try:
-        torch.load(path / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch reports a damaged zip archive as RuntimeError, pickle errors vary
-        return f"trainer.pt is truncated or corrupt ({_first_sentence(err)})"
+    else:
+        try:
+            torch.load(path / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch reports a damaged zip archive as RuntimeError, pickle errors vary
+            return f"trainer.pt is truncated or corrupt ({_first_sentence(err)})"
     try:
         load_config(path / "model")
         files = weight_files(path / "model")
@@ -200,9 +213,18 @@ def start_weights(args: argparse.Namespace) -> str:
     return str(resume / "model") if resume else args.hf_checkpoint
 
 
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint's trainer state was written sharded by trainer ranks (``optimizer/``)."""
+    return (path / "optimizer").is_dir()
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    """Read ``(trainer_state, loop_state)`` of a checkpoint and restore the RNG states."""
-    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    """Read ``(trainer_state, loop_state)`` of a checkpoint and restore the RNG states. A sharded trainer
+    state is not read here: ``{"sharded": folder}`` tells the trainer ranks where to load it from."""
+    if is_sharded(path):
+        trainer_state: dict = {"sharded": str(path)}
+    else:
+        trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     set_rng_state(json.loads((path / "rng.json").read_text()))
     loop_state = json.loads((path / "loop_state.json").read_text())
     return trainer_state, loop_state

@@ -445,6 +445,14 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "step": self.step}
 
+    def close(self) -> None:
+        """Nothing to stop: this trainer lives in the loop's process (trainer ranks are stopped here)."""
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "sharded" in state:
+            raise UsageError(
+                f"the checkpoint {state['sharded']} holds optimizer state sharded by the trainer ranks of a "
+                "--use-ray run; resume it with --use-ray (any number of ranks)."
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])

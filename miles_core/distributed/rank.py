@@ -1,0 +1,176 @@
+"""One trainer rank of a scaled-out run: the body of a Ray actor (`TrainGroup` creates N of them).
+
+The rank joins the trainers' process group (gloo on CPU, NCCL on CUDA), builds its FSDP2 shard of the
+policy (`miles_core.distributed.trainer`) and runs what the driver asks, every rank in the same order:
+train on a rollout, gather the weights for the engines, save or load a checkpoint, offload. Weights
+reach the engines from here, not through the driver:
+
+- disaggregated: rank 0 keeps the gathered weights (a CPU copy, to catch up an engine that restarts)
+  and sends them with `WeightUpdater` (a broadcast to every engine, or safetensors over HTTP);
+- colocated: each rank that shares a device with an engine hands it the gathered buckets in place
+  (`serve.ipc`: CUDA IPC handles, or shared memory on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from miles_core.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def free_address() -> tuple[str, int]:
+    """This node's address (loopback when Ray runs on it) and a free port on it, for rank 0's store."""
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return host, s.getsockname()[1]
+
+
+class TrainRank:
+    """Trainer rank ``rank`` of ``world`` (wrapped with ``ray.remote`` by `TrainGroup`)."""
+
+    def __init__(self, args: argparse.Namespace, rank: int, world: int, threads: int) -> None:
+        self.args, self.rank, self.world = args, rank, world
+        torch.set_num_threads(max(1, threads))
+        # Ray gives a GPU actor its device(s) through CUDA_VISIBLE_DEVICES: ours is the first visible.
+        cuda = (
+            args.device is not None
+            and args.device.startswith("cuda")
+            or (args.device is None and torch.cuda.is_available())
+        )
+        self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        self.trainer: Any = None
+        self._updater: Any = None
+        self._bg: Any = None
+
+    # ---------------------------------------------------------------- set-up
+
+    def address(self) -> tuple[str, int]:
+        return free_address()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def setup(self, master: tuple[str, int], weights: str) -> dict[str, Any]:
+        """Join the process group and build this rank's shard of the policy from the HF folder
+        ``weights``; returns where it runs."""
+        from miles_core.distributed.trainer import build_rank_trainer, init_rank
+        from miles_core.plugins import configure_plugins, get_plugin_manager
+
+        pm = get_plugin_manager(disable=self.args.disable_plugins)
+        configure_plugins(pm, self.args)
+        init_rank(self.rank, self.world, master[0], master[1], self.device)
+        self.trainer = build_rank_trainer(self.args, pm, weights, self.device)
+        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}
+
+    # ---------------------------------------------------------------- training
+
+    def train(self, rollout_id: int, batch: Any) -> list[dict[str, float]]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        steps = self.trainer.train(rollout_id, batch)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            for s in steps:
+                s["peak_memory_gb"] = peak
+        return steps
+
+    def offload(self) -> None:
+        self.trainer.offload()
+
+    def onload(self) -> None:
+        self.trainer.onload()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, folder: str, tokenizer_src: str | None) -> None:
+        """Write this run's share of a checkpoint folder: ``model/`` (rank 0) and the sharded state."""
+        self.trainer.save_model(Path(folder) / "model", tokenizer_src)
+        self.trainer.save_state(Path(folder))
+
+    def save_model(self, path: str, tokenizer_src: str | None) -> None:
+        self.trainer.save_model(Path(path), tokenizer_src)
+
+    def load_state(self, folder: str) -> None:
+        self.trainer.load_state(Path(folder))
+
+    def full_weights(self) -> list[tuple[str, torch.Tensor]] | None:
+        """Every rank gathers; rank 0 returns the full weights on the CPU (the others None)."""
+        out = [(n, t.to("cpu", copy=True)) for b in self._buckets() for n, t in b]
+        return out if self.rank == 0 else None
+
+    # ---------------------------------------------------------------- weights to the engines
+
+    def _buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        return self.trainer.full_weights(self.args.update_weight_buffer_size)
+
+    def keep_weights(self, version: int, mode: str, start_weights: str, folder: str) -> float:
+        """Disaggregated: gather the weights (every rank); rank 0 keeps them as ``version`` for
+        `send_weights`. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        stream = (pair for bucket in self._buckets() for pair in bucket)
+        if self.rank != 0:
+            for _ in stream:  # take part in each gather
+                pass
+            return time.perf_counter() - t0
+        if self._updater is None:
+            from miles_core.serve.remote import LoopThread
+            from miles_core.serve.updater import WeightUpdater
+
+            self._bg = LoopThread("miles-rank0-weights")
+            self._updater = WeightUpdater(
+                mode,
+                self._bg,
+                start_weights,
+                Path(folder),
+                bucket_bytes=self.args.update_weight_buffer_size,
+            )
+        self._updater.keep(stream, version)
+        return time.perf_counter() - t0
+
+    def send_weights(self, urls: list[str], version: int) -> float:
+        """Rank 0: load the kept weights (labelled ``version``) into the engines ``urls``."""
+        t0 = time.perf_counter()
+        self._updater.relabel(version)
+        self._updater.send(urls)
+        return time.perf_counter() - t0
+
+    def hand_over(self, url: str | None, version: int) -> float:
+        """Colocated: gather the weights (every rank); a rank given its engine's ``url`` hands it each
+        bucket in place. Returns the seconds it took."""
+        from miles_core.serve import ipc
+        from miles_core.serve.remote import post_json
+
+        t0 = time.perf_counter()
+        for bucket in self._buckets():
+            if url is not None:
+                body = {
+                    "serialized_named_tensors": [ipc.share_tensors(bucket)],
+                    "weight_version": str(version),
+                }
+                post_json(url + "/update_weights_from_tensor", body)  # the tensors live until it answers
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self._updater is not None:
+            self._updater.close()
+        if self._bg is not None:
+            self._bg.stop()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
