@@ -227,10 +227,13 @@ def _train(r: Run, rollouts: SyncRollouts) -> dict[str, float]:
     bar.update(r.start_rollout)
     for rollout_id in range(r.start_rollout, args.num_rollout):
         samples, metrics = rollouts.take(rollout_id)
+        t_train = time.perf_counter()
         steps = r.trainer.train(rollout_id, make_train_batch(samples, args))
+        t_sync = time.perf_counter()
         rollouts.update_weights(r.trainer.named_weights(), version=rollout_id + 1)
+        perf = {"perf/train_time": t_sync - t_train, "perf/update_weights_time": time.perf_counter() - t_sync}
         train_means = {f"train/{k}": float(np.mean([s[k] for s in steps if k in s])) for k in steps[-1]}
-        r.logger.log(rollout_id + 1, {**metrics, **train_means})
+        r.logger.log(rollout_id + 1, {**metrics, **train_means, **perf})
         bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
         bar.update(1)
         done = rollout_id + 1

@@ -35,7 +35,9 @@ log = get_logger(__name__)
 
 def resume_command(args: argparse.Namespace) -> str:
     """The command line that resumes this run from its last checkpoint (``--load`` set to ``--save``)."""
-    argv = list(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("miles") else ["train", *sys.argv[1:]]
+    argv = list(sys.argv[1:])
+    if not argv or argv[0] != "train":
+        argv.insert(0, "train")
     if "--load" in argv:
         i = argv.index("--load")
         del argv[i : i + 2]

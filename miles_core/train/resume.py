@@ -38,6 +38,11 @@ RUN_NEUTRAL = frozenset(
         "rollout_max_batch_size", "rollout_cuda_graph", "rollout_compile", "rollout_fused_moe",
         "train_compile", "packed_attention", "recompute_granularity", "recompute_activations",
         "rm_concurrency",
+        # the layout: the loss is normalised over the global batch, so how many trainer ranks and engines
+        # share it changes the speed, not the update (the sharded optimizer state is resharded on load)
+        "use_ray", "ray_address", "actor_num_nodes", "actor_num_gpus_per_node", "rollout_num_gpus",
+        "rollout_num_gpus_per_engine", "rollout_num_engines", "colocate", "update_weight_buffer_size",
+        "rollout_engine_urls", "rollout_health_check_interval",
     }
 )  # fmt: skip
 

@@ -1,0 +1,100 @@
+"""Colocated on Ray vs the in-process loop: whole `miles train` GRPO steps (generate, reward, train, weight
+update) per second with one FSDP2 trainer rank and one `miles serve` engine actor sharing the device
+(``--use-ray --colocate``), and with the single-process default, on the same checkpoint, flags and device,
+in one process. Also the colocated weight update (the rank gathers the weights and hands them to its
+engine in place: CUDA IPC) and the device's peak memory in use (all processes, sampled every 20 ms). The
+checkpoint and shape are bench/async_grpo.py's; the first two rollouts (start-up, captures) are not timed.
+Prints one JSON line.
+
+    python bench/colocate_grpo.py                   # gpu-0.7b
+    python bench/colocate_grpo.py --preset cpu-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from async_grpo import DEMO, timed_run
+from grpo_vs_trl import SHAPES
+from rollout import PRESETS, make_model
+
+from miles_core.model import save_model
+
+
+class PeakMemory:
+    """The device's peak memory in use (every process), from cudaMemGetInfo every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def metric(run_dir: str, key: str) -> list[float]:
+    rows = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(SHAPES), default="gpu-0.7b")
+    ap.add_argument("--rollouts", type=int, default=8, help="Rollouts per arm (the first 2 are not timed).")
+    a = ap.parse_args(argv)
+    preset, shape = PRESETS[a.preset], SHAPES[a.preset]
+    device = preset["device"]
+    out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "preset": a.preset}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(make_model(preset), Path(tmp, "ckpt"), tokenizer_src=str(DEMO / "checkpoint"))
+        p, g = shape["prompts"], shape["group"]
+        flags = [
+            "--hf-checkpoint", f"{tmp}/ckpt", "--prompt-data", str(DEMO / "data" / "train.jsonl"),
+            "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rm-type", "math",
+            "--rollout-batch-size", str(p), "--n-samples-per-prompt", str(g),
+            "--rollout-max-response-len", str(shape["completion"]), "--global-batch-size", str(p * g),
+            "--num-rollout", str(a.rollouts), "--lr", "1e-6", "--advantage-estimator", "grpo",
+            "--use-dynamic-batch-size", "--max-tokens-per-gpu", "16384", "--device", device,
+        ]  # fmt: skip
+        if device == "cuda":
+            flags.append("--bf16")
+        for name, extra in (("in_process", []), ("colocate", ["--use-ray", "--colocate"])):
+            run_dir = f"{tmp}/{name}"
+            with PeakMemory() as mem:
+                stamps = timed_run(flags + extra, run_dir)
+            step = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+            out[f"{name}_s_per_step"] = round(step, 4)
+            out[f"{name}_samples_s"] = round(p * g / step, 2)
+            out[f"{name}_update_weights_s"] = round(float(np.median(metric(run_dir, "perf/update_weights_time")[1:])), 4)
+            out[f"{name}_peak_device_gb"] = round(mem.peak / 2**30, 2)
+            peaks = metric(run_dir, "train/peak_memory_gb")
+            if peaks:
+                out[f"{name}_trainer_peak_allocated_gb"] = round(max(peaks), 2)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    out["colocate_vs_in_process"] = round(out["colocate_s_per_step"] / out["in_process_s_per_step"], 3)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
