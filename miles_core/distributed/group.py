@@ -28,6 +28,7 @@ import torch
 
 from miles_core.errors import UsageError
 from miles_core.logging import get_logger
+from miles_core.serve.remote import post_json
 from miles_core.types import TrainBatch
 
 log = get_logger(__name__)
@@ -84,8 +85,9 @@ class TrainGroup:
         return self.wait(refs, list(range(len(self.ranks))))
 
     def wait(self, refs: list[Any], which: list[int]) -> list[Any]:
-        """The answers of ``refs``; a rank that died (or failed) ends the run at once, naming the rank:
-        the others may be blocked in a collective with it, so they are not waited for."""
+        """The answers of ``refs``. A rank that died ends the run at once, naming the rank: the others
+        may be blocked in a collective with it, so they are killed, not waited for. An error raised in a
+        rank is raised here (the ranks are killed too when the call went to several)."""
         import ray
 
         pending = list(refs)
@@ -103,7 +105,8 @@ class TrainGroup:
                 )
                 raise RankDied(f"trainer rank {rank} died ({_first_line(e)}); {how}.") from None
             except ray.exceptions.RayTaskError as e:
-                self.kill()
+                if len(refs) > 1:  # the others may wait in a collective for this one forever
+                    self.kill()
                 raise e.as_instanceof_cause() from None
         return ray.get(refs)
 
@@ -207,7 +210,13 @@ class RankUpdater:
         self.version = version
 
     def send(self, urls: list[str]) -> None:
-        if not urls or not self._updated:  # an engine (re)started from the start weights serves them
+        if not urls:
+            return
+        if not self._updated:  # the engines started from the start weights: they need only the label
+            if self.version != 0:  # a resumed run's
+                body = {"model_path": self.start_weights, "weight_version": str(self.version)}
+                for u in urls:
+                    post_json(u + "/update_weights_from_disk", body)
             return
         t0 = time.perf_counter()
         if self.group.colocated:

@@ -95,9 +95,8 @@ class TrainRank:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save(self, folder: str, tokenizer_src: str | None) -> None:
-        """Write this run's share of a checkpoint folder: ``model/`` (rank 0) and the sharded state."""
-        self.trainer.save_model(Path(folder) / "model", tokenizer_src)
+    def save_state(self, folder: str) -> None:
+        """This rank's shard of the optimizer state (and, rank 0, the step) under ``folder``."""
         self.trainer.save_state(Path(folder))
 
     def save_model(self, path: str, tokenizer_src: str | None) -> None:
