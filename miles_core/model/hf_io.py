@@ -41,8 +41,19 @@ def named_hf_tensors(model: CausalLM, *, fused_experts: bool = False) -> Iterato
     Experts are split into HF's per-expert names unless `fused_experts` (transformers 5 in-memory names).
     A tied lm_head is skipped, as HF checkpoints omit it.
     """
-    tied = model.config.tie_word_embeddings
-    for name, t in model.state_dict(keep_vars=True).items():
+    return hf_tensors_of_state(
+        model.state_dict(keep_vars=True).items(),
+        model.config.tie_word_embeddings,
+        fused_experts=fused_experts,
+    )
+
+
+def hf_tensors_of_state(
+    state: Iterable[tuple[str, torch.Tensor]], tied: bool, *, fused_experts: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`named_hf_tensors` of a model's ``(state_dict name, tensor)`` pairs, e.g. full tensors gathered
+    one at a time from a sharded model; ``tied`` is the config's ``tie_word_embeddings``."""
+    for name, t in state:
         t = t.detach()
         if tied and name == "lm_head.weight":
             continue

@@ -111,8 +111,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, ctx: StepContext, routing: RoutingState | None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, ctx: StepContext, routing: RoutingState | None, recompute_ffn: bool = False
+    ) -> torch.Tensor:
+        """`recompute_ffn`: keep only the MLP / MoE block's input and recompute it in backward."""
         h = h + self.self_attn(self.input_layernorm(h), ctx)
+        if recompute_ffn:
+            return h + checkpoint(self._ffn, h, routing, use_reentrant=False)
         return h + self._ffn(h, routing)
 
     def _ffn(self, h: torch.Tensor, routing: RoutingState | None) -> torch.Tensor:
@@ -143,9 +148,8 @@ class TransformerBody(nn.Module):
         for layer in self.layers:
             if mode == "full":
                 h = checkpoint(layer, h, ctx, routing, use_reentrant=False)
-            elif mode == "selective":
-                h = h + layer.self_attn(layer.input_layernorm(h), ctx)
-                h = h + checkpoint(layer._ffn, h, routing, use_reentrant=False)
+            elif mode == "selective":  # through the layer's __call__, so its hooks (FSDP's) run
+                h = layer(h, ctx, routing, recompute_ffn=True)
             else:
                 h = layer(h, ctx, routing)
         return h

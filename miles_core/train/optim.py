@@ -48,6 +48,13 @@ def adamw_update(master, exp_avg, exp_avg_sq, grad, param, hyper, grad_scale) ->
     param.copy_(w)
 
 
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point parameters in place; buffers (e.g. a quantizer's scales) keep their dtype."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 _COMPILED_UPDATE: list = []
 
 

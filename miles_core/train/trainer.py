@@ -33,7 +33,8 @@ from miles_core.train.losses import (
     mismatch_metrics,
     policy_loss,
 )
-from miles_core.train.optim import MasterAdamW
+from miles_core.train.optim import MasterAdamW, cast_weights
+from miles_core.train.packing import pack_by_tokens
 from miles_core.types import TrainBatch, UsageError
 
 
@@ -64,38 +65,13 @@ class MicroBatch:
     rollout_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
     temperature: torch.Tensor | None = None  # float32 [N]: the rollout's temperature, where not 1
+    # A repeat of a real micro-batch that only keeps data-parallel ranks in step (FSDP needs every rank
+    # to run as many forwards and backwards): it adds no gradient, metric or log-prob.
+    filler: bool = False
 
 
 def _cat(xs: list[torch.Tensor] | None, idx: list[int]) -> torch.Tensor | None:
     return None if xs is None else torch.cat([xs[i].float() for i in idx])
-
-
-def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Group positions of `lengths` into bins of at most `max_tokens` tokens (first-fit decreasing).
-
-    A sequence longer than the budget gets a bin of its own. Inside a bin, sequences are ordered by
-    length so that runs of equal lengths are contiguous (the varlen attention fallback batches them).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(max_tokens - lengths[i])
-    return bins
-
-
-def _cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating-point parameters in place; buffers (e.g. a quantizer's scales) keep their dtype."""
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
 
 
 class Trainer:
@@ -112,14 +88,7 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         adam = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                     weight_decay=args.weight_decay)  # fmt: skip
-        if args.bf16:
-            self.optimizer: torch.optim.Optimizer = MasterAdamW(params, dtype=torch.bfloat16, **adam)
-            _cast_weights(model, torch.bfloat16)  # the frozen ones; MasterAdamW cast the rest
-            if ref_model is not None:
-                _cast_weights(ref_model, torch.bfloat16)
-        else:
-            # fused: one kernel per step instead of a foreach chain
-            self.optimizer = torch.optim.AdamW(params, fused=self.device.type == "cuda", **adam)
+        self.optimizer = self._make_optimizer(params, adam)
         self.max_tokens = args.max_tokens_per_gpu
         if args.use_dynamic_batch_size and not self.max_tokens:
             raise UsageError(
@@ -145,16 +114,35 @@ class Trainer:
         # The estimator may replace the per-token policy ratio (GSPO's sequence-level one).
         self.estimator = drivers.get_estimator(args.advantage_estimator)
 
+    def _make_optimizer(self, params: list[torch.nn.Parameter], adam: dict) -> torch.optim.Optimizer:
+        """AdamW over `params`; with --bf16, `MasterAdamW` and the models cast to bf16."""
+        if self.args.bf16:
+            optimizer = MasterAdamW(params, dtype=torch.bfloat16, **adam)
+            cast_weights(self.model, torch.bfloat16)  # the frozen ones; MasterAdamW cast the rest
+            if self.ref_model is not None:
+                cast_weights(self.ref_model, torch.bfloat16)
+            return optimizer
+        # fused: one kernel per step instead of a foreach chain
+        return torch.optim.AdamW(params, fused=self.device.type == "cuda", **adam)
+
     # ------------------------------------------------------------------ batching and forward
 
-    def micro_batches(self, batch: TrainBatch, idx: list[int]) -> Iterator[MicroBatch]:
+    def _my_samples(self, batch: TrainBatch) -> list[int]:
+        """Positions of the samples of `batch` this process runs (a data-parallel rank: its share)."""
+        return list(range(len(batch)))
+
+    def _micro_batch_groups(self, batch: TrainBatch, idx: list[int]) -> list[list[int]]:
+        """The samples of each micro-batch over samples `idx`."""
         if self.args.use_dynamic_batch_size:
-            for group in pack_by_tokens([batch.tokens[i].shape[0] - 1 for i in idx], self.max_tokens):
-                yield self._make_packed_micro_batch(batch, [idx[j] for j in group])
-            return
+            bins = pack_by_tokens([batch.tokens[i].shape[0] - 1 for i in idx], self.max_tokens)
+            return [[idx[j] for j in group] for group in bins]
         mbs = self.args.micro_batch_size
-        for start in range(0, len(idx), mbs):
-            yield self._make_micro_batch(batch, idx[start : start + mbs])
+        return [idx[start : start + mbs] for start in range(0, len(idx), mbs)]
+
+    def micro_batches(self, batch: TrainBatch, idx: list[int]) -> Iterator[MicroBatch]:
+        make = self._make_packed_micro_batch if self.args.use_dynamic_batch_size else self._make_micro_batch
+        for group in self._micro_batch_groups(batch, idx):
+            yield make(batch, group)
 
     # Per-sample tensors of the batch that the loss reads, moved with each micro-batch's inputs.
     PER_TOKEN = ("old_log_probs", "advantages", "rollout_log_probs", "ref_log_probs")
@@ -274,8 +262,10 @@ class Trainer:
         self.pm.hook.pre_forward(args=self.args, model=model, batch=batch, stage=stage)
         out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         recorded: list[torch.Tensor] = [torch.empty(0)] * len(batch)
-        for mb in self.micro_batches(batch, list(range(len(batch)))):
+        for mb in self.micro_batches(batch, self._my_samples(batch)):
             logp, _, _, routing = self.forward(model, mb, record=batch.record_routes, with_entropy=False)
+            if mb.filler:
+                continue
             for j, (i, piece) in enumerate(zip(mb.index, logp.split(mb.lengths))):
                 out[i] = piece.float().cpu()
                 if batch.record_routes and routing is not None:
@@ -343,7 +333,8 @@ class Trainer:
         args = self.args
         self.model.train()
         self.pm.hook.pre_forward(args=args, model=self.model, batch=batch, stage="train")
-        idx = list(range(len(batch)))
+        idx = self._my_samples(batch)
+        # Denominators of the whole step, whichever samples this process runs.
         mask_all = torch.cat([m.float() for m in batch.loss_masks])
         denom = float(mask_all.sum().clamp(min=1)) if args.calculate_per_token_loss else float(len(batch))
         sums: dict[str, Any] = {}
@@ -354,12 +345,8 @@ class Trainer:
         for i, mb in enumerate(mbs):
             for k, v in self._micro_step(batch, mb, denom, last=i == len(mbs) - 1).items():
                 sums[k] = sums.get(k, 0.0) + v
-        max_norm = args.clip_grad if args.clip_grad > 0 else float("inf")
-        if isinstance(self.optimizer, MasterAdamW):
-            grad_norm = self.optimizer.clip_grad_norm_(max_norm)
-        else:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        sums = self._reduce_metrics(sums)
+        grad_norm = self._clip_grad_norm(args.clip_grad if args.clip_grad > 0 else float("inf"))
         self.optimizer.step()
         self.step += 1
         # Loss metrics stayed on the device through the micro-batches (no host sync between them, so
@@ -372,6 +359,17 @@ class Trainer:
         self.model.eval()
         self.pm.hook.post_step(args=args, step=self.step, model=self.model, metrics=metrics)
         return metrics
+
+    def _reduce_metrics(self, sums: dict[str, Any]) -> dict[str, Any]:
+        """The step's metric sums over every process (data-parallel ranks add theirs up)."""
+        return sums
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the step's gradient to `max_norm` (total 2-norm); returns the norm before clipping."""
+        if isinstance(self.optimizer, MasterAdamW):
+            return self.optimizer.clip_grad_norm_(max_norm)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def _micro_step(
         self, batch: TrainBatch, mb: MicroBatch, denom: float, last: bool = True
@@ -420,7 +418,7 @@ class Trainer:
                 aux_loss, aux_metrics = aux
                 loss = loss + aux_loss
                 metrics.update(aux_metrics or {})
-        loss.backward()
+        (loss * 0.0 if mb.filler else loss).backward()
         if isinstance(self.optimizer, MasterAdamW):
             self.optimizer.accumulate(last)  # fp32 sum over micro-batches
         # Hook metrics are per-micro-batch means; weight them by this micro-batch's share of the step.
@@ -430,7 +428,7 @@ class Trainer:
             else len(mb.index) / denom
         )
         metrics.update({k: v * share for k, v in extra.items()})
-        return metrics
+        return {k: v * 0 for k, v in metrics.items()} if mb.filler else metrics
 
     # ------------------------------------------------------------------ weights and state
 
