@@ -125,6 +125,11 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         state: dict = {"next_rollout": 0}
         if resume:
             trainer_state, state = load_checkpoint(resume)
+            if "sharded" in trainer_state and not args.use_ray:
+                raise UsageError(
+                    f"the checkpoint {resume} holds optimizer state sharded by the trainer ranks of a "
+                    "--use-ray run; resume it with --use-ray (any number of ranks)."
+                )
             trainer.load_state_dict(trainer_state)
             source.load_state_dict(state["data"])
             engine.weight_version = state["next_rollout"]

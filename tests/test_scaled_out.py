@@ -87,7 +87,9 @@ def assert_synced(rows: list[dict]) -> None:
         assert m["train/train_rollout_logprob_abs_diff"] < 1e-4, m
 
 
-def test_two_ranks_and_two_engines_train_then_resume_on_one_rank(tiny_ckpt, prompts_file, reward_file, tmp_path):
+def test_two_ranks_and_two_engines_train_then_resume_on_one_rank(
+    tiny_ckpt, prompts_file, reward_file, tmp_path
+):
     run, save, log = tmp_path / "run", tmp_path / "save", tmp_path / "train.log"
     layout = ["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "2", "--save", str(save)]
     argv = train_argv(run, tiny_ckpt, prompts_file, reward_file, "--num-rollout", "2", *layout)

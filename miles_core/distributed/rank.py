@@ -169,7 +169,6 @@ class TrainRank:
             self._updater.close()
         if self._bg is not None:
             self._bg.stop()
-        import torch.distributed as dist
+        from miles_core.distributed.trainer import close_rank
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_rank()

@@ -86,8 +86,7 @@ class Trainer:
         self.args, self.pm, self.model, self.ref_model = args, pm, model, ref_model
         self.device = next(model.parameters()).device
         params = [p for p in model.parameters() if p.requires_grad]
-        adam = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                    weight_decay=args.weight_decay)  # fmt: skip
+        adam = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay)  # fmt: skip  # noqa: E501
         self.optimizer = self._make_optimizer(params, adam)
         self.max_tokens = args.max_tokens_per_gpu
         if args.use_dynamic_batch_size and not self.max_tokens:
@@ -444,13 +443,8 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict(), "step": self.step}
 
     def close(self) -> None:
-        """Nothing to stop: this trainer lives in the loop's process (trainer ranks are stopped here)."""
+        """Nothing to stop: this trainer lives in the loop's process."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "sharded" in state:
-            raise UsageError(
-                f"the checkpoint {state['sharded']} holds optimizer state sharded by the trainer ranks of a "
-                "--use-ray run; resume it with --use-ray (any number of ranks)."
-            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
