@@ -138,8 +138,7 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         rollouts = RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
     except BaseException:
         engine.close()  # a backend's server processes must not outlive a run that failed to start
-        if trainer is not None:
-            trainer.close()
+        _close_trainer(trainer)
         raise
     return Run(args, pm, tokenizer, engine, trainer, rollouts, source, logger, state["next_rollout"], state)
 
@@ -162,6 +161,13 @@ def _single_process(
         engine_model = load_model(weights, dtype=_dtype(engine_dtype), device=device).requires_grad_(False)
         pm.hook.configure_model(args=args, model=engine_model, role="rollout")
     return backend.from_args(args, engine_model, tokenizer), policy, ref
+
+
+def _close_trainer(trainer: Any) -> None:
+    """A train backend's optional ``close`` (trainer ranks stop their processes there)."""
+    close = getattr(trainer, "close", None)
+    if close is not None:
+        close()
 
 
 def make_train_batch(samples: list[Sample], args: argparse.Namespace) -> TrainBatch:
@@ -216,7 +222,7 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
             r.engine.close()
         return _finish(r, last_eval, time.perf_counter() - t0)
     finally:
-        r.trainer.close()  # after _finish: trainer ranks write the final model
+        _close_trainer(r.trainer)  # after _finish: trainer ranks write the final model
 
 
 def _train(r: Run, rollouts: SyncRollouts) -> dict[str, float]:

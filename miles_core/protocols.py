@@ -219,10 +219,7 @@ class TrainBackend(Protocol):
         A backend that saves with ``save_state`` gets ``{"sharded": checkpoint folder}``."""
         ...
 
-    def close(self) -> None:
-        """Stop what the backend started (trainer rank processes); called once at the end of the run,
-        after the final model is saved, also when the run fails."""
-        ...
-
-    # Optional: ``save_state(folder)``, defined by a backend whose state is sharded over processes, is
-    # called instead of ``state_dict`` and writes into the checkpoint folder itself.
+    # Optional: ``close()``, if defined, is called once at the end of the run (after the final model is
+    # saved, also when the run fails) to stop what the backend started, e.g. trainer rank processes.
+    # ``save_state(folder)``, defined by a backend whose state is sharded over processes, is called
+    # instead of ``state_dict`` and writes into the checkpoint folder itself.

@@ -273,7 +273,7 @@ def test_async_with_staleness_0_trains_exactly_as_sync(tiny_ckpt, prompts_file, 
         save = ["--save", str(tmp_path / name / "ckpt"), "--save-interval", "1"]
         evals = ["--eval-prompt-data", "toy", str(prompts_file), "--eval-interval", "2"]
         runs[name] = run_cli(tiny_ckpt, prompts_file, reward_file, tmp_path / name, extra + save + evals)
-    timing = ("time_s", "tok_per_s", "wait_s")
+    timing = ("time_s", "tok_per_s", "wait_s", "_time")
     sync, asy = ([{k: v for k, v in x.items() if not k.endswith(timing)} for x in runs[n]] for n in runs)
     assert sync == asy and all(x.get("rollout/max_staleness", 0) == 0 for x in asy)
     weights = [load_file(tmp_path / n / "final_hf" / "model.safetensors") for n in runs]

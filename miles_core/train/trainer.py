@@ -442,9 +442,6 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "step": self.step}
 
-    def close(self) -> None:
-        """Nothing to stop: this trainer lives in the loop's process."""
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
