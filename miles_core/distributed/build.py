@@ -25,7 +25,7 @@ def _threads(processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
-def start_ranks(args: argparse.Namespace, placement: Any, layout: Any, weights: str) -> list[Any]:
+def start_ranks(args: argparse.Namespace, placement: Any, layout: Any, weights: str) -> TrainGroup:
     """Create the trainer rank actors on their bundles, join them in one process group (rank 0's node
     hosts its store) and build each rank's shard from ``weights``."""
     import ray
@@ -42,9 +42,10 @@ def start_ranks(args: argparse.Namespace, placement: Any, layout: Any, weights: 
         ).remote(args, i, layout.trainer_ranks, _threads(processes))
         for i in range(layout.trainer_ranks)
     ]
-    master = ray.get(ranks[0].address.remote())
-    ray.get([r.setup.remote(master, weights) for r in ranks])
-    return ranks
+    group = TrainGroup(args, ranks, colocated=layout.colocate)
+    master = group.call("address", ranks=[0])[0]
+    group.call("setup", master, weights)
+    return group
 
 
 def build_scaled_out(args: argparse.Namespace, weights: str) -> tuple[Any, TrainGroup]:
@@ -67,8 +68,7 @@ def build_scaled_out(args: argparse.Namespace, weights: str) -> tuple[Any, Train
     try:
         placement = create_placement_group(layout)
         log.info("layout:\n%s", layout.describe())
-        ranks = start_ranks(args, placement, layout, weights)
-        group = TrainGroup(args, ranks, colocated=layout.colocate)
+        group = start_ranks(args, placement, layout, weights)
         group.on_close(placement, started)
         mode = args.update_weights_mode or "distributed"  # disaggregated; colocated hands over in place
         updater = RankUpdater(

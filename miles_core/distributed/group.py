@@ -107,6 +107,8 @@ class TrainGroup:
             except ray.exceptions.RayTaskError as e:
                 if len(refs) > 1:  # the others may wait in a collective for this one forever
                     self.kill()
+                if isinstance(e.cause, UsageError):  # its one sentence, without Ray's traceback
+                    raise UsageError(str(e.cause)) from None
                 raise e.as_instanceof_cause() from None
         return ray.get(refs)
 

@@ -91,6 +91,12 @@ def _check(args: argparse.Namespace) -> bool:
         raise UsageError(f"--mtp-num-layers must be >= 0, got {args.mtp_num_layers}.")
     if args.enable_mtp_training and not args.mtp_num_layers:
         raise UsageError("--enable-mtp-training needs MTP heads; pass --mtp-num-layers N (N >= 1).")
+    if args.enable_mtp_training and getattr(args, "use_ray", False):
+        raise UsageError(
+            "--enable-mtp-training parks and clips the MTP heads' gradients on unsharded parameters, which "
+            "the FSDP2 trainer ranks of --use-ray do not have yet; train the heads in a single-process run "
+            "or drop --enable-mtp-training (speculative rollout with fixed heads works)."
+        )
     if args.mtp_train_chain < 0:
         raise UsageError(f"--mtp-train-chain must be >= 0, got {args.mtp_train_chain}.")
     if args.mtp_train_chain and not args.enable_mtp_training:

@@ -23,6 +23,8 @@ from miles_core import UsageError
          "does not exist"),
         (["--mtp-num-layers", "1", "--mtp-train-chain", "3"], "add --enable-mtp-training"),
         (["--mtp-num-layers", "1", "--enable-mtp-training", "--mtp-train-chain", "-1"], ">= 0"),
+        (["--mtp-num-layers", "1", "--enable-mtp-training", "--actor-num-gpus-per-node", "2"],
+         "--use-ray do not have yet"),
     ],
 )  # fmt: skip
 def test_bad_combinations(flags, match):
