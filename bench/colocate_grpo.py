@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
             sync = metric(run_dir, "perf/update_weights_time")[1:]  # the first includes start-up work
             out[f"{name}_update_weights_s"] = round(float(np.median(sync)), 4)
             out[f"{name}_peak_device_gb"] = round(mem.peak / 2**30, 2)
+            for key in ("perf/train_time", "train/engine_release_s", "train/onload_s",
+                        "train/engine_resume_s",
+                        "train/hand_over_s", "train/offload_s"):  # fmt: skip
+                values = metric(run_dir, key)[2:]
+                if values:
+                    out[f"{name}_{key.split('/')[1]}"] = round(float(np.median(values)), 4)
             peaks = metric(run_dir, "train/peak_memory_gb")
             if peaks:
                 out[f"{name}_trainer_peak_allocated_gb"] = round(max(peaks), 2)

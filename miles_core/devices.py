@@ -71,3 +71,60 @@ def to_device_many(tensors: list[torch.Tensor], device: torch.device | str) -> l
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """`t` (a CPU tensor) on `device`; to CUDA without waiting for the GPU (see the module docstring)."""
     return to_device_many([t], device)[0]
+
+
+class Parking:
+    """Device memory handed back and taken again *in place* (colocated training and rollout take turns
+    on one GPU): `park` copies each distinct storage of the given tensors to a host buffer (pinned, and
+    kept for the next time, when CUDA is there) and shrinks the storage to nothing; `unpark` grows it back
+    and copies the bytes in. The tensor objects stay what they were, so views, an optimizer's references
+    and DTensor wrappers need no re-wiring. (Pinned, reused buffers move ~10x faster than ``.to("cpu")``
+    into fresh pageable memory: 3.3 s for a 0.7B model's AdamW state on an H100.)"""
+
+    def __init__(self) -> None:
+        self._hosts: list[torch.Tensor] = []  # reused in order: the same tensors park each time
+        self._parked: list[tuple[torch.UntypedStorage, torch.Tensor]] = []
+
+    @property
+    def parked(self) -> bool:
+        return bool(self._parked)
+
+    def park(self, tensors: list[torch.Tensor]) -> int:
+        """Move the storages of ``tensors`` out of device memory; returns the bytes moved."""
+        if self._parked:
+            raise RuntimeError("already parked; unpark first")
+        storages, seen = [], set()
+        for t in tensors:
+            st = t.untyped_storage()
+            if st.nbytes() == 0 or st.data_ptr() in seen:
+                continue
+            seen.add(st.data_ptr())
+            storages.append(st)
+        cuda = any(st.device.type == "cuda" for st in storages)
+        for i, st in enumerate(storages):
+            if i == len(self._hosts) or self._hosts[i].numel() != st.nbytes():
+                host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=st.device.type == "cuda")
+                self._hosts[i : i + 1] = [host]
+            self._hosts[i].copy_(_bytes(st), non_blocking=True)
+            self._parked.append((st, self._hosts[i]))
+        if cuda:
+            torch.cuda.synchronize()  # every copy landed before the memory goes
+        for st, _ in self._parked:
+            st.resize_(0)
+        return sum(h.numel() for _, h in self._parked)
+
+    def unpark(self) -> None:
+        """Give every parked storage its bytes back (on its device)."""
+        cuda = False
+        for st, host in self._parked:
+            st.resize_(host.numel())
+            _bytes(st).copy_(host, non_blocking=True)
+            cuda = cuda or st.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        self._parked = []
+
+
+def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A uint8 tensor over the whole of ``storage``."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)

@@ -188,3 +188,25 @@ def test_a_control_call_while_the_schedulers_loop_is_stopped_runs_at_once(engine
     finally:
         loop.run_until_complete(asyncio.sleep(0.05))  # let the scheduler task finish
         loop.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_released_weights_leave_the_device_and_come_back_exactly(tiny_ckpt):
+    """On CUDA the release parks the weights in host memory in place: device memory drops, and after the
+    resume (and after an update made while released) the engine samples what it sampled before."""
+    e = Engine(
+        load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda").eval(), None, max_batch_size=8, seed=3
+    )
+    params = {"temperature": 1.0, "max_new_tokens": 8, "sampling_seed": 11}
+    want = e.generate_batch([[5, 6, 7]], params)[0].output_ids
+    weights = [(n, t.clone()) for n, t in named_hf_tensors(e.model)]
+    before = torch.cuda.memory_allocated()
+    e.release_memory_occupation()
+    assert torch.cuda.memory_allocated() < before - sum(t.numel() * t.element_size() for _, t in weights) // 2
+    e.resume_memory_occupation()
+    assert e.generate_batch([[5, 6, 7]], params)[0].output_ids == want
+    e.release_memory_occupation()
+    e.update_weights(weights, version=1)  # takes the weights' memory back to write them
+    e.resume_memory_occupation()
+    assert e.generate_batch([[5, 6, 7]], params)[0].output_ids == want

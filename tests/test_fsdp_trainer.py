@@ -163,11 +163,14 @@ def _world_gpu(ctx: dict, build) -> dict:
     """One rank on CUDA (NCCL) with --bf16: a step, offload, onload, another step."""
     trainer, args = build("bf16")
     first = trainer.train(0, make_batch(args, 1))[0]
-    trainer.offload()
     states = [
         t for st in trainer.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)
     ]
-    offloaded = all(t.device.type == "cpu" for t in states)
+    before = torch.cuda.memory_allocated()
+    trainer.offload()  # parked in place: the device memory of the AdamW state is given back
+    offloaded = torch.cuda.memory_allocated() < before and all(
+        t.to_local().untyped_storage().nbytes() == 0 for t in states if t.is_cuda and t.dim()
+    )
     trainer.onload()
     second = trainer.train(1, make_batch(args, 2))[0]
     return {"first": first, "second": second, "offloaded": offloaded}

@@ -62,6 +62,7 @@ class TrainGroup:
         self._submit = threading.Lock()
         self.offloaded = False
         self.last_sync_s = 0.0
+        self.timings: dict[str, float] = {}  # seconds of the last hand-over, offload, engine resume
         self._placement: Any = None
         self._stop_ray = False
 
@@ -127,12 +128,18 @@ class TrainGroup:
         """Every rank gets the whole batch (one copy in Ray's object store) and trains on its share."""
         import ray
 
+        timings = dict(self.timings)
         if self.colocated:
+            t0 = time.perf_counter()
             self.engine.release_memory()  # the engines make room: weights to host, KV cache freed
-            self.call("onload")
+            timings["engine_release_s"] = time.perf_counter() - t0
+            timings["onload_s"] = max(self.call("onload"))
             self.offloaded = False
         ref = ray.put(batch)
-        return self.call("train", rollout_id, ref)[0]
+        steps = self.call("train", rollout_id, ref)[0]
+        for s in steps:  # the colocated turn-taking costs (the hand-over and offload: the last update's)
+            s.update(timings)
+        return steps
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full weights gathered to this process (lazily: the engines' own update path moves them
@@ -229,12 +236,15 @@ class RankUpdater:
 
     def _hand_over(self, urls: list[str]) -> None:
         group = self.group
+        t0 = time.perf_counter()
         group.engine.resume_memory(urls)
+        group.timings["engine_resume_s"] = time.perf_counter() - t0
         by_rank: dict[int, str] = {}
         for u in urls:
             by_rank[self.host_rank(u)] = u
-        group.call_each("hand_over", [(by_rank.get(i), self.version) for i in range(len(group.ranks))])
-        group.call("offload")
+        t = group.call_each("hand_over", [(by_rank.get(i), self.version) for i in range(len(group.ranks))])
+        group.timings["hand_over_s"] = max(t)
+        group.timings["offload_s"] = max(group.call("offload"))
         group.offloaded = True
 
     def close(self) -> None:

@@ -87,11 +87,15 @@ class TrainRank:
                 s["peak_memory_gb"] = peak
         return steps
 
-    def offload(self) -> None:
+    def offload(self) -> float:
+        t0 = time.perf_counter()
         self.trainer.offload()
+        return time.perf_counter() - t0
 
-    def onload(self) -> None:
+    def onload(self) -> float:
+        t0 = time.perf_counter()
         self.trainer.onload()
+        return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -155,10 +159,8 @@ class TrainRank:
         t0 = time.perf_counter()
         for bucket in self._buckets():
             if url is not None:
-                body = {
-                    "serialized_named_tensors": [ipc.share_tensors(bucket)],
-                    "weight_version": str(version),
-                }
+                blob = ipc.share_tensors(ipc.flatten(bucket))  # one handle per dtype, not per tensor
+                body = {"serialized_named_tensors": [blob], "weight_version": str(version)}
                 post_json(url + "/update_weights_from_tensor", body)  # the tensors live until it answers
         if self.device.type == "cuda":
             torch.cuda.synchronize()

@@ -35,6 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from miles_core.devices import Parking
 from miles_core.errors import UsageError
 from miles_core.model import CausalLM, load_model, set_config_dtype, write_hf_checkpoint
 from miles_core.model.hf_io import hf_tensors_of_state
@@ -127,7 +128,7 @@ class ShardedTrainer(Trainer):
                 cast_weights(ref_model, torch.bfloat16)
             shard_model(ref_model, self.mesh, args.bf16)
         super().__init__(args, pm, model, ref_model)
-        self._offloaded: list[tuple[dict, str, torch.device]] = []  # (optimizer state, key, device)
+        self._parking = Parking()  # the AdamW state while colocated engines generate (offload)
 
     def _make_optimizer(self, params: list[torch.nn.Parameter], adam: dict) -> torch.optim.Optimizer:
         # The sharded fp32 parameters are the masters under --bf16 too.
@@ -318,26 +319,27 @@ class ShardedTrainer(Trainer):
         raise NotImplementedError("a sharded trainer loads its state collectively: use load_state(folder)")
 
     def offload(self) -> None:
-        """Free the device for colocated rollout engines: AdamW state to host memory, gradients and the
-        root's gathered weights freed (a step starts with ``zero_grad(set_to_none=True)``, so a
-        gradient left from the last step is never read again)."""
-        self._offloaded = []
-        for st in self.optimizer.state.values():
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor) and v.device.type != "cpu":
-                    self._offloaded.append((st, k, v.device))
-                    st[k] = v.to("cpu")
+        """Free the device for colocated rollout engines: AdamW state parked in (pinned, reused) host memory
+        in place (`devices.Parking`), gradients and the root's gathered weights freed (a step starts with
+        ``zero_grad(set_to_none=True)``, so a gradient left from the last step is never read again)."""
         self.optimizer.zero_grad(set_to_none=True)
         _reshard(self.model)
         _reshard(self.ref_model)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if self.device.type != "cuda":  # nothing to make room for: host memory is the device's
+            return
+        states = [
+            v.to_local() if isinstance(v, DTensor) else v
+            for st in self.optimizer.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor) and v.device.type == "cuda"
+        ]
+        self._parking.park(states)
+        torch.cuda.empty_cache()
 
     def onload(self) -> None:
-        """Bring back what `offload` moved to host memory."""
-        for st, k, device in self._offloaded:
-            st[k] = st[k].to(device)
-        self._offloaded = []
+        """Bring back what `offload` parked."""
+        if self._parking.parked:
+            self._parking.unpark()
 
 
 def state_problem(folder: str | Path) -> str | None:

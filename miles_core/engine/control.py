@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from miles_core.devices import Parking
 from miles_core.types import UsageError
 
 T = TypeVar("T")
@@ -35,6 +36,7 @@ class EngineControl:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused = False
         self._released = False
+        self._parking = Parking()  # the weights while the memory is released (CUDA)
 
     # ---------------------------------------------------------------- running a call between steps
 
@@ -130,8 +132,8 @@ class EngineControl:
 
     def release_memory_occupation(self) -> None:
         """Give the device memory back (training shares the GPU): the KV cache and graphs are freed and,
-        on CUDA, the weights move to host memory. Requests wait until ``resume_memory_occupation``.
-        Refused while requests run; pause and abort them first."""
+        on CUDA, the weights are parked in pinned host memory in place (`devices.Parking`). Requests wait
+        until ``resume_memory_occupation``. Refused while requests run; pause and abort them first."""
 
         def release() -> None:
             if self._running:
@@ -141,8 +143,8 @@ class EngineControl:
                 )
             self._drop_cache()
             self._released = True
-            if self.device.type == "cuda":
-                self.model.to("cpu")
+            if self.device.type == "cuda" and not self._parking.parked:
+                self._parking.park([*self.model.parameters(), *self.model.buffers()])
                 torch.cuda.empty_cache()
 
         self._between_steps(release)
@@ -151,8 +153,8 @@ class EngineControl:
         """Take the memory back after ``release_memory_occupation``: weights return to the device."""
 
         def resume() -> None:
-            if self._released and self.device.type == "cuda":
-                self.model.to(self.device)
+            if self._parking.parked:
+                self._parking.unpark()
             self._released = False
 
         self._between_steps(resume)

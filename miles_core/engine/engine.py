@@ -154,6 +154,8 @@ class Engine(EngineControl, StaticDecode):
         sampled after it are labelled ``version``."""
 
         def load() -> None:
+            if self._parking.parked:  # released: the weights take their memory back to be written
+                self._parking.unpark()
             load_hf_tensors(self.model, named_tensors)
             self.weight_version = version
 

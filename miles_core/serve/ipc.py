@@ -38,6 +38,26 @@ def share_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def flatten(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The same tensors as views of one contiguous buffer per dtype and device: pickled, a bucket then
+    takes one CUDA IPC handle (one shared-memory file) per buffer instead of one per tensor, which the
+    receiver opens once. The names and values are those of ``named``."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    out: list[tuple[str, torch.Tensor] | None] = [None] * len(named)
+    for (dtype, device), idx in groups.items():
+        flat = torch.empty(sum(named[i][1].numel() for i in idx), dtype=dtype, device=device)
+        at = 0
+        for i in idx:
+            name, t = named[i]
+            view = flat[at : at + t.numel()].view(t.shape)
+            view.copy_(t)
+            out[i] = (name, view)
+            at += t.numel()
+    return out  # type: ignore[return-value]
+
+
 def is_pickle(raw: bytes) -> bool:
     return raw[:1] == PICKLE_MAGIC
 
