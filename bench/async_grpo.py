@@ -53,6 +53,21 @@ def timed_run(flags: list[str], run_dir: str) -> list[float]:
     return stamps
 
 
+def bench_run(tmp: str, preset: dict, shape: dict, rollouts: int) -> list[str]:
+    """Write the bench checkpoint under ``tmp``; the `miles train` flags of a GRPO run on it."""
+    save_model(make_model(preset), Path(tmp, "ckpt"), tokenizer_src=str(DEMO / "checkpoint"))
+    p, g, device = shape["prompts"], shape["group"], preset["device"]
+    flags = [
+        "--hf-checkpoint", f"{tmp}/ckpt", "--prompt-data", str(DEMO / "data" / "train.jsonl"),
+        "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rm-type", "math",
+        "--rollout-batch-size", str(p), "--n-samples-per-prompt", str(g),
+        "--rollout-max-response-len", str(shape["completion"]), "--global-batch-size", str(p * g),
+        "--num-rollout", str(rollouts), "--lr", "1e-6", "--advantage-estimator", "grpo",
+        "--use-dynamic-batch-size", "--max-tokens-per-gpu", "16384", "--device", device,
+    ]  # fmt: skip
+    return flags + (["--bf16"] if device == "cuda" else [])
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(SHAPES), default="gpu-0.7b")
@@ -61,18 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     preset, shape = PRESETS[a.preset], SHAPES[a.preset]
     device = preset["device"]
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(make_model(preset), Path(tmp, "ckpt"), tokenizer_src=str(DEMO / "checkpoint"))
+        flags = bench_run(tmp, preset, shape, a.rollouts)
         p, g = shape["prompts"], shape["group"]
-        flags = [
-            "--hf-checkpoint", f"{tmp}/ckpt", "--prompt-data", str(DEMO / "data" / "train.jsonl"),
-            "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rm-type", "math",
-            "--rollout-batch-size", str(p), "--n-samples-per-prompt", str(g),
-            "--rollout-max-response-len", str(shape["completion"]), "--global-batch-size", str(p * g),
-            "--num-rollout", str(a.rollouts), "--lr", "1e-6", "--advantage-estimator", "grpo",
-            "--use-dynamic-batch-size", "--max-tokens-per-gpu", "16384", "--device", device,
-        ]  # fmt: skip
-        if device == "cuda":
-            flags.append("--bf16")
         arms = {}
         for name, extra in (("sync", []), ("async", ["--async", "--max-weight-staleness", "1"])):
             stamps = timed_run(flags + extra, f"{tmp}/{name}")

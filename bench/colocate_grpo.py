@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from async_grpo import DEMO, timed_run
+from async_grpo import bench_run, timed_run
 from grpo_vs_trl import SHAPES
-from rollout import PRESETS, make_model
-
-from miles_core.model import save_model
+from rollout import PRESETS
 
 
 class PeakMemory:
@@ -65,18 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = preset["device"]
     out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "preset": a.preset}
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(make_model(preset), Path(tmp, "ckpt"), tokenizer_src=str(DEMO / "checkpoint"))
+        flags = bench_run(tmp, preset, shape, a.rollouts)
         p, g = shape["prompts"], shape["group"]
-        flags = [
-            "--hf-checkpoint", f"{tmp}/ckpt", "--prompt-data", str(DEMO / "data" / "train.jsonl"),
-            "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rm-type", "math",
-            "--rollout-batch-size", str(p), "--n-samples-per-prompt", str(g),
-            "--rollout-max-response-len", str(shape["completion"]), "--global-batch-size", str(p * g),
-            "--num-rollout", str(a.rollouts), "--lr", "1e-6", "--advantage-estimator", "grpo",
-            "--use-dynamic-batch-size", "--max-tokens-per-gpu", "16384", "--device", device,
-        ]  # fmt: skip
-        if device == "cuda":
-            flags.append("--bf16")
         for name, extra in (("in_process", []), ("colocate", ["--use-ray", "--colocate"])):
             run_dir = f"{tmp}/{name}"
             with PeakMemory() as mem:

@@ -30,6 +30,7 @@ from miles_core.rollout.manager import RolloutManager
 from miles_core.run_dir import check_output_dirs
 from miles_core.train.advantages import group_sizes
 from miles_core.train.checkpoint import load_checkpoint, save_checkpoint
+from miles_core.train.models import load_train_models
 from miles_core.train.resume import resolve_resume
 from miles_core.types import EXCLUDED, Sample, TrainBatch, UsageError
 
@@ -147,12 +148,7 @@ def _single_process(
     args: argparse.Namespace, pm: Any, weights: str, device: torch.device, tokenizer: Tokenizer
 ) -> tuple[RolloutBackend, Any, Any]:
     """The engine (the rollout backend's), the policy and the reference model of a single-process run."""
-    policy = load_model(weights, dtype=torch.float32, device=device)
-    pm.hook.configure_model(args=args, model=policy, role="train")
-    ref = None
-    if args.use_kl_loss or args.kl_coef:
-        ref = load_model(args.hf_checkpoint, dtype=torch.float32, device=device).eval().requires_grad_(False)
-        pm.hook.configure_model(args=args, model=ref, role="ref")
+    policy, ref = load_train_models(args, pm, weights, device)
     engine_dtype = rollout_dtype(args, device)
     # Backends are named implementations (entry points), so another one plugs in without loop changes.
     backend = drivers.get_rollout_backend(args.rollout_backend)

@@ -267,11 +267,11 @@ def _kill(engines: list[RayEngine], timeout: float = STOP_TIMEOUT_S) -> None:
                 time.sleep(0.05)
 
 
-class RayEngineFleet:
-    """The run's rollout engines as Ray actors on their bundles of ``placement``, with the interface of
-    `launch.EngineFleet`: `start`, ``urls``, ``engines``, `dead`, `restart`, `stop`, ``stopped``,
-    ``start_timeout``. Every actor is killed by `stop`, also when the fleet is garbage-collected or the
-    interpreter exits (and Ray kills them with the driver that owns them).
+class RayEngineFleet(launch.EngineFleet):
+    """The run's rollout engines as Ray actors on their bundles of ``placement``: a `launch.EngineFleet`
+    (`start`, ``urls`` come from it) whose ``engines``, `dead`, `restart` and `stop` are Ray's. Every
+    actor is killed by `stop`, also when the fleet is garbage-collected or the interpreter exits (and Ray
+    kills them with the driver that owns them).
 
     :param args: the run's flags; the engines get them as a `miles serve` config (without the layout
         flags), on the layout's device kind.
@@ -309,21 +309,6 @@ class RayEngineFleet:
         logs = [run_dir / "engines" / f"engine-{j}.log" for j in range(layout.num_engines)]
         self.engines = [RayEngine(f"#{j}", p, maker(j, p)) for j, p in enumerate(logs)]
         self._finalizer = weakref.finalize(self, _kill, self.engines)
-
-    def start(self) -> list[str]:
-        """Start every engine actor at once, then wait for each; returns their URLs (stops all on
-        failure)."""
-        try:
-            for e in self.engines:
-                e.start()
-            return [e.wait_ready(self.start_timeout) for e in self.engines]
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def urls(self) -> list[str | None]:
-        return [e.url for e in self.engines]
 
     def dead(self) -> list[int]:
         """Indices of engines whose serving process has ended (Ray may be restarting it)."""

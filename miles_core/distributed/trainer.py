@@ -37,8 +37,9 @@ from torch.distributed.tensor import DTensor
 
 from miles_core.devices import Parking
 from miles_core.errors import UsageError
-from miles_core.model import CausalLM, load_model, set_config_dtype, write_hf_checkpoint
+from miles_core.model import CausalLM, set_config_dtype, write_hf_checkpoint
 from miles_core.model.hf_io import hf_tensors_of_state
+from miles_core.train.models import load_train_models
 from miles_core.train.optim import cast_weights
 from miles_core.train.packing import balance_by_tokens
 from miles_core.train.trainer import MicroBatch, Trainer
@@ -82,12 +83,7 @@ def build_rank_trainer(
     """Load the policy from `weights` (and, for a KL term, the reference model from
     ``--hf-checkpoint``) in fp32 on `device`, let plugins configure them, shard them and build the
     rank's trainer. Collective."""
-    policy = load_model(weights, dtype=torch.float32, device=device)
-    pm.hook.configure_model(args=args, model=policy, role="train")
-    ref = None
-    if args.use_kl_loss or args.kl_coef:
-        ref = load_model(args.hf_checkpoint, dtype=torch.float32, device=device).eval().requires_grad_(False)
-        pm.hook.configure_model(args=args, model=ref, role="ref")
+    policy, ref = load_train_models(args, pm, weights, device)
     return ShardedTrainer(args, pm, policy, ref)
 
 
