@@ -223,3 +223,8 @@ def test_placement_group_the_cluster_cannot_hold_is_refused(cluster):
     groups = ray.util.placement_group_table().values()
     asked = [g for g in groups if any("GPU" in b for b in g["bundles"].values())]
     assert asked and all(g["state"] == "REMOVED" for g in asked)  # nothing of it stays reserved
+    # A cluster that cannot grow (the local one a run starts) says so at once, with the same sentence.
+    start = time.monotonic()
+    with pytest.raises(UsageError) as again:
+        create_placement_group(Layout.from_args(args), timeout=60, fixed_size=True)
+    assert time.monotonic() - start < 5 and str(again.value) == msg

@@ -66,7 +66,7 @@ def build_scaled_out(args: argparse.Namespace, weights: str) -> tuple[Any, Train
     placement = None
     group = None
     try:
-        placement = create_placement_group(layout)
+        placement = create_placement_group(layout, fixed_size=started and not args.ray_address)
         log.info("layout:\n%s", layout.describe())
         group = start_ranks(args, placement, layout, weights)
         group.on_close(placement, started)

@@ -366,9 +366,13 @@ def _remove_group(group: Any) -> None:
         remove_placement_group(group)
 
 
-def create_placement_group(layout: Layout, timeout: float = PLACEMENT_TIMEOUT_S) -> Placement:
+def create_placement_group(
+    layout: Layout, timeout: float = PLACEMENT_TIMEOUT_S, fixed_size: bool = False
+) -> Placement:
     """Reserve one bundle per device of ``layout`` (packed onto as few nodes as fit) and wait for it.
 
+    :param fixed_size: the cluster cannot grow (the local one a run starts): when its totals are short,
+        say so at once instead of waiting ``timeout`` for resources that cannot come.
     :raises UsageError: the cluster could not give the bundles within ``timeout`` seconds; the sentence
         says which resources it lacks.
     """
@@ -376,6 +380,9 @@ def create_placement_group(layout: Layout, timeout: float = PLACEMENT_TIMEOUT_S)
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundles = [layout.bundle() for _ in range(layout.num_bundles)]
+    total = ray.cluster_resources()
+    if fixed_size and any(total.get(k, 0) < sum(b.get(k, 0) for b in bundles) for k in bundles[0]):
+        raise UsageError(_lacking(layout, bundles, total, ray.available_resources(), 0))
     group = placement_group(bundles, strategy="PACK")
     start = time.monotonic()
     try:
