@@ -35,11 +35,9 @@ def start_ranks(args: argparse.Namespace, placement: Any, layout: Any, weights: 
     processes = layout.num_processes
     actor = ray.remote(TrainRank)
     ranks = [
-        actor.options(
-            name=None,
-            max_restarts=0,
-            **placement.trainer_options(i),
-        ).remote(args, i, layout.trainer_ranks, _threads(processes))
+        actor.options(**placement.trainer_options(i)).remote(
+            args, i, layout.trainer_ranks, _threads(processes)
+        )
         for i in range(layout.trainer_ranks)
     ]
     group = TrainGroup(args, ranks, colocated=layout.colocate)
@@ -82,12 +80,7 @@ def build_scaled_out(args: argparse.Namespace, weights: str) -> tuple[Any, Train
             engine.updater = updater
         else:
             fleet = RayEngineFleet(args, layout, placement, weights)
-            try:
-                urls = fleet.start()
-            except BaseException:
-                fleet.stop()
-                raise
-            engine = HttpEngine(args, urls, weights=weights, fleet=fleet, updater=updater)
+            engine = HttpEngine(args, fleet.start(), weights=weights, fleet=fleet, updater=updater)
             if layout.colocate:
                 # Engine j sits on the first of its bundles, which is trainer rank j's device.
                 updater.host_rank = lambda url: layout.engine_bundles(
@@ -96,7 +89,6 @@ def build_scaled_out(args: argparse.Namespace, weights: str) -> tuple[Any, Train
         group.attach(engine)
         if layout.colocate:  # the engines generate first: the ranks make room
             group.call("offload")
-            group.offloaded = True
         return engine, group
     except BaseException:
         if group is not None:

@@ -60,8 +60,6 @@ class TrainGroup:
         self.args, self.ranks, self.colocated = args, ranks, colocated
         self.engine: Any = None  # the HttpEngine whose engines this group updates (set by `attach`)
         self._submit = threading.Lock()
-        self.offloaded = False
-        self.last_sync_s = 0.0
         self.timings: dict[str, float] = {}  # seconds of the last hand-over, offload, engine resume
         self._placement: Any = None
         self._stop_ray = False
@@ -134,7 +132,6 @@ class TrainGroup:
             self.engine.release_memory()  # the engines make room: weights to host, KV cache freed
             timings["engine_release_s"] = time.perf_counter() - t0
             timings["onload_s"] = max(self.call("onload"))
-            self.offloaded = False
         ref = ray.put(batch)
         steps = self.call("train", rollout_id, ref)[0]
         for s in steps:  # the colocated turn-taking costs (the hand-over and offload: the last update's)
@@ -167,7 +164,6 @@ class TrainGroup:
         self.call("load_state", folder)
 
     def close(self) -> None:
-
         try:
             self.call("close")
         except Exception as e:  # a rank that is gone has nothing to close
@@ -227,12 +223,10 @@ class RankUpdater:
                 for u in urls:
                     post_json(u + "/update_weights_from_disk", body)
             return
-        t0 = time.perf_counter()
         if self.group.colocated:
             self._hand_over(urls)
         else:
             self.group.call("send_weights", urls, self.version, ranks=[0])
-        self.group.last_sync_s = time.perf_counter() - t0
 
     def _hand_over(self, urls: list[str]) -> None:
         group = self.group
@@ -245,7 +239,6 @@ class RankUpdater:
         t = group.call_each("hand_over", [(by_rank.get(i), self.version) for i in range(len(group.ranks))])
         group.timings["hand_over_s"] = max(t)
         group.timings["offload_s"] = max(group.call("offload"))
-        group.offloaded = True
 
     def close(self) -> None:
         """Nothing to release here: rank 0 leaves its weight group when the ranks close."""

@@ -60,9 +60,6 @@ class TrainRank:
     def address(self) -> tuple[str, int]:
         return free_address()
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def setup(self, master: tuple[str, int], weights: str) -> dict[str, Any]:
         """Join the process group and build this rank's shard of the policy from the HF folder
         ``weights``; returns where it runs."""
