@@ -61,12 +61,13 @@ def in_process(folder: str, prompts, params, device: str, flags: list[str], how:
         engine = build_server(args, pm).engine
     engine.generate_batch(prompts, params)  # warm-up: cache, graphs, compiles
     sync(device)
-    steps, busy = engine.stats["decode_steps"], engine.stats["busy_s"]
+    steps, busy, prefills = engine.stats["decode_steps"], engine.stats["busy_s"], engine.stats["prefills"]
     t0 = time.perf_counter()
     outs = engine.generate_batch(prompts, params)
     sync(device)
     wall = time.perf_counter() - t0
     STEPS["in_process"] = engine.stats["decode_steps"] - steps
+    STEPS["in_process_prefills"] = engine.stats["prefills"] - prefills
     STEPS["in_process_busy_frac"] = round((engine.stats["busy_s"] - busy) / wall, 3)
     return sum(len(o.output_ids) for o in outs) / wall
 
@@ -96,6 +97,7 @@ async def clients(url: str, prompts, params) -> tuple[int, float]:
         wall = time.perf_counter() - t0
         after = _info(url)
         STEPS["served"] = after["decode_steps"] - before["decode_steps"]
+        STEPS["served_prefills"] = after["prefills"] - before["prefills"]
         STEPS["served_cuda_graph"] = after["cuda_graph"]
         STEPS["served_busy_frac"] = round((after["busy_s"] - before["busy_s"]) / wall, 3)
         STEPS["latency_s"] = [round(min(LAT), 3), round(max(LAT), 3)]
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio": round(remote / local, 3),
         "decode_steps_in_process": STEPS["in_process"],
         "decode_steps_served": STEPS["served"],
+        "prefills_in_process": STEPS["in_process_prefills"],
+        "prefills_served": STEPS["served_prefills"],
         "served_cuda_graph": STEPS["served_cuda_graph"],
         "served_latency_s": STEPS["latency_s"],
         "served_busy_frac": STEPS["served_busy_frac"],

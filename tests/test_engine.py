@@ -81,6 +81,30 @@ def test_group_prefill_is_shared(model, tok):
     assert engine.stats["prefill_tokens"] == len(prompt)  # one prefill for the whole group
 
 
+def test_a_burst_arriving_over_loop_turns_is_prefilled_once(model, tok):
+    """Requests reaching the queue one loop turn apart (as a burst of HTTP clients does) are admitted
+    together, in one prefill; with no admission window each turn's arrivals get a prefill of their own."""
+    prompts = [tok.encode(f"What is {i}+{i}?") for i in range(6)]
+
+    async def trickle(engine):
+        tasks = []
+        for p in prompts:
+            tasks.append(asyncio.ensure_future(engine.generate(p, {"temperature": 0.0, "max_new_tokens": 3})))
+            await asyncio.sleep(0)
+        return await asyncio.gather(*tasks)
+
+    prefills = {}
+    for window in (60.0, 0.0):
+        engine = Engine(model, tok, max_batch_size=8)
+        engine._eos = set()
+        engine.admit_quiet_s, engine.admit_window_s = 0.2, window
+        outs = asyncio.run(trickle(engine))
+        assert [len(o.output_ids) for o in outs] == [3] * 6
+        prefills[window] = engine.stats["prefills"]
+    assert prefills[60.0] == 1
+    assert prefills[0.0] > 1
+
+
 def test_stop_token_and_eos(model, tok):
     engine = Engine(model, tok, max_batch_size=4)
     prompt = tok.encode("What is 1+1?")

@@ -10,6 +10,7 @@ routes, the step count).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -37,6 +38,7 @@ class _Seq:
     finish: str | None = None
     key: int = 0  # sampling key: the token at index i is drawn with keyed_exponentials(key, i, V)
     pos: int = 0  # static decode path: the position this sequence feeds at the next launched step
+    arrived: float = field(default_factory=time.perf_counter)  # when generate() queued it
     view: SequenceView = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

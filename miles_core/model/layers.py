@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from miles_core.model import varlen_attention
 from miles_core.model.config import ModelConfig
@@ -132,6 +133,19 @@ class _FlashVarlen(torch.autograd.Function):
             grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused
         )
         return dq, dk, dv, None, None
+
+
+# Masked attention over the KV cache (prefill) on CUDA, without cuDNN's kernel: cuDNN builds a plan for
+# every new shape (~2 ms a layer on an H100), and prefill shapes change with each set of arriving prompts
+# (`miles serve`: 57 prompts took 66 ms against 24 ms without it).
+_CACHE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _masked_sdpa(q, k, v, mask):
+    if q.is_cuda and not torch.compiler.is_compiling():
+        with sdpa_kernel(_CACHE_SDPA):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 _KERNEL_OK: dict[tuple[str, str, int], bool] = {}  # (kernel, device, head_dim) -> runs there
@@ -280,10 +294,10 @@ class Attention(nn.Module):
         b, _, t, d = q.shape
         rep = self.num_heads // self.num_kv_heads
         if rep == 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return _masked_sdpa(q, k, v, mask)
         qg = q.reshape(b, self.num_kv_heads, rep * t, d)
         mg = mask if t == 1 else mask.repeat(1, 1, rep, 1)  # [B, 1, rep*T, L], rows ordered (rep, T)
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg)
+        out = _masked_sdpa(qg, k, v, mg)
         return out.reshape(b, self.num_heads, t, d)  # fp32 kernels may return another layout
 
     # Outside torch.compile: the packing (sequence lengths) changes every micro-batch and would

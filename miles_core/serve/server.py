@@ -161,6 +161,7 @@ class Server:
                 "num_waiting": e.num_waiting,
                 "generated_tokens": e.generated_tokens,
                 "decode_steps": e.stats["decode_steps"],
+                "prefills": e.stats["prefills"],
                 "prefill_tokens": e.stats["prefill_tokens"],
                 "busy_s": round(e.stats["busy_s"], 4),
                 "cuda_graph": e.cuda_graph,
