@@ -189,7 +189,7 @@ def check_run_args(args: argparse.Namespace) -> None:
 
 def warn_single_sample_groups(args: argparse.Namespace) -> None:
     """Warn when a group-relative estimator gets one sample per prompt: every advantage is zero."""
-    if args.n_samples_per_prompt > 1 or args.disable_rewards_normalization:
+    if args.n_samples_per_prompt > 1 or args.disable_rewards_normalization or args.loss_type == "sft_loss":
         return
     # An estimator declares `group_relative = True` when it compares each sample with its group.
     if getattr(drivers.get_estimator(args.advantage_estimator), "group_relative", False):
