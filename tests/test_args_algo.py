@@ -4,8 +4,9 @@ says refused in one sentence."""
 from __future__ import annotations
 
 import pytest
+from conftest import REPO
 
-from miles_core.args import parse_args
+from miles_core.args import build_parser, parse_args
 from miles_core.plugins import get_plugin_manager
 from miles_core.types import UsageError
 
@@ -58,3 +59,12 @@ def test_mis_bounds_default_from_the_upper_one():
 def test_refusals(argv, match):
     with pytest.raises(UsageError, match=match):
         parse(*argv)
+
+
+def test_every_flag_of_the_group_is_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    group = next(g for g in build_parser()._action_groups if g.title.startswith("algorithm: loss types"))
+    flags = [o for a in group._group_actions for o in a.option_strings if not o.startswith("--no-")]
+    assert len(flags) > 20
+    missing = [f for f in flags if f"`{f}" not in readme]
+    assert not missing, missing

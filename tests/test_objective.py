@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_trainer import _flat_grad, _off_policy, make_args, rollout
+from test_trainer import _flat_grad, _off_policy, _perturbed, make_args, rollout
 
 from miles_core.loop import make_train_batch
 from miles_core.model import load_model
@@ -20,10 +20,10 @@ from miles_core.types import UsageError
 NO_CLIP = ["--micro-batch-size", "4", "--clip-grad", "0"]
 
 
-def step(ckpt, samples, extra, estimator=None):
+def step(ckpt, samples, extra, estimator=None, ref=None):
     """(gradient, metrics, trainer) of one step on `samples` from the checkpoint's weights."""
     args = make_args(ckpt, [*NO_CLIP, *extra])
-    trainer = Trainer(args, get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}), load_model(ckpt))
+    trainer = Trainer(args, get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}), load_model(ckpt), ref)
     if estimator is not None:  # an estimator the installed entry points may not list yet
         trainer.estimator = trainer.objective.estimator = estimator
     metrics = trainer.train(0, make_train_batch(copy.deepcopy(samples), args))[0]
@@ -56,6 +56,18 @@ def test_use_rollout_logprobs_without_rollout_log_probs_is_refused(tiny_ckpt, sa
         s.rollout_log_probs = None
     with pytest.raises(UsageError, match="--use-rollout-logprobs"):
         step(tiny_ckpt, bare, ["--use-rollout-logprobs"])
+
+
+def test_unbiased_kl_weights_the_kl_loss_by_the_ratio_to_the_old_policy(tiny_ckpt, samples):
+    """--use-unbiased-kl with the rollout as the old policy at ratio pi / pi_old = 1.1 on every token: the
+    KL loss is 1.1 x the plain estimate (k3, unclamped)."""
+    ref = _perturbed(load_model(tiny_ckpt))
+    flags = ["--use-kl-loss", "--kl-loss-coef", "0.5", "--kl-loss-type", "k3", "--use-rollout-logprobs"]
+    shifted = _off_policy(samples, 1.1)
+    _, m, _ = step(tiny_ckpt, shifted, flags, ref=ref)
+    _, m_unbiased, _ = step(tiny_ckpt, shifted, [*flags, "--use-unbiased-kl"], ref=ref)
+    assert m["kl_loss"] > 0
+    assert m_unbiased["kl_loss"] == pytest.approx(1.1 * m["kl_loss"], rel=1e-4)
 
 
 def test_custom_tis_function_path_from_a_file(tiny_ckpt, samples, plain, tmp_path):

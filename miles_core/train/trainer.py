@@ -308,7 +308,18 @@ class Trainer:
                 )
             batch.ref_log_probs = self.compute_log_probs(batch, "ref")
         metrics = self._mismatch(batch)
-        batch.advantages = self.pm.hook.advantage(args=args, batch=batch)
+        trainer_old = batch.old_log_probs
+        if args.use_rollout_logprobs:  # the estimators' KL shaping reads the rollout's, as slime's
+            if batch.rollout_log_probs is None:
+                raise UsageError(
+                    "--use-rollout-logprobs needs the rollout's log-probs, but the samples carry none; make "
+                    "the generate function record rollout_log_probs or drop the flag."
+                )
+            batch.old_log_probs = batch.rollout_log_probs
+        try:
+            batch.advantages = self.pm.hook.advantage(args=args, batch=batch)
+        finally:
+            batch.old_log_probs = trainer_old
         if batch.advantages is None:
             raise RuntimeError(
                 f"no plugin computed advantages for --advantage-estimator {args.advantage_estimator}"
