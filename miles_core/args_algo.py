@@ -120,10 +120,23 @@ def add_algo_arguments(p: argparse.ArgumentParser) -> None:
         choices=["megatron", "sglang"],
         default=None,
         help="Where teacher log-probs come from: megatron = a checkpoint (--opd-teacher-load) that the "
-        "trainer runs (any train backend; slime's name); sglang (a server) is refused for now.",
+        "trainer runs (any train backend; slime's name); sglang = an SGLang-compatible /generate server "
+        "(--opd-teacher-urls) that returns input_token_logprobs.",
     )
     g.add_argument("--opd-kl-coef", type=float, default=1.0, help="Weight of the OPD reverse KL.")
     g.add_argument("--opd-teacher-load", type=str, default=None, help="HF folder of the OPD teacher.")
+    g.add_argument(
+        "--opd-teacher-urls",
+        type=str,
+        nargs="+",
+        default=None,
+        metavar="NAME=URL",
+        help="With --opd-type sglang: teacher /generate URLs; a sample goes to the one its metadata's "
+        "--opd-teacher-key names, else to 'default' (a bare URL is the default).",
+    )
+    g.add_argument(
+        "--opd-teacher-key", type=str, default="opd_teacher", help="Metadata key naming a sample's teacher."
+    )
 
 
 def _flag(dest: str) -> str:
@@ -203,19 +216,38 @@ def _check_tis(args: argparse.Namespace, v: dict) -> None:
             raise UsageError(f"--rs-veto-threshold must be positive, got {args.rs_veto_threshold}.")
 
 
+def teacher_urls(values: list[str] | dict[str, str] | None) -> dict[str, str]:
+    """``--opd-teacher-urls`` as ``{name: url}``: ``NAME=URL`` pairs, a bare URL being ``default``."""
+    if isinstance(values, dict):
+        return values
+    if not values:
+        raise UsageError("--opd-type sglang asks a server for teacher log-probs; add --opd-teacher-urls.")
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, url = v.partition("=")
+        name, url = (name, url) if sep and not name.startswith(("http://", "https://")) else ("default", v)
+        if not url.startswith(("http://", "https://")) or name in out:
+            raise UsageError(
+                f"--opd-teacher-urls {v!r} is not NAME=http://host:port/generate or repeats a name; fix it."
+            )
+        out[name] = url
+    return out
+
+
 def _check_opd(args: argparse.Namespace) -> None:
     if not args.use_opd:
-        if args.opd_type or args.opd_teacher_load:
-            raise UsageError("--opd-type/--opd-teacher-load configure --use-opd; add it.")
+        if args.opd_type or args.opd_teacher_load or args.opd_teacher_urls:
+            raise UsageError("--opd-type/--opd-teacher-load/--opd-teacher-urls configure --use-opd; add it.")
         return
     if args.opd_type is None:
         raise UsageError("--use-opd needs --opd-type megatron (a teacher checkpoint) or sglang (a server).")
     if args.opd_type == "megatron" and not args.opd_teacher_load:
         raise UsageError("--opd-type megatron loads the teacher from --opd-teacher-load DIR; pass it.")
+    if args.opd_type == "megatron" and args.opd_teacher_urls:
+        raise UsageError("--opd-teacher-urls is for --opd-type sglang; drop it or switch the type.")
     if args.opd_type == "sglang":
-        raise UsageError(
-            "--opd-type sglang (teacher log-probs from a server) is not implemented; use --opd-type "
-            "megatron --opd-teacher-load DIR."
-        )
+        if args.opd_teacher_load:
+            raise UsageError("--opd-teacher-load is for --opd-type megatron; drop it or switch the type.")
+        args.opd_teacher_urls = teacher_urls(args.opd_teacher_urls)
     if args.use_ray:
         raise UsageError("--use-opd runs in the single-process trainer only; drop --use-ray or --use-opd.")

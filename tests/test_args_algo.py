@@ -52,13 +52,26 @@ def test_mis_bounds_default_from_the_upper_one():
         (["--use-unbiased-kl"], "--use-kl-loss"),
         (["--use-opd"], "--opd-type"),
         (["--use-opd", "--opd-type", "megatron"], "--opd-teacher-load"),
-        (["--use-opd", "--opd-type", "sglang"], "not implemented"),
+        (["--use-opd", "--opd-type", "sglang"], "add --opd-teacher-urls"),
+        (["--use-opd", "--opd-type", "sglang", "--opd-teacher-urls", "localhost:1"], "NAME=http"),
+        (["--use-opd", "--opd-type", "sglang", "--opd-teacher-urls", "http://a", "http://b"], "repeats"),
+        (
+            ["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", "t", "--opd-teacher-urls", "x"],
+            "sglang",
+        ),
         (["--opd-teacher-load", "t"], "add it"),
     ],
 )
 def test_refusals(argv, match):
     with pytest.raises(UsageError, match=match):
         parse(*argv)
+
+
+def test_teacher_urls_by_name():
+    a = parse(
+        "--use-opd", "--opd-type", "sglang", "--opd-teacher-urls", "http://t:1/generate", "m=http://m:2/g"
+    )
+    assert a.opd_teacher_urls == {"default": "http://t:1/generate", "m": "http://m:2/g"}
 
 
 def test_every_flag_of_the_group_is_in_the_readme():

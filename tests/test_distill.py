@@ -4,8 +4,12 @@ student's own samples with a teacher checkpoint moves the student's log-probs to
 from __future__ import annotations
 
 import copy
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 from approx import close, t
 from conftest import DEMO_CKPT, tiny_config
 from test_trainer import make_args, rollout
@@ -13,7 +17,7 @@ from test_trainer import make_args, rollout
 from miles_core.loop import make_train_batch
 from miles_core.model import ModelConfig, build_model, load_model, save_model
 from miles_core.plugins import get_plugin_manager
-from miles_core.train.distill import opd_advantages, teacher_log_probs
+from miles_core.train.distill import opd_advantages, server_teacher_log_probs, teacher_log_probs
 from miles_core.train.trainer import Trainer
 from miles_core.types import UsageError
 
@@ -71,3 +75,68 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_ckpt, tmp_path):
     args = make_args(tiny_ckpt, ["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", str(other)])
     with pytest.raises(UsageError, match="vocabulary"):
         Trainer(args, get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}), load_model(tiny_ckpt))
+
+
+class _TeacherHandler(BaseHTTPRequestHandler):
+    """SGLang's /generate answer to slime's OPD request: input_token_logprobs of the prompt (first None)."""
+
+    model = None
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["sampling_params"]["max_new_tokens"] == 0 and body["return_logprob"]
+        ids = torch.tensor(body["input_ids"])
+        with torch.no_grad():
+            logits = self.model(ids[:-1][None]).logits[0].float() / body["sampling_params"]["temperature"]
+            lps = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0].tolist()
+        pairs = [[None, int(ids[0]), None]] + [[lp, int(t), None] for lp, t in zip(lps, ids[1:].tolist())]
+        out = json.dumps({"text": "", "meta_info": {"input_token_logprobs": pairs}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def teacher_url(tiny_ckpt_b):
+    handler = type("H", (_TeacherHandler,), {"model": load_model(tiny_ckpt_b).eval()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/generate"
+    server.shutdown()
+
+
+def test_server_teacher_gives_the_checkpoint_teachers_log_probs_and_step(tiny_ckpt, tiny_ckpt_b, teacher_url):
+    """--opd-type sglang against an SGLang-style server running the same teacher weights: the teacher
+    log-probs and the OPD step's gradient equal those of --opd-type megatron with that checkpoint."""
+    common = ["--use-opd", "--opd-kl-coef", "1.0", "--micro-batch-size", "8", "--clip-grad", "0"]
+    ckpt_args = make_args(
+        tiny_ckpt, [*common, "--opd-type", "megatron", "--opd-teacher-load", str(tiny_ckpt_b)]
+    )
+    url_args = make_args(tiny_ckpt, [*common, "--opd-type", "sglang", "--opd-teacher-urls", teacher_url])
+    assert url_args.opd_teacher_urls == {"default": teacher_url}
+    samples = rollout(tiny_ckpt, ckpt_args)
+    for s in samples:
+        s.reward = 0.0
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
+    grads = []
+    for args in (ckpt_args, url_args):
+        trainer = Trainer(args, pm, load_model(tiny_ckpt))
+        trainer.train(0, make_train_batch(copy.deepcopy(samples), args))
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    # routing by metadata: a sample naming no known teacher, with no default, is refused in one sentence
+    named = make_args(
+        tiny_ckpt, [*common, "--opd-type", "sglang", "--opd-teacher-urls", f"math={teacher_url}"]
+    )
+    batch = make_train_batch(copy.deepcopy(samples), named)
+    with pytest.raises(UsageError, match="no default"):
+        server_teacher_log_probs(named, batch)
+    for s in batch.samples:
+        s.metadata["opd_teacher"] = "math"
+    assert len(server_teacher_log_probs(named, batch)) == len(batch)

@@ -108,7 +108,8 @@ class Trainer:
         # The estimator may replace the per-token policy ratio (GSPO's sequence-level one).
         self.estimator = drivers.get_estimator(args.advantage_estimator)
         self.objective = Objective(args, pm, self.estimator)
-        self.teacher = distill.load_teacher(args, pm, self.device, model) if args.use_opd else None
+        megatron_opd = args.use_opd and args.opd_type == "megatron"
+        self.teacher = distill.load_teacher(args, pm, self.device, model) if megatron_opd else None
 
     def _make_optimizer(self, params: list[torch.nn.Parameter], adam: dict) -> torch.optim.Optimizer:
         """AdamW over `params`; with --bf16, `MasterAdamW` and the models cast to bf16."""
@@ -324,13 +325,8 @@ class Trainer:
             raise RuntimeError(
                 f"no plugin computed advantages for --advantage-estimator {args.advantage_estimator}"
             )
-        if self.teacher is not None:
-            teacher = distill.teacher_log_probs(self, batch)
-            student = batch.rollout_log_probs if args.use_rollout_logprobs else batch.old_log_probs
-            batch.advantages, opd = distill.opd_advantages(
-                batch.advantages, student, teacher, batch.loss_masks, args.opd_kl_coef
-            )
-            metrics.update(opd)
+        if args.use_opd:  # the teacher's log-probs pull each token's advantage
+            metrics.update(distill.apply_opd(self, batch))
         return metrics
 
     def _mismatch(self, batch: TrainBatch) -> dict[str, float]:
