@@ -121,7 +121,7 @@ def add_algo_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Where teacher log-probs come from: megatron = a checkpoint (--opd-teacher-load) that the "
         "trainer runs (any train backend; slime's name); sglang = an SGLang-compatible /generate server "
-        "(--opd-teacher-urls) that returns input_token_logprobs.",
+        "(--opd-teacher-urls; SGLang or miles serve) that returns input_token_logprobs.",
     )
     g.add_argument("--opd-kl-coef", type=float, default=1.0, help="Weight of the OPD reverse KL.")
     g.add_argument("--opd-teacher-load", type=str, default=None, help="HF folder of the OPD teacher.")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from approx import close, t
 from conftest import DEMO_CKPT, tiny_config
+from serve_helpers import served
 from test_trainer import make_args, rollout
 
 from miles_core.loop import make_train_batch
@@ -140,3 +141,28 @@ def test_server_teacher_gives_the_checkpoint_teachers_log_probs_and_step(tiny_ck
     for s in batch.samples:
         s.metadata["opd_teacher"] = "math"
     assert len(server_teacher_log_probs(named, batch)) == len(batch)
+
+
+def test_miles_serve_scores_prompts_as_an_opd_teacher(tiny_ckpt, tiny_ckpt_b, tmp_path):
+    """`miles serve` answers slime's teacher request (max_new_tokens 0, logprob_start_len): the teacher
+    log-probs it returns equal the checkpoint teacher's, and logprob_start_len drops the leading ones."""
+    args = make_args(
+        tiny_ckpt, ["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", str(tiny_ckpt_b)]
+    )
+    samples = rollout(tiny_ckpt, args)
+    trainer = Trainer(args, get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}), load_model(tiny_ckpt))
+    batch = make_train_batch(copy.deepcopy(samples), args)
+    want = teacher_log_probs(trainer, batch)
+    with served(tiny_ckpt_b, tmp_path / "serve") as s:
+        url_args = make_args(
+            tiny_ckpt, ["--use-opd", "--opd-type", "sglang", "--opd-teacher-urls", s.url + "/generate"]
+        )
+        got = server_teacher_log_probs(url_args, batch)
+        ids = list(samples[0].tokens)
+        code, body = s.post("/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
+                                          "return_logprob": True, "logprob_start_len": 2})  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert code == 200 and body["meta_info"]["completion_tokens"] == 0
+    pairs = body["meta_info"]["input_token_logprobs"]
+    assert len(pairs) == len(ids) - 2 and [p[1] for p in pairs] == ids[2:] and pairs[0][0] is not None

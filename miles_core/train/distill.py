@@ -7,7 +7,7 @@ log-probs toward the teacher's on the tokens it samples.
 The teacher is a checkpoint the trainer runs (``--opd-type megatron``) or an SGLang-compatible server
 (``--opd-type sglang``, ``--opd-teacher-urls``) asked as slime asks it: ``POST /generate`` with the
 sample's tokens, ``max_new_tokens`` 0, ``return_logprob`` and ``logprob_start_len`` 0, reading
-``meta_info.input_token_logprobs`` (SGLang answers it; ``miles serve`` does not yet).
+``meta_info.input_token_logprobs`` (SGLang and ``miles serve`` answer it).
 
 The teacher is loaded like the reference model (fp32, ``configure_model`` role ``ref``) and must share
 the student's tokenizer (same vocabulary size is checked). Its forward runs without ``pre_forward``:
