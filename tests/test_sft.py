@@ -43,7 +43,7 @@ def test_text_rows_are_prompt_then_response_and_eos(tok, tmp_path):
     assert s.reward == 0.0 and s.rollout_log_probs is None
 
 
-def test_messages_rows_train_on_the_last_assistant_turn(tok, tmp_path):
+def test_messages_rows_train_on_the_assistant_turns(tok, tmp_path):
     msgs = [{"role": "user", "content": "What is 1+2?"}, {"role": "assistant", "content": "\\boxed{3}"}]
     path = write_rows(tmp_path / "msgs.jsonl", [{"messages": msgs}])
     ds = PromptDataset(path, tok, input_key="messages", apply_chat_template=True)
@@ -51,7 +51,16 @@ def test_messages_rows_train_on_the_last_assistant_turn(tok, tmp_path):
     prompt = tok.encode("<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n")
     response = tok.encode("\\boxed{3}<|im_end|>\n")
     assert (s.tokens, s.response_length) == (prompt + response, len(response))
-    # a row with neither a label nor a final assistant message has nothing to learn
+    # several turns: each assistant message is trained, the user turn between them is not
+    turns = [*msgs, {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": "\\boxed{4}"}]
+    path = write_rows(tmp_path / "turns.jsonl", [{"messages": turns}])
+    (s,) = sft_samples(list(PromptDataset(path, tok, input_key="messages", apply_chat_template=True)), tok)
+    a1 = tok.encode("\\boxed{3}<|im_end|>\n")
+    user = tok.encode("<|im_start|>user\nAnd 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    a2 = tok.encode("\\boxed{4}<|im_end|>\n")
+    assert s.tokens == prompt + a1 + user + a2 and s.response_length == len(a1 + user + a2)
+    assert s.loss_mask == [1] * len(a1) + [0] * len(user) + [1] * len(a2)
+    # a row with neither a label nor an assistant message has nothing to learn
     path = write_rows(tmp_path / "bad.jsonl", [{"messages": msgs[:1]}])
     with pytest.raises(UsageError, match="--label-key"):
         sft_samples(list(PromptDataset(path, tok, input_key="messages", apply_chat_template=True)), tok)
