@@ -15,6 +15,7 @@ import difflib
 from typing import Any
 
 from miles_core import drivers
+from miles_core.args_algo import add_algo_arguments
 from miles_core.args_service import add_async as _add_async
 from miles_core.args_service import add_serving as _add_serving
 from miles_core.args_service import collect_sglang_flags
@@ -383,6 +384,7 @@ def build_parser(pm: Any = None, prog: str = "miles train") -> argparse.Argument
         _add_async,
         _add_serving,
         _add_algorithm,
+        add_algo_arguments,
         _add_training,
         _add_reward,
         _add_eval,

@@ -192,10 +192,13 @@ def loss_correction(args: argparse.Namespace, terms: Any) -> dict | None:
 
     :param args: the parsed namespace.
     :param terms: ``miles_core.api.LossTerms``: flat float32 tensors ``[num_tokens]`` over the
-        micro-batch's response tokens: ``log_probs`` (current, with grad), ``old_log_probs``,
-        ``rollout_log_probs`` (may be ``None``), ``advantages``, ``loss_mask``, and ``pg_loss``
-        (per-token loss). A hook may replace ``terms.pg_loss`` (e.g. multiply by a weight) or zero
-        entries of ``terms.loss_mask``.
+        micro-batch's response tokens: ``log_probs`` (current, with grad), ``old_log_probs`` (the PPO
+        ratio's; the rollout's with ``--use-rollout-logprobs``), ``train_log_probs`` (the trainer's
+        before the update, or ``None`` when equal to ``old_log_probs``), ``rollout_log_probs`` (may be
+        ``None``), ``advantages``, ``loss_mask``, and ``pg_loss`` (per-token loss); ``lengths`` and
+        ``total_lengths`` per sample. A hook may replace ``terms.pg_loss`` (e.g. multiply by a weight) or
+        zero entries of ``terms.loss_mask``: those tokens leave the numerators of every loss term, the
+        denominators keep them.
     :returns: ``{metric: float}`` averaged into the step's metrics, or ``None``.
     """
 

@@ -7,7 +7,7 @@ backend protocols list exactly what the loop calls (a test checks it against the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,6 +96,88 @@ class AdvantageEstimator(Protocol):
         """The log importance ratio of the clipped policy loss, flat ``[num_tokens]`` over a micro-batch's
         response tokens (``lengths`` int64 ``[num_samples]``), or ``None`` for the per-token
         ``log_probs - old_log_probs``. GSPO returns its sequence-level ratio here.
+        """
+        ...
+
+
+@runtime_checkable
+class TISFunction(Protocol):
+    """``--custom-tis-function-path`` (with ``--use-tis``): slime's ``vanilla_tis_function`` signature.
+
+    Called by the trainer inside the loss of each micro-batch (``loss_correction``), after OPSM and before
+    IcePop, when the samples carry rollout log-probs. `miles_core.train.mis.compute_mis_weights` is one.
+    """
+
+    def __call__(
+        self,
+        args: argparse.Namespace,
+        *,
+        pg_loss: torch.Tensor,
+        train_log_probs: list[torch.Tensor],
+        rollout_log_probs: list[torch.Tensor],
+        loss_masks: list[torch.Tensor],
+        total_lengths: list[int] | None,
+        response_lengths: list[int],
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
+        """:param pg_loss: float32 ``[num_tokens]``, the micro-batch's per-token policy loss (with grad).
+        :param train_log_probs: per sample float32 ``[response_length]``: the trainer's log-probs before
+            the update (detached).
+        :param rollout_log_probs: per sample, the engine's log-probs of the same tokens.
+        :param loss_masks: per sample float32 ``[response_length]``.
+        :param total_lengths: per sample ``len(tokens)`` (prompt + response).
+        :returns: ``(pg_loss [num_tokens], masks, metrics)``: the reweighted loss, each sample's mask
+            with rejected tokens zeroed (they leave the numerators, the denominators keep them), and
+            metrics, each a float32 ``[num_tokens]`` tensor averaged over the incoming mask (sample mean,
+            or token mean with ``--calculate-per-token-loss``) or a 0-d value.
+        """
+        ...
+
+
+@runtime_checkable
+class PgLossReducerFactory(Protocol):
+    """``--custom-pg-loss-reducer-function-path``: builds the pg_loss reducer of one micro-batch (slime's
+    signature; `miles_core.train.reducers.get_pg_loss_reducer` is Dr. GRPO's). The other loss terms and
+    metrics keep the default reducer."""
+
+    def __call__(
+        self,
+        total_lengths: list[int],
+        response_lengths: list[int],
+        loss_masks: list[torch.Tensor],
+        calculate_per_token_loss: bool,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:param loss_masks: per sample, after the corrections' rejections.
+        :returns: a function from the flat ``pg_loss [num_tokens]`` to the micro-batch's sum over samples
+            (of each sample's reduced loss) or over tokens; the trainer divides it by the optimizer step's
+            sample (or token) count, as slime's Megatron scaling does.
+        """
+        ...
+
+
+@runtime_checkable
+class CustomLossFn(Protocol):
+    """``--loss-type custom_loss --custom-loss-function-path``: replaces the whole per-micro-batch loss
+    (slime's ``(args, batch, logits, sum_of_sample_mean)``; plugins' auxiliary losses are still added)."""
+
+    def __call__(
+        self,
+        args: argparse.Namespace,
+        batch: dict[str, Any],
+        logits: torch.Tensor,
+        sum_of_sample_mean: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:param batch: slime's keys, per sample lists: ``unconcat_tokens`` (int64 ``[len(tokens)]``),
+            ``total_lengths``, ``response_lengths``, ``loss_masks``, ``log_probs`` (old), ``ref_log_probs``,
+            ``rollout_log_probs``, ``advantages`` (float32 ``[response_length]`` or None), ``rewards``,
+            ``samples``; and ``targets`` (int64 ``[num_tokens]``, the response tokens, flat).
+        :param logits: ``[num_tokens, V]`` logits (the rollout's temperature applied) at the positions
+            that predict the response tokens, in ``targets`` order; with gradient. (slime passes the whole
+            packed sequence's; only these rows are computed here.)
+        :param sum_of_sample_mean: per-token ``[num_tokens]`` -> this micro-batch's share of the step's
+            mean (sample mean, or token mean with ``--calculate-per-token-loss``).
+        :returns: ``(loss, metrics)``: the scalar loss with gradient, already scaled as the step's share
+            (``sum_of_sample_mean`` does that), and metrics summed over the step's micro-batches.
         """
         ...
 

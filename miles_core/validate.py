@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from miles_core import drivers
+from miles_core.args_algo import check_algo_args
 from miles_core.errors import UsageError
 from miles_core.logging import get_logger
 from miles_core.train.losses import check_loss_args
@@ -143,6 +144,7 @@ def validate(args: argparse.Namespace) -> None:
     check_numbers(args)
     check_async_args(args)
     check_loss_args(args)
+    check_algo_args(args)
     if args.eps_clip_high is None:
         args.eps_clip_high = args.eps_clip
     if args.rm_type and args.custom_rm_path:
@@ -154,7 +156,8 @@ def check_run_args(args: argparse.Namespace) -> None:
     for dest in ("hf_checkpoint", "prompt_data", "rollout_batch_size", "num_rollout"):
         if vars(args)[dest] in (None, ""):
             raise UsageError(f"{_flag(dest)} is required for miles train; see miles train --help.")
-    if not args.rm_type and not args.custom_rm_path:
+    needs_reward = args.loss_type != "sft_loss" or args.eval_prompt_data  # SFT trains on no reward
+    if needs_reward and not args.rm_type and not args.custom_rm_path:
         names = drivers.available(drivers.REWARDS)
         rm = f"--rm-type NAME (installed: {', '.join(names)}) or " if names else ""
         raise UsageError(f"no reward: pass {rm}--custom-rm-path file.py.")
@@ -186,7 +189,7 @@ def check_run_args(args: argparse.Namespace) -> None:
 
 def warn_single_sample_groups(args: argparse.Namespace) -> None:
     """Warn when a group-relative estimator gets one sample per prompt: every advantage is zero."""
-    if args.n_samples_per_prompt > 1 or args.disable_rewards_normalization:
+    if args.n_samples_per_prompt > 1 or args.disable_rewards_normalization or args.loss_type == "sft_loss":
         return
     # An estimator declares `group_relative = True` when it compares each sample with its group.
     if getattr(drivers.get_estimator(args.advantage_estimator), "group_relative", False):

@@ -34,8 +34,10 @@ def make_terms(ratios: list[float], mask: list[float], with_rollout: bool = True
 
 def args(**kw) -> argparse.Namespace:
     base = dict(
-        use_tis=False, tis_clip=2.0, tis_clip_low=0.0, use_icepop=False, icepop_low=0.5, icepop_high=5.0
-    )
+        use_tis=False, tis_clip=2.0, tis_clip_low=0.0, use_icepop=False, icepop_low=0.5, icepop_high=5.0,
+        use_opsm=False, opsm_delta=1e-4, use_rs=False, tis_mode=None, custom_tis_function_path=None,
+        calculate_per_token_loss=False,
+    )  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from miles_core.data.sft import sft_samples
 from miles_core.logging import get_logger
 from miles_core.rollout.manager import RolloutManager
 from miles_core.types import Sample
@@ -66,6 +67,24 @@ class SyncRollouts:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class SftRollouts(SyncRollouts):
+    """``--loss-type sft_loss``: rollout k is the next ``--rollout-batch-size`` prompt/response rows as
+    samples (`miles_core.data.sft`); nothing is generated or rewarded. The engine still gets the weights,
+    for evaluation."""
+
+    def take(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
+        start = time.perf_counter()
+        prompts = self.manager._next_prompts(rollout_id)
+        samples = sft_samples(prompts, self.manager.tokenizer, self.manager.args.system_prompt)
+        n = max(len(samples), 1)
+        return samples, {
+            "rollout/reward_mean": 0.0,
+            "rollout/response_len_mean": sum(s.response_length for s in samples) / n,
+            "rollout/num_samples": float(len(samples)),
+            "rollout/wait_s": time.perf_counter() - start,
+        }
 
 
 class AsyncRollouts(SyncRollouts):
@@ -186,6 +205,8 @@ class AsyncRollouts(SyncRollouts):
 
 def open_rollouts(args: argparse.Namespace, manager: RolloutManager, engine: Any, start: int) -> SyncRollouts:
     """The rollouts of a run from rollout ``start`` on: `AsyncRollouts` with ``--async``, else sync."""
+    if args.loss_type == "sft_loss":
+        return SftRollouts(manager, engine)
     if args.async_rollout:
         return AsyncRollouts(manager, engine, args, start, args.num_rollout)
     return SyncRollouts(manager, engine)

@@ -108,9 +108,11 @@ class RewardRunner:
                 args.custom_rm_path, "reward", group=drivers.REWARDS, flag="--custom-rm-path"
             )
             self.source = f"--custom-rm-path {args.custom_rm_path}"
-        else:
+        elif args.rm_type:
             self.fn = resolve_rm(args.rm_type)
             self.source = f"--rm-type {args.rm_type}"
+        else:  # --loss-type sft_loss without eval: nothing is ever scored
+            self.fn, self.source = None, "no reward"
         self.log = failures if failures is not None else FailureLog()
         self._by_name: dict[str, Callable] = {}
         self._sem: asyncio.Semaphore | None = None

@@ -3,11 +3,14 @@ the client's decoding of it. Shared by `miles serve` (server), the router and th
 
 ``POST /generate`` takes ``input_ids`` (or ``text``), ``sampling_params`` (``temperature``, ``top_p``,
 ``top_k``, ``max_new_tokens``, ``stop``, ``stop_token_ids``, ``sampling_seed``), ``return_logprob``,
-``return_routed_experts`` and ``rid``; it answers ``text``, ``output_ids`` and ``meta_info`` with
-``id``, ``finish_reason`` (``{"type": "stop" | "length" | "abort", ...}``), ``prompt_tokens``,
-``completion_tokens``, ``output_token_logprobs`` (``[[logprob, token_id, null], ...]``),
+``logprob_start_len``, ``return_routed_experts`` and ``rid``; it answers ``text``, ``output_ids`` and
+``meta_info`` with ``id``, ``finish_reason`` (``{"type": "stop" | "length" | "abort", ...}``),
+``prompt_tokens``, ``completion_tokens``, ``output_token_logprobs`` (``[[logprob, token_id, null], ...]``),
 ``routed_experts`` (base64 of little-endian int32, ``[prompt_tokens + completion_tokens - 1, layers,
-topk]`` flattened) and ``weight_version`` (a string). miles adds ``output_token_weight_versions`` (the
+topk]`` flattened) and ``weight_version`` (a string). ``max_new_tokens`` 0 with ``return_logprob`` and
+``logprob_start_len`` L >= 0 scores the prompt instead (slime's on-policy-distillation teacher request):
+``input_token_logprobs`` lists ``[logprob, token_id, null]`` from position L on (the first token's
+logprob is null). miles adds ``output_token_weight_versions`` (the
 weight version of each output token), ``spec_info`` (decode-strategy statistics) and
 ``sampling_params_used``; SGLang clients ignore them.
 
@@ -41,6 +44,7 @@ class GenerateRequest:
     return_logprob: bool = False
     return_routed_experts: bool = False
     rid: str | None = None
+    logprob_start_len: int | None = None  # with max_new_tokens 0: score the prompt from this position
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,7 +88,12 @@ def parse_generate(body: Any, tokenizer: Any = None, vocab_size: int | None = No
     _number(params, "temperature", float, 0.0)
     _number(params, "top_p", float, 1e-9, 1.0)
     _number(params, "top_k", int, -1)
-    _number(params, "max_new_tokens", int, 1)
+    start = body.get("logprob_start_len")
+    scoring = params.get("max_new_tokens") == 0 and body.get("return_logprob") and start is not None
+    if start is not None and (not isinstance(start, int) or isinstance(start, bool) or start < 0):
+        raise BadRequest(f"logprob_start_len must be an integer >= 0, got {start!r}.")
+    if not scoring:
+        _number(params, "max_new_tokens", int, 1)
     _number(params, "sampling_seed", int)
     stop = params.get("stop")
     if stop is not None and not (
@@ -103,6 +112,7 @@ def parse_generate(body: Any, tokenizer: Any = None, vocab_size: int | None = No
         return_logprob=bool(body.get("return_logprob", False)),
         return_routed_experts=bool(body.get("return_routed_experts", False)),
         rid=rid,
+        logprob_start_len=start if scoring else None,
     )
 
 
@@ -149,6 +159,23 @@ def generate_response(req: GenerateRequest, out: EngineOutput, tokenizer: Any = 
         meta["spec_info"] = {k: float(v) for k, v in out.spec_info.items()}
     text = tokenizer.decode(out.output_ids, skip_special_tokens=True) if tokenizer is not None else ""
     return {"text": text, "output_ids": list(out.output_ids), "meta_info": meta}
+
+
+def score_response(req: GenerateRequest, log_probs: list[float], weight_version: int) -> dict[str, Any]:
+    """The ``/generate`` answer to a prompt-scoring request (``max_new_tokens`` 0): SGLang's
+    ``input_token_logprobs`` from ``logprob_start_len`` on; ``log_probs[i]`` is token ``i + 1``'s."""
+    ids = req.input_ids
+    pairs = [[None, ids[0], None]] + [[float(lp), int(t), None] for lp, t in zip(log_probs, ids[1:])]
+    meta = {
+        "id": req.rid,
+        "finish_reason": {"type": "length", "length": 0},
+        "prompt_tokens": len(ids),
+        "completion_tokens": 0,
+        "cached_tokens": 0,
+        "weight_version": str(weight_version),
+        "input_token_logprobs": pairs[req.logprob_start_len :],
+    }
+    return {"text": "", "output_ids": [], "meta_info": meta}
 
 
 def parse_generate_response(body: dict[str, Any]) -> EngineOutput:

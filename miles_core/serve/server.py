@@ -30,7 +30,13 @@ from miles_core.errors import UsageError
 from miles_core.logging import get_logger
 from miles_core.model.hf_io import iter_safetensors, weight_files
 from miles_core.serve import ipc, weight_sync
-from miles_core.serve.protocol import BadRequest, decode_tensors, generate_response, parse_generate
+from miles_core.serve.protocol import (
+    BadRequest,
+    decode_tensors,
+    generate_response,
+    parse_generate,
+    score_response,
+)
 
 log = get_logger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,6 +111,12 @@ class Server:
 
     async def generate(self, request: web.Request) -> web.Response:
         req = parse_generate(await self._body(request), self.tokenizer, self.vocab_size)
+        if req.logprob_start_len is not None:  # max_new_tokens 0: score the prompt (an OPD teacher)
+            if self.max_len is not None and len(req.input_ids) > self.max_len:
+                raise BadRequest(f"{len(req.input_ids)} tokens exceed the model's {self.max_len} positions.")
+            temperature = float(req.sampling_params.get("temperature", 1.0))
+            lps = self.engine.score(req.input_ids, temperature)
+            return web.json_response(score_response(req, lps, self.engine.weight_version))
         budget = int(req.sampling_params.get("max_new_tokens", 128))
         if self.max_len is not None and len(req.input_ids) + budget > self.max_len:
             raise BadRequest(

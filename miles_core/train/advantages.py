@@ -19,7 +19,7 @@ import torch
 
 from miles_core import drivers
 from miles_core.plugins import hookimpl
-from miles_core.train.losses import compute_approx_kl, gspo_log_ratio
+from miles_core.train.losses import cispo_loss, compute_approx_kl, gspo_log_ratio
 from miles_core.types import TrainBatch, UsageError
 
 
@@ -200,6 +200,14 @@ class GSPO(GRPO):
     """``gspo``: GRPO's advantages with GSPO's sequence-level importance ratio (`gspo_log_ratio`)."""
 
     policy_log_ratio = staticmethod(gspo_log_ratio)
+
+
+class CISPO(GRPO):
+    """``cispo`` (slime's name; MiniMax-M1): GRPO's advantages with the CISPO loss (`cispo_loss`): the
+    importance ratio clipped under stop-gradient weights ``-A * log_probs``, so no token loses its
+    gradient to the clip. An estimator may supply ``policy_loss`` like this to replace the PPO loss."""
+
+    policy_loss = staticmethod(cispo_loss)
 
 
 class ReinforcePlusPlus(GRPO):

@@ -29,16 +29,27 @@ class LossTerms:
 
     All tensors are flat float32 ``[num_tokens]`` over the micro-batch's response tokens, samples
     concatenated in order; ``lengths[i]`` is the response length of sample ``i``. A hook may replace
-    ``pg_loss`` (e.g. multiply by a detached weight) or zero entries of ``loss_mask``.
+    ``pg_loss`` (e.g. multiply by a detached weight) or zero entries of ``loss_mask``: a zeroed token
+    leaves the numerators of the loss terms, while each sample's (or the step's) denominator keeps the
+    tokens of the mask as it came in (slime's decoupling of importance weights and rejection).
     """
 
     log_probs: torch.Tensor  # current policy, carries grad
-    old_log_probs: torch.Tensor  # policy before this rollout's updates (detached)
+    old_log_probs: torch.Tensor  # the PPO ratio's old policy (the rollout's with --use-rollout-logprobs)
     advantages: torch.Tensor
     loss_mask: torch.Tensor
     pg_loss: torch.Tensor  # clipped PPO loss per token, before aggregation
     lengths: list[int]
     rollout_log_probs: torch.Tensor | None = None  # what the engine sampled from; None if not recorded
+    # The trainer's own log-probs before the update (what TIS compares with the rollout's); None: the
+    # same as old_log_probs.
+    train_log_probs: torch.Tensor | None = None
+    total_lengths: list[int] | None = None  # len(tokens) (prompt + response) of each sample
+
+    @property
+    def trainer_log_probs(self) -> torch.Tensor:
+        """The trainer's log-probs before the update: ``train_log_probs``, else ``old_log_probs``."""
+        return self.old_log_probs if self.train_log_probs is None else self.train_log_probs
 
 
 def check_loss_args(args: argparse.Namespace) -> None:
@@ -64,22 +75,32 @@ def check_loss_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def compute_approx_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_type: str) -> torch.Tensor:
+def compute_approx_kl(
+    log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    kl_type: str,
+    importance_ratio: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Elementwise estimate of KL(policy || ref) from sampled tokens (Schulman's k1/k2/k3).
 
     With ``log_ratio = log_probs - ref_log_probs``: k1 = log_ratio, k2 = log_ratio**2 / 2,
-    k3 = exp(-log_ratio) - 1 + log_ratio (non-negative, unbiased, low variance). ``low_var_kl`` is k3
-    clamped to [-10, 10] for stability, as in slime.
+    k3 = exp(-log_ratio) - 1 + log_ratio (non-negative, unbiased, low variance). ``importance_ratio``
+    (``--use-unbiased-kl``: pi / pi_old, with its gradient, as slime) multiplies the estimate, which makes
+    it unbiased for tokens sampled from pi_old (DeepSeek-V3.2). ``low_var_kl`` is k3 clamped to
+    [-10, 10] for stability, after the weighting, as in slime.
     """
     log_ratio = log_probs.float() - ref_log_probs.float()
     if kl_type == "k1":
-        return log_ratio
-    if kl_type == "k2":
-        return log_ratio.square() / 2.0
-    if kl_type in ("k3", "low_var_kl"):
+        kl = log_ratio
+    elif kl_type == "k2":
+        kl = log_ratio.square() / 2.0
+    elif kl_type in ("k3", "low_var_kl"):
         kl = torch.exp(-log_ratio) - 1.0 + log_ratio
-        return kl.clamp(-10.0, 10.0) if kl_type == "low_var_kl" else kl
-    raise ValueError(f"unknown KL estimator {kl_type!r}; expected one of {KL_TYPES}")
+    else:
+        raise ValueError(f"unknown KL estimator {kl_type!r}; expected one of {KL_TYPES}")
+    if importance_ratio is not None:
+        kl = importance_ratio * kl
+    return kl.clamp(-10.0, 10.0) if kl_type == "low_var_kl" else kl
 
 
 def policy_loss(
@@ -115,6 +136,35 @@ def policy_loss(
             raise ValueError(f"eps_clip_c must be > 1 for dual-clip PPO, got {eps_clip_c}")
         loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * eps_clip_c), loss)
     return loss, clipfrac, (-log_ratio).detach()
+
+
+def cispo_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_clip: float,
+    eps_clip_high: float | None = None,
+    eps_clip_c: float | None = None,
+    log_ratio: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): ``(pg_loss, clipfrac, ppo_kl)`` per token.
+
+    loss = -sg(clip(ratio, 1 - eps_clip, 1 + eps_clip_high)) * A * log_probs: the importance ratio is
+    clipped under stop-gradient and the gradient flows through ``log_probs``, so clipped tokens still
+    learn (PPO drops them). ``clipfrac`` is 1.0 where the clamp changed the ratio; ``ppo_kl`` as in
+    `policy_loss`. Canonical CISPO has no lower bound: ``--eps-clip`` >= 1. Dual clip does not apply.
+    """
+    if eps_clip_c is not None:
+        raise ValueError("CISPO has no dual clip; eps_clip_c must be None")
+    if eps_clip_high is None:
+        eps_clip_high = eps_clip
+    if log_ratio is None:
+        log_ratio = log_probs.float() - old_log_probs.float()
+    log_ratio = torch.nan_to_num(log_ratio, nan=0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio.detach())
+    truncated = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip_high)
+    loss = -truncated * advantages.float() * log_probs.float()
+    return loss, (truncated != ratio).float(), (-log_ratio).detach()
 
 
 def gspo_log_ratio(
@@ -160,24 +210,28 @@ def aggregate(
     lengths: list[int] | torch.Tensor,
     per_token: bool,
     denom: float | None = None,
+    denom_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce per-token ``values [num_tokens]`` of a micro-batch to a scalar.
 
     ``per_token`` (``--calculate-per-token-loss``): sum(values * mask) / denom, denom defaulting to the
     micro-batch's mask sum. Otherwise each sample's masked mean, summed, / denom (default: number of
     samples). The trainer passes the whole optimizer step's token / sample count as ``denom`` so that
-    summing the micro-batch losses reproduces the step-level mean exactly.
+    summing the micro-batch losses reproduces the step-level mean exactly. ``denom_mask`` (default
+    ``loss_mask``) counts the tokens of the denominators: a correction that rejects tokens zeroes them in
+    ``loss_mask`` only, so they leave the sums but not the counts.
     """
+    denom_mask = loss_mask if denom_mask is None else denom_mask
     if not isinstance(lengths, torch.Tensor) and sum(lengths) != values.numel():
         raise ValueError(f"lengths sum to {sum(lengths)} but there are {values.numel()} values")
     masked = values * loss_mask
     if per_token:
-        d = loss_mask.sum().clamp(min=1) if denom is None else denom
+        d = denom_mask.sum().clamp(min=1) if denom is None else denom
         return masked.sum() / d
     if len(lengths) == 0:
         return masked.sum()
     lens = _lengths_tensor(lengths, values.device)
-    means = sample_sums(masked, lens) / sample_sums(loss_mask.to(masked.dtype), lens).clamp(min=1)
+    means = sample_sums(masked, lens) / sample_sums(denom_mask.to(masked.dtype), lens).clamp(min=1)
     return means.sum() / (len(lengths) if denom is None else denom)
 
 

@@ -25,14 +25,9 @@ import torch
 from miles_core import drivers
 from miles_core.devices import to_device_many
 from miles_core.model import CausalLM, RoutingState, named_hf_tensors, save_model
-from miles_core.train.losses import (
-    LossTerms,
-    aggregate,
-    compute_approx_kl,
-    log_probs_and_entropy,
-    mismatch_metrics,
-    policy_loss,
-)
+from miles_core.train import distill
+from miles_core.train.losses import log_probs_and_entropy, mismatch_metrics
+from miles_core.train.objective import Objective
 from miles_core.train.optim import MasterAdamW, cast_weights
 from miles_core.train.packing import pack_by_tokens
 from miles_core.types import TrainBatch, UsageError
@@ -112,6 +107,9 @@ class Trainer:
         self.total_steps = max(1, (args.num_rollout or 1) * (args.num_steps_per_rollout or 1))
         # The estimator may replace the per-token policy ratio (GSPO's sequence-level one).
         self.estimator = drivers.get_estimator(args.advantage_estimator)
+        self.objective = Objective(args, pm, self.estimator)
+        megatron_opd = args.use_opd and args.opd_type == "megatron"
+        self.teacher = distill.load_teacher(args, pm, self.device, model) if megatron_opd else None
 
     def _make_optimizer(self, params: list[torch.nn.Parameter], adam: dict) -> torch.optim.Optimizer:
         """AdamW over `params`; with --bf16, `MasterAdamW` and the models cast to bf16."""
@@ -237,20 +235,27 @@ class Trainer:
         )
         packed = {} if mb.seq_lens is None else dict(position_ids=mb.position_ids, seq_lens=mb.seq_lens)
         with self._autocast(model):
+            # Project only the response positions: the [B, T, V] logits are never built (a hook
+            # reading out.logits still gets them, computed lazily).
             if type(model).forward is CausalLM.forward:
-                # Project only the response positions: the [B, T, V] logits are never built (a hook
-                # reading out.logits still gets them, computed lazily).
                 out = model(mb.input_ids, routing=routing, return_hidden=True, compute_logits=False, **packed)
-                logits = model.lm_head(out.hidden[mb.resp_rows, mb.resp_cols])
             else:
                 out = model(mb.input_ids, routing=routing, return_hidden=True, **packed)
-                logits = out.logits[mb.resp_rows, mb.resp_cols]
-        if mb.temperature is not None:
-            logits = logits / mb.temperature[:, None].to(logits.dtype)
+            logits = self.response_logits(model, out, mb)
         logp, ent = log_probs_and_entropy(
             logits, mb.targets, with_entropy=with_entropy, fused=self.fused_loss
         )
         return logp, ent, out, routing
+
+    def response_logits(self, model: CausalLM, out: Any, mb: MicroBatch) -> torch.Tensor:
+        """The tempered logits ``[N, V]`` that predict ``mb``'s response tokens, from a forward's output."""
+        if type(model).forward is CausalLM.forward:
+            logits = model.lm_head(out.hidden[mb.resp_rows, mb.resp_cols])
+        else:
+            logits = out.logits[mb.resp_rows, mb.resp_cols]
+        if mb.temperature is not None:
+            logits = logits / mb.temperature[:, None].to(logits.dtype)
+        return logits
 
     # ------------------------------------------------------------------ log-probs
 
@@ -283,19 +288,7 @@ class Trainer:
     def train(self, rollout_id: int, batch: TrainBatch) -> list[dict[str, float]]:
         """Train on one rollout; returns the metrics of each optimizer step."""
         args = self.args
-        batch.old_log_probs = self.compute_log_probs(batch, "old")
-        if args.use_kl_loss or args.kl_coef:
-            if self.ref_model is None:
-                raise RuntimeError(
-                    "a KL term needs the reference model; the loop builds it for --use-kl-loss"
-                )
-            batch.ref_log_probs = self.compute_log_probs(batch, "ref")
-        rollout_metrics = self._mismatch(batch)
-        batch.advantages = self.pm.hook.advantage(args=args, batch=batch)
-        if batch.advantages is None:
-            raise RuntimeError(
-                f"no plugin computed advantages for --advantage-estimator {args.advantage_estimator}"
-            )
+        rollout_metrics = self._prepare(batch) if args.loss_type != "sft_loss" else {}
         # --num-steps-per-rollout contiguous steps of equal size (of --global-batch-size samples when the
         # rollout has rollout_batch_size x n_samples_per_prompt of them, as it does unless a generate
         # function returns several samples per prompt sample).
@@ -304,6 +297,37 @@ class Trainer:
             metrics = self._step(batch.subset(idx.tolist()))
             all_metrics.append({**rollout_metrics, **metrics})
         return all_metrics
+
+    def _prepare(self, batch: TrainBatch) -> dict[str, float]:
+        """Old (and ref, teacher) log-probs and the advantages of a rollout; returns its mismatch metrics."""
+        args = self.args
+        batch.old_log_probs = self.compute_log_probs(batch, "old")
+        if args.use_kl_loss or args.kl_coef:
+            if self.ref_model is None:
+                raise RuntimeError(
+                    "a KL term needs the reference model; the loop builds it for --use-kl-loss"
+                )
+            batch.ref_log_probs = self.compute_log_probs(batch, "ref")
+        metrics = self._mismatch(batch)
+        trainer_old = batch.old_log_probs
+        if args.use_rollout_logprobs:  # the estimators' KL shaping reads the rollout's, as slime's
+            if batch.rollout_log_probs is None:
+                raise UsageError(
+                    "--use-rollout-logprobs needs the rollout's log-probs, but the samples carry none; make "
+                    "the generate function record rollout_log_probs or drop the flag."
+                )
+            batch.old_log_probs = batch.rollout_log_probs
+        try:
+            batch.advantages = self.pm.hook.advantage(args=args, batch=batch)
+        finally:
+            batch.old_log_probs = trainer_old
+        if batch.advantages is None:
+            raise RuntimeError(
+                f"no plugin computed advantages for --advantage-estimator {args.advantage_estimator}"
+            )
+        if args.use_opd:  # the teacher's log-probs pull each token's advantage
+            metrics.update(distill.apply_opd(self, batch))
+        return metrics
 
     def _mismatch(self, batch: TrainBatch) -> dict[str, float]:
         if batch.rollout_log_probs is None:
@@ -375,43 +399,10 @@ class Trainer:
     ) -> dict[str, float]:
         """Forward + backward of one micro-batch; returns its share of the step's metrics."""
         args = self.args
-        logp, ent, out, _ = self.forward(self.model, mb)
-        old, adv = mb.old_log_probs, mb.advantages
-        log_ratio = self.estimator.policy_log_ratio(logp, old, mb.loss_mask, mb.lengths_t)
-        pg, clipfrac, ppo_kl = policy_loss(
-            logp, old, adv, args.eps_clip, args.eps_clip_high, args.eps_clip_c, log_ratio=log_ratio
+        logp, ent, out, _ = self.forward(self.model, mb, with_entropy=self.objective.needs_entropy)
+        loss, metrics, extra = self.objective(
+            batch, mb, logp, ent, denom, logits=lambda: self.response_logits(self.model, out, mb)
         )
-        terms = LossTerms(
-            log_probs=logp,
-            old_log_probs=old,
-            advantages=adv,
-            loss_mask=mb.loss_mask.clone(),
-            pg_loss=pg,
-            lengths=mb.lengths,
-            rollout_log_probs=mb.rollout_log_probs,
-        )
-        extra: dict[str, float] = {}
-        for m in self.pm.hook.loss_correction(args=args, terms=terms):
-            extra.update(m or {})
-
-        def agg(x: torch.Tensor, mask: torch.Tensor = terms.loss_mask) -> torch.Tensor:
-            return aggregate(x, mask, mb.lengths_t, args.calculate_per_token_loss, denom)
-
-        pg_loss = agg(terms.pg_loss)
-        loss = pg_loss
-        metrics: dict[str, Any] = {  # device scalars; _step reads them all with one sync
-            "pg_loss": pg_loss.detach(),
-            "pg_clipfrac": agg(clipfrac).detach(),
-            "ppo_kl": agg(ppo_kl).detach(),
-            "entropy": agg(ent.detach()),
-        }
-        if args.entropy_coef:
-            loss = loss - args.entropy_coef * agg(ent)
-        kl_loss = torch.zeros((), device=pg_loss.device)
-        if args.use_kl_loss:
-            kl_loss = agg(compute_approx_kl(logp, mb.ref_log_probs, args.kl_loss_type))
-            loss = loss + args.kl_loss_coef * kl_loss
-        metrics["kl_loss"] = kl_loss.detach()
         for aux in self.pm.hook.auxiliary_loss(args=args, model=self.model, inputs=mb, outputs=out):
             if aux is not None:
                 aux_loss, aux_metrics = aux
