@@ -119,6 +119,16 @@ class EngineControl:
         so far with finish reason ``abort``. Returns how many requests were aborted (0: none matched)."""
         return self._between_steps(lambda: self._abort_now(rid))
 
+    def score(self, input_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """Log-probs of ``input_ids[1:]``, each given the tokens before it, at ``temperature`` (0 or less:
+        untempered), from one forward of the served weights; ``miles serve``'s prompt scoring."""
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)[None]
+        with torch.inference_mode():
+            logits = self.model(ids[:, :-1]).logits[0].float()
+        if temperature > 0:
+            logits = logits / temperature
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].tolist()
+
     def flush_cache(self) -> bool:
         """Free the KV cache (and the CUDA graphs sized to it) if no request runs; True if it did."""
 

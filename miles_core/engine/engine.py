@@ -181,15 +181,6 @@ class Engine(EngineControl, StaticDecode):
         return len(self._waiting)
 
     @torch.no_grad()
-    def score(self, input_ids: list[int], temperature: float = 1.0) -> list[float]:
-        """Log-probs of ``input_ids[1:]``, each given the tokens before it, at ``temperature`` (0 or less:
-        untempered), from one forward of the served weights; ``miles serve``'s prompt scoring."""
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)[None]
-        logits = self.model(ids[:, :-1]).logits[0].float()
-        if temperature > 0:
-            logits = logits / temperature
-        return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].tolist()
-
     async def generate(
         self, input_ids: list[int], sampling_params: dict | SamplingParams, rid: str | None = None
     ) -> EngineOutput:
