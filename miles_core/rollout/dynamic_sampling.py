@@ -32,7 +32,7 @@ import torch
 from miles_core import drivers
 from miles_core.custom import load_function
 from miles_core.logging import get_logger
-from miles_core.types import EXCLUDED, Sample
+from miles_core.types import EXCLUDED, Sample, UsageError
 
 log = get_logger(__name__)
 
@@ -81,9 +81,9 @@ def _verdict(output: Any) -> tuple[bool, str | None]:
         return output, None
     if hasattr(output, "keep"):
         return bool(output.keep), getattr(output, "reason", None)
-    raise TypeError(
-        f"a --dynamic-sampling-filter-path function returned {type(output).__name__}; return a bool or "
-        "an object with .keep (and .reason)"
+    raise UsageError(
+        f"the --dynamic-sampling-filter-path function returned a {type(output).__name__}; make it return "
+        "a bool or an object with .keep (and .reason)."
     )
 
 
@@ -125,7 +125,7 @@ class DynamicSampler:
         while len(kept) < target:
             if drawn >= max(epoch_size, target):
                 if not kept:
-                    raise RuntimeError(
+                    raise UsageError(
                         f"dynamic sampling: rollout {rollout_id} drew {drawn} prompts and the filter "
                         f"{args.dynamic_sampling_filter_path} passed none of their groups; check the filter "
                         "or the reward (e.g. every group all correct or all wrong)."
