@@ -100,7 +100,7 @@ def test_trained_batches_hold_only_passing_groups(
         "3",
         *extra,
     ]
-    assert main(argv) == 0
+    assert main([*argv, "--save", str(tmp_path / "ckpt")]) == 0
     assert len(trained_groups) == 3
     for groups in trained_groups:
         assert len(groups) == 2  # --rollout-batch-size
@@ -123,6 +123,10 @@ def test_trained_batches_hold_only_passing_groups(
             - r["rollout/dynamic_sampling/groups_surplus"]
         )
         assert kept == 2 and r["rollout/num_samples"] == 8
+    # the checkpoint after the last rollout saves the data position after every round's draws
+    data = json.loads((tmp_path / "ckpt" / "iter_0000003" / "loop_state.json").read_text())["data"]
+    drawn = 3 * sum(r["rollout/dynamic_sampling/rounds"] for r in rollouts)
+    assert data["epoch"] * 40 + data["offset"] == drawn
 
 
 def test_over_sampling_without_a_filter_trains_the_first_groups(

@@ -121,6 +121,22 @@ def test_critic_only_rollouts_leave_the_policy_and_train_the_critic(tiny_ckpt):
     assert "pg_loss" in metrics and not torch.equal(_flat(trainer.model.parameters()), policy0)
 
 
+def test_critic_values_feed_gae_and_the_critic_regresses_on_returns(tiny_ckpt):
+    """With the head's bias at 0.5 every value is 0.5; with gamma = lambda = 1 the returns are the
+    sample's reward on every token and the advantages reward - 0.5 (not whitened)."""
+    args, trainer = _trainer(tiny_ckpt, ["--gamma", "1.0", "--lambd", "1.0"])
+    with torch.no_grad():
+        trainer.critic.head.bias.fill_(0.5)
+    batch = make_train_batch(rollout(tiny_ckpt, args), args)
+    batch.old_log_probs = trainer.compute_log_probs(batch, "old")
+    trainer.critic.prepare(batch)
+    advantages = PPO().advantages(args, batch)
+    for v, ret, adv, reward in zip(batch.values, trainer.critic._returns, advantages, batch.rewards):
+        close(v, [0.5] * v.numel())
+        close(ret, [float(reward)] * v.numel())
+        close(adv, [float(reward) - 0.5] * v.numel())
+
+
 def test_critic_learns_the_returns(tiny_ckpt):
     """Repeated steps on one rollout bring the critic's values toward its returns (value loss falls)."""
     args, trainer = _trainer(tiny_ckpt, ["--num-critic-only-steps", "100", "--critic-lr", "3e-3"])
