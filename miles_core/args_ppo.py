@@ -55,7 +55,8 @@ def add_ppo(p: argparse.ArgumentParser) -> None:
 
 
 def check_ppo_args(args: argparse.Namespace) -> None:
-    """Refuse critic flags without ``ppo`` and values out of range; ``--critic-lr`` defaults to ``--lr``."""
+    """Refuse critic flags without ``ppo`` and values out of range (``--critic-lr`` stays None when unset:
+    the critic then uses ``--lr``, and a resumed run does not see a changed flag)."""
     ppo = args.advantage_estimator == "ppo"
     for dest, off in (("critic_load", None), ("critic_lr", None), ("num_critic_only_steps", 0)):
         if vars(args)[dest] != off and not ppo:
@@ -76,9 +77,7 @@ def check_ppo_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--value-clip must be positive, got {args.value_clip}.")
     if args.num_critic_only_steps < 0:
         raise UsageError(f"--num-critic-only-steps must be 0 or more, got {args.num_critic_only_steps}.")
-    if args.critic_lr is None:
-        args.critic_lr = args.lr
-    elif args.critic_lr < 0:
+    if args.critic_lr is not None and args.critic_lr < 0:
         raise UsageError(f"--critic-lr must be 0 or more, got {args.critic_lr}.")
     if args.over_sampling_batch_size is not None and args.over_sampling_batch_size < 1:
         n = args.over_sampling_batch_size

@@ -106,7 +106,7 @@ def _flat(params) -> torch.Tensor:
 
 def test_critic_only_rollouts_leave_the_policy_and_train_the_critic(tiny_ckpt):
     args, trainer = _trainer(tiny_ckpt, ["--num-critic-only-steps", "1", "--critic-lr", "1e-2"])
-    assert trainer.critic is not None and args.critic_lr == 1e-2
+    assert trainer.critic is not None and trainer.critic.lr == 1e-2
     samples = rollout(tiny_ckpt, args)
     policy0, critic0 = _flat(trainer.model.parameters()), _flat(trainer.critic.parameters())
     batch = make_train_batch(samples, args)
@@ -154,7 +154,7 @@ def test_critic_flags_are_checked(tiny_ckpt, tmp_path):
         make_args(tiny_ckpt, ["--advantage-estimator", "ppo", "--lambd", "1.5"])
     with pytest.raises(UsageError, match="--value-clip must be positive"):
         make_args(tiny_ckpt, ["--advantage-estimator", "ppo", "--value-clip", "0"])
-    assert make_args(tiny_ckpt, ["--advantage-estimator", "ppo"]).critic_lr == 1e-3  # --lr's
+    assert _trainer(tiny_ckpt, [])[1].critic.lr == 1e-3  # --lr's
     with pytest.raises(UsageError, match="neither an HF checkpoint"):
         _trainer(tiny_ckpt, ["--critic-load", str(tmp_path)])
 

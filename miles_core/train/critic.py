@@ -37,9 +37,10 @@ class Critic:
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
         self.model.requires_grad_(True).eval()
+        self.lr = args.lr if args.critic_lr is None else args.critic_lr
         self.optimizer = torch.optim.AdamW(
             self.parameters(),
-            lr=args.critic_lr,
+            lr=self.lr,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps,
             weight_decay=args.weight_decay,
@@ -143,7 +144,7 @@ class Critic:
         returns = [self._returns[i] for i in idx]
         mask_all = torch.cat([m.float() for m in sub.loss_masks])
         denom = float(mask_all.sum().clamp(min=1)) if args.calculate_per_token_loss else float(len(sub))
-        lr = lr_at(args, args.critic_lr, self.step, self.trainer.total_steps)
+        lr = lr_at(args, self.lr, self.step, self.trainer.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
