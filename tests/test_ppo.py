@@ -201,7 +201,7 @@ def test_ppo_with_ray_is_refused(tiny_ckpt, prompts_file, reward_file, tmp_path,
 
 @pytest.mark.slow
 def test_ppo_example_learns_the_demo_task(tmp_path):
-    """examples/ppo.yaml (40 rollouts) lifts held-out greedy accuracy by at least 0.15."""
+    """examples/ppo.yaml (30 rollouts) lifts held-out greedy accuracy by at least 0.15."""
     repo = Path(__file__).resolve().parent.parent
     run = tmp_path / "ppo"
     argv = ["train", "--config", str(repo / "examples" / "ppo.yaml"), "--run-dir", str(run)]
