@@ -16,6 +16,7 @@ from typing import Any
 
 from miles_core import drivers
 from miles_core.args_algo import add_algo_arguments
+from miles_core.args_ppo import add_ppo as _add_ppo
 from miles_core.args_service import add_async as _add_async
 from miles_core.args_service import add_serving as _add_serving
 from miles_core.args_service import collect_sglang_flags
@@ -168,7 +169,7 @@ def _add_algorithm(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--normalize-advantages", action=ON_OFF, default=False, help="Whiten advantages over the batch."
     )
-    g.add_argument("--gamma", type=float, default=1.0, help="Discount of reinforce++ returns.")
+    g.add_argument("--gamma", type=float, default=1.0, help="Discount of reinforce++ returns and PPO's GAE.")
     g.add_argument("--kl-coef", type=float, default=0.0, help="KL reward shaping (reinforce++).")
     g.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip range (lower, and upper if unset).")
     g.add_argument("--eps-clip-high", type=float, default=None, help="Upper PPO clip (default: --eps-clip).")
@@ -385,6 +386,7 @@ def build_parser(pm: Any = None, prog: str = "miles train") -> argparse.Argument
         _add_serving,
         _add_algorithm,
         add_algo_arguments,
+        _add_ppo,
         _add_training,
         _add_reward,
         _add_eval,

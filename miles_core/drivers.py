@@ -22,6 +22,7 @@ GENERATE = "miles.generate"
 ADVANTAGES = "miles.advantages"
 ROLLOUT_BACKENDS = "miles.rollout_backends"
 TRAIN_BACKENDS = "miles.train_backends"
+FILTERS = "miles.filters"
 
 FLAGS: dict[str, str] = {
     PLUGINS: "plugin",
@@ -30,6 +31,7 @@ FLAGS: dict[str, str] = {
     ADVANTAGES: "--advantage-estimator",
     ROLLOUT_BACKENDS: "--rollout-backend",
     TRAIN_BACKENDS: "--train-backend",
+    FILTERS: "--dynamic-sampling-filter-path",
 }
 
 

@@ -77,7 +77,8 @@ class AdvantageEstimator(Protocol):
     Called by the trainer: ``advantages`` once per rollout (through the core's ``advantage`` hookimpl),
     ``policy_log_ratio`` once per training micro-batch. An estimator whose advantages compare each sample
     with the others of its group sets the class attribute ``group_relative = True``, so a run with
-    ``--n-samples-per-prompt 1`` is warned that it learns nothing.
+    ``--n-samples-per-prompt 1`` is warned that it learns nothing. One that sets ``needs_critic = True``
+    (PPO) gets the torch trainer's value model: ``batch.values`` is set before ``advantages`` is called.
     """
 
     def advantages(self, args: argparse.Namespace, batch: TrainBatch) -> list[torch.Tensor]:

@@ -99,6 +99,7 @@ class TrainBatch:
     old_log_probs: list[torch.Tensor] | None = None  # filled by the "old" forward
     ref_log_probs: list[torch.Tensor] | None = None  # filled by the "ref" forward (KL loss)
     advantages: list[torch.Tensor] | None = None  # float32 [response_length] per sample
+    values: list[torch.Tensor] | None = None  # float32 [response_length] per sample: the critic's (PPO)
     # float32 [num_samples]: the temperature each response was sampled at (1.0 for greedy samples, whose
     # log-probs the engine reports untempered); the trainer's log-probs divide the logits by it.
     temperatures: torch.Tensor | None = None
@@ -131,6 +132,7 @@ class TrainBatch:
             old_log_probs=pick(self.old_log_probs),
             ref_log_probs=pick(self.ref_log_probs),
             advantages=pick(self.advantages),
+            values=pick(self.values),
             temperatures=None if self.temperatures is None else self.temperatures[idx],
             replay_routes=pick(self.replay_routes),
             record_routes=self.record_routes,

@@ -11,6 +11,7 @@ import argparse
 
 from miles_core import drivers
 from miles_core.args_algo import check_algo_args
+from miles_core.args_ppo import check_ppo_args
 from miles_core.errors import UsageError
 from miles_core.logging import get_logger
 from miles_core.train.losses import check_loss_args
@@ -145,6 +146,7 @@ def validate(args: argparse.Namespace) -> None:
     check_async_args(args)
     check_loss_args(args)
     check_algo_args(args)
+    check_ppo_args(args)
     if args.eps_clip_high is None:
         args.eps_clip_high = args.eps_clip
     if args.rm_type and args.custom_rm_path:

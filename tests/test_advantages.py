@@ -182,8 +182,8 @@ def test_hook_reinforce_pp_baseline(pm):
 
 
 def test_hook_usage_errors(pm):
-    with pytest.raises(UsageError, match=r"unknown --advantage-estimator 'ppo'; installed: .*grpo"):
-        pm.hook.advantage(args=make_args(advantage_estimator="ppo"), batch=make_batch([1.0, 0.0], [1, 1]))
+    with pytest.raises(UsageError, match=r"unknown --advantage-estimator 'vapo'; installed: .*grpo"):
+        pm.hook.advantage(args=make_args(advantage_estimator="vapo"), batch=make_batch([1.0, 0.0], [1, 1]))
     batch = make_batch([1.0, 0.0, 1.0], [1, 1, 1])
     for s in batch.samples:
         s.group_index = None  # no group ids: groups are --n-samples-per-prompt long, and 3 is not

@@ -220,15 +220,17 @@ class RolloutDataSource:
             random.Random(self.seed + epoch).shuffle(order)
         return order
 
-    def next_batch(self) -> list[Prompt]:
-        """The next `batch_size` prompts; a batch that runs past the end continues into the next epoch."""
+    def next_batch(self, size: int | None = None) -> list[Prompt]:
+        """The next `size` (default `batch_size`) prompts; a batch that runs past the end continues into
+        the next epoch."""
+        size = self.batch_size if size is None else size
         batch = []
-        while len(batch) < self.batch_size:
+        while len(batch) < size:
             if self.offset == len(self._order):
                 self.epoch += 1
                 self.offset = 0
                 self._order = self._epoch_order(self.epoch)
-            take = min(self.batch_size - len(batch), len(self._order) - self.offset)
+            take = min(size - len(batch), len(self._order) - self.offset)
             batch.extend(self.dataset[i] for i in self._order[self.offset : self.offset + take])
             self.offset += take
         return batch

@@ -31,6 +31,7 @@ from miles_core.rollout.checks import (
     raised,
     sample_problem,
 )
+from miles_core.rollout.dynamic_sampling import DynamicSampler
 from miles_core.rollout.generate import RolloutContext, current_context, rollout_context
 from miles_core.rollout.reward import RewardRunner
 from miles_core.types import EXCLUDED, RolloutOptions, Sample, Status, UsageError
@@ -107,6 +108,7 @@ class RolloutManager:
         self._run_id = uuid.uuid4().hex[:8]  # request ids are unique per run, also on a shared server
         self._data_states: dict[int, dict] = {}  # rollout id -> data position before its prompts
         self._data_lock = threading.Lock()
+        self.sampler = DynamicSampler.from_args(args)  # None unless dynamic sampling is asked for
 
     def _make_samples(self, prompts: list[Any], n: int) -> list[list[Sample]]:
         groups = []
@@ -215,9 +217,15 @@ class RolloutManager:
             return self.source.state_dict()
 
     def _next_prompts(self, rollout_id: int) -> list[Any]:
+        return self._draw(rollout_id, None, first=True)
+
+    def _draw(self, rollout_id: int, n: int | None, first: bool) -> list[Any]:
+        """The next ``n`` prompts (default ``--rollout-batch-size``); the data position before a
+        rollout's ``first`` draw is what a checkpoint before it saves."""
         with self._data_lock:
-            self._data_states[rollout_id] = self.source.state_dict()
-            return self.source.next_batch()
+            if first:
+                self._data_states[rollout_id] = self.source.state_dict()
+            return self.source.next_batch(n)
 
     async def agenerate(self, rollout_id: int) -> tuple[list[Sample], dict[str, float]]:
         """Run rollout ``rollout_id`` (the policy at weight version ``rollout_id`` trains on it); returns
@@ -225,24 +233,29 @@ class RolloutManager:
         args = self.args
         self.engine.set_rollout_options(rollout_options(self.pm, args, rollout_id, self.engine))
         self.engine.reseed(args.rollout_seed + rollout_id)
-        prompts = self._next_prompts(rollout_id)
         counts_before = self.failures.counts.copy()
         start = time.perf_counter()
         tokens_before = self.engine.generated_tokens
         ctx = self._context(f"r{rollout_id}", rollout_id - args.max_weight_staleness)
-        groups = await self._run(
-            self._make_samples(prompts, args.n_samples_per_prompt),
-            sampling_params(args),
-            f"rollout {rollout_id}",
-            args.reward_key,
-            ctx,
-        )
+        sampled: dict[str, float] = {}
+        if self.sampler is not None:  # rounds of over-sampling; post_reward runs on each round
+            epoch = len(self.source.dataset)
+            groups, sampled = await self.sampler.run(self, rollout_id, ctx, sampling_params(args), epoch)
+        else:
+            groups = await self._run(
+                self._make_samples(self._next_prompts(rollout_id), args.n_samples_per_prompt),
+                sampling_params(args),
+                f"rollout {rollout_id}",
+                args.reward_key,
+                ctx,
+            )
         elapsed = time.perf_counter() - start
         samples = [s for g in groups for s in g]
         self._drop_stale(samples, rollout_id)
         self.failures.check_some_succeeded(samples, counts_before, f"rollout {rollout_id}")
-        self.pm.hook.post_reward(args=args, samples=samples)
-        metrics = self._metrics(samples, args.reward_key, "rollout")
+        if self.sampler is None:
+            self.pm.hook.post_reward(args=args, samples=samples)
+        metrics = {**self._metrics(samples, args.reward_key, "rollout"), **sampled}
         failed = self.failures.counts - counts_before
         for stage in ("reward", "generate"):
             metrics[f"rollout/{stage}_failed"] = float(sum(n for (st, _), n in failed.items() if st == stage))

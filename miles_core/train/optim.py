@@ -18,6 +18,9 @@ A parameter with a post-accumulate-grad hook (a plugin that takes its gradient a
 backward, e.g. a plugin's draft heads trained on their own) is kept out of the flat buffers: it gets its
 own per-tensor AdamW in `step`, with whatever ``.grad`` the plugin puts back, unscaled by the policy's
 clip factor.
+
+`lr_at` is the learning-rate schedule (warmup, then constant / linear / cosine decay) of the policy's
+and the critic's optimizers.
 """
 
 from __future__ import annotations
@@ -29,6 +32,20 @@ from typing import Any
 import torch
 
 from miles_core.devices import to_device
+
+
+def lr_at(args: Any, base_lr: float, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``: ``--lr-warmup-iters``
+    of linear warmup to ``base_lr``, then ``--lr-decay-style`` down to ``--min-lr``."""
+    warmup = args.lr_warmup_iters
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    frac = min(1.0, max(0, step - warmup) / max(1, total_steps - warmup))
+    if args.lr_decay_style == "linear":
+        return args.min_lr + (base_lr - args.min_lr) * (1 - frac)
+    if args.lr_decay_style == "cosine":
+        return args.min_lr + (base_lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+    return base_lr
 
 
 def adamw_update(master, exp_avg, exp_avg_sq, grad, param, hyper, grad_scale) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,9 +25,10 @@ from miles_core import drivers
 from miles_core.devices import to_device_many
 from miles_core.model import CausalLM, RoutingState, named_hf_tensors, save_model
 from miles_core.train import distill
+from miles_core.train.critic import Critic
 from miles_core.train.losses import log_probs_and_entropy, mismatch_metrics
 from miles_core.train.objective import Objective
-from miles_core.train.optim import MasterAdamW, cast_weights
+from miles_core.train.optim import MasterAdamW, cast_weights, lr_at
 from miles_core.train.packing import pack_by_tokens
 from miles_core.types import TrainBatch, UsageError
 
@@ -110,6 +110,8 @@ class Trainer:
         self.objective = Objective(args, pm, self.estimator)
         megatron_opd = args.use_opd and args.opd_type == "megatron"
         self.teacher = distill.load_teacher(args, pm, self.device, model) if megatron_opd else None
+        needs_critic = getattr(self.estimator, "needs_critic", False)  # PPO: a value model beside the policy
+        self.critic = Critic.from_args(args, self, self.device) if needs_critic else None
 
     def _make_optimizer(self, params: list[torch.nn.Parameter], adam: dict) -> torch.optim.Optimizer:
         """AdamW over `params`; with --bf16, `MasterAdamW` and the models cast to bf16."""
@@ -292,9 +294,12 @@ class Trainer:
         # --num-steps-per-rollout contiguous steps of equal size (of --global-batch-size samples when the
         # rollout has rollout_batch_size x n_samples_per_prompt of them, as it does unless a generate
         # function returns several samples per prompt sample).
+        critic_only = self.critic is not None and rollout_id < args.num_critic_only_steps  # critic alone
         all_metrics = []
         for idx in np.array_split(np.arange(len(batch)), min(args.num_steps_per_rollout, len(batch))):
-            metrics = self._step(batch.subset(idx.tolist()))
+            metrics = {} if critic_only else self._step(batch.subset(idx.tolist()))
+            if self.critic is not None:
+                metrics.update(self.critic.train_step(batch, idx.tolist()))
             all_metrics.append({**rollout_metrics, **metrics})
         return all_metrics
 
@@ -309,6 +314,8 @@ class Trainer:
                 )
             batch.ref_log_probs = self.compute_log_probs(batch, "ref")
         metrics = self._mismatch(batch)
+        if self.critic is not None:  # PPO: the critic's values (GAE reads them)
+            metrics.update(self.critic.prepare(batch))
         trainer_old = batch.old_log_probs
         if args.use_rollout_logprobs:  # the estimators' KL shaping reads the rollout's, as slime's
             if batch.rollout_log_probs is None:
@@ -342,15 +349,7 @@ class Trainer:
         return metrics
 
     def _lr(self) -> float:
-        a = self.args
-        if a.lr_warmup_iters and self.step < a.lr_warmup_iters:
-            return a.lr * (self.step + 1) / a.lr_warmup_iters
-        frac = min(1.0, max(0, self.step - a.lr_warmup_iters) / max(1, self.total_steps - a.lr_warmup_iters))
-        if a.lr_decay_style == "linear":
-            return a.min_lr + (a.lr - a.min_lr) * (1 - frac)
-        if a.lr_decay_style == "cosine":
-            return a.min_lr + (a.lr - a.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
-        return a.lr
+        return lr_at(self.args, self.args.lr, self.step, self.total_steps)
 
     def _step(self, batch: TrainBatch) -> dict[str, float]:
         args = self.args
@@ -431,8 +430,11 @@ class Trainer:
         save_model(self.model, path, tokenizer_src=tokenizer_src)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "step": self.step}
+        critic = {} if self.critic is None else {"critic": self.critic.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step, **critic}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        if self.critic is not None and "critic" in state:  # absent: a checkpoint of a run without one
+            self.critic.load_state_dict(state["critic"])
