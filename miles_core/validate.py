@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from miles_core import drivers
+from miles_core.args_ops import check_ops_args
 from miles_core.errors import UsageError
 from miles_core.logging import get_logger
 from miles_core.train.losses import check_loss_args
@@ -147,14 +148,16 @@ def validate(args: argparse.Namespace) -> None:
         args.eps_clip_high = args.eps_clip
     if args.rm_type and args.custom_rm_path:
         raise UsageError("pass either --rm-type or --custom-rm-path, not both.")
+    check_ops_args(args)
 
 
 def check_run_args(args: argparse.Namespace) -> None:
     """Checks that only a training run needs (not `--help` or `miles plugins`)."""
+    replaying = args.load_debug_rollout_data is not None  # saved rollouts: no prompts read, no rewards
     for dest in ("hf_checkpoint", "prompt_data", "rollout_batch_size", "num_rollout"):
-        if vars(args)[dest] in (None, ""):
+        if vars(args)[dest] in (None, "") and not (replaying and dest == "prompt_data"):
             raise UsageError(f"{_flag(dest)} is required for miles train; see miles train --help.")
-    if not args.rm_type and not args.custom_rm_path:
+    if not args.rm_type and not args.custom_rm_path and not replaying:
         names = drivers.available(drivers.REWARDS)
         rm = f"--rm-type NAME (installed: {', '.join(names)}) or " if names else ""
         raise UsageError(f"no reward: pass {rm}--custom-rm-path file.py.")

@@ -229,7 +229,10 @@ class RolloutManager:
         counts_before = self.failures.counts.copy()
         start = time.perf_counter()
         tokens_before = self.engine.generated_tokens
-        ctx = self._context(f"r{rollout_id}", rollout_id - args.max_weight_staleness)
+        # The policy version that trains on this rollout; under --debug-rollout-only nothing trains and the
+        # engine keeps its first weights, so the samples are as fresh as those.
+        version = self.engine.weight_version if args.debug_rollout_only else rollout_id
+        ctx = self._context(f"r{rollout_id}", version - args.max_weight_staleness)
         groups = await self._run(
             self._make_samples(prompts, args.n_samples_per_prompt),
             sampling_params(args),
@@ -239,7 +242,7 @@ class RolloutManager:
         )
         elapsed = time.perf_counter() - start
         samples = [s for g in groups for s in g]
-        self._drop_stale(samples, rollout_id)
+        self._drop_stale(samples, version)
         self.failures.check_some_succeeded(samples, counts_before, f"rollout {rollout_id}")
         self.pm.hook.post_reward(args=args, samples=samples)
         metrics = self._metrics(samples, args.reward_key, "rollout")
@@ -248,7 +251,7 @@ class RolloutManager:
             metrics[f"rollout/{stage}_failed"] = float(sum(n for (st, _), n in failed.items() if st == stage))
         metrics["rollout/time_s"] = elapsed
         metrics["rollout/tok_per_s"] = (self.engine.generated_tokens - tokens_before) / max(elapsed, 1e-9)
-        metrics.update(self._version_metrics(samples, rollout_id, ctx))
+        metrics.update(self._version_metrics(samples, version, ctx))
         for k, v in self.engine.metrics().items():
             metrics[f"rollout/{k}"] = float(v)
         for extra in self.pm.hook.rollout_metrics(args=args, rollout_id=rollout_id, samples=samples):
