@@ -1,22 +1,116 @@
 """The `miles train` flags of everyday operations, in slime's names: debug modes (rollout only, train only,
-saved rollouts). Part of `miles_core.args`; `check_ops_args` runs from `miles_core.validate.validate`.
+saved rollouts), chat-template and data options, eval configs. Part of `miles_core.args`; the flags join
+the core's families where they belong; `check_ops_args` runs from `miles_core.validate.validate`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from miles_core.errors import UsageError
 
 ON_OFF = argparse.BooleanOptionalAction
 
 # Flags of this module that leave a run's result unchanged (resuming with other values is allowed).
-OPS_NEUTRAL = frozenset({"save_debug_rollout_data"})
+OPS_NEUTRAL = frozenset(
+    {
+        "save_debug_rollout_data",
+        "eval_config",
+        "eval_input_key",
+        "eval_label_key",
+        "start_rollout_id",
+        "num_epoch",
+    }
+)
 
 
 def add_ops(p: argparse.ArgumentParser) -> None:
-    """Add the debug family."""
+    """Add the debug family, and this module's flags to the data, rollout, checkpoint and eval families."""
+    _add_data(_group(p, "data"))
+    _add_rollout(_group(p, "rollout"))
+    _add_checkpoint(_group(p, "checkpoint"))
+    _add_eval(_group(p, "eval"))
     _add_debug(p)
+
+
+def _group(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """The parser's argument group called ``title`` (added by `miles_core.args`)."""
+    return next(g for g in p._action_groups if g.title == title)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"not JSON ({e}); pass an object such as '{{\"enable_thinking\": false}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a JSON object; pass one such as '{{\"enable_thinking\": false}}'"
+        )
+    return value
+
+
+def _add_data(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--apply-chat-template-kwargs",
+        type=_json_object,
+        default={},
+        help="JSON object of extra chat-template variables, e.g. '{\"enable_thinking\": false}' (Qwen3).",
+    )
+    g.add_argument(
+        "--chat-template-path",
+        type=str,
+        default=None,
+        help="Jinja chat template file to use instead of the tokenizer's (with --apply-chat-template).",
+    )
+    g.add_argument(
+        "--num-epoch",
+        type=int,
+        default=None,
+        help="Passes over --prompt-data instead of --num-rollout: num_rollout = num_epoch x prompts // "
+        "rollout_batch_size.",
+    )
+    g.add_argument(
+        "--start-rollout-id",
+        type=int,
+        default=None,
+        help="The first rollout id of the loop (default: the checkpoint's next rollout with --load, else 0).",
+    )
+
+
+def _add_rollout(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--rollout-max-context-len",
+        type=int,
+        default=None,
+        help="Prompt plus response token limit of a sample (a response stops there, truncated); "
+        "--rollout-max-prompt-len defaults to it minus 1.",
+    )
+
+
+def _add_checkpoint(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--ref-load",
+        type=str,
+        default=None,
+        help="Weights of the reference model of the KL terms: an HF folder or a --save folder (its newest "
+        "checkpoint); default --hf-checkpoint.",
+    )
+
+
+def _add_eval(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--eval-config",
+        type=str,
+        default=None,
+        help="YAML of eval datasets (slime's format: eval: {defaults: {...}, datasets: [{name, path, ...}]}) "
+        "instead of --eval-prompt-data.",
+    )
+    g.add_argument("--eval-input-key", type=str, default=None, help="Default: --input-key.")
+    g.add_argument("--eval-label-key", type=str, default=None, help="Default: --label-key.")
 
 
 def _add_debug(p: argparse.ArgumentParser) -> None:
@@ -71,10 +165,10 @@ def check_debug_args(args: argparse.Namespace) -> None:
         if path is not None:
             _check_template(flag, path)
     save = args.save_debug_rollout_data
-    if save is not None and "{rollout_id}" not in save and (args.num_rollout or 0) > 1:
+    if save is not None and "{rollout_id}" not in save and args.num_rollout != 1:
         raise UsageError(
-            f"--save-debug-rollout-data {save} has no {{rollout_id}}, so each of the {args.num_rollout} "
-            "rollouts would overwrite the last; put {rollout_id} in the path."
+            f"--save-debug-rollout-data {save} has no {{rollout_id}}, so each rollout would overwrite the "
+            "last; put {rollout_id} in the path."
         )
     if args.load_debug_rollout_data is not None:
         if args.debug_rollout_only:
@@ -97,10 +191,9 @@ def check_debug_args(args: argparse.Namespace) -> None:
         raise UsageError(f"{mode} runs single-process; drop --use-ray and the multi-process layout flags.")
     if args.async_rollout:
         raise UsageError(f"{mode} leaves nothing for --async to overlap; drop --async.")
-    if args.debug_train_only and args.eval_prompt_data:
-        raise UsageError(
-            "--debug-train-only starts no rollout engine to evaluate with; drop --eval-prompt-data."
-        )
+    if args.debug_train_only and (args.eval_prompt_data or args.eval_config):
+        flag = "--eval-config" if args.eval_config else "--eval-prompt-data"
+        raise UsageError(f"--debug-train-only starts no rollout engine to evaluate with; drop {flag}.")
     if args.debug_rollout_only:
         for dest in ("load", "save", "save_hf"):
             if vars(args)[dest]:
@@ -111,6 +204,51 @@ def check_debug_args(args: argparse.Namespace) -> None:
                 )
 
 
+def check_data_args(args: argparse.Namespace) -> None:
+    """The data, context and reference flags agree; ``--rollout-max-prompt-len`` gets its default."""
+    for dest in ("num_epoch", "rollout_max_context_len"):
+        if vars(args)[dest] is not None and vars(args)[dest] < 1:
+            raise UsageError(f"--{dest.replace('_', '-')} must be at least 1, got {vars(args)[dest]}.")
+    if args.start_rollout_id is not None and args.start_rollout_id < 0:
+        raise UsageError(f"--start-rollout-id must be 0 or more, got {args.start_rollout_id}.")
+    if args.num_epoch is not None and args.num_rollout is not None:
+        raise UsageError(
+            "--num-epoch sets the number of rollouts, and so does --num-rollout; pass one of them."
+        )
+    if args.num_epoch is not None and args.load_debug_rollout_data is not None:
+        raise UsageError(
+            "--num-epoch counts passes over --prompt-data, which --load-debug-rollout-data does not read; "
+            "pass --num-rollout instead."
+        )
+    ctx = args.rollout_max_context_len
+    if ctx is not None:
+        if ctx < 2:
+            raise UsageError(f"--rollout-max-context-len {ctx} leaves no room for a prompt and a response.")
+        if args.rollout_max_prompt_len is None:
+            args.rollout_max_prompt_len = ctx - 1
+        elif args.rollout_max_prompt_len > ctx - 1:
+            raise UsageError(
+                f"--rollout-max-prompt-len {args.rollout_max_prompt_len} leaves no response token within "
+                f"--rollout-max-context-len {ctx}; lower it to at most {ctx - 1}."
+            )
+    if args.chat_template_path is not None and not args.apply_chat_template:
+        raise UsageError(
+            "--chat-template-path is read only with --apply-chat-template; add it or drop the path."
+        )
+    if args.apply_chat_template_kwargs and not args.apply_chat_template:
+        raise UsageError(
+            "--apply-chat-template-kwargs is read only with --apply-chat-template; add it or drop the kwargs."
+        )
+    if args.ref_load is not None and not (args.use_kl_loss or args.kl_coef):
+        raise UsageError(
+            "--ref-load names the reference model of a KL term, and no KL term is on; add --use-kl-loss "
+            "(or --kl-coef) or drop --ref-load."
+        )
+    if args.eval_config is not None and args.eval_prompt_data:
+        raise UsageError("--eval-config and --eval-prompt-data both name eval datasets; pass one of them.")
+
+
 def check_ops_args(args: argparse.Namespace) -> None:
     """Check this module's flags (one sentence naming the flag and the fix)."""
     check_debug_args(args)
+    check_data_args(args)

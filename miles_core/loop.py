@@ -27,6 +27,7 @@ from miles_core.model import load_model
 from miles_core.protocols import RolloutBackend, TrainBackend
 from miles_core.rollout.async_loop import SyncRollouts, open_rollouts
 from miles_core.rollout.dumps import ReplayedRollouts, save_rollout
+from miles_core.rollout.eval_sets import build_eval_sets
 from miles_core.rollout.manager import RolloutManager
 from miles_core.run_dir import check_output_dirs
 from miles_core.train.advantages import group_sizes
@@ -85,7 +86,7 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args)
-    tokenizer = Tokenizer.from_pretrained(args.hf_checkpoint)
+    tokenizer = Tokenizer.from_pretrained(args.hf_checkpoint, args.chat_template_path)
     common = dict(
         tokenizer=tokenizer,
         input_key=args.input_key,
@@ -94,13 +95,15 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         apply_chat_template=args.apply_chat_template,
         system_prompt=args.system_prompt,
         max_prompt_len=args.rollout_max_prompt_len,
+        chat_template_kwargs=args.apply_chat_template_kwargs,
     )
     source = None if args.debug_train_only else _data_source(args, common)
-    pairs = args.eval_prompt_data or []
-    eval_sets = {
-        pairs[i]: PromptDataset(pairs[i + 1], **common, flag="--eval-prompt-data")
-        for i in range(0, len(pairs), 2)
-    }
+    if args.start_rollout_id is not None and args.start_rollout_id >= args.num_rollout:
+        raise UsageError(
+            f"--start-rollout-id {args.start_rollout_id} leaves no rollout below --num-rollout "
+            f"{args.num_rollout}; lower it or raise --num-rollout."
+        )
+    eval_sets = {} if args.debug_train_only else build_eval_sets(args, tokenizer, common)
 
     weights = str(resume / "model") if resume else args.hf_checkpoint
     trainer: TrainBackend | None = None
@@ -124,9 +127,10 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
             trainer.load_state_dict(trainer_state)
             if source is not None and state.get("data") is not None:
                 source.load_state_dict(state["data"])
-            if engine is not None:
-                engine.weight_version = state["next_rollout"]
             log.info("resumed from %s at rollout %d", resume, state["next_rollout"])
+        start = state["next_rollout"] if args.start_rollout_id is None else args.start_rollout_id
+        if engine is not None:
+            engine.weight_version = start
         logger = MetricsLogger(args.run_dir, resume_from_step=state["next_rollout"] + 1 if resume else None)
         rollouts = None if engine is None else RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
     except BaseException:
@@ -134,7 +138,7 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
             engine.close()  # a backend's server processes must not outlive a run that failed to start
         _close_trainer(trainer)
         raise
-    return Run(args, pm, tokenizer, engine, trainer, rollouts, source, logger, state["next_rollout"], state)
+    return Run(args, pm, tokenizer, engine, trainer, rollouts, source, logger, start, state)
 
 
 def _data_source(args: argparse.Namespace, common: dict) -> RolloutDataSource:
@@ -144,6 +148,8 @@ def _data_source(args: argparse.Namespace, common: dict) -> RolloutDataSource:
             f"--rollout-batch-size {args.rollout_batch_size} is larger than the {len(prompts)} usable "
             f"prompts of {args.prompt_data}; lower it to at most {len(prompts)} or add prompts."
         )
+    if args.num_epoch is not None:  # slime: num_rollout = num_epoch * dataset_size // rollout_batch_size
+        args.num_rollout = args.num_epoch * len(prompts) // args.rollout_batch_size
     return RolloutDataSource(
         prompts, args.rollout_batch_size, shuffle=args.rollout_shuffle, seed=args.rollout_seed
     )
@@ -298,17 +304,16 @@ def _finish(r: Run, last_eval: dict[str, float], wall_s: float) -> dict[str, Any
     if r.trainer is not None:
         r.trainer.save_model(hf_out, args.hf_checkpoint)
     r.logger.close()
-    names = (args.eval_prompt_data or [])[::2]
+    names = list(r.rollouts.eval_sets) if r.rollouts else []
     plot_curves(
         run_dir / "metrics.jsonl",
         run_dir / "curves.png",
         keys=("rollout/reward_mean", *(f"eval/{n}/accuracy" for n in names)),
     )
-    pairs = args.eval_prompt_data or []
     summary = {
         "accuracy_before": r.state.get("accuracy_before"),
         "accuracy_after": _first_accuracy(last_eval),
-        "num_eval_problems": len(r.rollouts.eval_sets[pairs[0]]) if pairs and r.rollouts else 0,
+        "num_eval_problems": len(r.rollouts.eval_sets[names[0]]) if names else 0,
         "num_rollout": args.num_rollout,
         "wall_s": round(wall_s, 2),
         "final_checkpoint": str(hf_out) if r.trainer is not None else None,

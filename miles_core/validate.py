@@ -155,7 +155,8 @@ def check_run_args(args: argparse.Namespace) -> None:
     """Checks that only a training run needs (not `--help` or `miles plugins`)."""
     replaying = args.load_debug_rollout_data is not None  # saved rollouts: no prompts read, no rewards
     for dest in ("hf_checkpoint", "prompt_data", "rollout_batch_size", "num_rollout"):
-        if vars(args)[dest] in (None, "") and not (replaying and dest == "prompt_data"):
+        excused = (replaying and dest == "prompt_data") or (dest == "num_rollout" and args.num_epoch)
+        if vars(args)[dest] in (None, "") and not excused:
             raise UsageError(f"{_flag(dest)} is required for miles train; see miles train --help.")
     if not args.rm_type and not args.custom_rm_path and not replaying:
         names = drivers.available(drivers.REWARDS)

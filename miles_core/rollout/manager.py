@@ -31,6 +31,7 @@ from miles_core.rollout.checks import (
     raised,
     sample_problem,
 )
+from miles_core.rollout.eval_sets import pass_at_k_metrics
 from miles_core.rollout.generate import RolloutContext, current_context, rollout_context
 from miles_core.rollout.reward import RewardRunner
 from miles_core.types import EXCLUDED, RolloutOptions, Sample, Status, UsageError
@@ -131,6 +132,11 @@ class RolloutManager:
         ``--group-rm``, reward each as soon as it is done."""
         sample.sampling_params = {k: params[k] for k in ("temperature", "top_p", "top_k")}
         prompt_tokens = list(sample.tokens)
+        limit = self.args.rollout_max_context_len  # prompt + response; longer prompts were filtered out
+        if limit is not None:
+            params = dict(
+                params, max_new_tokens=max(1, min(params["max_new_tokens"], limit - len(prompt_tokens)))
+            )
         start_version = self.engine.weight_version
         outs = await self._generate(sample, params, prompt_tokens)
         for o in outs:
@@ -299,18 +305,26 @@ class RolloutManager:
         return asyncio.run(self.aevaluate(rollout_id))
 
     async def aevaluate(self, rollout_id: int) -> dict[str, float]:
-        """Score every eval set; ``eval/<name>/accuracy`` is the fraction of rewards above 0.5."""
+        """Score every eval set (`miles_core.rollout.eval_sets.EvalSet`: its own samples per prompt,
+        sampling parameters and reward); ``eval/<name>/accuracy`` is the fraction of rewards above 0.5,
+        ``eval/<name>/pass@k`` the chance that one of k samples of a prompt is (k = 1, 2, 4, ...)."""
         args = self.args
-        params = sampling_params(args, evaluation=True)
         metrics: dict[str, float] = {}
         self.engine.reseed(args.rollout_seed + 10_000_019 + rollout_id)
         key = args.eval_reward_key or args.reward_key
-        for i, (name, dataset) in enumerate(self.eval_sets.items()):
-            samples = self._make_samples(list(dataset), args.n_samples_per_eval_prompt)
+        for i, (name, eval_set) in enumerate(self.eval_sets.items()):
+            params = dict(sampling_params(args, evaluation=True), **eval_set.sampling)
+            samples = self._make_samples(list(eval_set.dataset), eval_set.n_samples)
+            for s in (s for g in samples for s in g if eval_set.rm_type):
+                s.metadata["rm_type"] = eval_set.rm_type
             ctx = self._context(f"eval{rollout_id}.{i}")
             groups = await self._run(samples, params, f"eval {name}", key, ctx)
-            for k, v in self._metrics([s for g in groups for s in g], key, f"eval/{name}").items():
-                metrics[k] = v
+            metrics.update(self._metrics([s for g in groups for s in g], key, f"eval/{name}"))
+            counts = [
+                (len(g), sum(s.status not in EXCLUDED and scalar_reward(s, key) > 0.5 for s in g))
+                for g in groups
+            ]
+            metrics.update(pass_at_k_metrics(counts, f"eval/{name}"))
         return metrics
 
     def _metrics(self, samples: list[Sample], key: str | None, prefix: str) -> dict[str, float]:
