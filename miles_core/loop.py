@@ -103,7 +103,7 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
             f"--start-rollout-id {args.start_rollout_id} leaves no rollout below --num-rollout "
             f"{args.num_rollout}; lower it or raise --num-rollout."
         )
-    eval_sets = {} if args.debug_train_only else build_eval_sets(args, tokenizer, common)
+    eval_sets = {} if args.debug_train_only else build_eval_sets(args, common)
 
     weights = str(resume / "model") if resume else args.hf_checkpoint
     trainer: TrainBackend | None = None

@@ -134,8 +134,9 @@ def _check_entry(e: dict[str, Any], args: argparse.Namespace) -> None:
         )
 
 
-def build_eval_sets(args: argparse.Namespace, tokenizer: Any, common: dict[str, Any]) -> dict[str, EvalSet]:
-    """The run's eval datasets by name, tokenized (``common``: the PromptDataset options of the run)."""
+def build_eval_sets(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, EvalSet]:
+    """The run's eval datasets by name, tokenized (``common``: the run's PromptDataset options, tokenizer
+    included)."""
     sets: dict[str, EvalSet] = {}
     for e in eval_entries(args):
         _check_entry(e, args)
@@ -145,7 +146,7 @@ def build_eval_sets(args: argparse.Namespace, tokenizer: Any, common: dict[str, 
             common, input_key=e["input_key"], label_key=e["label_key"], metadata_key=e["metadata_key"]
         )
         flag = "--eval-config" if args.eval_config else "--eval-prompt-data"
-        dataset = PromptDataset(e["path"], tokenizer=tokenizer, **options, flag=flag)
+        dataset = PromptDataset(e["path"], **options, flag=flag)
         sampling = {SAMPLING[k]: e[k] for k in SAMPLING}
         rm_type = e["rm_type"] if e["rm_type"] != args.rm_type else None
         sets[e["name"]] = EvalSet(e["name"], dataset, e["n_samples_per_eval_prompt"], sampling, rm_type)
