@@ -1,5 +1,5 @@
 """The `miles train` flags of everyday operations, in slime's names: debug modes (rollout only, train only,
-saved rollouts), chat-template and data options, eval configs. Part of `miles_core.args`; the flags join
+saved rollouts), chat-template and data options, eval configs, W&B. Part of `miles_core.args`; the flags join
 the core's families where they belong; `check_ops_args` runs from `miles_core.validate.validate`.
 """
 
@@ -9,6 +9,7 @@ import argparse
 import json
 
 from miles_core.errors import UsageError
+from miles_core.wandb_sink import check_wandb_args
 
 ON_OFF = argparse.BooleanOptionalAction
 
@@ -21,6 +22,8 @@ OPS_NEUTRAL = frozenset(
         "eval_label_key",
         "start_rollout_id",
         "num_epoch",
+        *("use_wandb", "wandb_project", "wandb_group", "wandb_team", "wandb_mode", "wandb_dir"),
+        *("wandb_key", "wandb_host", "wandb_run_id", "wandb_random_suffix"),
     }
 )
 
@@ -32,6 +35,7 @@ def add_ops(p: argparse.ArgumentParser) -> None:
     _add_checkpoint(_group(p, "checkpoint"))
     _add_eval(_group(p, "eval"))
     _add_debug(p)
+    _add_wandb(p)
 
 
 def _group(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
@@ -146,6 +150,36 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_wandb(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("wandb (pip install 'miles-core[wandb]')")
+    g.add_argument(
+        "--use-wandb", action=ON_OFF, default=False, help="Log the metrics to Weights & Biases too."
+    )
+    g.add_argument("--wandb-project", type=str, default=None, help="W&B project.")
+    g.add_argument("--wandb-group", type=str, default=None, help="W&B group (and run name, see below).")
+    g.add_argument("--wandb-team", type=str, default=None, help="W&B entity (team or user).")
+    g.add_argument(
+        "--wandb-mode",
+        choices=["online", "offline", "disabled"],
+        default=None,
+        help="online, offline (written locally for `wandb sync`) or disabled (default: WANDB_MODE, else "
+        "online).",
+    )
+    g.add_argument("--wandb-dir", type=str, default=None, help="Folder of W&B's files (default: --run-dir).")
+    g.add_argument("--wandb-key", type=str, default=None, help="API key to log in with (online).")
+    g.add_argument("--wandb-host", type=str, default=None, help="W&B server to log in to (online).")
+    g.add_argument(
+        "--wandb-run-id", type=str, default=None, help="Resume (or create) the W&B run of this id."
+    )
+    g.add_argument(
+        "--disable-wandb-random-suffix",
+        dest="wandb_random_suffix",
+        action="store_false",
+        default=True,
+        help="Name the run --wandb-group exactly (by default a random 8-character suffix is added).",
+    )
+
+
 def _check_template(flag: str, path: str) -> None:
     try:
         path.format(rollout_id=0)
@@ -252,3 +286,4 @@ def check_ops_args(args: argparse.Namespace) -> None:
     """Check this module's flags (one sentence naming the flag and the fix)."""
     check_debug_args(args)
     check_data_args(args)
+    check_wandb_args(args)

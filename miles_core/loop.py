@@ -35,6 +35,7 @@ from miles_core.train.checkpoint import load_checkpoint, save_checkpoint
 from miles_core.train.models import load_train_models
 from miles_core.train.resume import resolve_resume
 from miles_core.types import EXCLUDED, Sample, TrainBatch, UsageError
+from miles_core.wandb_sink import open_wandb
 
 log = get_logger(__name__)
 
@@ -131,7 +132,11 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         start = state["next_rollout"] if args.start_rollout_id is None else args.start_rollout_id
         if engine is not None:
             engine.weight_version = start
-        logger = MetricsLogger(args.run_dir, resume_from_step=state["next_rollout"] + 1 if resume else None)
+        logger = MetricsLogger(
+            args.run_dir,
+            resume_from_step=state["next_rollout"] + 1 if resume else None,
+            sinks=open_wandb(args),
+        )
         rollouts = None if engine is None else RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
     except BaseException:
         if engine is not None:
