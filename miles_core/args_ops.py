@@ -9,9 +9,11 @@ import argparse
 import json
 
 from miles_core.errors import UsageError
+from miles_core.logging import get_logger
 from miles_core.wandb_sink import check_wandb_args
 
 ON_OFF = argparse.BooleanOptionalAction
+log = get_logger(__name__)
 
 # Flags of this module that leave a run's result unchanged (resuming with other values is allowed).
 OPS_NEUTRAL = frozenset(
@@ -211,6 +213,13 @@ def check_debug_args(args: argparse.Namespace) -> None:
                 "drop one of them."
             )
         args.debug_train_only = True
+        unread = [f for f, v in (("--prompt-data", args.prompt_data), ("--rm-type", args.rm_type),
+                                 ("--custom-rm-path", args.custom_rm_path)) if v]  # fmt: skip
+        if unread:
+            log.info(
+                "--load-debug-rollout-data: %s not read (the saved samples carry their prompts and rewards).",
+                ", ".join(unread),
+            )
     if args.debug_rollout_only and args.debug_train_only:
         raise UsageError("--debug-rollout-only and --debug-train-only exclude each other; pass one of them.")
     if args.debug_train_only and args.load_debug_rollout_data is None:

@@ -115,7 +115,10 @@ def test_num_epoch_counts_rollouts_from_the_data(tmp_path, reward, small_data):
 
 def test_start_rollout_id(tmp_path, reward):
     dumps = str(tmp_path / "d{rollout_id}.pt")
-    assert main(demo_argv(tmp_path / "a", reward) + ["--save-debug-rollout-data", dumps]) == 0
+    assert (
+        main(demo_argv(tmp_path / "a", reward) + ["--save-debug-rollout-data", dumps, "--debug-rollout-only"])
+        == 0
+    )
     Path(dumps.format(rollout_id=0)).unlink()  # the replay from rollout 1 on never reads it
     b = tmp_path / "b"
     assert (
