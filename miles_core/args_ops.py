@@ -235,8 +235,9 @@ def check_debug_args(args: argparse.Namespace) -> None:
     if args.async_rollout:
         raise UsageError(f"{mode} leaves nothing for --async to overlap; drop --async.")
     if args.debug_train_only and (args.eval_prompt_data or args.eval_config):
+        # Not refused: replaying a run means repeating its flags (or its --config), eval ones included.
         flag = "--eval-config" if args.eval_config else "--eval-prompt-data"
-        raise UsageError(f"--debug-train-only starts no rollout engine to evaluate with; drop {flag}.")
+        log.info("--debug-train-only starts no rollout engine, so nothing is evaluated (%s not read).", flag)
     if args.debug_rollout_only:
         for dest in ("load", "save", "save_hf"):
             if vars(args)[dest]:

@@ -76,7 +76,7 @@ def test_sample_round_trips_every_field(tmp_path):
 def test_saved_rollouts_retrain_to_the_same_weights(label_reward, tmp_path, monkeypatch):
     """Run A generates, saves and trains 2 rollouts; run B trains on A's files with no engine, no prompt data
     and no reward, and ends on bitwise the same weights (a replay of rollout 0 twice, or of another
-    rollout's samples, would not)."""
+    rollout's samples, would not); so does run C, given A's flags plus eval ones."""
     dumps = str(tmp_path / "dumps" / "rollout_{rollout_id}.pt")
     a = tmp_path / "a"
     assert main(demo_argv(a, label_reward) + ["--save-debug-rollout-data", dumps]) == 0
@@ -90,9 +90,15 @@ def test_saved_rollouts_retrain_to_the_same_weights(label_reward, tmp_path, monk
     monkeypatch.setattr(loop.drivers, "get_rollout_backend", no_engine)
     b = tmp_path / "b"
     assert main(demo_argv(b, None, data=False) + ["--load-debug-rollout-data", dumps]) == 0
-    wa, wb = (load_file(p / "final_hf" / "model.safetensors") for p in (a, b))
+    # The saving run's own flags replay too: its prompt data, reward and eval flags are not read.
+    c = tmp_path / "c"
+    evals = ["--eval-prompt-data", "arith", str(DEMO / "data" / "test.jsonl"), "--eval-interval", "1"]
+    assert main(demo_argv(c, label_reward) + evals + ["--load-debug-rollout-data", dumps]) == 0
+    assert not any(k.startswith("eval/") for r in rows(c) for k in r)
+    wa, wb, wc = (load_file(p / "final_hf" / "model.safetensors") for p in (a, b, c))
     w0 = load_file(DEMO / "checkpoint" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa.keys() == wb.keys() == wc.keys()
+    assert all(torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]) for k in wa)
     assert any(not torch.equal(wa[k], w0[k]) for k in wa)  # it trained
     ra, rb = rows(a), rows(b)
     assert [r["rollout/reward_mean"] for r in ra] == [r["rollout/reward_mean"] for r in rb]
@@ -136,8 +142,6 @@ def test_debug_rollout_only_builds_no_trainer(label_reward, tmp_path, monkeypatc
         (["--debug-rollout-only", "--save", "ckpts"], "nothing for --save to write"),
         (["--debug-rollout-only", "--async"], "drop --async"),
         (["--load-debug-rollout-data", "x{rollout_id}.pt", "--use-ray"], "drop --use-ray"),
-        (["--load-debug-rollout-data", "x{rollout_id}.pt", "--eval-prompt-data", "a", "b.jsonl"],
-         "drop --eval-prompt-data"),
     ],
 )  # fmt: skip
 def test_refused_combinations(capsys, tmp_path, label_reward, extra, needle):
