@@ -238,3 +238,17 @@ def test_eval_config_mistakes(capsys, tmp_path, reward, small_data, text, needle
     cfg.write_text(text.replace("PATH", str(small_data)))
     argv = demo_argv(tmp_path / "r", reward, n_rollout=1) + ["--eval-config", str(cfg)]
     assert needle in error_of(capsys, argv)
+
+
+def test_eval_input_and_label_keys(tmp_path, reward, small_data):
+    """--eval-prompt-data files with other keys than the training data's, named by --eval-input-key and
+    --eval-label-key; the label reaches the reward (the demo model gets some right)."""
+    qa = tmp_path / "qa.jsonl"
+    lines = [json.loads(x) for x in small_data.read_text().splitlines()]
+    qa.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["label"]}) + "\n" for r in lines))
+    run = tmp_path / "run"
+    argv = demo_argv(run, reward, n_rollout=1) + ["--debug-rollout-only", "--eval-prompt-data", "qa", str(qa)]
+    argv += ["--eval-input-key", "question", "--eval-label-key", "answer", "--eval-temperature", "0"]
+    assert main(argv) == 0
+    evals = [r for r in rows(run) if "eval/qa/accuracy" in r]
+    assert len(evals) == 2 and evals[0]["eval/qa/num_samples"] == 6 and evals[0]["eval/qa/accuracy"] > 0

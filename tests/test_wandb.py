@@ -35,20 +35,10 @@ def wandb_records(path: Path) -> list[bytes]:
     return out
 
 
-@pytest.mark.slow
-def test_offline_run_writes_a_syncable_run_dir(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="pip install 'miles-core[wandb]'")
+def history_and_run(log_file: Path) -> tuple[dict[int, dict], object]:
+    """The history rows (by step) and the run record of a ``run-*.wandb`` file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    reward = tmp_path / "reward.py"
-    reward.write_text("async def reward(args, sample):\n    return 0.5 * (sample.index % 2)\n")
-    run = tmp_path / "run"
-    argv = demo_argv(run, reward) + ["--use-wandb", "--wandb-project", "miles-test", "--wandb-group", "g"]
-    assert main(argv) == 0
-    (folder,) = (run / "wandb").glob("offline-run-*")
-    (log_file,) = folder.glob("run-*.wandb")
     history, meta = {}, None
     for raw in wandb_records(log_file):
         record = pb.Record()
@@ -60,6 +50,22 @@ def test_offline_run_writes_a_syncable_run_dir(tmp_path, monkeypatch):
             history[record.history.step.num] = items
         elif kind == "run":
             meta = record.run
+    return history, meta
+
+
+@pytest.mark.slow
+def test_offline_run_writes_a_syncable_run_dir(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="pip install 'miles-core[wandb]'")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    reward = tmp_path / "reward.py"
+    reward.write_text("async def reward(args, sample):\n    return 0.5 * (sample.index % 2)\n")
+    run = tmp_path / "run"
+    argv = demo_argv(run, reward) + ["--use-wandb", "--wandb-project", "miles-test", "--wandb-group", "g"]
+    assert main(argv) == 0
+    (folder,) = (run / "wandb").glob("offline-run-*")
+    (log_file,) = folder.glob("run-*.wandb")
+    history, meta = history_and_run(log_file)
     assert meta.project == "miles-test" and meta.run_group == "g" and meta.display_name.startswith("g_")
     jsonl = {r["step"]: r for r in rows(run)}
     assert sorted(history) == sorted(jsonl) == [1, 2]
@@ -97,3 +103,29 @@ def test_import_stays_light():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_wandb_flags_reach_the_run(tmp_path, monkeypatch):
+    """--wandb-mode offline (no WANDB_MODE), --wandb-dir, --disable-wandb-random-suffix, --wandb-run-id."""
+    pytest.importorskip("wandb", reason="pip install 'miles-core[wandb]'")
+    from miles_core.args import parse_args
+    from miles_core.wandb_sink import WandbSink
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = parse_args(["--use-wandb", "--wandb-mode", "offline", "--wandb-dir", str(tmp_path / "wb"),
+                       "--wandb-group", "grp", "--disable-wandb-random-suffix", "--wandb-run-id", "abc123",
+                       "--run-dir", str(tmp_path / "run")])  # fmt: skip
+    sink = WandbSink(args)
+    try:
+        assert sink.run.id == "abc123" and sink.run.name == "grp" and sink.run.group == "grp"
+        sink.log({"step": 3, "rollout/reward_mean": 0.5})
+    finally:
+        sink.close()
+    (folder,) = (tmp_path / "wb" / "wandb").glob("offline-run-*-abc123")
+    assert not (tmp_path / "run").exists()
+    history, _ = history_and_run(next(folder.glob("run-*.wandb")))
+    assert history == {
+        3: {"rollout/reward_mean": 0.5, **{k: v for k, v in history[3].items() if k.startswith("_")}}
+    }
