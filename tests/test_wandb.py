@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ def wandb_records(path: Path) -> list[bytes]:
             pos += left
             continue
         _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + n > len(data):  # a chunk still being written
+            break
         buf += data[pos + 7 : pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):
@@ -36,13 +39,23 @@ def wandb_records(path: Path) -> list[bytes]:
 
 
 def history_and_run(log_file: Path) -> tuple[dict[int, dict], object]:
-    """The history rows (by step) and the run record of a ``run-*.wandb`` file."""
+    """The history rows (by step) and the run record of a ``run-*.wandb`` file, once complete: W&B's
+    service process writes the last records after ``run.finish()`` returns, up to the ``exit`` record."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    def records() -> list:
+        out = []
+        for raw in wandb_records(log_file):
+            record = pb.Record()
+            record.ParseFromString(raw)
+            out.append(record)
+        return out
+
+    deadline = time.monotonic() + 60
+    while not any(r.WhichOneof("record_type") == "exit" for r in records()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     history, meta = {}, None
-    for raw in wandb_records(log_file):
-        record = pb.Record()
-        record.ParseFromString(raw)
+    for record in records():
         kind = record.WhichOneof("record_type")
         if kind == "history":
             # a key with "/" (rollout/reward_mean) is stored split, in nested_key
@@ -53,7 +66,6 @@ def history_and_run(log_file: Path) -> tuple[dict[int, dict], object]:
     return history, meta
 
 
-@pytest.mark.slow
 def test_offline_run_writes_a_syncable_run_dir(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="pip install 'miles-core[wandb]'")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -105,7 +117,6 @@ def test_import_stays_light():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.slow
 def test_wandb_flags_reach_the_run(tmp_path, monkeypatch):
     """--wandb-mode offline (no WANDB_MODE), --wandb-dir, --disable-wandb-random-suffix, --wandb-run-id."""
     pytest.importorskip("wandb", reason="pip install 'miles-core[wandb]'")
