@@ -201,10 +201,12 @@ def check_debug_args(args: argparse.Namespace) -> None:
         if path is not None:
             _check_template(flag, path)
     save = args.save_debug_rollout_data
-    if save is not None and "{rollout_id}" not in save and args.num_rollout != 1:
+    replaying = args.load_debug_rollout_data is not None or args.debug_train_only
+    evaluating = bool(args.eval_prompt_data or args.eval_config) and not replaying
+    if save is not None and "{rollout_id}" not in save and (args.num_rollout != 1 or evaluating):
         raise UsageError(
-            f"--save-debug-rollout-data {save} has no {{rollout_id}}, so each rollout would overwrite the "
-            "last; put {rollout_id} in the path."
+            f"--save-debug-rollout-data {save} has no {{rollout_id}}, so each rollout (or evaluation, "
+            "eval_<id>) would overwrite the last; put {rollout_id} in the path."
         )
     if args.load_debug_rollout_data is not None:
         if args.debug_rollout_only:

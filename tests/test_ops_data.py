@@ -249,6 +249,10 @@ def test_eval_input_and_label_keys(tmp_path, reward, small_data):
     run = tmp_path / "run"
     argv = demo_argv(run, reward, n_rollout=1) + ["--debug-rollout-only", "--eval-prompt-data", "qa", str(qa)]
     argv += ["--eval-input-key", "question", "--eval-label-key", "answer", "--eval-temperature", "0"]
-    assert main(argv) == 0
+    dumps = str(tmp_path / "d{rollout_id}.pt")
+    assert main(argv + ["--save-debug-rollout-data", dumps]) == 0
     evals = [r for r in rows(run) if "eval/qa/accuracy" in r]
     assert len(evals) == 2 and evals[0]["eval/qa/num_samples"] == 6 and evals[0]["eval/qa/accuracy"] > 0
+    before, after = load_rollout(str(tmp_path / "deval_{rollout_id}.pt"), 0), load_rollout(dumps, "eval_1")
+    assert [s.label for s in before] == [r["label"] for r in lines] and len(after) == 6
+    assert [s.prompt for s in before] == [s.prompt for s in after]

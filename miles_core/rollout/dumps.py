@@ -58,13 +58,15 @@ def sample_from_dict(row: dict[str, Any], where: str) -> Sample:
     return sample
 
 
-def save_rollout(template: str, rollout_id: int, samples: list[Sample]) -> Path:
-    """Write rollout ``rollout_id``'s samples to its dump file (atomically, parents created)."""
-    path = dump_path(template, rollout_id)
+def save_rollout(template: str, rollout_id: int, samples: list[Sample], evaluation: bool = False) -> Path:
+    """Write rollout ``rollout_id``'s samples to its dump file (atomically, parents created); an
+    evaluation's (every eval set's samples, in order) go to ``eval_<rollout_id>`` as in slime."""
+    path = dump_path(template, f"eval_{rollout_id}" if evaluation else rollout_id)
     buf = io.BytesIO()
     torch.save({"rollout_id": rollout_id, "samples": [sample_to_dict(s) for s in samples]}, buf)
     atomic_write_bytes(path, buf.getvalue())
-    log.info("saved rollout %d's %d samples to %s", rollout_id, len(samples), path)
+    what = "evaluation" if evaluation else "rollout"
+    log.info("saved %s %d's %d samples to %s", what, rollout_id, len(samples), path)
     return path
 
 

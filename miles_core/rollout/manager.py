@@ -31,6 +31,7 @@ from miles_core.rollout.checks import (
     raised,
     sample_problem,
 )
+from miles_core.rollout.dumps import save_rollout
 from miles_core.rollout.eval_sets import pass_at_k_metrics
 from miles_core.rollout.generate import RolloutContext, current_context, rollout_context
 from miles_core.rollout.reward import RewardRunner
@@ -312,6 +313,7 @@ class RolloutManager:
         metrics: dict[str, float] = {}
         self.engine.reseed(args.rollout_seed + 10_000_019 + rollout_id)
         key = args.eval_reward_key or args.reward_key
+        saved: list[Sample] = []
         for i, (name, eval_set) in enumerate(self.eval_sets.items()):
             params = dict(sampling_params(args, evaluation=True), **eval_set.sampling)
             samples = self._make_samples(list(eval_set.dataset), eval_set.n_samples)
@@ -325,6 +327,9 @@ class RolloutManager:
                 for g in groups
             ]
             metrics.update(pass_at_k_metrics(counts, f"eval/{name}"))
+            saved += [s for g in groups for s in g]
+        if args.save_debug_rollout_data:
+            save_rollout(args.save_debug_rollout_data, rollout_id, saved, evaluation=True)
         return metrics
 
     def _metrics(self, samples: list[Sample], key: str | None, prefix: str) -> dict[str, float]:
