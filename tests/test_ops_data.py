@@ -231,6 +231,7 @@ eval:
          "n_samples_per_eval_prompt must be an integer of at least 1"),
         ("eval:\n  datasets:\n    - {name: a, path: PATH, rm_type: math}\n", "would be ignored"),
         ("datasets:\n  a: {path: PATH}\n  b: {path: nope.jsonl}\n", "nope.jsonl does not exist"),
+        ("eval:\n  datasets:\n    - {name: a, path: PATH, top_k: 0}\n", "top_k must be -1"),
     ],
 )  # fmt: skip
 def test_eval_config_mistakes(capsys, tmp_path, reward, small_data, text, needle):

@@ -127,6 +127,8 @@ def _check_entry(e: dict[str, Any], args: argparse.Namespace) -> None:
         raise UsageError(f"{where}: temperature must be 0 (greedy) or more, got {e['temperature']!r}.")
     if not isinstance(e["top_p"], (int, float)) or not 0 < e["top_p"] <= 1:
         raise UsageError(f"{where}: top_p must be in (0, 1], got {e['top_p']!r}.")
+    if not isinstance(e["top_k"], int) or isinstance(e["top_k"], bool) or e["top_k"] == 0 or e["top_k"] < -1:
+        raise UsageError(f"{where}: top_k must be -1 (all tokens) or at least 1, got {e['top_k']!r}.")
     if e["rm_type"] != args.rm_type and args.custom_rm_path:
         raise UsageError(
             f"{where}: rm_type {e['rm_type']} would be ignored, --custom-rm-path scores every sample; drop "
@@ -156,9 +158,8 @@ def build_eval_sets(args: argparse.Namespace, common: dict[str, Any]) -> dict[st
 def pass_at_k(counts: list[tuple[int, int]], k: int) -> float:
     """Mean over prompts of the unbiased pass@k, 1 - C(n-c, k) / C(n, k), from ``(n, c)`` = (samples,
     correct ones) per prompt (Chen et al., 2021)."""
-    return sum(1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k) for n, c in counts) / len(
-        counts
-    )
+    per_prompt = [1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k) for n, c in counts]
+    return sum(per_prompt) / len(per_prompt)
 
 
 def pass_at_k_metrics(counts: list[tuple[int, int]], prefix: str) -> dict[str, float]:
