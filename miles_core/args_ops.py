@@ -291,7 +291,8 @@ def check_data_args(args: argparse.Namespace) -> None:
             "(or --kl-coef) or drop --ref-load."
         )
     if args.eval_config is not None and args.eval_prompt_data:
-        raise UsageError("--eval-config and --eval-prompt-data both name eval datasets; pass one of them.")
+        # As in slime the config wins; not refused, since --eval-prompt-data may come from a --config file.
+        log.info("--eval-config names the eval datasets; --eval-prompt-data is not read.")
 
 
 def check_ops_args(args: argparse.Namespace) -> None:

@@ -81,7 +81,6 @@ def test_chat_template_kwargs_from_a_config_file(tmp_path):
         (["--ref-load", "x"], "no KL term is on"),
         (["--use-kl-loss", "--ref-load", "nowhere"], "neither an HF checkpoint"),
         (["--start-rollout-id", "2"], "leaves no rollout below --num-rollout 2"),
-        (["--eval-config", "e.yaml", "--eval-prompt-data", "a", "b.jsonl"], "pass one of them"),
     ],
 )  # fmt: skip
 def test_refused(capsys, tmp_path, reward, extra, needle):
@@ -206,9 +205,9 @@ eval:
       temperature: 0.0
 """)
     run = tmp_path / "run"
-    assert (
-        main(demo_argv(run, reward, n_rollout=1) + ["--eval-config", str(cfg), "--eval-interval", "1"]) == 0
-    )
+    unread = ["--eval-prompt-data", "unread", "nope.jsonl"]  # the config wins, as in slime
+    argv = demo_argv(run, reward, n_rollout=1) + ["--eval-config", str(cfg), "--eval-interval", "1"]
+    assert main(argv + unread) == 0
     last = [r for r in rows(run) if "eval/hot/accuracy" in r][-1]
     assert last["eval/hot/num_samples"] == 24 and last["eval/greedy/num_samples"] == 24
     assert last["eval/hot/response_len_mean"] <= 3 and last["eval/hot/truncated_frac"] > 0
@@ -217,6 +216,7 @@ eval:
     assert last["eval/greedy/pass@1"] == pytest.approx(last["eval/greedy/accuracy"])
     g = [last[f"eval/greedy/pass@{k}"] for k in (1, 2, 4)]
     assert g[0] == g[1] == g[2] > 0  # greedy: a prompt's 4 samples are all right or all wrong
+    assert not any(k.startswith("eval/unread") for k in last)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["num_eval_problems"] == 6
 

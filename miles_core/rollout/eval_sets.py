@@ -96,7 +96,8 @@ def _check_keys(file: Path, where: str, entry: dict, allowed: set[str]) -> None:
 
 
 def eval_entries(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every eval dataset with each per-dataset key resolved (dataset, then defaults, then the flags)."""
+    """Every eval dataset with each per-dataset key resolved (dataset, then defaults, then the flags);
+    ``--eval-config`` wins over ``--eval-prompt-data``."""
     if args.eval_config:
         defaults, raw = read_eval_config(args.eval_config)
     else:
