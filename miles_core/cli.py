@@ -32,7 +32,8 @@ def train_main(argv: list[str]) -> int:
     active = configure_plugins(pm, args)
     from miles_core.rollout.reward import RewardRunner
 
-    RewardRunner(args)  # resolve the reward now: a missing plugin or file fails before any model loads
+    if args.load_debug_rollout_data is None:  # saved rollouts carry their rewards
+        RewardRunner(args)  # resolve the reward now: a missing plugin or file fails before any model loads
     from miles_core.logging import get_logger
     from miles_core.loop import run
 

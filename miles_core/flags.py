@@ -53,6 +53,8 @@ def _scalar(action: argparse.Action, value: Any, say: str) -> Any:
     if isinstance(value, str) and kind is not str:
         try:
             return kind(value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{say}: {e}.") from None
         except (TypeError, ValueError):
             name = getattr(kind, "__name__", "value")
             raise UsageError(f"{say} is {value!r}, which is not a valid {name}.") from None
@@ -95,6 +97,8 @@ def coerce(action: argparse.Action, value: Any, say: str) -> Any:
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         items = value if isinstance(value, list) else [value]
         out = [_scalar(action, v, say) for v in items]
+    elif isinstance(value, dict) and isinstance(action.default, dict):  # a mapping flag takes a mapping
+        out = dict(value)
     elif isinstance(value, (list, dict)):
         raise UsageError(f"{say} takes one value, got {value!r}.")
     else:

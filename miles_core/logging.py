@@ -117,11 +117,19 @@ class MetricsLogger:
     A value that is NaN or infinite has no JSON spelling: it is left out of the row, the row gets
     ``metrics/nonfinite_dropped`` (how many were left out) and the first drop of each key is logged.
 
+    Each row also goes to every sink in ``sinks`` (`miles_core.wandb_sink.WandbSink`).
+
     With `resume_from_step`, rows logged at that step or later by the interrupted run are removed first
     (from the JSONL, and via TensorBoard's `purge_step`), so the resumed run does not duplicate them.
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_from_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        resume_from_step: int | None = None,
+        sinks: Iterable[Any] = (),
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
@@ -130,6 +138,7 @@ class MetricsLogger:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         self._warned: set[str] = set()
+        self.sinks = list(sinks)  # more destinations of each row (`log(row)`, `close()`), e.g. W&B
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -166,6 +175,8 @@ class MetricsLogger:
                 if key != "step":
                     self._tb.add_scalar(key, value, global_step=row["step"])
             self._tb.flush()
+        for sink in self.sinks:
+            sink.log(row)
         return row
 
     def close(self) -> None:
@@ -174,6 +185,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -26,6 +26,8 @@ from miles_core.logging import MetricsLogger, get_logger, plot_curves, progress
 from miles_core.model import load_model
 from miles_core.protocols import RolloutBackend, TrainBackend
 from miles_core.rollout.async_loop import SyncRollouts, open_rollouts
+from miles_core.rollout.dumps import ReplayedRollouts, save_rollout
+from miles_core.rollout.eval_sets import build_eval_sets
 from miles_core.rollout.manager import RolloutManager
 from miles_core.run_dir import check_output_dirs
 from miles_core.train.advantages import group_sizes
@@ -33,6 +35,7 @@ from miles_core.train.checkpoint import load_checkpoint, save_checkpoint
 from miles_core.train.models import load_train_models
 from miles_core.train.resume import resolve_resume
 from miles_core.types import EXCLUDED, Sample, TrainBatch, UsageError
+from miles_core.wandb_sink import open_wandb
 
 log = get_logger(__name__)
 
@@ -42,10 +45,10 @@ class Run:
     args: argparse.Namespace
     pm: Any
     tokenizer: Tokenizer
-    engine: RolloutBackend
-    trainer: TrainBackend
-    rollouts: RolloutManager
-    source: RolloutDataSource
+    engine: RolloutBackend | None  # None with --debug-train-only
+    trainer: TrainBackend | None  # None with --debug-rollout-only
+    rollouts: RolloutManager | None  # None with --debug-train-only (rollouts come from saved files)
+    source: RolloutDataSource | None
     logger: MetricsLogger
     start_rollout: int
     state: dict  # loop state saved with checkpoints (accuracy_before, ...)
@@ -84,7 +87,7 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args)
-    tokenizer = Tokenizer.from_pretrained(args.hf_checkpoint)
+    tokenizer = Tokenizer.from_pretrained(args.hf_checkpoint, args.chat_template_path)
     common = dict(
         tokenizer=tokenizer,
         input_key=args.input_key,
@@ -93,24 +96,15 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
         apply_chat_template=args.apply_chat_template,
         system_prompt=args.system_prompt,
         max_prompt_len=args.rollout_max_prompt_len,
+        chat_template_kwargs=args.apply_chat_template_kwargs,
     )
-    prompts = PromptDataset(args.prompt_data, **common)
-    if args.rollout_batch_size > len(prompts):
+    source = None if args.debug_train_only else _data_source(args, common)
+    if args.start_rollout_id is not None and args.start_rollout_id >= args.num_rollout:
         raise UsageError(
-            f"--rollout-batch-size {args.rollout_batch_size} is larger than the {len(prompts)} usable "
-            f"prompts of {args.prompt_data}; lower it to at most {len(prompts)} or add prompts."
+            f"--start-rollout-id {args.start_rollout_id} leaves no rollout below --num-rollout "
+            f"{args.num_rollout}; lower it or raise --num-rollout."
         )
-    source = RolloutDataSource(
-        prompts,
-        args.rollout_batch_size,
-        shuffle=args.rollout_shuffle,
-        seed=args.rollout_seed,
-    )
-    pairs = args.eval_prompt_data or []
-    eval_sets = {
-        pairs[i]: PromptDataset(pairs[i + 1], **common, flag="--eval-prompt-data")
-        for i in range(0, len(pairs), 2)
-    }
+    eval_sets = {} if args.debug_train_only else build_eval_sets(args, common)
 
     weights = str(resume / "model") if resume else args.hf_checkpoint
     trainer: TrainBackend | None = None
@@ -121,7 +115,7 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
     else:
         engine, policy, ref = _single_process(args, pm, weights, device, tokenizer)
     try:
-        if trainer is None:
+        if trainer is None and not args.debug_rollout_only:
             trainer = drivers.get_train_backend(args.train_backend)(args, pm, policy, ref)
         state: dict = {"next_rollout": 0}
         if resume:
@@ -132,23 +126,48 @@ def build_run(args: argparse.Namespace, pm: Any) -> Run:
                     "--use-ray run; resume it with --use-ray (any number of ranks)."
                 )
             trainer.load_state_dict(trainer_state)
-            source.load_state_dict(state["data"])
-            engine.weight_version = state["next_rollout"]
+            if source is not None and state.get("data") is not None:
+                source.load_state_dict(state["data"])
             log.info("resumed from %s at rollout %d", resume, state["next_rollout"])
-        logger = MetricsLogger(args.run_dir, resume_from_step=state["next_rollout"] + 1 if resume else None)
-        rollouts = RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
+        start = state["next_rollout"] if args.start_rollout_id is None else args.start_rollout_id
+        if engine is not None:
+            engine.weight_version = start
+        logger = MetricsLogger(
+            args.run_dir,
+            resume_from_step=state["next_rollout"] + 1 if resume else None,
+            sinks=open_wandb(args),
+        )
+        rollouts = None if engine is None else RolloutManager(args, pm, engine, tokenizer, source, eval_sets)
     except BaseException:
-        engine.close()  # a backend's server processes must not outlive a run that failed to start
+        if engine is not None:
+            engine.close()  # a backend's server processes must not outlive a run that failed to start
         _close_trainer(trainer)
         raise
-    return Run(args, pm, tokenizer, engine, trainer, rollouts, source, logger, state["next_rollout"], state)
+    return Run(args, pm, tokenizer, engine, trainer, rollouts, source, logger, start, state)
+
+
+def _data_source(args: argparse.Namespace, common: dict) -> RolloutDataSource:
+    prompts = PromptDataset(args.prompt_data, **common)
+    if args.rollout_batch_size > len(prompts):
+        raise UsageError(
+            f"--rollout-batch-size {args.rollout_batch_size} is larger than the {len(prompts)} usable "
+            f"prompts of {args.prompt_data}; lower it to at most {len(prompts)} or add prompts."
+        )
+    if args.num_epoch is not None:  # slime: num_rollout = num_epoch * dataset_size // rollout_batch_size
+        args.num_rollout = args.num_epoch * len(prompts) // args.rollout_batch_size
+    return RolloutDataSource(
+        prompts, args.rollout_batch_size, shuffle=args.rollout_shuffle, seed=args.rollout_seed
+    )
 
 
 def _single_process(
     args: argparse.Namespace, pm: Any, weights: str, device: torch.device, tokenizer: Tokenizer
-) -> tuple[RolloutBackend, Any, Any]:
-    """The engine (the rollout backend's), the policy and the reference model of a single-process run."""
-    policy, ref = load_train_models(args, pm, weights, device)
+) -> tuple[RolloutBackend | None, Any, Any]:
+    """The engine (the rollout backend's), the policy and the reference model of a single-process run;
+    ``--debug-train-only`` builds no engine, ``--debug-rollout-only`` no policy or reference."""
+    policy, ref = (None, None) if args.debug_rollout_only else load_train_models(args, pm, weights, device)
+    if args.debug_train_only:
+        return None, policy, ref
     engine_dtype = rollout_dtype(args, device)
     # Backends are named implementations (entry points), so another one plugs in without loop changes.
     backend = drivers.get_rollout_backend(args.rollout_backend)
@@ -212,10 +231,16 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
     r = build_run(args, pm)
     try:
         try:
-            with open_rollouts(args, r.rollouts, r.engine, r.start_rollout) as rollouts:
+            opened = (
+                ReplayedRollouts(args)
+                if r.rollouts is None
+                else open_rollouts(args, r.rollouts, r.engine, r.start_rollout)
+            )
+            with opened as rollouts:
                 last_eval = _train(r, rollouts)
         finally:
-            r.engine.close()
+            if r.engine is not None:
+                r.engine.close()
         return _finish(r, last_eval, time.perf_counter() - t0)
     finally:
         _close_trainer(r.trainer)  # after _finish: trainer ranks write the final model
@@ -225,7 +250,7 @@ def _train(r: Run, rollouts: SyncRollouts) -> dict[str, float]:
     """The loop: take a rollout, train on it, sync the weights, log, evaluate, save. With ``--async`` the
     next rollouts are generated meanwhile (`miles_core.rollout.async_loop`). Returns the last eval."""
     args = r.args
-    evaluating = bool(r.rollouts.eval_sets)
+    evaluating = r.rollouts is not None and bool(r.rollouts.eval_sets)
     if evaluating and r.start_rollout == 0:
         r.state["accuracy_before"] = _first_accuracy(_eval(r, rollouts, 0))
         log.info("held-out accuracy before training: %.3f", r.state["accuracy_before"] or 0.0)
@@ -234,13 +259,11 @@ def _train(r: Run, rollouts: SyncRollouts) -> dict[str, float]:
     bar.update(r.start_rollout)
     for rollout_id in range(r.start_rollout, args.num_rollout):
         samples, metrics = rollouts.take(rollout_id)
-        t_train = time.perf_counter()
-        steps = r.trainer.train(rollout_id, make_train_batch(samples, args))
-        t_sync = time.perf_counter()
-        rollouts.update_weights(r.trainer.named_weights(), version=rollout_id + 1)
-        perf = {"perf/train_time": t_sync - t_train, "perf/update_weights_time": time.perf_counter() - t_sync}
-        train_means = {f"train/{k}": float(np.mean([s[k] for s in steps if k in s])) for k in steps[-1]}
-        r.logger.log(rollout_id + 1, {**metrics, **train_means, **perf})
+        if args.save_debug_rollout_data:
+            save_rollout(args.save_debug_rollout_data, rollout_id, samples)
+        if r.trainer is not None:
+            metrics.update(_train_step(r, rollouts, rollout_id, samples))
+        r.logger.log(rollout_id + 1, metrics)
         bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
         bar.update(1)
         done = rollout_id + 1
@@ -269,26 +292,36 @@ def _train(r: Run, rollouts: SyncRollouts) -> dict[str, float]:
     return last_eval
 
 
+def _train_step(r: Run, rollouts: SyncRollouts, rollout_id: int, samples: list[Sample]) -> dict[str, float]:
+    """Train on one rollout and hand the engine the new weights; returns the train and perf metrics."""
+    t_train = time.perf_counter()
+    steps = r.trainer.train(rollout_id, make_train_batch(samples, r.args))
+    t_sync = time.perf_counter()
+    rollouts.update_weights(r.trainer.named_weights(), version=rollout_id + 1)
+    perf = {"perf/train_time": t_sync - t_train, "perf/update_weights_time": time.perf_counter() - t_sync}
+    return {**{f"train/{k}": float(np.mean([s[k] for s in steps if k in s])) for k in steps[-1]}, **perf}
+
+
 def _finish(r: Run, last_eval: dict[str, float], wall_s: float) -> dict[str, Any]:
     args = r.args
     run_dir = Path(args.run_dir)
     hf_out = Path(args.save_hf) if args.save_hf else run_dir / "final_hf"
-    r.trainer.save_model(hf_out, args.hf_checkpoint)
+    if r.trainer is not None:
+        r.trainer.save_model(hf_out, args.hf_checkpoint)
     r.logger.close()
-    names = (args.eval_prompt_data or [])[::2]
+    names = list(r.rollouts.eval_sets) if r.rollouts else []
     plot_curves(
         run_dir / "metrics.jsonl",
         run_dir / "curves.png",
         keys=("rollout/reward_mean", *(f"eval/{n}/accuracy" for n in names)),
     )
-    pairs = args.eval_prompt_data or []
     summary = {
         "accuracy_before": r.state.get("accuracy_before"),
         "accuracy_after": _first_accuracy(last_eval),
-        "num_eval_problems": len(r.rollouts.eval_sets[pairs[0]]) if pairs else 0,
+        "num_eval_problems": len(r.rollouts.eval_sets[names[0]]) if names else 0,
         "num_rollout": args.num_rollout,
         "wall_s": round(wall_s, 2),
-        "final_checkpoint": str(hf_out),
+        "final_checkpoint": str(hf_out) if r.trainer is not None else None,
     }
     atomic_write_json(run_dir / "summary.json", summary)
     return summary

@@ -11,6 +11,7 @@ import argparse
 
 from miles_core import drivers
 from miles_core.args_algo import check_algo_args
+from miles_core.args_ops import check_ops_args
 from miles_core.args_ppo import check_ppo_args
 from miles_core.errors import UsageError
 from miles_core.logging import get_logger
@@ -151,14 +152,17 @@ def validate(args: argparse.Namespace) -> None:
         args.eps_clip_high = args.eps_clip
     if args.rm_type and args.custom_rm_path:
         raise UsageError("pass either --rm-type or --custom-rm-path, not both.")
+    check_ops_args(args)
 
 
 def check_run_args(args: argparse.Namespace) -> None:
     """Checks that only a training run needs (not `--help` or `miles plugins`)."""
+    replaying = args.load_debug_rollout_data is not None  # saved rollouts: no prompts read, no rewards
     for dest in ("hf_checkpoint", "prompt_data", "rollout_batch_size", "num_rollout"):
-        if vars(args)[dest] in (None, ""):
+        excused = (replaying and dest == "prompt_data") or (dest == "num_rollout" and args.num_epoch)
+        if vars(args)[dest] in (None, "") and not excused:
             raise UsageError(f"{_flag(dest)} is required for miles train; see miles train --help.")
-    needs_reward = args.loss_type != "sft_loss" or args.eval_prompt_data  # SFT trains on no reward
+    needs_reward = (args.loss_type != "sft_loss" or args.eval_prompt_data) and not replaying  # SFT: none
     if needs_reward and not args.rm_type and not args.custom_rm_path:
         names = drivers.available(drivers.REWARDS)
         rm = f"--rm-type NAME (installed: {', '.join(names)}) or " if names else ""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,13 +68,16 @@ def test_read_rows_missing_and_empty_file(tmp_path):
         read_rows(tmp_path / "empty.jsonl")
 
 
+def test_read_rows_parquet_without_pyarrow(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # an import of it raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UsageError, match=r"d\.parquet needs pyarrow, .*pip install 'miles-core\[parquet\]'"):
+        read_rows(tmp_path / "d.parquet")
+
+
 def test_read_rows_parquet(tmp_path):
-    if importlib.util.find_spec("pyarrow") is None:
-        (tmp_path / "d.parquet").write_bytes(b"PAR1")
-        with pytest.raises(UsageError, match=r"reading \.parquet needs pyarrow: pip install pyarrow"):
-            read_rows(tmp_path / "d.parquet")
-        return
-    import pyarrow as pa
+    pa = pytest.importorskip("pyarrow", reason="pip install 'miles-core[parquet]' (in the dev extra)")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"input": "one", "label": "1"}]), tmp_path / "d.parquet")

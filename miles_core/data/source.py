@@ -53,7 +53,9 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise UsageError(f"reading .parquet needs pyarrow: pip install pyarrow (file {path}).") from e
+        raise UsageError(
+            f"reading {path} needs pyarrow, which is not installed; pip install 'miles-core[parquet]'."
+        ) from e
     for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
         yield f"{path} row {i}", row
 
@@ -99,6 +101,7 @@ class PromptDataset:
         system_prompt: str | None = None,
         max_prompt_len: int | None = None,
         flag: str = "--prompt-data",
+        chat_template_kwargs: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
         self.tokenizer = tokenizer
@@ -106,6 +109,7 @@ class PromptDataset:
         self.apply_chat_template = apply_chat_template
         self.system_prompt = system_prompt
         self.max_prompt_len = max_prompt_len
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})  # --apply-chat-template-kwargs
         self.num_filtered = 0  # prompts dropped for being longer than max_prompt_len
         self.prompts: list[Prompt] = []
         num_rows = 0
@@ -145,7 +149,9 @@ class PromptDataset:
         metadata = self._metadata(where, row)
         if self.apply_chat_template:
             messages = self._messages(where, raw)
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
+            )
             # The template writes any BOS itself, so the rendered text is encoded without extra specials.
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif isinstance(raw, str):

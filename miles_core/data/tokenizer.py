@@ -154,8 +154,9 @@ class Tokenizer:
         self._compiled: jinja2.Template | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        """Load the tokenizer saved in folder `path` (an HF checkpoint or a `save_pretrained` output)."""
+    def from_pretrained(cls, path: str | Path, chat_template_path: str | Path | None = None) -> Tokenizer:
+        """Load the tokenizer saved in folder `path` (an HF checkpoint or a `save_pretrained` output); the
+        Jinja file `chat_template_path` (``--chat-template-path``) replaces its chat template."""
         path = Path(path)
         if not path.is_dir():
             raise UsageError(f"tokenizer folder {path} does not exist; {_FIX}.")
@@ -175,6 +176,19 @@ class Tokenizer:
         chat_template = config.get("chat_template")
         if (path / "chat_template.jinja").is_file():  # transformers >= 4.50 saves the template here
             chat_template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if chat_template_path is not None:
+            template_file = Path(chat_template_path)
+            if not template_file.is_file():
+                raise UsageError(
+                    f"--chat-template-path {template_file} does not exist; pass a Jinja chat template file."
+                )
+            chat_template = template_file.read_text(encoding="utf-8")
+            try:
+                compile_chat_template(chat_template)
+            except jinja2.exceptions.TemplateSyntaxError as e:
+                raise UsageError(
+                    f"--chat-template-path {template_file}: line {e.lineno}: {e.message}; fix the template."
+                ) from None
         return cls(path, backend, config, chat_template)
 
     # ---------------------------------------------------------------------------------------------

@@ -199,7 +199,8 @@ async def multi_turn(args: argparse.Namespace, sample: Sample, sampling_params: 
         else [{"role": "user", "content": str(sample.prompt)}]
     )
     turns = list(sample.metadata.get("turns", []))
-    prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    kwargs = args.apply_chat_template_kwargs
+    prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
     ids, logps, mask = list(prompt_ids), [], []
     max_total = int(sampling_params.get("max_new_tokens", 128))
     finish, routes = "stop", None
@@ -213,7 +214,7 @@ async def multi_turn(args: argparse.Namespace, sample: Sample, sampling_params: 
         if finish != "stop" or not turns or len(mask) >= max_total:
             break
         messages.append({"role": "user", "content": turns.pop(0)})
-        full = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        full = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
         inserted = full[len(ids) :] if full[: len(ids)] == ids else full[-1:]
         ids += inserted
         logps += [0.0] * len(inserted)

@@ -31,7 +31,9 @@ from miles_core.rollout.checks import (
     raised,
     sample_problem,
 )
+from miles_core.rollout.dumps import save_rollout
 from miles_core.rollout.dynamic_sampling import DynamicSampler
+from miles_core.rollout.eval_sets import pass_at_k_metrics
 from miles_core.rollout.generate import RolloutContext, current_context, rollout_context
 from miles_core.rollout.reward import RewardRunner
 from miles_core.types import EXCLUDED, RolloutOptions, Sample, Status, UsageError
@@ -133,6 +135,11 @@ class RolloutManager:
         ``--group-rm``, reward each as soon as it is done."""
         sample.sampling_params = {k: params[k] for k in ("temperature", "top_p", "top_k")}
         prompt_tokens = list(sample.tokens)
+        limit = self.args.rollout_max_context_len  # prompt + response; longer prompts were filtered out
+        if limit is not None:
+            params = dict(
+                params, max_new_tokens=max(1, min(params["max_new_tokens"], limit - len(prompt_tokens)))
+            )
         start_version = self.engine.weight_version
         outs = await self._generate(sample, params, prompt_tokens)
         for o in outs:
@@ -236,7 +243,10 @@ class RolloutManager:
         counts_before = self.failures.counts.copy()
         start = time.perf_counter()
         tokens_before = self.engine.generated_tokens
-        ctx = self._context(f"r{rollout_id}", rollout_id - args.max_weight_staleness)
+        # The policy version that trains on this rollout; under --debug-rollout-only nothing trains and the
+        # engine keeps its first weights, so the samples are as fresh as those.
+        version = self.engine.weight_version if args.debug_rollout_only else rollout_id
+        ctx = self._context(f"r{rollout_id}", version - args.max_weight_staleness)
         sampled: dict[str, float] = {}
         if self.sampler is not None:  # rounds of over-sampling; post_reward runs on each round
             epoch = len(self.source.dataset)
@@ -251,7 +261,7 @@ class RolloutManager:
             )
         elapsed = time.perf_counter() - start
         samples = [s for g in groups for s in g]
-        self._drop_stale(samples, rollout_id)
+        self._drop_stale(samples, version)
         self.failures.check_some_succeeded(samples, counts_before, f"rollout {rollout_id}")
         if self.sampler is None:
             self.pm.hook.post_reward(args=args, samples=samples)
@@ -261,7 +271,7 @@ class RolloutManager:
             metrics[f"rollout/{stage}_failed"] = float(sum(n for (st, _), n in failed.items() if st == stage))
         metrics["rollout/time_s"] = elapsed
         metrics["rollout/tok_per_s"] = (self.engine.generated_tokens - tokens_before) / max(elapsed, 1e-9)
-        metrics.update(self._version_metrics(samples, rollout_id, ctx))
+        metrics.update(self._version_metrics(samples, version, ctx))
         for k, v in self.engine.metrics().items():
             metrics[f"rollout/{k}"] = float(v)
         for extra in self.pm.hook.rollout_metrics(args=args, rollout_id=rollout_id, samples=samples):
@@ -309,18 +319,30 @@ class RolloutManager:
         return asyncio.run(self.aevaluate(rollout_id))
 
     async def aevaluate(self, rollout_id: int) -> dict[str, float]:
-        """Score every eval set; ``eval/<name>/accuracy`` is the fraction of rewards above 0.5."""
+        """Score every eval set (`miles_core.rollout.eval_sets.EvalSet`: its own samples per prompt,
+        sampling parameters and reward); ``eval/<name>/accuracy`` is the fraction of rewards above 0.5,
+        ``eval/<name>/pass@k`` the chance that one of k samples of a prompt is (k = 1, 2, 4, ...)."""
         args = self.args
-        params = sampling_params(args, evaluation=True)
         metrics: dict[str, float] = {}
         self.engine.reseed(args.rollout_seed + 10_000_019 + rollout_id)
         key = args.eval_reward_key or args.reward_key
-        for i, (name, dataset) in enumerate(self.eval_sets.items()):
-            samples = self._make_samples(list(dataset), args.n_samples_per_eval_prompt)
+        saved: list[Sample] = []
+        for i, (name, eval_set) in enumerate(self.eval_sets.items()):
+            params = dict(sampling_params(args, evaluation=True), **eval_set.sampling)
+            samples = self._make_samples(list(eval_set.dataset), eval_set.n_samples)
+            for s in (s for g in samples for s in g if eval_set.rm_type):
+                s.metadata["rm_type"] = eval_set.rm_type
             ctx = self._context(f"eval{rollout_id}.{i}")
             groups = await self._run(samples, params, f"eval {name}", key, ctx)
-            for k, v in self._metrics([s for g in groups for s in g], key, f"eval/{name}").items():
-                metrics[k] = v
+            metrics.update(self._metrics([s for g in groups for s in g], key, f"eval/{name}"))
+            counts = [
+                (len(g), sum(s.status not in EXCLUDED and scalar_reward(s, key) > 0.5 for s in g))
+                for g in groups
+            ]
+            metrics.update(pass_at_k_metrics(counts, f"eval/{name}"))
+            saved += [s for g in groups for s in g]
+        if args.save_debug_rollout_data:
+            save_rollout(args.save_debug_rollout_data, rollout_id, saved, evaluation=True)
         return metrics
 
     def _metrics(self, samples: list[Sample], key: str | None, prefix: str) -> dict[str, float]:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from miles_core.args_ops import OPS_NEUTRAL
 from miles_core.errors import UsageError
 from miles_core.flags import flag_name
 from miles_core.logging import get_logger
@@ -68,7 +69,7 @@ def changed_args(
     out = []
     for dest in sorted(set(saved) | set(current)):
         old, new = saved.get(dest, _UNSET), current.get(dest, _UNSET)
-        if dest in RUN_NEUTRAL or old == new:
+        if dest in RUN_NEUTRAL or dest in OPS_NEUTRAL or old == new:
             continue
         if (
             old is _UNSET
