@@ -15,7 +15,14 @@ from miles_core.rollout.dynamic_sampling import check_reward_nonzero_std, load_f
 from miles_core.train.trainer import Trainer
 from miles_core.types import Sample, Status, UsageError
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These runs are faster on one thread on 2 shared cores; the rest of the suite keeps its setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 FILTER = "check_reward_nonzero_std"
 
