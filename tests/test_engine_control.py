@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -140,6 +142,25 @@ def test_flush_and_release_free_the_cache_and_generation_resumes(engine):
     engine.resume_memory_occupation()
     out = engine.generate_batch([[5, 6]], {**LONG, "max_new_tokens": 3})[0]
     assert len(out.output_ids) == 3 and engine.kv_cache is not None
+
+
+@pytest.mark.parametrize("drop", ["flush_cache", "release_memory_occupation"])
+def test_dropped_cache_and_graphs_go_at_once_without_the_cyclic_gc(tiny_ckpt, drop):
+    """Flush and release free the KV cache and the static-step graphs by reference counting: nothing is
+    left for a garbage collection that a released engine (or a server) may not run for a long time."""
+    e = Engine(load_model(tiny_ckpt).eval(), None, max_batch_size=8, cuda_graph=True)  # static step on CPU
+    e.generate_batch([[5, 6]], {**LONG, "max_new_tokens": 3})
+    refs = [weakref.ref(e._graphs), weakref.ref(e.kv_cache), weakref.ref(e.kv_cache.k[0])]
+    gc.collect()
+    gc.disable()
+    try:
+        getattr(e, drop)()
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
+    if drop == "release_memory_occupation":
+        e.resume_memory_occupation()
+    assert len(e.generate_batch([[5, 6]], {**LONG, "max_new_tokens": 3})[0].output_ids) == 3
 
 
 def test_release_is_refused_while_requests_run(engine):

@@ -81,8 +81,8 @@ def capture_step(fn, args: tuple, restore: list[torch.Tensor], pool):
     put_back()  # capturing runs nothing
     graph = torch.cuda.CUDAGraph()
     # A garbage collection during capture could free another, unreachable graph (an old engine's), and
-    # destroying a graph is not allowed while a stream captures: it would invalidate this capture.
-    gc.collect()
+    # destroying a graph is not allowed while a stream captures: it would invalidate this capture. (No
+    # collection before it either: a full one takes 0.1-0.3 s in a server's heap, once per capture.)
     gc.disable()
     try:
         with torch.cuda.graph(graph, pool=pool):
@@ -132,6 +132,14 @@ class DecodeGraphs:
         # the key-length bucket, so one bucket (the whole cache) serves every length, and a compiled
         # step compiles once per row bucket instead of once per (row, key-length) pair.
         self.per_row_keys = decode_attention.use_for_decode(cache.k[0], model.config.head_dim)
+
+    def close(self) -> None:
+        """Drop the captured steps, their memory pool and the step function now. The step function (a
+        bound method) makes this object a reference cycle, which alone would keep the graphs and the KV
+        cache on the device until the cyclic GC next runs; the engine closes graphs it replaces."""
+        self._graphs.clear()
+        self._pool = None
+        self._step_fn = None
 
     def buckets(self, rows: int, kv_len: int) -> tuple[int, int]:
         if self.per_row_keys:

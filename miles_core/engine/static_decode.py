@@ -29,6 +29,18 @@ class _InFlight:
 class StaticDecode:
     """The static decode step, its host copies and the step in flight (state lives on `Engine`)."""
 
+    @property
+    def _graphs(self) -> DecodeGraphs | None:
+        return self.__dict__.get("_graphs_held")
+
+    @_graphs.setter
+    def _graphs(self, graphs: DecodeGraphs | None) -> None:
+        """Replacing the graphs (None: dropping them) closes the old ones, so their memory goes now."""
+        old = self.__dict__.get("_graphs_held")
+        if old is not None and old is not graphs:
+            old.close()
+        self.__dict__["_graphs_held"] = graphs
+
     def _decode_graphs(self) -> DecodeGraphs:
         g = self._graphs
         if g is None or g.cache is not self._cache or g.compile != self.compile:
