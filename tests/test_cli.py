@@ -45,6 +45,20 @@ def base_argv(ckpt: Path, data: Path, run_dir: Path, reward: Path, n_rollout: in
     ]
 
 
+def run_example(tmp_path, config: str) -> tuple[dict, list[dict]]:
+    """Run ``examples/<config>`` on the shipped demo checkpoint and data; returns its summary and the
+    rows of its metrics.jsonl."""
+    repo = Path(__file__).resolve().parent.parent
+    arith, run = repo / "examples" / "arith", tmp_path / Path(config).stem
+    argv = ["train", "--config", str(repo / "examples" / config), "--run-dir", str(run)]
+    argv += ["--save-interval", "1000", "--hf-checkpoint", str(arith / "checkpoint")]
+    argv += ["--prompt-data", str(arith / "data" / "train.jsonl")]
+    argv += ["--eval-prompt-data", "arith", str(arith / "data" / "test.jsonl")]
+    assert main(argv) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run / "summary.json").read_text()), rows
+
+
 def error_of(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -4,11 +4,10 @@ hold only groups that passed (``--rollout-batch-size`` of them) with the filtere
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from test_cli import base_argv, error_of
+from test_cli import base_argv, error_of, run_example
 
 from miles_core.cli import main
 from miles_core.rollout.dynamic_sampling import check_reward_nonzero_std, load_filter
@@ -170,16 +169,8 @@ def test_dynamic_sampling_flags_are_checked(tiny_ckpt, prompts_file, reward_file
 def test_dapo_example_learns_the_demo_task(tmp_path):
     """examples/dapo.yaml (40 rollouts) lifts held-out greedy accuracy by at least 0.15, logging what
     dynamic sampling filtered."""
-    repo = Path(__file__).resolve().parent.parent
-    run = tmp_path / "dapo"
-    argv = ["train", "--config", str(repo / "examples" / "dapo.yaml"), "--run-dir", str(run)]
-    argv += ["--save-interval", "1000", "--hf-checkpoint", str(repo / "examples" / "arith" / "checkpoint")]
-    argv += ["--prompt-data", str(repo / "examples" / "arith" / "data" / "train.jsonl")]
-    argv += ["--eval-prompt-data", "arith", str(repo / "examples" / "arith" / "data" / "test.jsonl")]
-    assert main(argv) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary, rows = run_example(tmp_path, "dapo.yaml")
     assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.15, summary
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rollouts = [r for r in rows if "rollout/reward_mean" in r]
     assert all("rollout/dynamic_sampling/filtered_frac" in r for r in rollouts)
     assert max(r["rollout/dynamic_sampling/filtered_frac"] for r in rollouts) > 0

@@ -4,11 +4,10 @@ the critic in the trainer (critic-only rollouts, learning), its flags, and save 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from test_cli import base_argv, error_of
+from test_cli import base_argv, error_of, run_example
 from test_trainer import make_args, rollout
 
 from miles_core.cli import main
@@ -209,14 +208,6 @@ def test_ppo_with_ray_is_refused(tiny_ckpt, prompts_file, reward_file, tmp_path,
 @pytest.mark.slow
 def test_ppo_example_learns_the_demo_task(tmp_path):
     """examples/ppo.yaml (30 rollouts) lifts held-out greedy accuracy by at least 0.15."""
-    repo = Path(__file__).resolve().parent.parent
-    run = tmp_path / "ppo"
-    argv = ["train", "--config", str(repo / "examples" / "ppo.yaml"), "--run-dir", str(run)]
-    argv += ["--save-interval", "1000", "--hf-checkpoint", str(repo / "examples" / "arith" / "checkpoint")]
-    argv += ["--prompt-data", str(repo / "examples" / "arith" / "data" / "train.jsonl")]
-    argv += ["--eval-prompt-data", "arith", str(repo / "examples" / "arith" / "data" / "test.jsonl")]
-    assert main(argv) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary, rows = run_example(tmp_path, "ppo.yaml")
     assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.15, summary
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("train/value_loss" in r for r in rows if "rollout/reward_mean" in r)

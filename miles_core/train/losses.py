@@ -103,6 +103,15 @@ def compute_approx_kl(
     return kl.clamp(-10.0, 10.0) if kl_type == "low_var_kl" else kl
 
 
+def _bounds_and_log_ratio(eps_clip, eps_clip_high, log_probs, old_log_probs, log_ratio):
+    """The upper clip (default: the lower one) and the per-token log ratio (given, or new - old), NaN-free
+    and clamped, as `policy_loss` and `cispo_loss` read them."""
+    if log_ratio is None:
+        log_ratio = log_probs.float() - old_log_probs.float()
+    log_ratio = torch.nan_to_num(log_ratio, nan=0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return (eps_clip if eps_clip_high is None else eps_clip_high), log_ratio
+
+
 def policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -120,11 +129,9 @@ def policy_loss(
     at -A*eps_clip_c. ``clipfrac`` is 1.0 where the clipped branch was strictly larger (slime's
     definition); ``ppo_kl = -log_ratio`` (old - new), detached.
     """
-    if eps_clip_high is None:
-        eps_clip_high = eps_clip
-    if log_ratio is None:
-        log_ratio = log_probs.float() - old_log_probs.float()
-    log_ratio = torch.nan_to_num(log_ratio, nan=0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    eps_clip_high, log_ratio = _bounds_and_log_ratio(
+        eps_clip, eps_clip_high, log_probs, old_log_probs, log_ratio
+    )
     ratio = torch.exp(log_ratio)
     advantages = advantages.float()
     unclipped = -advantages * ratio
@@ -156,11 +163,9 @@ def cispo_loss(
     """
     if eps_clip_c is not None:
         raise ValueError("CISPO has no dual clip; eps_clip_c must be None")
-    if eps_clip_high is None:
-        eps_clip_high = eps_clip
-    if log_ratio is None:
-        log_ratio = log_probs.float() - old_log_probs.float()
-    log_ratio = torch.nan_to_num(log_ratio, nan=0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    eps_clip_high, log_ratio = _bounds_and_log_ratio(
+        eps_clip, eps_clip_high, log_probs, old_log_probs, log_ratio
+    )
     ratio = torch.exp(log_ratio.detach())
     truncated = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip_high)
     loss = -truncated * advantages.float() * log_probs.float()
