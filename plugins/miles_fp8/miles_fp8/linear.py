@@ -191,7 +191,8 @@ class Fp8Experts(nn.Module):
     def cuda_graph_safe(self) -> bool:
         """The grouped kernels never sync with the host; the per-expert loop sizes itself on the host (one
         sync per layer), which a CUDA graph cannot capture, so the engine then decodes eagerly."""
-        return self.grouped or not (self.down_proj if self.train_mode else self.down_proj_fp8).is_cuda
+        w = self.down_proj if self.train_mode else self.down_proj_fp8
+        return not w.is_cuda or (self.grouped and triton_experts.device_ok(w.device))
 
     def _master_view(self, experts: nn.Module, kind: str) -> torch.Tensor:
         i = self.intermediate

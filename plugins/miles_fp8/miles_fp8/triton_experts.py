@@ -12,9 +12,10 @@ instead of its per-expert loop, which reads the expert counts back to the host. 
    weight block's scale (`HF weight_scale_inv`);
 2. down: the same over the SwiGLU activations (stored in x's dtype, as the emulated path rounds them).
 
-The products run on FP8 tensor cores where the card has them (compute capability 8.9+), else in bf16
-(every e4m3 value is exact in bf16); under the interpreter in fp32, with the e4m3 rounding done in fp32
-arithmetic (the interpreter's own fp8 cast does not round to nearest).
+The kernels need a card with e4m3 (compute capability 8.9+); the products run on its FP8 tensor cores, or
+in bf16 (exact for e4m3 values) if this Triton cannot compile the FP8 dot. Under the interpreter they run
+in fp32, with the e4m3 rounding done in fp32 arithmetic (the interpreter's own fp8 cast does not round to
+nearest).
 """
 
 from __future__ import annotations
@@ -40,9 +41,19 @@ DOWN = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 _fp8_dot_failed = False  # an FP8 tensor-core dot failed to compile here once: bf16 products from then on
 
 
+def device_ok(device: torch.device) -> bool:
+    """Whether the kernels compile for ``device``: a CUDA card with e4m3 support (compute capability
+    8.9+: Ada, Hopper and later), or the CPU under Triton's interpreter."""
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on `x`'s device (CUDA, or Triton's interpreter on CPU)."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """Whether the kernels can run on `x`'s device (see `device_ok`)."""
+    return device_ok(x.device)
 
 
 if triton is not None:
@@ -163,12 +174,11 @@ if triton is not None:
                 )
 
 
-def _mode(x: torch.Tensor) -> str:
-    """How the kernels multiply: ``fp32`` under the interpreter, FP8 tensor cores where the card has them."""
+def _mode() -> str:
+    """How the kernels multiply: ``fp32`` under the interpreter, else on FP8 tensor cores (bf16 fallback)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "fp32"
-    fp8_cores = torch.cuda.get_device_capability(x.device) >= (8, 9)
-    return "fp8" if fp8_cores and not _fp8_dot_failed else "bf16"
+    return "bf16" if _fp8_dot_failed else "fp8"
 
 
 def _launch_config(cfg: dict) -> dict:
@@ -219,7 +229,7 @@ def fp8_experts(
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    mode = _mode(x)
+    mode = _mode()
     try:
         _run(x, src, bounds, weights, act, out, mode)
     except Exception as e:  # an FP8 dot this Triton / card cannot compile: exact bf16 products instead
