@@ -10,7 +10,9 @@ instead of its per-expert loop, which reads the expert counts back to the host. 
    `quant.quantize` (``scale = amax / 448``, ``inv = 1 / scale``, multiply, clamp, round to nearest even);
    the FP8 product is accumulated in fp32 and scaled by the row's activation scale times the 128x128
    weight block's scale (`HF weight_scale_inv`);
-2. down: the same over the SwiGLU activations (stored in x's dtype, as the emulated path rounds them).
+2. down: the same over the SwiGLU activations. The gate and up outputs, silu(gate), their product and
+   the output are rounded to x's dtype as the per-expert loop rounds them, so in bf16 the kernels give the
+   loop's numbers up to the order of the fp32 sums (bit for bit under the interpreter).
 
 The kernels need a card with e4m3 (compute capability 8.9+); the products run on its FP8 tensor cores, or
 in bf16 (exact for e4m3 values) if this Triton cannot compile the FP8 dot. Under the interpreter they run
@@ -67,6 +69,17 @@ if triton is not None:
         e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
         step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
         return ((y / step + 12582912.0) - 12582912.0) * step
+
+    @triton.jit
+    def _rounded(x, dt, MODE: tl.constexpr):
+        """fp32 ``x`` rounded to dtype ``dt`` (nearest even), kept in fp32. The interpreter's own casts
+        to bf16 truncate, so there bf16 is rounded in integer arithmetic first (then the cast is exact)."""
+        if MODE == "fp32":
+            if dt == tl.bfloat16:
+                bits = x.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                x = bits.to(tl.float32, bitcast=True)
+        return x.to(dt).to(tl.float32)
 
     @triton.jit
     def _quant_rows(x, MODE: tl.constexpr):
@@ -132,11 +145,13 @@ if triton is not None:
                     su = tl.load(su_ptr + s_off + b, mask=n_ok, other=0.0)
                     acc_g += _dot(xq, wg, MODE) * (xs[:, None] * sg[None, :])
                     acc_u += _dot(xq, wu, MODE) * (xs[:, None] * su[None, :])
-                act = acc_g * tl.sigmoid(acc_g) * acc_u
+                # SwiGLU rounded as the per-expert loop and the trainer round it: gate and up outputs
+                # to x's dtype, silu(gate) to x's dtype, then the product (a no-op for fp32).
+                dt = out_ptr.dtype.element_ty
+                g = _rounded(acc_g, dt, MODE)
+                act = _rounded(_rounded(g * tl.sigmoid(g), dt, MODE) * _rounded(acc_u, dt, MODE), dt, MODE)
                 omask = m_ok[:, None] & n_ok[None, :]
-                tl.store(
-                    out_ptr + m[:, None] * inter + n[None, :], act.to(out_ptr.dtype.element_ty), mask=omask
-                )
+                tl.store(out_ptr + m[:, None] * inter + n[None, :], act.to(dt), mask=omask)
 
     @triton.jit
     def _fp8_down_kernel(
@@ -169,9 +184,9 @@ if triton is not None:
                     s = tl.load(s_ptr + s_off + b, mask=n_ok, other=0.0)
                     acc += _dot(aq, w, MODE) * (as_[:, None] * s[None, :])
                 omask = m_ok[:, None] & n_ok[None, :]
-                tl.store(
-                    out_ptr + m[:, None] * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask
-                )
+                dt = out_ptr.dtype.element_ty
+                y = _rounded(acc, dt, MODE).to(dt)
+                tl.store(out_ptr + m[:, None] * hidden + n[None, :], y, mask=omask)
 
 
 def _mode() -> str:

@@ -9,7 +9,8 @@ static grid of (expert, output tile), so a CUDA graph captures them:
    the gate and up tiles is unpacked in registers (value ``i`` of eight at bits ``4i``, stored as ``q + 8``)
    into exact small integers, multiplied with x (fp32 accumulate), and the partial sum of each K tile is
    scaled by its group's scale, so ``sum_k x_k * q_k * s_g`` is computed without rounding ``q * s``;
-2. down: the same over the activations.
+2. down: the same over the activations (the gate and up outputs, silu(gate) and the SwiGLU product are
+   rounded to x's dtype, as the per-expert loop and the trainer round them).
 
 The weights stay in the compressed-tensors layout the plugin already stores (int32 ``[E, N, K/8]``, bf16
 scales ``[E, N, K/g]``), so weight sync, export and the CPU emulation are unchanged. A K tile never
@@ -96,7 +97,11 @@ if triton is not None:
                     su = tl.load(s_up + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
                     acc_g += tl.dot(xt, tl.trans(qg), input_precision=PREC) * sg[None, :]
                     acc_u += tl.dot(xt, tl.trans(qu), input_precision=PREC) * su[None, :]
-                act = acc_g * tl.sigmoid(acc_g) * acc_u
+                # SwiGLU rounded as the per-expert loop and the trainer round it: gate and up outputs
+                # to x's dtype, silu(gate) to x's dtype, then the product (a no-op for fp32).
+                dt = out_ptr.dtype.element_ty
+                g = acc_g.to(dt).to(tl.float32)
+                act = (g * tl.sigmoid(g)).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
                 omask = m_ok[:, None] & n_ok[None, :]
                 tl.store(
                     out_ptr + m[:, None] * inter + n[None, :], act.to(out_ptr.dtype.element_ty), mask=omask
