@@ -41,6 +41,9 @@ DECODE_BLOCK_M, PREFILL_BLOCK_M = 16, 64  # rows of one expert per tile
 GATE_UP = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 DOWN = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 _fp8_dot_failed = False  # an FP8 tensor-core dot failed to compile here once: bf16 products from then on
+# CUDA device index -> compute capability >= 8.9, filled on first use (before any compiled step: the
+# engine asks `cuda_graph_safe` first), so a compiled decode step reads a dict instead of the driver.
+_e4m3_cards: dict[int, bool] = {}
 
 
 def device_ok(device: torch.device) -> bool:
@@ -49,7 +52,10 @@ def device_ok(device: torch.device) -> bool:
     if triton is None:
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 9)
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        if i not in _e4m3_cards:
+            _e4m3_cards[i] = torch.cuda.get_device_capability(i) >= (8, 9)
+        return _e4m3_cards[i]
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
