@@ -97,6 +97,16 @@ def test_grouped_needs_dequant_layout_and_group_of_16():
         Int4Experts(2, 16, 16, Int4Kernel("dequant", 8, torch.float32, torch.device("cpu")), grouped=True)
 
 
+def test_auto_kernel_groups_experts_only_on_cuda_with_a_group_of_16k():
+    from miles_int4qat import triton_experts
+    from miles_int4qat.modules import grouped_experts_ok
+
+    assert not grouped_experts_ok(torch.device("cpu"), 128)  # CPU: the dequant loop (graphs never run)
+    on_cuda = triton_experts.triton is not None
+    assert grouped_experts_ok(torch.device("cuda"), 128) == on_cuda
+    assert not grouped_experts_ok(torch.device("cuda"), 8)
+
+
 def test_loop_experts_declare_cuda_graphs_unsafe_only_on_cuda():
     from miles_int4qat.modules import Int4Experts, Int4Kernel
 
