@@ -55,8 +55,14 @@ if triton is not None:
 
     @triton.jit
     def _unpack(p_ptrs, mask, shift):
-        """int32 codes -> the signed int4 values, as exact small integers (int32)."""
-        return ((tl.load(p_ptrs, mask=mask, other=0) >> shift) & 0xF) - 8
+        """``[BN, BK/8]`` packed int32s -> ``[BN, BK]`` signed int4 values (exact small int32s). Each
+        int32 is loaded once and repeated eight times in registers (three interleaves), then each copy
+        shifted to its own nibble."""
+        p = tl.load(p_ptrs, mask=mask, other=0)
+        p = tl.interleave(p, p)
+        p = tl.interleave(p, p)
+        p = tl.interleave(p, p)
+        return ((p >> shift) & 0xF) - 8
 
     @triton.jit
     def _int4_gate_up_kernel(
@@ -77,6 +83,7 @@ if triton is not None:
         s_up = s_gate + inter * ng
         kk = tl.arange(0, BLOCK_K)
         shift = ((kk % 8) * 4)[None, :]
+        kp8 = tl.arange(0, BLOCK_K // 8)[None, :]  # the packed columns of one K tile
         # Static loop bound (enough chunks for an expert that got every copy), empty chunks skipped: a
         # data-dependent bound would need the expert's row count on the host.
         for c in range(0, n_chunks):
@@ -90,7 +97,7 @@ if triton is not None:
                 for k0 in range(0, hidden, BLOCK_K):
                     k = k0 + kk  # hidden is a multiple of GROUP, GROUP of BLOCK_K: always in range
                     xt = tl.load(x_ptr + src[:, None] * stride_x + k[None, :], mask=m_ok[:, None], other=0.0)
-                    col = (k // 8)[None, :]
+                    col = k0 // 8 + kp8
                     qg = _unpack(p_gate + col, n_ok[:, None], shift).to(xt.dtype)
                     qu = _unpack(p_up + col, n_ok[:, None], shift).to(xt.dtype)
                     sg = tl.load(s_gate + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
@@ -124,6 +131,7 @@ if triton is not None:
         s_w = s_ptr + e64 * (hidden * ng) + n * ng
         kk = tl.arange(0, BLOCK_K)
         shift = ((kk % 8) * 4)[None, :]
+        kp8 = tl.arange(0, BLOCK_K // 8)[None, :]
         for c in range(0, n_chunks):
             m0 = start + c * BLOCK_M
             if m0 < end:
@@ -133,7 +141,7 @@ if triton is not None:
                 for k0 in range(0, inter, BLOCK_K):
                     k = k0 + kk
                     a = tl.load(a_ptr + m[:, None] * inter + k[None, :], mask=m_ok[:, None], other=0.0)
-                    q = _unpack(p_w + (k // 8)[None, :], n_ok[:, None], shift).to(a.dtype)
+                    q = _unpack(p_w + k0 // 8 + kp8, n_ok[:, None], shift).to(a.dtype)
                     s = tl.load(s_w + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
                     acc += tl.dot(a, tl.trans(q), input_precision=PREC) * s[None, :]
                 omask = m_ok[:, None] & n_ok[None, :]
