@@ -65,10 +65,30 @@ if triton is not None:
         return ((p >> shift) & 0xF) - 8
 
     @triton.jit
+    def _rounded(x, dt, INTERP: tl.constexpr):
+        """fp32 ``x`` rounded to dtype ``dt`` (nearest even), kept in fp32. The interpreter's own casts
+        to bf16 truncate, so there bf16 is rounded in integer arithmetic first (then the cast is exact)."""
+        if INTERP:
+            if dt == tl.bfloat16:
+                bits = x.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                x = bits.to(tl.float32, bitcast=True)
+        return x.to(dt).to(tl.float32)
+
+    @triton.jit
+    def _dot(a, q, PREC: tl.constexpr, INTERP: tl.constexpr):
+        """a [BM, BK] (x's dtype) times q [BN, BK] (int4 values as int32) -> fp32 [BM, BN], exact
+        products. The interpreter's bf16 dot and int-to-bf16 cast are wrong (Triton 3.7), so there
+        both operands go to fp32 (exact) and multiply in IEEE fp32."""
+        if INTERP:
+            return tl.dot(a.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
+        return tl.dot(a, tl.trans(q.to(tl.float32).to(a.dtype)), input_precision=PREC)
+
+    @triton.jit
     def _int4_gate_up_kernel(
         x_ptr, p_ptr, s_ptr, src_ptr, bounds_ptr, out_ptr, hidden, inter, stride_x, n_chunks,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,27 +118,26 @@ if triton is not None:
                     k = k0 + kk  # hidden is a multiple of GROUP, GROUP of BLOCK_K: always in range
                     xt = tl.load(x_ptr + src[:, None] * stride_x + k[None, :], mask=m_ok[:, None], other=0.0)
                     col = k0 // 8 + kp8
-                    qg = _unpack(p_gate + col, n_ok[:, None], shift).to(xt.dtype)
-                    qu = _unpack(p_up + col, n_ok[:, None], shift).to(xt.dtype)
+                    qg = _unpack(p_gate + col, n_ok[:, None], shift)
+                    qu = _unpack(p_up + col, n_ok[:, None], shift)
                     sg = tl.load(s_gate + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
                     su = tl.load(s_up + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-                    acc_g += tl.dot(xt, tl.trans(qg), input_precision=PREC) * sg[None, :]
-                    acc_u += tl.dot(xt, tl.trans(qu), input_precision=PREC) * su[None, :]
+                    acc_g += _dot(xt, qg, PREC, INTERP) * sg[None, :]
+                    acc_u += _dot(xt, qu, PREC, INTERP) * su[None, :]
                 # SwiGLU rounded as the per-expert loop and the trainer round it: gate and up outputs
                 # to x's dtype, silu(gate) to x's dtype, then the product (a no-op for fp32).
                 dt = out_ptr.dtype.element_ty
-                g = acc_g.to(dt).to(tl.float32)
-                act = (g * tl.sigmoid(g)).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
+                g = _rounded(acc_g, dt, INTERP)
+                u = _rounded(acc_u, dt, INTERP)
+                act = _rounded(_rounded(g * tl.sigmoid(g), dt, INTERP) * u, dt, INTERP)
                 omask = m_ok[:, None] & n_ok[None, :]
-                tl.store(
-                    out_ptr + m[:, None] * inter + n[None, :], act.to(out_ptr.dtype.element_ty), mask=omask
-                )
+                tl.store(out_ptr + m[:, None] * inter + n[None, :], act.to(dt), mask=omask)
 
     @triton.jit
     def _int4_down_kernel(
         a_ptr, p_ptr, s_ptr, bounds_ptr, out_ptr, hidden, inter, n_chunks,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,13 +160,13 @@ if triton is not None:
                 for k0 in range(0, inter, BLOCK_K):
                     k = k0 + kk
                     a = tl.load(a_ptr + m[:, None] * inter + k[None, :], mask=m_ok[:, None], other=0.0)
-                    q = _unpack(p_w + k0 // 8 + kp8, n_ok[:, None], shift).to(a.dtype)
+                    q = _unpack(p_w + k0 // 8 + kp8, n_ok[:, None], shift)
                     s = tl.load(s_w + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-                    acc += tl.dot(a, tl.trans(q), input_precision=PREC) * s[None, :]
+                    acc += _dot(a, q, PREC, INTERP) * s[None, :]
                 omask = m_ok[:, None] & n_ok[None, :]
-                tl.store(
-                    out_ptr + m[:, None] * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask
-                )
+                dt = out_ptr.dtype.element_ty
+                y = _rounded(acc, dt, INTERP).to(dt)
+                tl.store(out_ptr + m[:, None] * hidden + n[None, :], y, mask=omask)
 
 
 def _launch_config(cfg: dict) -> dict:
@@ -191,6 +210,7 @@ def int4_experts(
     common = dict(
         GROUP=group_size, BLOCK_M=block_m, BLOCK_K=_block_k(group_size),
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        INTERP=os.environ.get("TRITON_INTERPRET") == "1",
     )  # fmt: skip
     c1, c2 = _launch_config(GATE_UP), _launch_config(DOWN)
     grid1 = (num_experts, triton.cdiv(inter, c1["BLOCK_N"]))

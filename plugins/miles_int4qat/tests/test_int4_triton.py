@@ -66,6 +66,32 @@ for E, k, n, g in [(1, 1, 19, 16), (4, 1, 5, 16), (8, 2, 13, 16), (8, 3, 37, 16)
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-5, (E, k, n, g, err)
 
+# bf16 (the engine's dtype): each copy's output against float64 sums rounded to bf16 where the kernels
+# round (gate and up outputs, silu(gate), their product, the output); only near-ties of the fp32 sums
+# may differ by one bf16 step.
+E, k, n, g = 8, 2, 13, 16
+x = torch.randn(n, hidden).bfloat16()
+idx = torch.stack([torch.randperm(E)[:k] for _ in range(n)])
+gu_p, gu_s = quantize_pack(torch.randn(E, 2 * inter, hidden) * 0.2, g)
+d_p, d_s = quantize_pack(torch.randn(E, hidden, inter) * 0.2, g)
+gu_s, d_s = gu_s.to(torch.bfloat16), d_s.to(torch.bfloat16)
+flat = idx.reshape(-1)
+order, dest = expert_order(flat, E)
+src = (order // k).to(torch.int32)
+ys = triton_experts.int4_experts(x, src, expert_bounds(flat, E), gu_p, gu_s, d_p, d_s, g)
+gu, dn = dequantize(gu_p, gu_s, g, torch.float64), dequantize(d_p, d_s, g, torch.float64)
+bf = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+ref = []
+for j in range(n * k):
+    e, h = int(flat[order[j]]), gu[int(flat[order[j]])] @ x[int(src[j])].double()
+    gate, up = bf(h[:inter]), bf(h[inter:])
+    ref.append((dn[e] @ bf(bf(F.silu(gate)) * up)).to(torch.bfloat16))
+ref = torch.stack(ref)
+assert ys.dtype == torch.bfloat16
+same = (ys == ref).float().mean().item()
+assert same > 0.97, same
+torch.testing.assert_close(ys.float(), ref.float(), atol=1e-2, rtol=2e-2)
+
 # The module: grouped == its per-expert loop (same numbers, fp32)
 kern = Int4Kernel("dequant", 16, torch.float32, torch.device("cpu"))
 loop = Int4Experts(8, hidden, inter, kern)
