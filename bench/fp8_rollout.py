@@ -4,16 +4,20 @@ Same random Qwen3-MoE, same prompts, same sampling (temperature 1, no EOS) in ev
 model is converted by the plugin's own ``configure_model(role="rollout")`` hook and prepared by its
 ``pre_rollout`` hook, exactly as in `miles train`. Presets (bench/moe_config.py, shared with
 bench/int4_rollout.py): ``gpu`` is the speed issue's ~0.7B model (vocab 32000, hidden 1024, 12 layers,
-16/4 heads of 64, 32 experts top-4, expert FFN 512) at batch 64, 128 prompt + 256 new tokens;
-``cpu-small`` is a smoke test (emulated FP8).
+16/4 heads of 64, 32 experts top-4, expert FFN 512), ``qwen3-30b-a3b`` Qwen3-30B-A3B's layer shape
+(``--layers``, 8 by default), both at batch 64, 128 prompt + 256 new tokens; ``cpu-small`` is a smoke
+test (emulated FP8).
 
-    python bench/fp8_rollout.py [--preset gpu|cpu-small] [--recipes rowwise,blockwise] [--batch N]
+    python bench/fp8_rollout.py [--preset gpu|qwen3-30b-a3b|cpu-small] [--layers N] [--batch N]
+        [--recipes blockwise,rowwise] [--no-compile]
 
-The FP8 experts size their per-expert loop on the host, so `pre_rollout` turns CUDA graphs off and FP8
-decodes eagerly; the bf16 arm uses the engine's default (CUDA graphs on CUDA) and bf16_eager times bf16
-without graphs, the like-for-like comparison. ``speedup`` = fp8 / bf16 (graphs), ``speedup_vs_eager`` =
-fp8 / bf16_eager; tok_s counts generated tokens over the generate wall time (prefill included),
-decode_tok_s the same over the decode steps only. Prints one JSON line.
+Every graphed arm runs as `miles train` sets the engine up: CUDA graphs on CUDA and the decode step
+compiled (``--no-compile`` turns that off), bf16 experts on the Triton decode kernels where they run.
+``blockwise`` FP8 experts run the grouped FP8 Triton kernels, which CUDA graphs capture; ``rowwise`` /
+``tensorwise`` experts loop per expert, sync with the host and so decode eagerly (``*_cuda_graph``
+says which). bf16_eager times bf16 without graphs or compile. ``speedup`` = fp8 / bf16 (graphs),
+``speedup_vs_eager`` = fp8 / bf16_eager; tok_s counts generated tokens over the generate wall time
+(prefill included), decode_tok_s the same over the decode steps only. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ for path in (ROOT, ROOT / "plugins" / "miles_fp8"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from moe_config import ROLLOUT_PRESETS, random_moe  # noqa: E402
+from moe_config import ROLLOUT_PRESETS, random_moe, rollout_engine  # noqa: E402
 
 from miles_core.args import parse_args  # noqa: E402
 from miles_core.engine import Engine  # noqa: E402
@@ -58,13 +62,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, p: dict, prompts: list[list[int]], device: torch.device, eager: bool = False) -> dict:
+def measure(
+    model, p: dict, prompts: list[list[int]], device: torch.device, eager: bool = False, compile: bool = False
+) -> dict:
     """Generate once to warm up, then time `prompts` (``eager``: without CUDA graphs)."""
 
     def engine_for() -> Engine:
         return Engine(model, max_batch_size=p["batch"], seed=0, cuda_graph=False if eager else None)
 
-    engine = engine_for()
+    engine = rollout_engine(model, p["batch"], eager=eager, compile=compile)
     engine.generate_batch(prompts[:2], {"temperature": 1.0, "max_new_tokens": 4})  # warm-up (cache, kernels)
     _sync(device)
     t0 = time.perf_counter()
@@ -92,7 +98,12 @@ def _weight_bytes(model, buffers: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on CUDA")
-    ap.add_argument("--recipes", default="rowwise", help="comma list of rowwise, blockwise, tensorwise")
+    ap.add_argument("--recipes", default="blockwise", help="comma list of blockwise, rowwise, tensorwise")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
+    ap.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="compile the decode step (--rollout-compile) in every graphed arm; default on CUDA",
+    )  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ns = ap.parse_args(argv)
@@ -103,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = ns.preset or ("gpu" if device.type == "cuda" else "cpu-small")
     p = dict(PRESETS[preset])
     p["new"], p["batch"] = ns.new_tokens or p["new"], ns.batch or p["batch"]
+    p["layers"] = ns.layers or p["layers"]
+    compile = device.type == "cuda" if ns.compile is None else ns.compile
     base = random_moe(p, device, torch.bfloat16).requires_grad_(False)
     rng = random.Random(0)
     prompts = [[rng.randrange(p["vocab"]) for _ in range(p["prompt"])] for _ in range(p["batch"])]
@@ -111,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "bench": "fp8_rollout", "device": name,
         "preset": preset, "recipe": recipes[0], "batch": p["batch"], "prompt_len": p["prompt"],
-        "new_tokens": p["new"], "bf16_expert_bytes": _weight_bytes(base, buffers=False),
+        "new_tokens": p["new"], "layers": p["layers"], "compile": compile,
+        "bf16_expert_bytes": _weight_bytes(base, buffers=False),
     }  # fmt: skip
-    arms = {"bf16": measure(base, p, prompts, device)}
+    arms = {"bf16": measure(base, p, prompts, device, compile=compile)}
     arms["bf16_eager"] = measure(base, p, prompts, device, eager=True)
     print(f"bf16: {arms['bf16']} bf16_eager: {arms['bf16_eager']}", file=sys.stderr, flush=True)
     for recipe in recipes:
@@ -121,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         model = copy.deepcopy(base)
         pm.hook.configure_model(args=args, model=model, role="rollout")  # the engine-side conversion
         result[f"fp8_{recipe}_expert_bytes"] = _weight_bytes(model, buffers=True)
-        # FP8 experts on CUDA declare cuda_graph_safe = False: the engine decodes them eagerly itself.
-        arms[f"fp8_{recipe}"] = measure(model, p, prompts, device)
+        # Looped FP8 experts on CUDA declare cuda_graph_safe = False: the engine decodes them eagerly.
+        arms[f"fp8_{recipe}"] = measure(model, p, prompts, device, compile=compile)
         print(f"fp8_{recipe}: {arms[f'fp8_{recipe}']}", file=sys.stderr, flush=True)
         del model
         if device.type == "cuda":

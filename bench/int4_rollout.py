@@ -1,15 +1,19 @@
 """Benchmark: decode tokens/s of the built-in engine with packed INT4 expert weights vs BF16 weights.
 
 Same random Qwen3-MoE, same prompts, same sampling settings in every arm; only the expert weights'
-format differs (swapped through the miles-int4qat plugin). Presets: ``gpu`` is the speed issue's ~0.7B
-model (vocab 32000, hidden 1024, 12 layers, 16/4 heads of 64, 32 experts top-4, expert FFN 512) at
+format differs (swapped through the miles-int4qat plugin). Presets (bench/moe_config.py): ``gpu`` is
+the speed issue's ~0.7B model (vocab 32000, hidden 1024, 12 layers, 16/4 heads of 64, 32 experts top-4,
+expert FFN 512), ``qwen3-30b-a3b`` Qwen3-30B-A3B's layer shape (``--layers``, 8 by default), both at
 batch 64, 128 prompt + 256 new tokens; ``cpu-small`` is a smoke test.
 
-    python bench/int4_rollout.py [--preset gpu|cpu-small] [--arms bf16,int4,int4-dequant]
+    python bench/int4_rollout.py [--preset gpu|qwen3-30b-a3b|cpu-small] [--layers N] [--batch N]
+        [--arms bf16,bf16_eager,int4,int4-tinygemm,int4-dequant] [--no-compile]
 
-INT4 arms decode eagerly (the INT4 expert loop syncs with the host, so it cannot be captured in a
-CUDA graph); the bf16 arm uses the engine's default (CUDA graphs on CUDA). bf16_eager_* times bf16
-without graphs, the like-for-like comparison of the expert kernels.
+Every arm runs as `miles train` sets the engine up: CUDA graphs on CUDA and the decode step compiled
+(``--no-compile`` turns that off), bf16 experts on the Triton decode kernels where they run. ``int4``
+(the auto kernel) runs the grouped W4A16 Triton expert kernels, which CUDA graphs capture;
+``int4-tinygemm`` / ``int4-dequant`` keep the per-expert loop, which syncs with the host and so decodes
+eagerly. bf16_eager_* times bf16 without graphs or compile.
 
 Prints one JSON line: per arm tok_s (generated tokens / generate wall time, prefill included),
 decode_tok_s (the same over the decode steps only) and the engine's expert-weight bytes; int4_vs_bf16 is
@@ -38,16 +42,18 @@ from miles_int4qat.modules import (  # noqa: E402
     quantize_for_rollout,
     scope_weight_numel,
 )
-from moe_config import ROLLOUT_PRESETS, random_moe  # noqa: E402
+from moe_config import ROLLOUT_PRESETS, random_moe, rollout_engine  # noqa: E402
 
 from miles_core.engine import Engine  # noqa: E402
 
 PRESETS = ROLLOUT_PRESETS
 
 
-def measure(model, p: dict, prompts: list[list[int]], device: torch.device, eager: bool = False) -> dict:
-    # INT4 experts declare cuda_graph_safe = False, so the engine decodes them eagerly by itself.
-    engine = Engine(model, max_batch_size=p["batch"], seed=0, cuda_graph=False if eager else None)
+def measure(
+    model, p: dict, prompts: list[list[int]], device: torch.device, eager: bool = False, compile: bool = False
+) -> dict:
+    # Loop-kernel INT4 experts declare cuda_graph_safe = False, so the engine decodes them eagerly itself.
+    engine = rollout_engine(model, p["batch"], eager=eager, compile=compile)
     params = {"temperature": 1.0, "max_new_tokens": p["new"]}
     engine.generate_batch(prompts[:2], {"temperature": 1.0, "max_new_tokens": 4})  # warm-up (cache, kernels)
     engine.stats.update(prefill_tokens=0, decode_steps=0, generated_tokens=0)
@@ -71,6 +77,7 @@ def measure(model, p: dict, prompts: list[list[int]], device: torch.device, eage
         "decode_tok_s": round(decode_tokens / max(wall - prefill, 1e-9), 1),
         "wall_s": round(wall, 3),
         "generated_tokens": gen,
+        "cuda_graph": bool(engine.cuda_graph),
     }
 
 
@@ -81,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--arms",
         default="bf16,bf16_eager,int4",
-        help="comma list of bf16, bf16_eager (no CUDA graphs), int4 (auto kernel), int4-dequant",
+        help="comma list of bf16, bf16_eager (no CUDA graphs), int4 (auto kernel: grouped Triton experts "
+        "on CUDA), int4-tinygemm, int4-dequant (per-expert loops)",
     )
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
+    ap.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="compile the decode step (--rollout-compile) in every graphed arm; default on CUDA",
+    )  # fmt: skip
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p = dict(PRESETS[ns.preset or ("gpu" if device.type == "cuda" else "cpu-small")])
     p["new"] = ns.new_tokens or p["new"]
     p["batch"] = ns.batch or p["batch"]
+    p["layers"] = ns.layers or p["layers"]
+    compile = device.type == "cuda" if ns.compile is None else ns.compile
     base = random_moe(p, device, torch.bfloat16).requires_grad_(False)
     rng = random.Random(0)
     prompts = [[rng.randrange(p["vocab"]) for _ in range(p["prompt"])] for _ in range(p["batch"])]
@@ -101,19 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "preset": ns.preset or ("gpu" if device.type == "cuda" else "cpu-small"),
         "batch": p["batch"], "prompt_len": p["prompt"], "new_tokens": p["new"], "group_size": ns.group_size,
+        "layers": p["layers"], "compile": compile,
         "bf16_expert_bytes": 2 * scope_weight_numel(base, "experts"),
     }  # fmt: skip
     for arm in ns.arms.split(","):
         model = base if arm.startswith("bf16") else copy.deepcopy(base)
         if not arm.startswith("bf16"):
-            quantize_for_rollout(
-                model, "experts", ns.group_size, kind="dequant" if arm == "int4-dequant" else "auto"
-            )
-            result[f"{arm}_kernel"] = model.model.layers[0].mlp.experts.kernel.kind
+            kind = arm.split("-", 1)[1] if "-" in arm else "auto"
+            quantize_for_rollout(model, "experts", ns.group_size, kind=kind)
+            experts = model.model.layers[0].mlp.experts
+            result[f"{arm}_kernel"] = "grouped-triton" if experts.grouped else experts.kernel.kind
             result[f"{arm}_expert_bytes"] = int4_bytes(model)
-        result.update(
-            {f"{arm}_{k}": v for k, v in measure(model, p, prompts, device, arm == "bf16_eager").items()}
-        )
+        eager = arm == "bf16_eager"
+        vals = measure(model, p, prompts, device, eager, compile and not eager)
+        result.update({f"{arm}_{k}": v for k, v in vals.items()})
+        print(f"{arm}: {vals}", file=sys.stderr, flush=True)
         if model is not base:
             del model
             if device.type == "cuda":

@@ -1,7 +1,10 @@
 """Random Qwen3-MoE models for the benchmarks: one builder and the rollout presets they share.
 
 `ROLLOUT_PRESETS["gpu"]` is the speed issue's ~0.7B config (vocab 32000, hidden 1024, 12 layers,
-16/4 heads, head_dim 64, 32 experts top-4, expert FFN 512, dense FFN 2816).
+16/4 heads, head_dim 64, 32 experts top-4, expert FFN 512, dense FFN 2816); ``qwen3-30b-a3b`` has the
+shape of Qwen3-30B-A3B's layers (vocab 151936, hidden 2048, 32/4 heads of 128, 128 experts top-8, expert
+FFN 768) with 8 of its 48 layers by default (``--layers``: a bf16 copy and a quantized copy of 8 layers
+take ~15 GB of one card).
 """
 
 from __future__ import annotations
@@ -14,15 +17,31 @@ import torch
 
 from miles_core import Sample, Status
 from miles_core.args import parse_args
-from miles_core.model import CausalLM, ModelConfig, build_model
+from miles_core.engine import Engine
+from miles_core.model import CausalLM, ModelConfig, build_model, fused_moe, set_fused_moe
 from miles_core.plugins import configure_plugins
 
 ROLLOUT_PRESETS = {
     "gpu": dict(vocab=32000, hidden=1024, layers=12, heads=16, kv=4, head_dim=64, experts=32, topk=4,
                 inter=512, dense=2816, batch=64, prompt=128, new=256),
+    "qwen3-30b-a3b": dict(vocab=151936, hidden=2048, layers=8, heads=32, kv=4, head_dim=128, experts=128,
+                          topk=8, inter=768, dense=6144, batch=64, prompt=128, new=256),
     "cpu-small": dict(vocab=512, hidden=128, layers=2, heads=4, kv=2, head_dim=32, experts=8, topk=2,
                       inter=128, dense=256, batch=8, prompt=16, new=16),
 }  # fmt: skip
+
+
+def rollout_engine(model: CausalLM, batch: int, *, eager: bool = False, compile: bool = False) -> Engine:
+    """An engine set up as `Engine.from_args` sets it up for a rollout of ``batch`` rows: bf16 experts on
+    the Triton decode kernels where they run (--rollout-fused-moe's default), CUDA graphs on CUDA unless
+    ``eager`` (or a module declares itself graph-unsafe), the decode step compiled with ``compile``."""
+    cfg = model.config
+    if fused_moe.available(model.lm_head.weight):
+        set_fused_moe(model, fused_moe.default_max_rows(cfg.num_experts, cfg.num_experts_per_tok, batch))
+    on_cuda = model.lm_head.weight.is_cuda
+    return Engine(
+        model, max_batch_size=batch, seed=0, cuda_graph=on_cuda and not eager, compile=compile and not eager
+    )
 
 
 def random_moe(

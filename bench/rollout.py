@@ -8,6 +8,7 @@ some row routes to) over the measured device-memory bandwidth. Prints one JSON l
 
     python bench/rollout.py --preset cpu-small
     python bench/rollout.py --preset gpu-0.7b --batch 64
+    python bench/rollout.py --preset qwen3-30b-a3b --layers 8 --batch 64 [--int4 | --fp8]
 """
 
 from __future__ import annotations
@@ -45,6 +46,28 @@ PRESETS = {
             num_experts_per_tok=4,
             moe_intermediate_size=512,
             intermediate_size=2816,
+        ),
+        device="cuda",
+        dtype=torch.bfloat16,
+        batch=64,
+        prompt_len=128,
+        new_tokens=256,
+    ),  # fmt: skip
+    # Qwen3-30B-A3B's layer shape (hidden 2048, 32/4 heads of 128, 128 experts top-8, expert FFN 768,
+    # vocab 151936) with 8 of its 48 layers (--layers): ~10 GB of bf16 weights, room on one 80 GB card
+    # for a quantized copy beside it (--int4 / --fp8) and the KV cache of batch 256.
+    "qwen3-30b-a3b": dict(
+        config=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            num_hidden_layers=8,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            moe_intermediate_size=768,
+            intermediate_size=6144,
         ),
         device="cuda",
         dtype=torch.bfloat16,
@@ -177,10 +200,20 @@ def decode_step_bytes(model, batch: int) -> float:
     return total
 
 
+def _shared_preset(name: str) -> str:
+    """This bench's preset name in bench/moe_config.py (the quantized benches' presets)."""
+    return {"gpu-0.7b": "gpu", "qwen3-30b-a3b": "qwen3-30b-a3b"}.get(name, "cpu-small")
+
+
+def _size_flags(a: argparse.Namespace) -> list[str]:
+    return [f"--batch={a.batch}"] * bool(a.batch) + [f"--layers={a.layers}"] * bool(a.layers)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu-0.7b")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None, help="Decoder layers (default: the preset's).")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--hf-new-tokens", type=int, default=None, help="Shorter HF run (tok/s is per token).")
     ap.add_argument("--eager", action="store_true", help="Also time the engine without CUDA graphs.")
@@ -220,18 +253,17 @@ def main(argv: list[str] | None = None) -> dict:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import fp8_rollout
 
-        preset = "gpu" if a.preset == "gpu-0.7b" else "cpu-small"
-        extra = [f"--batch={a.batch}"] if a.batch else []
-        extra += [f"--new-tokens={a.new_tokens}"] if a.new_tokens else []
-        return fp8_rollout.main([f"--preset={preset}", "--recipes=rowwise", *extra])
+        extra = [f"--new-tokens={a.new_tokens}"] if a.new_tokens else []
+        return fp8_rollout.main([f"--preset={_shared_preset(a.preset)}", *_size_flags(a), *extra])
     if a.int4:  # same engine, same 0.7B config; the INT4 arms live with the plugin's bench
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import int4_rollout
 
-        preset = "gpu" if a.preset == "gpu-0.7b" else "cpu-small"
-        extra = [f"--batch={a.batch}"] if a.batch else []
-        return int4_rollout.main([f"--preset={preset}", "--arms=bf16,bf16_eager,int4", *extra])
+        arms = "--arms=bf16,bf16_eager,int4"
+        return int4_rollout.main([f"--preset={_shared_preset(a.preset)}", arms, *_size_flags(a)])
     preset = dict(PRESETS[a.preset])
+    if a.layers:
+        preset["config"] = {**preset["config"], "num_hidden_layers": a.layers}
     batch = a.batch or preset["batch"]
     new = a.new_tokens or preset["new_tokens"]
     device = preset["device"]

@@ -45,7 +45,7 @@ from miles_core.model import (
     write_hf_checkpoint,
 )
 from miles_core.model.layers import StepContext, fuse_qkv
-from miles_core.model.moe import combine_copies, dispatch_copies, expert_order
+from miles_core.model.moe import combine_copies, dispatch_copies, expert_bounds, expert_order
 from miles_core.model.transformer import DecoderLayer, cache_context
 from miles_core.rollout.boxed import last_boxed
 from miles_core.rollout.generate import RolloutContext, current_context, generate_into
@@ -84,6 +84,7 @@ __all__ = [
     "compile_step",
     "current_context",
     "dispatch_copies",
+    "expert_bounds",
     "expert_order",
     "filter_flags",
     "fuse_qkv",

@@ -72,8 +72,8 @@ def test_grpo_vs_trl_bench_prints_its_json_line():
 @pytest.mark.parametrize(
     "script,preset,keys",
     [
-        ("fp8_rollout.py", "cpu-small", {"bf16_tok_s", "fp8_rowwise_expert_bytes"}),
-        ("int4_rollout.py", "cpu-small", {"bf16_tok_s", "bf16_expert_bytes"}),
+        ("fp8_rollout.py", "cpu-small", {"bf16_tok_s", "fp8_blockwise_expert_bytes", "layers"}),
+        ("int4_rollout.py", "cpu-small", {"bf16_tok_s", "bf16_expert_bytes", "int4_cuda_graph", "layers"}),
         ("r3_mismatch.py", "cpu-small", {"mismatch_no_r3", "mismatch_r3"}),
         ("fp8_mismatch.py", None, {"recipe", "bf16_absdiff_ratio", "fp32_absdiff_ratio"}),
         ("int4_memory.py", None, {"bf16_bytes", "int4_bytes", "ratio"}),
@@ -82,6 +82,24 @@ def test_grpo_vs_trl_bench_prints_its_json_line():
 def test_plugin_benches_print_their_json_line(script, preset, keys):
     r = _run(script, preset=preset)
     assert r["device"] == "cpu" and r["bench"] == script.removesuffix(".py") and keys <= r.keys()
+
+
+def test_qwen3_30b_a3b_preset_has_the_model_shape():
+    """The issue's shape: hidden 2048, 32 query / 4 KV heads of 128, 128 experts top-8, expert FFN 768,
+    vocab 151936; the same in bench/rollout.py and in the quantized benches' presets."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import moe_config
+    import rollout
+
+    shape = dict(vocab=151936, hidden=2048, heads=32, kv=4, head_dim=128, experts=128, topk=8, inter=768)
+    p = moe_config.ROLLOUT_PRESETS["qwen3-30b-a3b"]
+    assert {k: p[k] for k in shape} == shape and p["layers"] == 8
+    hf = rollout.PRESETS["qwen3-30b-a3b"]["config"]
+    names = dict(vocab="vocab_size", hidden="hidden_size", heads="num_attention_heads",
+                 kv="num_key_value_heads", head_dim="head_dim", experts="num_experts",
+                 topk="num_experts_per_tok", inter="moe_intermediate_size")  # fmt: skip
+    assert {k: hf[v] for k, v in names.items()} == shape and hf["num_hidden_layers"] == 8
+    assert rollout._shared_preset("qwen3-30b-a3b") == "qwen3-30b-a3b"
 
 
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"

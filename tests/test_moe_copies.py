@@ -66,13 +66,17 @@ def test_sum_copies_and_weight_dispatch_match_plain_indexing():
 
 
 def test_sorted_ends_match_counted_ends():
-    from miles_core.model.moe import Experts
+    from miles_core.model.moe import Experts, expert_bounds
 
     g = torch.Generator().manual_seed(1)
     experts = Experts(8, 4, 4)
     for flat in (torch.randint(0, 8, (300,), generator=g), torch.tensor([0, 0, 7, 7]), torch.tensor([3])):
         order, _ = expert_order(flat, 8)
-        assert torch.equal(experts._expert_ends(flat), experts._sorted_ends(flat[order]))
+        bounds = expert_bounds(flat, 8)
+        assert bounds[0] == 0 and bounds.dtype == torch.int32
+        assert torch.equal(bounds[1:], experts._sorted_ends(flat[order]))
+    # hand-counted: experts 0 and 7 own two copies each, 1..6 none
+    assert expert_bounds(torch.tensor([7, 0, 7, 0]), 8).tolist() == [0, 2, 2, 2, 2, 2, 2, 2, 4]
 
 
 def _check_compiled_topk(device: str) -> None:

@@ -73,6 +73,13 @@ def expert_order(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     return torch.empty_like(flat).scatter_(0, dest, i), dest
 
 
+def expert_bounds(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int32 [E + 1]: expert e owns sorted copies ``bounds[e] .. bounds[e+1]-1`` of the expert ids
+    `flat` [M], counted on the device in one reduction (bincount would sync with the host)."""
+    ids = torch.arange(num_experts, device=flat.device, dtype=flat.dtype)
+    return F.pad((flat[None, :] <= ids[:, None]).sum(1, dtype=torch.int32), (1, 0))
+
+
 def _topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of `probs` over the last dim, largest first; equal values rank the lower expert
     first (bf16 router logits tie often, and torch.topk leaves the order of ties open, so the compiled
@@ -216,7 +223,7 @@ class Experts(nn.Module):
         gdt = _grouped_dtype(x)
         if 0 < n * k <= self.fused_max_rows and fused_moe.available(x) and not torch.is_grad_enabled():
             # The kernels read each copy's token row themselves: no gathered copy of x.
-            bounds = F.pad(self._expert_ends(flat), (1, 0))
+            bounds = expert_bounds(flat, self.num_experts)
             src = (order // k).to(torch.int32)
             ys = fused_moe.fused_experts(x, src, bounds, self.gate_up_proj, self.down_proj)
             return combine_copies(ys, order, dest, topk_weight, x.dtype)
@@ -237,16 +244,11 @@ class Experts(nn.Module):
         return combine_copies(ys, order, dest, topk_weight, x.dtype)
 
     def _sorted_ends(self, sorted_ids: torch.Tensor) -> torch.Tensor:
-        """`_expert_ends` from the copies' expert ids in sorted order: a binary search per expert, where
-        the comparison count reads every copy once per expert (0.5 ms a 49k-token training step)."""
+        """`expert_bounds` (less its leading 0) from the copies' expert ids in sorted order: a binary
+        search per expert, where the comparison count reads every copy once per expert (0.5 ms a
+        49k-token training step)."""
         ids = torch.arange(self.num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
         return torch.searchsorted(sorted_ids, ids, right=True, out_int32=True)
-
-    def _expert_ends(self, flat: torch.Tensor) -> torch.Tensor:
-        """int32 [E]: one past the last sorted copy of each expert (copies routed to experts <= e),
-        counted on the device in one reduction (bincount would sync with the host)."""
-        ids = torch.arange(self.num_experts, device=flat.device, dtype=flat.dtype)
-        return (flat[None, :] <= ids[:, None]).sum(1, dtype=torch.int32)
 
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs, start = [], 0

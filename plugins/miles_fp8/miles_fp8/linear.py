@@ -8,6 +8,8 @@ Both modes run the same forward, ``y = mm(quantize(x), quantize(W))``, through `
   the backward is straight-through: gradients flow to the master weight as if quantization were identity.
 On CUDA the GEMM is ``torch._scaled_mm`` where the recipe and shape allow it; elsewhere (and as fallback)
 it is emulated: dequantize both operands to fp32 and matmul, the same numbers the FP8 GEMM multiplies.
+Rollout experts of the blockwise recipe run the grouped Triton kernels (`miles_fp8.triton_experts`) on
+CUDA: no host sync, so the engine captures their decode steps in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_core.api import Experts
+from miles_core.api import Experts, combine_copies, expert_bounds, expert_order
+from miles_fp8 import triton_experts
 from miles_fp8.quant import FP8_DTYPE, Recipe, dequantize, quantize, quantize_dequantize
 
 log = logging.getLogger(__name__)
@@ -180,10 +183,16 @@ class Fp8Experts(nn.Module):
             self.register_buffer(f"{kind}_scale_inv", s)
 
     @property
+    def grouped(self) -> bool:
+        """Whether inference runs the grouped Triton kernels (rollout weights, blockwise, triton)."""
+        return not self.train_mode and self.recipe.name == "blockwise" and triton_experts.triton is not None
+
+    @property
     def cuda_graph_safe(self) -> bool:
-        """On CUDA the per-expert loop sizes itself on the host (one sync per layer), which a CUDA graph
-        cannot capture, so the engine decodes eagerly (README, limits)."""
-        return not (self.down_proj if self.train_mode else self.down_proj_fp8).is_cuda
+        """The grouped kernels never sync with the host; the per-expert loop sizes itself on the host (one
+        sync per layer), which a CUDA graph cannot capture, so the engine then decodes eagerly."""
+        w = self.down_proj if self.train_mode else self.down_proj_fp8
+        return not w.is_cuda or (self.grouped and triton_experts.device_ok(w.device))
 
     def _master_view(self, experts: nn.Module, kind: str) -> torch.Tensor:
         i = self.intermediate
@@ -219,6 +228,14 @@ class Fp8Experts(nn.Module):
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] (as `Experts.forward`)."""
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
+        if self.grouped and triton_experts.available(x) and not torch.is_grad_enabled():
+            order, dest = expert_order(flat, self.num_experts)
+            ys = triton_experts.fp8_experts(
+                x, (order // k).to(torch.int32), expert_bounds(flat, self.num_experts),
+                self.gate_proj_fp8, self.up_proj_fp8, self.down_proj_fp8,
+                self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv,
+            )  # fmt: skip
+            return combine_copies(ys, order, dest, topk_weight, x.dtype)
         order = flat.argsort(stable=True)
         token = order // k
         xs = x[token]

@@ -9,6 +9,10 @@ engine never holds a bf16 copy. Two kernels (`Int4Kernel`):
   scale-and-zero ``[K/g, N, 2]``; the nibble is ``q + 8`` and the zero 0, so it computes ``q * scale``.
 - ``dequant`` (CPU, or any CUDA shape tinygemm refuses): the compressed-tensors layout (int32
   ``[N, K/8]``, bf16 scales ``[N, K/g]``), dequantized per call into a transient matrix, then a matmul.
+
+`Int4Experts` built ``grouped`` keep the compressed-tensors layout and run every expert in two Triton
+launches (`miles_int4qat.triton_experts`) with no host sync, so the engine captures its decode steps in
+CUDA graphs; otherwise they loop over the experts with one of the two kernels above.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from miles_core import UsageError
-from miles_core.api import Experts, combine_copies, dispatch_copies, expert_order, swap_modules
+from miles_core.api import (
+    Experts,
+    combine_copies,
+    dispatch_copies,
+    expert_bounds,
+    expert_order,
+    swap_modules,
+)
+from miles_int4qat import triton_experts
 from miles_int4qat.packing import PACK, SCALE_DTYPE, check_group_size, dequantize, quantize, quantize_pack
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -161,20 +173,25 @@ class Int4Linear(nn.Module):
 
 
 class Int4Experts(nn.Module):
-    """E SwiGLU experts in packed INT4: ``gate_up`` ``[E, 2I, H]``, ``down`` ``[E, H, I]`` (as `Experts`)."""
+    """E SwiGLU experts in packed INT4: ``gate_up`` ``[E, 2I, H]``, ``down`` ``[E, H, I]`` (as `Experts`).
 
-    # The per-expert loop reads the expert counts on the host (one sync per layer), which a CUDA graph
-    # cannot capture: the engine decodes eagerly (README, limits; a grouped INT4 kernel is future work).
-    cuda_graph_safe = False
+    ``grouped`` (the ``dequant`` layout and a group size `triton_experts.usable` takes): inference runs the
+    grouped Triton kernels wherever they run (CUDA, or Triton's interpreter); else the per-expert loop.
+    """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, kernel: Int4Kernel) -> None:
+    def __init__(
+        self, num_experts: int, hidden: int, intermediate: int, kernel: Int4Kernel, grouped: bool = False
+    ) -> None:
         super().__init__()
+        if grouped and not (kernel.kind == "dequant" and triton_experts.usable(kernel.group_size)):
+            raise ValueError("grouped INT4 experts need triton, the dequant layout and a group size of 16k")
         self.num_experts, self.hidden, self.intermediate, self.kernel = (
             num_experts,
             hidden,
             intermediate,
             kernel,
         )
+        self.grouped = grouped
         gu_p, gu_s = kernel.alloc((num_experts,), 2 * intermediate, hidden)
         d_p, d_s = kernel.alloc((num_experts,), hidden, intermediate)
         self.register_buffer("gate_up_packed", gu_p)
@@ -182,10 +199,16 @@ class Int4Experts(nn.Module):
         self.register_buffer("down_packed", d_p)
         self.register_buffer("down_scale", d_s)
 
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """The grouped kernels never sync with the host; the per-expert loop reads the expert counts on
+        the host (one sync per layer), which a CUDA graph cannot capture (the engine then decodes eagerly)."""
+        return self.grouped or not self.down_packed.is_cuda
+
     @classmethod
-    def from_experts(cls, experts: Experts, kernel: Int4Kernel) -> Int4Experts:
+    def from_experts(cls, experts: Experts, kernel: Int4Kernel, grouped: bool = False) -> Int4Experts:
         e, two_i, h = experts.gate_up_proj.shape
-        new = cls(e, h, two_i // 2, kernel)
+        new = cls(e, h, two_i // 2, kernel, grouped)
         new.weight_loader("gate_up_proj", experts.gate_up_proj.detach())
         new.weight_loader("down_proj", experts.down_proj.detach())
         return new
@@ -220,6 +243,15 @@ class Int4Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         k = self.kernel
+        if self.grouped and triton_experts.available(x) and not torch.is_grad_enabled():
+            flat = topk_idx.reshape(-1)
+            order, dest = expert_order(flat, self.num_experts)
+            src = (order // topk_idx.shape[1]).to(torch.int32)
+            ys = triton_experts.int4_experts(
+                x, src, expert_bounds(flat, self.num_experts), self.gate_up_packed, self.gate_up_scale,
+                self.down_packed, self.down_scale, k.group_size,
+            )  # fmt: skip
+            return combine_copies(ys, order, dest, topk_weight, x.dtype)
         if k.kind == "dequant":
             # One dequantization of the layer's experts per call (transient, freed after the layer) costs
             # far fewer small ops than one per expert; the packed tensors stay the only ones held.
@@ -287,17 +319,27 @@ def scope_shapes(model: nn.Module, scope: str, group_size: int) -> list[tuple[in
     return shapes
 
 
+def grouped_experts_ok(device: torch.device, group_size: int) -> bool:
+    """Whether INT4 experts on ``device`` run the grouped Triton kernels: CUDA, triton, group size 16k."""
+    return torch.device(device).type == "cuda" and triton_experts.usable(group_size)
+
+
 def quantize_for_rollout(model: nn.Module, scope: str, group_size: int, kind: str = "auto") -> list[str]:
-    """Swap the scope's modules of an engine model for packed INT4 ones; returns the swapped names."""
+    """Swap the scope's modules of an engine model for packed INT4 ones; returns the swapped names.
+
+    With ``kind`` "auto" on CUDA the experts run the grouped Triton kernels (`grouped_experts_ok`); an
+    explicit ``tinygemm`` or ``dequant`` keeps them on that kernel's per-expert loop."""
     shapes = scope_shapes(model, scope, group_size)
     p = next(model.parameters())
     kernel = make_kernel(kind, group_size, p.dtype, p.device, shapes)
+    grouped = kind == "auto" and grouped_experts_ok(p.device, group_size)
+    expert_kernel = Int4Kernel("dequant", group_size, p.dtype, p.device) if grouped else kernel
 
     def swap(name: str, mod: nn.Module) -> nn.Module | None:
         if not _in_scope(name, mod, scope):
             return None
         if isinstance(mod, Experts):
-            return Int4Experts.from_experts(mod, kernel)
+            return Int4Experts.from_experts(mod, expert_kernel, grouped)
         return Int4Linear.from_linear(mod, kernel)
 
     return swap_modules(model, swap)

@@ -59,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "tinygemm", "dequant"),
         default="auto",
         help="INT4 matmul of the engine: tinygemm (torch._weight_int4pack_mm, CUDA bf16), dequant "
-        "(dequantize per call, any device), or auto (tinygemm where it applies).",
+        "(dequantize per call, any device), or auto (tinygemm where it applies; on CUDA with triton the "
+        "MoE experts run grouped Triton W4A16 kernels, CUDA-graph capturable). tinygemm and dequant keep "
+        "the experts on a per-expert loop, which syncs with the host (no CUDA graphs).",
     )
 
 

@@ -1,0 +1,172 @@
+"""The grouped FP8 expert kernels (`miles_fp8.triton_experts`, blockwise recipe): against a float64
+reference under Triton's interpreter on CPU (several expert counts, empty experts, top-k 1 and >1, rows
+and dims that are not a multiple of their block, decode and prefill row blocks); on CUDA, captured ==
+uncaptured greedy tokens and agreement with the emulated per-expert loop."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+PLUGIN_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PLUGIN_ROOT.parents[1] / "tests"))
+from triton_interp import needs_interpreter, run_interpreted  # noqa: E402
+
+KERNEL_CHECK = f"""
+import sys
+sys.path.insert(0, {str(PLUGIN_ROOT)!r})
+import torch
+import torch.nn.functional as F
+from miles_core.api import Experts, expert_bounds, expert_order
+from miles_fp8 import triton_experts
+from miles_fp8.linear import Fp8Experts
+from miles_fp8.quant import RECIPES, dequantize, quantize, quantize_dequantize
+
+W, A = (128, 128), (1, 128)
+
+
+def reference(x, idx, w, q):
+    # float64 products of the same quantized numbers the FP8 path multiplies (x and the SwiGLU output
+    # quantized in 1x128 tiles; the SwiGLU output rounded to x's dtype first, as the kernel stores it)
+    g, u, d = (dequantize(q[f"{{n}}_fp8"], q[f"{{n}}_scale"], W).double() for n in ("gate", "up", "down"))
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        xt = quantize_dequantize(x[t : t + 1], A).double()[0]
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            h = (F.silu(g[e] @ xt) * (u[e] @ xt)).to(x.dtype)
+            out[t] += w[t, j].double() * (d[e] @ quantize_dequantize(h[None], A).double()[0])
+    return out
+
+
+torch.manual_seed(0)
+hidden, inter = 160, 144  # two 128-column blocks (one partial) in both; partial output tiles
+for E, k, n in [(1, 1, 19), (4, 1, 5), (8, 2, 13), (8, 3, 37)]:
+    x = torch.randn(n, hidden).pow(3)  # heavy tails: scales differ a lot between rows and blocks
+    x[0, :128] = 0  # an all-zero activation tile
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(n)])
+    if E == 8:
+        idx[idx == 5] = 4  # expert 5 empty
+    w = torch.rand(n, k)
+    q = {{}}
+    shapes = {{"gate": (E, inter, hidden), "up": (E, inter, hidden), "down": (E, hidden, inter)}}
+    for name, shape in shapes.items():
+        q[f"{{name}}_fp8"], q[f"{{name}}_scale"] = quantize(torch.randn(shape) * 0.1, W)
+    ref = reference(x, idx, w, q)
+    flat = idx.reshape(-1)
+    order, dest = expert_order(flat, E)
+    ys = triton_experts.fp8_experts(
+        x, (order // k).to(torch.int32), expert_bounds(flat, E), q["gate_fp8"], q["up_fp8"], q["down_fp8"],
+        q["gate_scale"], q["up_scale"], q["down_scale"],
+    )
+    got = (ys.double()[dest].view(n, k, hidden) * w.double()[..., None]).sum(1)
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, (E, k, n, err)
+
+# The module: grouped (kernels) == its emulated per-expert loop
+experts = Experts(8, hidden, inter)
+with torch.no_grad():
+    experts.gate_up_proj.normal_(0, 0.1)
+    experts.down_proj.normal_(0, 0.1)
+mod = Fp8Experts(experts, RECIPES["blockwise"], train=False)
+assert mod.grouped
+x, idx, w = torch.randn(11, hidden), torch.randint(0, 8, (11, 2)), torch.rand(11, 2)
+with torch.no_grad():
+    fast = mod(x, idx, w)
+    triton_experts.triton, saved = None, triton_experts.triton  # `grouped` off: the loop serves
+    slow = mod(x, idx, w)
+    triton_experts.triton = saved
+torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+# bf16 (the engine's dtype): the kernels round the gate and up outputs, silu(gate), the SwiGLU product and
+# the output to bf16 as the loop does, and the same activations quantize to the same codes, so here
+# (where the loop's fp32 sums and the kernel's agree) the two are equal bit for bit.
+mod = Fp8Experts(experts.to(torch.bfloat16), RECIPES["blockwise"], train=False)
+x, w = x.bfloat16(), w.bfloat16()
+with torch.no_grad():
+    fast = mod(x, idx, w)
+    triton_experts.triton, saved = None, triton_experts.triton
+    slow = mod(x, idx, w)
+    triton_experts.triton = saved
+assert fast.dtype == torch.bfloat16 and torch.equal(fast, slow), (fast.float() - slow.float()).abs().max()
+print("ok")
+"""
+
+
+@needs_interpreter
+def test_fp8_kernels_match_float64_reference_under_the_interpreter():
+    run_interpreted(KERNEL_CHECK)
+
+
+def test_only_blockwise_rollout_experts_are_grouped():
+    from fp8_helpers import tiny_moe
+    from miles_fp8 import triton_experts
+    from miles_fp8.linear import Fp8Experts
+    from miles_fp8.quant import RECIPES
+
+    experts = tiny_moe(hidden=128).model.layers[0].mlp.experts
+    has_triton = triton_experts.triton is not None
+    assert Fp8Experts(experts, RECIPES["blockwise"], train=False).grouped == has_triton
+    assert not Fp8Experts(experts, RECIPES["rowwise"], train=False).grouped
+    assert not Fp8Experts(experts, RECIPES["blockwise"], train=True).grouped
+
+
+def _greedy_tokens(model, graph: bool):
+    from miles_core.api import Engine
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 64, (3 + i % 7,), generator=g).tolist() for i in range(11)]
+    engine = Engine(model, None, max_batch_size=8, seed=7)  # 11 prompts on 8 slots: slots are refilled
+    engine._eos = set()
+    engine.cuda_graph = graph
+    outs = engine.generate_batch(prompts, {"temperature": 0.0, "max_new_tokens": 16})
+    return engine, [o.output_ids for o in outs]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_engine_captured_equals_uncaptured_greedy_tokens():
+    from fp8_helpers import tiny_moe
+    from miles_fp8.linear import Fp8Experts, convert_model
+    from miles_fp8.quant import RECIPES
+
+    model = tiny_moe(hidden=256).to(device="cuda", dtype=torch.bfloat16).requires_grad_(False).eval()
+    convert_model(model, RECIPES["blockwise"], train=False)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, Fp8Experts) and experts.grouped and experts.cuda_graph_safe
+    graphed_engine, graphed = _greedy_tokens(model, graph=True)
+    assert graphed_engine.cuda_graph and graphed_engine._graphs is not None and graphed_engine._graphs._graphs
+    _, eager = _greedy_tokens(model, graph=False)
+    assert graphed == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_grouped_kernel_matches_the_per_expert_loop_on_cuda():
+    from miles_fp8 import triton_experts
+    from miles_fp8.linear import Fp8Experts
+    from miles_fp8.quant import RECIPES
+
+    from miles_core.api import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(32, 512, 384).cuda()
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.05)
+        experts.down_proj.normal_(0, 0.05)
+    mod = Fp8Experts(experts, RECIPES["blockwise"], train=False)
+    for n in (5, 64, 700):  # decode and prefill row blocks
+        x = torch.randn(n, 512, device="cuda", dtype=torch.bfloat16)
+        idx = torch.stack([torch.randperm(32, device="cuda")[:4] for _ in range(n)])
+        w = torch.softmax(torch.rand(n, 4, device="cuda"), -1)
+        with torch.no_grad():
+            fast = mod(x, idx, w).float()
+            triton_experts.triton, saved = None, triton_experts.triton
+            try:
+                slow = mod(x, idx, w).float()
+            finally:
+                triton_experts.triton = saved
+        assert ((fast - slow).norm() / slow.norm()).item() < 1e-2
