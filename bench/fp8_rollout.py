@@ -71,7 +71,8 @@ def measure(
         return Engine(model, max_batch_size=p["batch"], seed=0, cuda_graph=False if eager else None)
 
     engine = rollout_engine(model, p["batch"], eager=eager, compile=compile)
-    engine.generate_batch(prompts[:2], {"temperature": 1.0, "max_new_tokens": 4})  # warm-up (cache, kernels)
+    # Warm-up over the timed shapes: every batch and key-length bucket captured, every kernel compiled.
+    engine.generate_batch(prompts, {"temperature": 1.0, "max_new_tokens": p["new"]})
     _sync(device)
     t0 = time.perf_counter()
     outs = engine.generate_batch(prompts, {"temperature": 1.0, "max_new_tokens": p["new"]})

@@ -55,7 +55,8 @@ def measure(
     # Loop-kernel INT4 experts declare cuda_graph_safe = False, so the engine decodes them eagerly itself.
     engine = rollout_engine(model, p["batch"], eager=eager, compile=compile)
     params = {"temperature": 1.0, "max_new_tokens": p["new"]}
-    engine.generate_batch(prompts[:2], {"temperature": 1.0, "max_new_tokens": 4})  # warm-up (cache, kernels)
+    # Warm-up over the timed shapes: every batch and key-length bucket captured, every kernel compiled.
+    engine.generate_batch(prompts, {"temperature": 1.0, "max_new_tokens": p["new"]})
     engine.stats.update(prefill_tokens=0, decode_steps=0, generated_tokens=0)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -128,7 +128,12 @@ def _greedy_tokens(model, graph: bool):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_engine_captured_equals_uncaptured_greedy_tokens():
+def test_fp8_engine_captured_equals_uncaptured_greedy_tokens(monkeypatch):
+    """Fails on an H100 (2026-12-07): graphed decoding diverges from eager at the second token, which is
+    why `triton_experts.ENABLED_ON_CUDA` is off; this turns it on to check a fix."""
+    from miles_fp8 import triton_experts
+
+    monkeypatch.setattr(triton_experts, "ENABLED_ON_CUDA", True)
     from fp8_helpers import tiny_moe
     from miles_fp8.linear import Fp8Experts, convert_model
     from miles_fp8.quant import RECIPES
@@ -145,8 +150,10 @@ def test_fp8_engine_captured_equals_uncaptured_greedy_tokens():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_grouped_kernel_matches_the_per_expert_loop_on_cuda():
+def test_fp8_grouped_kernel_matches_the_per_expert_loop_on_cuda(monkeypatch):
     from miles_fp8 import triton_experts
+
+    monkeypatch.setattr(triton_experts, "ENABLED_ON_CUDA", True)
     from miles_fp8.linear import Fp8Experts
     from miles_fp8.quant import RECIPES
 
