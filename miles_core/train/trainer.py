@@ -24,11 +24,12 @@ import torch
 
 from miles_core import drivers
 from miles_core.devices import to_device_many
-from miles_core.model import CausalLM, RoutingState, named_hf_tensors, save_model
+from miles_core.model import CausalLM, RoutingState, named_hf_tensors, save_model, token_log_probs
 from miles_core.train.losses import (
     LossTerms,
     aggregate,
     compute_approx_kl,
+    entropy_from_logits,
     log_probs_and_entropy,
     mismatch_metrics,
     policy_loss,
@@ -247,9 +248,10 @@ class Trainer:
                 logits = out.logits[mb.resp_rows, mb.resp_cols]
         if mb.temperature is not None:
             logits = logits / mb.temperature[:, None].to(logits.dtype)
-        logp, ent = log_probs_and_entropy(
-            logits, mb.targets, with_entropy=with_entropy, fused=self.fused_loss
-        )
+        if self.args.true_on_policy_mode:  # the sampler's formula: rollout log-probs match bitwise
+            ent = entropy_from_logits(logits) if with_entropy else None
+            return token_log_probs(logits, mb.targets), ent, out, routing
+        logp, ent = log_probs_and_entropy(logits, mb.targets, with_entropy, fused=self.fused_loss)
         return logp, ent, out, routing
 
     # ------------------------------------------------------------------ log-probs
