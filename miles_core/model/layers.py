@@ -299,6 +299,7 @@ class Attention(nn.Module):
     def _packed(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         """Causal attention within each packed sequence (q/k/v [1, heads, total, D]) without the flash
         kernels: batched SDPA per run of equal lengths."""
+
         # Fallback: runs of equal-length sequences are contiguous, so each run is one batched SDPA call
         # on a zero-copy view (the trainer packs sequences sorted by length).
         def sdpa(qs, ks, vs):
