@@ -96,10 +96,11 @@ def test_attention_query_alone_over_a_cache_equals_it_in_a_packed_sequence(threa
         assert torch.equal(one, whole[:, :, p : p + 1]), p
 
 
-def test_attention_decode_row_alone_equals_it_in_a_batch_of_five(threads):
+@pytest.mark.parametrize("h,hkv", [(4, 2), (2, 1), (3, 3)])
+def test_attention_decode_row_alone_equals_it_in_a_batch_of_five(threads, h, hkv):
     g = torch.Generator().manual_seed(3)
-    q, k, v = _qkv(g, 5, 1)
-    keys, vals = (torch.randn(5, 2, 80, 24, generator=g) for _ in range(2))
+    q, k, v = _qkv(g, 5, 1, h=h, hkv=hkv)
+    keys, vals = (torch.randn(5, hkv, 80, 24, generator=g) for _ in range(2))
     pos = torch.tensor([[3], [70], [31], [32], [0]])
     batch = bi.attention(q, keys, vals, pos)
     for r in range(5):

@@ -88,35 +88,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     :param k: ``[G, Hkv, L, D]`` keys of the same G sequences (``v`` likewise); any strides.
     :param q_pos: long ``[G, T]``: the position of each query; it sees keys ``0..q_pos`` (< L) of its row.
     :returns: ``[G, H, T, D]`` in q's dtype.
+
+    Each (sequence, KV head) is one matrix of the batched products: its ``rep * T`` query rows padded to a
+    multiple of `ROW_TILE` (as in `linear`) times one contiguous block of keys, then the probabilities
+    times that block's values.
     """
     g, h, t, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
-    rep = h // hkv
+    rows = h // hkv * t
     blocks = -(-length // KEY_BLOCK)
     pad = blocks * KEY_BLOCK - length
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    vt = v.transpose(-1, -2).contiguous()  # [G, Hkv, D, L]: the key index innermost for the value sums
-    qs = (q * (1.0 / math.sqrt(d))).reshape(g, hkv, rep * t, 1, d)  # rows ordered (rep, T)
-    pos = q_pos[:, None, None, :].expand(g, 1, rep, t).reshape(g, 1, rep * t, 1)
+    qs = (q * (1.0 / math.sqrt(d))).reshape(g * hkv, rows, d)  # rows ordered (rep, T)
+    qs = F.pad(qs, (0, 0, 0, -rows % ROW_TILE))
+    pos = q_pos[:, None, None, :].expand(g, hkv, h // hkv, t).reshape(g * hkv, rows, 1)
+    pos = F.pad(pos, (0, 0, 0, qs.shape[1] - rows), value=length)  # padding rows see every key
     cols = torch.arange(KEY_BLOCK, device=q.device)
     scores, m = [], None
     for j in range(blocks):
-        kj = k[:, :, None, j * KEY_BLOCK : (j + 1) * KEY_BLOCK]  # [G, Hkv, 1, B, D]
-        s = (qs * kj).contiguous().sum(-1)  # [G, Hkv, R, B]: each dot product over D alone
-        s = s.masked_fill(cols + j * KEY_BLOCK > pos, float("-inf"))
+        blk = slice(j * KEY_BLOCK, (j + 1) * KEY_BLOCK)
+        kt = k[:, :, blk].reshape(g * hkv, KEY_BLOCK, d).transpose(1, 2).contiguous()  # [GHkv, D, B]
+        s = torch.bmm(qs, kt).masked_fill(cols + j * KEY_BLOCK > pos, float("-inf"))  # [GHkv, R, B]
         scores.append(s)
         top = s.amax(-1)
         m = top if m is None else torch.maximum(m, top)
     denom = acc = None
     for j, s in enumerate(scores):
         p = torch.exp(s - m[..., None])  # 0 past the query's position, so later blocks add exact zeros
-        vj = vt[:, :, None, :, j * KEY_BLOCK : (j + 1) * KEY_BLOCK]  # [G, Hkv, 1, D, B]
-        part_l = p.sum(-1)
-        part = (p[:, :, :, None, :] * vj).contiguous().sum(-1)  # [G, Hkv, R, D]
+        vj = v[:, :, j * KEY_BLOCK : (j + 1) * KEY_BLOCK].reshape(g * hkv, KEY_BLOCK, d).contiguous()
+        part_l, part = p.sum(-1), torch.bmm(p, vj)
         denom = part_l if denom is None else denom + part_l
         acc = part if acc is None else acc + part
-    out = acc / denom[..., None]
+    out = acc[:, :rows] / denom[:, :rows, None]
     return out.reshape(g, h, t, d)
 
 
