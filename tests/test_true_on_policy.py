@@ -66,6 +66,8 @@ def test_grpo_run_logs_zero_mismatch_at_every_rollout(model, extra, dense_ckpt, 
     for r in rows:
         assert r["train/train_rollout_logprob_abs_diff"] == 0.0, r
         assert r["train/train_rollout_kl"] == 0.0, r
+        if "--num-steps-per-rollout" not in extra:  # one step: the training forward is the rollout's too
+            assert r["train/ppo_kl"] == 0.0 and r["train/pg_clipfrac"] == 0.0, r
 
 
 @pytest.mark.parametrize("flag", ["--train-compile", "--rollout-compile", "--rollout-fused-moe"])

@@ -208,6 +208,11 @@ class Experts(nn.Module):
         self.fused_max_rows = 0
         self.batch_invariant = False  # --true-on-policy-mode: `_invariant` (`make_batch_invariant`)
 
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """False in the batch-invariant path, which reads each expert's row count on the host."""
+        return not self.batch_invariant
+
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] = sum_k weight * expert_k(x)."""
         n, k = topk_idx.shape
