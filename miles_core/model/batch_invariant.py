@@ -101,27 +101,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
     qs = (q * (1.0 / math.sqrt(d))).reshape(g * hkv, rows, d)  # rows ordered (rep, T)
-    qs = F.pad(qs, (0, 0, 0, -rows % ROW_TILE))
+    pad_rows = -rows % ROW_TILE  # only the two products see the padding rows
+    qs = F.pad(qs, (0, 0, 0, pad_rows))
     pos = q_pos[:, None, None, :].expand(g, hkv, h // hkv, t).reshape(g * hkv, rows, 1)
-    pos = F.pad(pos, (0, 0, 0, qs.shape[1] - rows), value=length)  # padding rows see every key
     cols = torch.arange(KEY_BLOCK, device=q.device)
     scores, m = [], None
     for j in range(blocks):
         blk = slice(j * KEY_BLOCK, (j + 1) * KEY_BLOCK)
         kt = k[:, :, blk].reshape(g * hkv, KEY_BLOCK, d).transpose(1, 2).contiguous()  # [GHkv, D, B]
-        s = torch.bmm(qs, kt).masked_fill(cols + j * KEY_BLOCK > pos, float("-inf"))  # [GHkv, R, B]
-        scores.append(s)
+        s = torch.bmm(qs, kt)[:, :rows].masked_fill(cols + j * KEY_BLOCK > pos, float("-inf"))
+        scores.append(s)  # [GHkv, R, B]
         top = s.amax(-1)
         m = top if m is None else torch.maximum(m, top)
     denom = acc = None
     for j, s in enumerate(scores):
         p = torch.exp(s - m[..., None])  # 0 past the query's position, so later blocks add exact zeros
         vj = v[:, :, j * KEY_BLOCK : (j + 1) * KEY_BLOCK].reshape(g * hkv, KEY_BLOCK, d).contiguous()
-        part_l, part = p.sum(-1), torch.bmm(p, vj)
+        part_l, part = p.sum(-1), torch.bmm(F.pad(p, (0, 0, 0, pad_rows)), vj)[:, :rows]
         denom = part_l if denom is None else denom + part_l
         acc = part if acc is None else acc + part
-    out = acc[:, :rows] / denom[:, :rows, None]
-    return out.reshape(g, h, t, d)
+    return (acc / denom[..., None]).reshape(g, h, t, d)
 
 
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
