@@ -71,6 +71,17 @@ def test_token_log_probs_by_hand_and_per_row(threads):
         assert torch.equal(bi.token_log_probs(big[i : i + 1].clone(), tgt[i : i + 1]), full[i : i + 1])
 
 
+@pytest.mark.parametrize("d", [96, 24, 303])
+def test_torch_row_ops_the_mode_relies_on_are_per_row(threads, d):
+    # RMSNorm, softmax and log-softmax are used as they are: each row's result must not depend on N.
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(700, d, generator=g) * 3
+    for op in (lambda t: F.rms_norm(t, (d,), eps=1e-6), lambda t: t.softmax(-1), lambda t: t.log_softmax(-1)):
+        full = op(x)
+        for m in (1, 2, 3, 5, 9, 64):
+            assert torch.equal(op(x[100 : 100 + m].clone()), full[100 : 100 + m]), m
+
+
 def _qkv(g, rows, t, h=4, hkv=2, d=24):
     return (torch.randn(rows, h, t, d, generator=g), torch.randn(rows, hkv, t, d, generator=g),
             torch.randn(rows, hkv, t, d, generator=g))  # fmt: skip
