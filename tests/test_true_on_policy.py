@@ -92,3 +92,19 @@ def test_bf16_model_on_cpu_is_refused_and_mode_off_leaves_model_alone():
     args = parse_args(["--hf-checkpoint", "x"], pm)
     configure_model(args=args, model=model, role="train")
     assert type(model[0]) is torch.nn.Linear
+
+
+@pytest.mark.slow
+def test_scaled_out_run_logs_zero_mismatch(tiny_ckpt, prompts_file, reward_file, tmp_path):
+    # 2 FSDP2 trainer ranks and 1 engine actor, each a process of its own (Ray, CPU): same ops, same bits.
+    pytest.importorskip("ray")
+    from test_scaled_out import finish, rollouts, start, train_argv
+
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    layout = ["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "1", "--true-on-policy-mode"]
+    argv = train_argv(run, tiny_ckpt, prompts_file, reward_file, "--num-rollout", "2", *layout)
+    assert finish(start(argv, log)) == 0, log.read_text()[-3000:]
+    rows = rollouts(run)
+    assert len(rows) == 2
+    for r in rows:
+        assert r["train/train_rollout_logprob_abs_diff"] == 0.0 and r["train/train_rollout_kl"] == 0.0, r
