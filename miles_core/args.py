@@ -141,9 +141,9 @@ def _add_rollout(p: argparse.ArgumentParser) -> None:
         "--true-on-policy-mode",
         action=ON_OFF,
         default=False,
-        help="Train in the rollout dtype (fp32 on CPU, bf16 with --bf16) so rollout and training log-probs "
-        "come from the same weights and dtype; they agree closely, not bitwise (see "
-        "train/train_rollout_logprob_abs_diff).",
+        help="Rollout and training log-probs bitwise equal (train/train_rollout_logprob_abs_diff == 0): both "
+        "sides run batch-invariant ops in the trainer's dtype. Holds on CPU in fp32 with the built-in engine "
+        "in the training process; GPU is not bitwise yet. README: 'True on-policy mode'.",
     )
 
 

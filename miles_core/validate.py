@@ -16,6 +16,7 @@ from miles_core.args_ppo import check_ppo_args
 from miles_core.errors import UsageError
 from miles_core.logging import get_logger
 from miles_core.train.losses import check_loss_args
+from miles_core.train.on_policy import check_true_on_policy
 
 log = get_logger(__name__)
 
@@ -148,6 +149,7 @@ def validate(args: argparse.Namespace) -> None:
     check_loss_args(args)
     check_algo_args(args)
     check_ppo_args(args)
+    check_true_on_policy(args)
     if args.eps_clip_high is None:
         args.eps_clip_high = args.eps_clip
     if args.rm_type and args.custom_rm_path:

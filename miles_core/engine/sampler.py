@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from miles_core.model.batch_invariant import token_log_probs
+
 
 @dataclass
 class SamplingParams:
@@ -130,7 +132,6 @@ def sample_tokens(
     :returns: ``(tokens int64 [B], log_probs float32 [B])``.
     """
     scaled, masked, greedy = tempered_logits(logits, temperature, top_p, top_k, use_top_k, use_top_p)
-    log_probs_full = torch.log_softmax(scaled, dim=-1)
     probs = torch.softmax(masked, dim=-1)
     if noise_key is not None:
         # argmax(p / E) with E ~ Exp(1) draws from p exactly (the exponential race): one elementwise
@@ -142,7 +143,8 @@ def sample_tokens(
     else:
         sampled = _inverse_cdf(probs, torch.rand(probs.shape[0], generator=generator))
     tokens = torch.where(greedy, logits.argmax(-1), sampled)
-    return tokens, log_probs_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # The trainer's --true-on-policy-mode recomputes them with the same function.
+    return tokens, token_log_probs(scaled, tokens)
 
 
 def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 The engine and the trainer use only the names re-exported here.
 """
 
+from miles_core.model.batch_invariant import make_batch_invariant, token_log_probs
 from miles_core.model.config import ARCH_TRAITS, ModelConfig
 from miles_core.model.hf_io import (
     iter_safetensors,
@@ -36,6 +37,8 @@ __all__ = [
     "set_fused_moe",
     "build_model",
     "iter_safetensors",
+    "make_batch_invariant",
+    "token_log_probs",
     "load_config",
     "load_hf_tensors",
     "load_model",

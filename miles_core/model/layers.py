@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from miles_core.model import varlen_attention
+from miles_core.model import batch_invariant, varlen_attention
 from miles_core.model.config import ModelConfig
 from miles_core.model.decode_attention import decode_attention
 from miles_core.model.kv_cache import KVCache
@@ -208,6 +208,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         # (weight, bias) of q/k/v stacked, set by `fuse_qkv`: the three weights are views into it.
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # --true-on-policy-mode: every path attends with `batch_invariant.attention` (`make_batch_invariant`).
+        self.batch_invariant = False
 
     def fuse_qkv(self) -> bool:
         """Store the q/k/v projections in one buffer (each weight becomes a view into it), so the static
@@ -246,7 +248,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         b, t, _ = x.shape
-        if ctx.decode_kernel:  # a few tokens per row: norm, rope, cache write and attention in the op
+        if ctx.decode_kernel and not self.batch_invariant:  # norm, rope, cache write and attention in one op
             norm = self.q_norm is not None
             slots = ctx.cache_slots if t == 1 else ctx.cache_slots[:, None].expand(b, t).reshape(-1)
             out = decode_attention(
@@ -272,7 +274,12 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if ctx.kv_cache is not None:
             k, v = self._cache_step(k, v, ctx)
-            out = self._grouped_sdpa(q, k, v, ctx.mask)
+            if self.batch_invariant:
+                out = batch_invariant.attention(q, k, v, ctx.position_ids)
+            else:
+                out = self._grouped_sdpa(q, k, v, ctx.mask)
+        elif self.batch_invariant:
+            out = self._invariant(q, k, v, ctx)
         elif ctx.cu_seqlens is not None:
             if ctx.packed_kernel and q.dtype in (torch.bfloat16, torch.float16):
                 # Inside a compiled layer too (no graph break): only cu_seqlens and max_seqlen, whose
@@ -306,21 +313,39 @@ class Attention(nn.Module):
     def _packed(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         """Causal attention within each packed sequence (q/k/v [1, heads, total, D]) without the flash
         kernels: batched SDPA per run of equal lengths."""
+
         # Fallback: runs of equal-length sequences are contiguous, so each run is one batched SDPA call
         # on a zero-copy view (the trainer packs sequences sorted by length).
-        outs, start, lens, i = [], 0, ctx.seq_lens, 0
+        def sdpa(qs, ks, vs):
+            return F.scaled_dot_product_attention(qs, self._expand(ks), self._expand(vs), is_causal=True)
+
+        return self._by_runs(q, k, v, ctx.seq_lens, sdpa)
+
+    def _by_runs(self, q, k, v, lens: list[int], attend) -> torch.Tensor:
+        """``attend(q, k, v)`` ([n, heads, length, D] each, causal) over each run of n packed sequences of
+        one length; q/k/v and the result [1, heads, total, D]."""
+        outs, start, i = [], 0, 0
         while i < len(lens):
             j = i
             while j < len(lens) and lens[j] == lens[i]:
                 j += 1
             n, length = j - i, lens[i]
             sl = slice(start, start + n * length)
-            qs, ks, vs = (_runs(x, sl, n, length) for x in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, self._expand(ks), self._expand(vs), is_causal=True)
+            o = attend(*(_runs(x, sl, n, length) for x in (q, k, v)))
             outs.append(o.transpose(0, 1).reshape(self.num_heads, n * length, -1))
             start += n * length
             i = j
         return torch.cat(outs, dim=1).unsqueeze(0)
+
+    def _invariant(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+        """`batch_invariant.attention` without a cache: over the padded rows (queries at 0..T-1), or over
+        each run of equal-length packed sequences."""
+
+        def attend(qs, ks, vs):
+            n, _, t, _ = qs.shape
+            return batch_invariant.attention(qs, ks, vs, torch.arange(t, device=qs.device).expand(n, t))
+
+        return attend(q, k, v) if ctx.seq_lens is None else self._by_runs(q, k, v, ctx.seq_lens, attend)
 
     def _cache_step(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext):
         """Write this step's K/V at [slot, :, position], then read each slot's keys 0..kv_len-1."""
@@ -367,6 +392,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.batch_invariant = False  # --true-on-policy-mode: `batch_invariant.silu_mul`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return self.down_proj(batch_invariant.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_core.model import fused_moe
+from miles_core.model import batch_invariant, fused_moe
 from miles_core.model.swiglu import swiglu
 
 
@@ -213,6 +213,12 @@ class Experts(nn.Module):
         # 0 = never. The loop sets it on the rollout model (--rollout-fused-moe, on by default where
         # triton runs; see `set_fused_moe` and `fused_moe.default_max_rows`).
         self.fused_max_rows = 0
+        self.batch_invariant = False  # --true-on-policy-mode: `_invariant` (`make_batch_invariant`)
+
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """False in the batch-invariant path, which reads each expert's row count on the host."""
+        return not self.batch_invariant
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] = sum_k weight * expert_k(x)."""
@@ -220,6 +226,8 @@ class Experts(nn.Module):
         flat = topk_idx.reshape(-1)
         # Token copies by expert: one matmul per expert.
         order, dest = expert_order(flat, self.num_experts)
+        if self.batch_invariant:
+            return self._invariant(x, flat, order, dest, topk_weight)
         gdt = _grouped_dtype(x)
         if 0 < n * k <= self.fused_max_rows and fused_moe.available(x) and not torch.is_grad_enabled():
             # The kernels read each copy's token row themselves: no gathered copy of x.
@@ -261,6 +269,22 @@ class Experts(nn.Module):
             start += c
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
+    def _invariant(self, x, flat, order, dest, weight) -> torch.Tensor:
+        """Each expert's copies through `batch_invariant.linear` (a row's result does not depend on how
+        many rows its expert got), then each token's k outputs added in routing order (`combine`)."""
+        bi = batch_invariant
+        n, k = weight.shape
+        xs = x[order // k]
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                gate, up = bi.linear(xs[start : start + c], self.gate_up_proj[e]).chunk(2, dim=-1)
+                outs.append(bi.linear(bi.silu_mul(gate, up), self.down_proj[e]))
+                start += c
+        ys = torch.cat(outs) if outs else xs
+        return bi.combine(ys[dest].view(n, k, -1), weight).to(x.dtype)
+
     def _gathered(self, xs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         h = torch.bmm(self.gate_up_proj[experts], xs.unsqueeze(-1)).squeeze(-1)
         gate, up = h.chunk(2, dim=-1)
@@ -296,6 +320,7 @@ class SparseMoeBlock(nn.Module):
         self.moe_index = moe_index  # position among the MoE layers, the index into RoutingState lists
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden, intermediate)
+        self.batch_invariant = False  # --true-on-policy-mode: renormalise with `batch_invariant.row_sum`
 
     def route(self, x: torch.Tensor, routing: RoutingState | None, shape: tuple[int, int]):
         """x [N, H] -> (topk_idx long [N, k], topk_weight [N, k] in x's dtype)."""
@@ -312,7 +337,7 @@ class SparseMoeBlock(nn.Module):
             idx = routing.replay[m].reshape(-1, self.top_k).to(device=x.device, dtype=torch.long)
             w = probs.gather(1, idx)
         if self.norm_topk_prob:
-            w = w / w.sum(dim=-1, keepdim=True)
+            w = w / (batch_invariant.row_sum(w) if self.batch_invariant else w.sum(dim=-1, keepdim=True))
         if routing is not None and routing.record:
             routing.router_topk.append(own_idx.view(*shape, self.top_k))
             routing.used_topk.append(idx.view(*shape, self.top_k))

@@ -23,10 +23,10 @@ import torch
 
 from miles_core import drivers
 from miles_core.devices import to_device_many
-from miles_core.model import CausalLM, RoutingState, named_hf_tensors, save_model
+from miles_core.model import CausalLM, RoutingState, named_hf_tensors, save_model, token_log_probs
 from miles_core.train import distill
 from miles_core.train.critic import Critic
-from miles_core.train.losses import log_probs_and_entropy, mismatch_metrics
+from miles_core.train.losses import entropy_from_logits, log_probs_and_entropy, mismatch_metrics
 from miles_core.train.objective import Objective
 from miles_core.train.optim import MasterAdamW, cast_weights, lr_at
 from miles_core.train.packing import pack_by_tokens
@@ -244,9 +244,10 @@ class Trainer:
             else:
                 out = model(mb.input_ids, routing=routing, return_hidden=True, **packed)
             logits = self.response_logits(model, out, mb)
-        logp, ent = log_probs_and_entropy(
-            logits, mb.targets, with_entropy=with_entropy, fused=self.fused_loss
-        )
+        if self.args.true_on_policy_mode:  # the sampler's formula: rollout log-probs match bitwise
+            ent = entropy_from_logits(logits) if with_entropy else None
+            return token_log_probs(logits, mb.targets), ent, out, routing
+        logp, ent = log_probs_and_entropy(logits, mb.targets, with_entropy, fused=self.fused_loss)
         return logp, ent, out, routing
 
     def response_logits(self, model: CausalLM, out: Any, mb: MicroBatch) -> torch.Tensor:

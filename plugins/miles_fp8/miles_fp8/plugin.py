@@ -83,10 +83,11 @@ def configure(args: argparse.Namespace, pm: Any) -> bool:
     m = mode(args)
     if m is None:
         return False
-    if m == "rollout_only" and args.true_on_policy_mode:
+    if args.true_on_policy_mode:
+        flag = "--fp8-rollout-only" if m == "rollout_only" else "--fp8-recipe"
         raise UsageError(
-            "--fp8-rollout-only makes rollout and training numerics differ, which --true-on-policy-mode "
-            "forbids; use --fp8-recipe (unified FP8) instead or drop one of the two flags."
+            f"{flag} runs FP8 kernels that are not batch-invariant, so --true-on-policy-mode could not keep "
+            "rollout and training log-probs bitwise equal; drop one of the two flags."
         )
     if args.rollout_backend != "torch":
         raise UsageError(

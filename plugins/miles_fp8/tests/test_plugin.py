@@ -22,8 +22,10 @@ def test_flags_and_modes():
     assert make_args(pm).fp8_recipe is None
     args = make_args(pm, "--fp8-recipe", "rowwise", "--extra-high-precision-layers", "o_proj", "v_proj")
     assert args.fp8_format == "e4m3" and args.extra_high_precision_layers == ["o_proj", "v_proj"]
-    with pytest.raises(UsageError, match="true-on-policy"):
+    with pytest.raises(UsageError, match="^--fp8-rollout-only runs FP8 kernels .* --true-on-policy-mode"):
         make_args(pm, "--fp8-rollout-only", "--true-on-policy-mode")
+    with pytest.raises(UsageError, match="^--fp8-recipe runs FP8 kernels .* --true-on-policy-mode"):
+        make_args(pm, "--fp8-recipe", "blockwise", "--true-on-policy-mode")
 
 
 @pytest.mark.parametrize(("flags", "train_swapped"), [(["--fp8-recipe", "blockwise"], True),

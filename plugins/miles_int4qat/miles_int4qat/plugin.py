@@ -80,6 +80,11 @@ def configure(args: argparse.Namespace, pm: Any) -> bool:
     g = args.int4_group_size
     if g <= 0 or g % 8:
         raise UsageError(f"--int4-group-size {g} is not a positive multiple of 8; pass e.g. 32, 64 or 128.")
+    if args.int4_rollout and args.true_on_policy_mode:
+        raise UsageError(
+            "--int4-qat / --int4-rollout run INT4 kernels that are not batch-invariant, so "
+            "--true-on-policy-mode could not keep rollout and training log-probs bitwise equal; drop one."
+        )
     if args.int4_rollout:
         pm.register(Int4Run(args), name="int4qat.run")
     return args.int4_rollout

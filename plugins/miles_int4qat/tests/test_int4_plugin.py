@@ -41,6 +41,9 @@ def test_flags_and_env(monkeypatch):
             _args(env={key: "1"}, monkeypatch=monkeypatch)
     with pytest.raises(UsageError, match="positive multiple of 8"):
         _args("--int4-group-size", "20", monkeypatch=monkeypatch)
+    for flag in ("--int4-qat", "--int4-rollout"):
+        with pytest.raises(UsageError, match="not batch-invariant, so --true-on-policy-mode"):
+            _args(flag, "--true-on-policy-mode", monkeypatch=monkeypatch)
 
 
 def test_configure_model_swaps_per_role(monkeypatch):

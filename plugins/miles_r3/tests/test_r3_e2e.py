@@ -1,5 +1,6 @@
 """End to end: `miles train --use-rollout-routing-replay` on a tiny saved Qwen3-MoE checkpoint (bf16
-rollout, fp32 training) runs two rollouts and logs routing_mismatch_frac and the routes' memory."""
+rollout, fp32 training) runs two rollouts and logs routing_mismatch_frac and the routes' memory; with
+--true-on-policy-mode, replay and the mode together log zero routing and log-prob mismatch."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def _checkpoint(tmp_path: Path) -> Path:
     return save_model(model, tmp_path / "ckpt", tokenizer_src=tmp_path / "tok")
 
 
-def test_miles_train_with_rollout_routing_replay_logs_mismatch(tmp_path, monkeypatch):
+def _train(tmp_path: Path, monkeypatch, *flags: str) -> list[dict]:
+    """Two rollouts of `miles train` on `_checkpoint` with only the core and R3; the metric rows."""
     ckpt = _checkpoint(tmp_path)
     data = tmp_path / "prompts.jsonl"
     data.write_text(
@@ -59,15 +61,25 @@ def test_miles_train_with_rollout_routing_replay_logs_mismatch(tmp_path, monkeyp
             "train", "--hf-checkpoint", str(ckpt), "--prompt-data", str(data), "--label-key", "label",
             "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--num-rollout", "2",
             "--rollout-max-response-len", "6", "--custom-rm-path", str(tmp_path / "rm.py"),
-            "--run-dir", str(run_dir), "--device", "cpu", "--rollout-dtype", "bfloat16",
-            "--micro-batch-size", "2", "--lr", "1e-3", "--use-rollout-routing-replay",
+            "--run-dir", str(run_dir), "--device", "cpu", "--micro-batch-size", "2", "--lr", "1e-3",
+            "--use-rollout-routing-replay", *flags,
         ]
     )  # fmt: skip
     assert rc == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "train/routing_mismatch_frac" in r]
     assert len(trained) == 2
-    for row in trained:
+    return trained
+
+
+def test_miles_train_with_rollout_routing_replay_logs_mismatch(tmp_path, monkeypatch):
+    for row in _train(tmp_path, monkeypatch, "--rollout-dtype", "bfloat16"):
         assert 0 <= row["train/routing_mismatch_frac"] <= 1
         assert row["rollout/routes_bytes"] > 0
         assert row["rollout/routes_bytes_per_token"] == 2 * 2 * 4  # L * k * int32
+
+
+def test_replay_in_true_on_policy_mode_routes_and_scores_alike(tmp_path, monkeypatch):
+    for row in _train(tmp_path, monkeypatch, "--true-on-policy-mode"):
+        assert row["train/routing_mismatch_frac"] == 0.0
+        assert row["train/train_rollout_logprob_abs_diff"] == 0.0 and row["train/train_rollout_kl"] == 0.0
