@@ -21,9 +21,11 @@ PARALLEL_SIZES = (
     "context_parallel_size",
 )
 
+MEGATRON_ONLY = ("sequence_parallel", "use_distributed_optimizer", "recompute_method", "recompute_num_layers")
+
 
 def add_megatron(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("megatron (--train-backend megatron; install: pip install 'miles-core[megatron]')")
+    g = p.add_argument_group("megatron (--train-backend megatron: pip install 'miles-core[megatron]')")
     g.add_argument(
         "--sequence-parallel",
         action=ON_OFF,
@@ -65,7 +67,7 @@ def check_parallel_args(args: argparse.Namespace) -> None:
                 "no train backend launches yet (--train-backend megatron trains in one process); use 1."
             )
     if args.train_backend != "megatron":
-        for dest in ("sequence_parallel", "use_distributed_optimizer", "recompute_method", "recompute_num_layers"):
+        for dest in MEGATRON_ONLY:
             if vars(args)[dest] not in (None, False):
                 raise UsageError(
                     f"{_flag(dest)} is read only by --train-backend megatron; drop it or use that backend."
@@ -86,7 +88,7 @@ def check_parallel_args(args: argparse.Namespace) -> None:
             "--use-distributed-optimizer shards the optimizer over data-parallel ranks, but --train-backend "
             "megatron trains in one process for now; drop it."
         )
-    full = (args.recompute_granularity == "full")
+    full = args.recompute_granularity == "full"
     if full and (args.recompute_method is None or args.recompute_num_layers is None):
         raise UsageError(
             "--recompute-granularity full with --train-backend megatron needs --recompute-method "

@@ -113,7 +113,9 @@ def hf_to_megatron(cfg: ModelConfig, hf: Mapping[str, torch.Tensor], tp: int = 1
     return shards
 
 
-_LOCAL_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+_LOCAL_EXPERT = re.compile(
+    r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$"
+)
 
 
 def megatron_to_hf(cfg: ModelConfig, shards: Shards) -> dict[str, torch.Tensor]:

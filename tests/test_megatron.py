@@ -1,0 +1,232 @@
+"""--train-backend megatron on CPU: the extra's refusal, flag checks, the HF -> TransformerConfig mapping,
+HF <-> Megatron weight round trips (sharded by TP/EP) and, through megatron-core's own GPTModel in fp32,
+log-probs and one GRPO step equal to the built-in trainer's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from miles_core.errors import UsageError
+from miles_core.model import ModelConfig, iter_safetensors, load_model, weight_files, write_hf_checkpoint
+
+from conftest import make_checkpoint
+
+BACKEND = {"miles.train_backends": {"megatron": "miles_core.megatron.backend:MegatronTrainer"}}
+EXTRA = "pip install 'miles-core[megatron]'"
+
+
+@pytest.fixture
+def megatron_ep(site):
+    """The backend's entry point as miles-core's pyproject declares it (visible before a reinstall)."""
+    site.dist("miles-megatron-ep", "0.0.0", BACKEND)
+    return site
+
+
+def _args(argv):
+    from miles_core.args import parse_args
+    from miles_core.plugins import get_plugin_manager
+
+    return parse_args(argv, get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}))
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+
+def test_missing_megatron_core_is_refused_naming_the_extra(megatron_ep, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n.startswith("megatron") else real(n, *a)
+    )
+    with pytest.raises(
+        UsageError, match=r"needs megatron-core, which is not installed; install it with"
+    ) as e:
+        _args(["--train-backend", "megatron"])
+    assert EXTRA in str(e.value)
+
+
+def test_require_names_the_extra(monkeypatch):
+    from miles_core.megatron import require
+
+    monkeypatch.setitem(sys.modules, "megatron.core", None)
+    with pytest.raises(UsageError, match="needs megatron-core") as e:
+        require()
+    assert str(e.value).endswith(f"{EXTRA}.")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sequence-parallel"], "--sequence-parallel is read only by --train-backend megatron"),
+        (["--use-distributed-optimizer"], "--use-distributed-optimizer is read only by --train-backend megatron"),
+        (["--recompute-num-layers", "2"], "--recompute-num-layers is read only by --train-backend megatron"),
+        (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs one trainer process per"),
+        (["--context-parallel-size", "2", "--train-backend", "megatron"], "--context-parallel-size 2 needs"),
+        (["--train-backend", "megatron", "--sequence-parallel"], "needs --tensor-model-parallel-size above 1"),
+        (["--train-backend", "megatron", "--use-distributed-optimizer"], "trains in one process for now"),
+        (["--train-backend", "megatron", "--recompute-granularity", "full"], "needs --recompute-method"),
+        (["--train-backend", "megatron", "--recompute-method", "block"], "apply to --recompute-granularity full"),
+        (
+            ["--train-backend", "megatron", "--recompute-granularity", "full", "--recompute-method", "uniform",
+             "--recompute-num-layers", "0"],
+            "--recompute-num-layers must be at least 1, got 0.",
+        ),
+    ],
+)  # fmt: skip
+def test_flag_refusals(megatron_ep, argv, message):
+    with pytest.raises(UsageError, match=message.replace("-", r"\-")):
+        _args(argv)
+
+
+def test_megatron_flags_accepted(megatron_ep):
+    args = _args(["--train-backend", "megatron", "--recompute-granularity", "full",
+                  "--recompute-method", "block", "--recompute-num-layers", "2"])  # fmt: skip
+    assert (args.recompute_method, args.recompute_num_layers, args.sequence_parallel) == ("block", 2, False)
+
+
+# ---------------------------------------------------------------------------------------- config mapping
+
+QWEN3_MOE = {
+    "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 3,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 48,
+    "moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True,
+    "mlp_only_layers": [0], "rms_norm_eps": 1e-5, "rope_theta": 5e5, "tie_word_embeddings": False,
+    "max_position_embeddings": 128, "initializer_range": 0.05,
+}  # fmt: skip
+
+
+def test_qwen3_moe_maps_onto_transformer_config():
+    from miles_core.megatron.config import gpt_model_kwargs, transformer_config_kwargs
+
+    args = _args(["--recompute-activations"])
+    kw = transformer_config_kwargs(ModelConfig.from_hf(QWEN3_MOE), args)
+    expect = dict(
+        num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
+        ffn_hidden_size=48, layernorm_epsilon=1e-5, qk_layernorm=True, add_qkv_bias=False,
+        add_bias_linear=False, gated_linear_unit=True, normalization="RMSNorm", num_moe_experts=8,
+        moe_layer_freq=[0, 1, 1], moe_ffn_hidden_size=16, moe_router_topk=2, moe_router_pre_softmax=False,
+        moe_router_load_balancing_type="none", expert_tensor_parallel_size=1, init_method_std=0.05,
+        recompute_granularity="selective",
+    )  # fmt: skip
+    assert {k: kw[k] for k in expect} == expect
+    assert kw["activation_func"] is torch.nn.functional.silu
+    model = gpt_model_kwargs(ModelConfig.from_hf(QWEN3_MOE))
+    assert model == dict(vocab_size=64, max_sequence_length=128, share_embeddings_and_output_weights=False,
+                         position_embedding_type="rope", rotary_base=5e5, rotary_percent=1.0)  # fmt: skip
+    # Without norm_topk_prob the softmax runs over all experts before the top-k (no renormalisation).
+    loose = transformer_config_kwargs(ModelConfig.from_hf({**QWEN3_MOE, "norm_topk_prob": False}), args)
+    assert loose["moe_router_pre_softmax"] is True
+
+
+def test_dense_configs_and_rope_scaling():
+    from miles_core.megatron.config import gpt_model_kwargs, transformer_config_kwargs
+
+    args = _args([])
+    qwen2 = {**QWEN3_MOE, "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True}
+    kw = transformer_config_kwargs(ModelConfig.from_hf(qwen2), args)
+    assert (kw["add_qkv_bias"], kw["qk_layernorm"], "num_moe_experts" in kw) == (True, False, False)
+    assert gpt_model_kwargs(ModelConfig.from_hf(qwen2))["share_embeddings_and_output_weights"] is True
+    llama = {**QWEN3_MOE, "architectures": ["LlamaForCausalLM"]}
+    scaled = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}  # fmt: skip
+    rope = gpt_model_kwargs(ModelConfig.from_hf({**llama, "rope_scaling": scaled}))
+    assert (rope["rope_scaling"], rope["rope_scaling_factor"]) == (True, 32.0)
+    linear = gpt_model_kwargs(
+        ModelConfig.from_hf({**llama, "rope_scaling": {"rope_type": "linear", "factor": 2}})
+    )
+    assert linear["seq_len_interpolation_factor"] == 2.0
+    with pytest.raises(UsageError, match="original_max_position_embeddings"):
+        gpt_model_kwargs(
+            ModelConfig.from_hf(
+                {**llama, "rope_scaling": {**scaled, "original_max_position_embeddings": 4096}}
+            )
+        )
+    with pytest.raises(UsageError, match="without attention_bias/mlp_bias"):
+        transformer_config_kwargs(ModelConfig.from_hf({**llama, "attention_bias": True}), args)
+
+
+# ---------------------------------------------------------------------------------------- weights
+
+ARCHS = {
+    "qwen3_moe": dict(tie_word_embeddings=False, mlp_only_layers=[0]),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("megatron")
+    return {name: make_checkpoint(root / name, seed=3, **over) for name, over in ARCHS.items()}
+
+
+def _read(folder: Path) -> dict[str, torch.Tensor]:
+    return dict(iter_safetensors(weight_files(folder)))
+
+
+@pytest.mark.parametrize(
+    "arch, tp, ep", [("qwen3_moe", 1, 1), ("qwen3_moe", 2, 4), ("qwen2", 2, 1), ("llama", 2, 1)]
+)
+def test_hf_megatron_hf_round_trip_is_bitwise(ckpts, tmp_path, arch, tp, ep):
+    from miles_core.megatron.weights import hf_to_megatron, megatron_to_hf
+
+    cfg = ModelConfig.from_hf(__import__("json").loads((ckpts[arch] / "config.json").read_text()))
+    hf = _read(ckpts[arch])
+    shards = hf_to_megatron(cfg, hf, tp=tp, ep=ep)
+    for r in range(tp):  # each rank's state as its own file, read back before gathering
+        for e in range(ep):
+            save_file({k: v.clone().contiguous() for k, v in shards[r][e].items()}, tmp_path / f"{r}_{e}.st")
+    reread = [[load_file(tmp_path / f"{r}_{e}.st") for e in range(ep)] for r in range(tp)]
+    back = megatron_to_hf(cfg, reread)
+    write_hf_checkpoint(back, cfg.to_hf(), tmp_path / "hf")
+    again = _read(tmp_path / "hf")
+    assert again.keys() == hf.keys()
+    for name, t in hf.items():
+        assert torch.equal(again[name], t), name
+
+
+def test_megatron_layout_by_hand(ckpts):
+    """linear_qkv: per KV group its query heads, then its key head, then its value head; TP rank r gets
+    whole groups; fc1 = [gate; up] (each TP rank its slice of both); EP rank r holds experts r*E/ep..."""
+    from miles_core.megatron.weights import hf_to_megatron
+
+    cfg = load_model(ckpts["qwen3_moe"]).config  # 4 heads in 2 KV groups, head_dim 8, 8 experts
+    hf = _read(ckpts["qwen3_moe"])
+    a = "model.layers.1.self_attn."
+    q, k, v = hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"]
+    full = hf_to_megatron(cfg, hf)[0][0]["decoder.layers.1.self_attention.linear_qkv.weight"]
+    expect = torch.cat([q[0:16], k[0:8], v[0:8], q[16:32], k[8:16], v[8:16]])
+    assert torch.equal(full, expect)
+    shards = hf_to_megatron(cfg, hf, tp=2, ep=2)
+    assert torch.equal(shards[1][0]["decoder.layers.1.self_attention.linear_qkv.weight"], expect[32:])
+    proj = shards[1][0]["decoder.layers.1.self_attention.linear_proj.weight"]
+    assert torch.equal(proj, hf[a + "o_proj.weight"][:, 16:])
+    g, u = hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]
+    half = g.shape[0] // 2
+    assert torch.equal(
+        shards[1][0]["decoder.layers.0.mlp.linear_fc1.weight"], torch.cat([g[half:], u[half:]])
+    )
+    e5 = "model.layers.1.mlp.experts.5."
+    fc1 = shards[0][1]["decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight"]
+    assert torch.equal(fc1, torch.cat([hf[e5 + "gate_proj.weight"], hf[e5 + "up_proj.weight"]]))
+    assert "decoder.layers.1.mlp.experts.local_experts.4.linear_fc1.weight" not in shards[0][1]
+
+
+def test_sizes_that_do_not_divide_are_refused(ckpts):
+    from miles_core.megatron.weights import hf_to_megatron
+
+    cfg = load_model(ckpts["qwen3_moe"]).config
+    with pytest.raises(
+        UsageError, match=r"--tensor-model-parallel-size 3 must divide the model's attention heads"
+    ):
+        hf_to_megatron(cfg, {}, tp=3)
+    with pytest.raises(
+        UsageError, match=r"--expert-model-parallel-size 3 must divide the model's number of experts \(8\)"
+    ):
+        hf_to_megatron(cfg, {}, ep=3)
