@@ -295,7 +295,10 @@ def _compare_with_builtin(ckpt, layout, device="cpu", extra=(), atol=1e-5, rel=1
     "arch, layout",
     [("qwen3_moe", ["--micro-batch-size", "2"]),
      ("qwen3_moe", ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "40"]),
-     ("qwen2", ["--micro-batch-size", "8"])],
+     ("qwen2", ["--micro-batch-size", "8"]),
+     ("llama", ["--micro-batch-size", "4", "--recompute-granularity", "full", "--recompute-method", "uniform",
+                "--recompute-num-layers", "1"]),
+     ("llama", ["--micro-batch-size", "4", "--recompute-activations"])],
 )  # fmt: skip
 def test_log_probs_and_grpo_step_match_the_builtin_trainer(megatron_ep, ckpts, arch, layout):
     """fp32 on CPU through megatron-core's GPTModel: log-probs within 1e-5 of the built-in trainer's, one

@@ -26,7 +26,8 @@ def te_absent_fix() -> None:
 
 
 def cpu_support() -> None:
-    """Let megatron-core run on a CPU-only torch: a no-op RNG fork (dropout is 0 in this backend),
+    """Let megatron-core run on a CPU-only torch: no-op CUDA RNG state save/restore and fork (dropout is 0
+    in this backend, and recompute then needs no RNG replay),
     `torch.cuda.current_device()` naming the CPU and a no-op `torch.cuda.synchronize`."""
     if torch.cuda.is_available():
         return
@@ -44,6 +45,8 @@ def cpu_support() -> None:
         def add(self, name: str, seed: int) -> None:
             self.states_[name] = seed
 
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     mrandom._CUDA_RNG_STATE_TRACKER = _CpuTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     torch.cuda.current_device = lambda: "cpu"
