@@ -31,7 +31,11 @@ PROJECT = "miles"
 ENTRY_POINT_GROUP = drivers.PLUGINS
 ALLOW_ENV = "MILES_LOAD_PLUGINS"
 # Core built-ins go through the same registration path as external plugins (pytest's default_plugins).
-DEFAULT_PLUGINS: tuple[str, ...] = ("miles_core.train.advantages", "miles_core.train.corrections")
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "miles_core.train.advantages",
+    "miles_core.train.corrections",
+    "miles_core.megatron.convert",
+)
 CORE_DISTRIBUTION = "miles-core"
 
 

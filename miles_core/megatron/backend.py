@@ -86,8 +86,8 @@ class MegatronCausalLM(torch.nn.Module):
     ) -> ModelOutput:
         if routing is not None:
             raise UsageError(
-                "--train-backend megatron does not record or replay MoE routes (miles-r3) yet; turn route "
-                "replay off or use --train-backend torch."
+                "--train-backend megatron does not record or replay MoE routes yet; turn routing replay "
+                "off or use --train-backend torch."
             )
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]

@@ -96,6 +96,15 @@ def transformer_config_kwargs(cfg: ModelConfig, args: argparse.Namespace) -> dic
     return kw
 
 
+def one_process_args() -> argparse.Namespace:
+    """The flags `transformer_config_kwargs` reads, for one process without recompute (conversions)."""
+    return argparse.Namespace(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+        context_parallel_size=1, sequence_parallel=False, recompute_granularity=None,
+        recompute_activations=False, recompute_method=None, recompute_num_layers=None,
+    )  # fmt: skip
+
+
 def gpt_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """Keyword arguments of `GPTModel` besides the config and layer spec."""
     return dict(
