@@ -4,6 +4,7 @@ log-probs and one GRPO step equal to the built-in trainer's."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,8 +16,27 @@ from safetensors.torch import load_file, save_file
 from miles_core.errors import UsageError
 from miles_core.model import ModelConfig, iter_safetensors, load_model, weight_files, write_hf_checkpoint
 
+needs_mcore = pytest.mark.skipif(
+    importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None,
+    reason="megatron-core is not installed (pip install 'miles-core[megatron]')",
+)
 BACKEND = {"miles.train_backends": {"megatron": "miles_core.megatron.backend:MegatronTrainer"}}
 EXTRA = "pip install 'miles-core[megatron]'"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _leave_no_megatron_state():
+    """Tests here start a world of 1 and megatron-core's groups (and, on CPU, point a few torch.cuda
+    functions at the CPU); undo all of it for the tests that run after this module."""
+    import torch.distributed as dist
+
+    saved = (torch.cuda.current_device, torch.cuda.synchronize)
+    yield
+    if "megatron.core.parallel_state" in sys.modules:
+        sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    torch.cuda.current_device, torch.cuda.synchronize = saved
 
 
 @pytest.fixture
@@ -59,6 +79,7 @@ def test_require_names_the_extra(monkeypatch):
     assert str(e.value).endswith(f"{EXTRA}.")
 
 
+@needs_mcore
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -84,6 +105,7 @@ def test_flag_refusals(megatron_ep, argv, message):
         _args(argv)
 
 
+@needs_mcore
 def test_megatron_flags_accepted(megatron_ep):
     args = _args(["--train-backend", "megatron", "--recompute-granularity", "full",
                   "--recompute-method", "block", "--recompute-num-layers", "2"])  # fmt: skip
@@ -291,6 +313,7 @@ def _compare_with_builtin(ckpt, layout, device="cpu", extra=(), atol=1e-5, rel=1
     return worst
 
 
+@needs_mcore
 @pytest.mark.parametrize(
     "arch, layout",
     [("qwen3_moe", ["--micro-batch-size", "2"]),
@@ -307,6 +330,7 @@ def test_log_probs_and_grpo_step_match_the_builtin_trainer(megatron_ep, ckpts, a
     _compare_with_builtin(ckpts[arch], layout)
 
 
+@needs_mcore
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -321,6 +345,7 @@ def test_on_cuda_matches_the_builtin_trainer(megatron_ep, ckpts, precision):
         _compare_with_builtin(ckpts["qwen3_moe"], ["--micro-batch-size", "2"], "cuda", ["--bf16"], 2e-2, 2e-2)
 
 
+@needs_mcore
 def test_save_model_writes_the_hf_checkpoint_back(megatron_ep, ckpts, tmp_path):
     from miles_core.megatron.backend import MegatronTrainer
     from miles_core.plugins import get_plugin_manager
@@ -335,6 +360,7 @@ def test_save_model_writes_the_hf_checkpoint_back(megatron_ep, ckpts, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
+@needs_mcore
 def test_train_compile_is_refused(megatron_ep, ckpts):
     from miles_core.megatron.backend import MegatronTrainer
     from miles_core.plugins import get_plugin_manager
@@ -357,6 +383,7 @@ def _convert(*argv):
     assert main(["convert", *map(str, argv)]) == 0
 
 
+@needs_mcore
 @pytest.mark.parametrize("arch, dtype", [("qwen3_moe", torch.float32), ("qwen2", torch.bfloat16)])
 def test_torch_dist_round_trip_is_bitwise(ckpts, tmp_path, arch, dtype):
     import json
@@ -389,6 +416,7 @@ def test_torch_dist_round_trip_is_bitwise(ckpts, tmp_path, arch, dtype):
     assert (tmp_path / "back" / "tokenizer.json").is_file()
 
 
+@needs_mcore
 def test_torch_dist_refusals(ckpts, tmp_path, capsys):
     from miles_core.cli import main
 
