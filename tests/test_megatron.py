@@ -360,6 +360,28 @@ def test_save_model_writes_the_hf_checkpoint_back(megatron_ep, ckpts, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
+class _SwappedNorm(torch.nn.Module):
+    """Stands for a plugin's module swapped in by configure_model."""
+
+    def forward(self, x):
+        return x
+
+
+@needs_mcore
+def test_a_model_a_plugin_changed_is_refused(megatron_ep, ckpts):
+    from miles_core.megatron.backend import MegatronTrainer
+    from miles_core.plugins import get_plugin_manager
+
+    ckpt = ckpts["llama"]
+    model = load_model(ckpt)
+    model.model.norm = _SwappedNorm()
+    args = _train_args(ckpt, "megatron")
+    with pytest.raises(
+        UsageError, match=r"a plugin replaced modules of the model \(test_megatron\) in configure"
+    ):
+        MegatronTrainer(args, get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}), model)
+
+
 @needs_mcore
 def test_train_compile_is_refused(megatron_ep, ckpts):
     from miles_core.megatron.backend import MegatronTrainer

@@ -115,6 +115,16 @@ class MegatronTrainer(Trainer):
 
     @staticmethod
     def _convert(model: CausalLM, args: argparse.Namespace) -> MegatronCausalLM:
+        # A plugin's configure_model may have swapped modules (quantized linears, draft heads); only the
+        # HF weights are carried over, so such a model is refused rather than silently trained without.
+        foreign = sorted({type(m).__module__ for m in model.modules()} - {""})
+        foreign = [name for name in foreign if name.partition(".")[0] not in ("miles_core", "torch")]
+        if foreign:
+            raise UsageError(
+                f"a plugin replaced modules of the model ({foreign[0]}) in configure_model, which "
+                "--train-backend megatron does not carry over; turn that plugin's flags off or use "
+                "--train-backend torch."
+            )
         tensors = {n: t.detach().float().cpu() for n, t in named_hf_tensors(model)}
         return MegatronCausalLM.from_hf_tensors(model.config, tensors, args)
 
