@@ -479,3 +479,33 @@ def test_train_run_and_resume_on_megatron(megatron_ep, tiny_ckpt, prompts_file, 
     assert any(not torch.equal(straight[k], start[k]) for k in start)  # it trained
     for name, t in straight.items():
         assert torch.equal(resumed[name], t), name
+
+
+@needs_mcore
+def test_route_record_and_replay_match_the_builtin_model(ckpts):
+    """R3 on megatron-core's router replay: recording gives each MoE layer's own top-k as the built-in
+    model records it; replaying forced experts routes exactly there (0 mismatch) with the same logits."""
+    from miles_core.megatron.backend import MegatronCausalLM
+    from miles_core.megatron.config import one_process_args
+    from miles_core.megatron.runtime import init_parallel
+    from miles_core.model import RoutingState, named_hf_tensors
+
+    init_parallel()
+    model = load_model(ckpts["qwen3_moe"]).eval()  # layer 0 dense, layer 1 MoE (8 experts, top-2)
+    meg = MegatronCausalLM.from_hf_tensors(
+        model.config, dict(named_hf_tensors(model)), one_process_args()
+    ).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = RoutingState(record=True), RoutingState(record=True)
+        meg(ids, routing=ours), model(ids, routing=theirs)
+        assert len(ours.router_topk) == 1 and ours.router_topk[0].shape == (2, 7, 2)
+        assert torch.equal(ours.router_topk[0].sort(-1).values, theirs.router_topk[0].sort(-1).values)
+        forced = [
+            torch.stack([torch.arange(14).reshape(2, 7) % 8, (torch.arange(14).reshape(2, 7) + 3) % 8], -1)
+        ]
+        ours, theirs = RoutingState(record=True, replay=forced), RoutingState(record=True, replay=forced)
+        got, want = meg(ids, routing=ours).logits, model(ids, routing=theirs).logits
+    assert torch.equal(ours.used_topk[0], forced[0])
+    assert not torch.equal(got, meg(ids).logits)  # the forced experts changed the output
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)

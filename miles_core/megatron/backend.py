@@ -5,9 +5,9 @@
 by the loop are converted into `GPTModel`s (`weights.hf_to_megatron`), wrapped in `MegatronCausalLM`,
 whose forward returns the ``[B, T, V]`` logits the trainer reads at response positions. Log-probs,
 the policy loss, `loss_correction`, `pre_forward`/`post_step`, the optimizer and checkpoints are the
-built-in trainer's; weights leave as HF tensors (`weights.megatron_to_hf`) for the engine and
-`save_model`. One process holds the whole model: sizes above 1 are refused by
-`miles_core.args_megatron.check_megatron_args` until trainer ranks can be launched.
+built-in trainer's; R3 goes through megatron-core's router replay. Weights leave as HF tensors
+(`weights.megatron_to_hf`) for the engine and `save_model`. One process holds the whole model: sizes
+above 1 are refused by `miles_core.args_megatron.check_parallel_args` until trainer ranks can be launched.
 """
 
 from __future__ import annotations
@@ -23,7 +23,14 @@ from miles_core.megatron import require
 from miles_core.megatron.config import build_gpt_model
 from miles_core.megatron.runtime import init_parallel
 from miles_core.megatron.weights import hf_to_megatron, megatron_to_hf
-from miles_core.model import CausalLM, ModelConfig, named_hf_tensors, set_config_dtype, write_hf_checkpoint
+from miles_core.model import (
+    CausalLM,
+    ModelConfig,
+    RoutingState,
+    named_hf_tensors,
+    set_config_dtype,
+    write_hf_checkpoint,
+)
 from miles_core.model.transformer import ModelOutput
 from miles_core.train.trainer import Trainer
 from miles_core.types import UsageError
@@ -84,15 +91,52 @@ class MegatronCausalLM(torch.nn.Module):
         position_ids: torch.Tensor | None = None,
         seq_lens: list[int] | None = None,
     ) -> ModelOutput:
-        if routing is not None:
-            raise UsageError(
-                "--train-backend megatron does not record or replay MoE routes yet; turn routing replay "
-                "off or use --train-backend torch."
-            )
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         mask = attention_mask(input_ids, seq_lens)
-        return ModelOutput(logits=self.model(input_ids, position_ids, attention_mask=mask))
+        if routing is None:
+            return ModelOutput(logits=self.model(input_ids, position_ids, attention_mask=mask))
+        return ModelOutput(logits=self._routed(input_ids, position_ids, mask, routing))
+
+    def _routed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, routing: RoutingState
+    ) -> torch.Tensor:
+        """Forward through megatron-core's router replay: each MoE layer's own top-k is recorded in
+        ``routing.router_topk`` ([B, T, k] per layer) and, with ``routing.replay``, the layer routes to
+        exactly those experts, gate weights taken from the current router's scores there (R3)."""
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        if self.model.config.recompute_granularity is not None and routing.replay is not None:
+            raise UsageError(
+                "--train-backend megatron replays MoE routes only without activation recompute; drop "
+                "--recompute-granularity/--recompute-activations or routing replay."
+            )
+        routers = [m for m in self.model.modules() if getattr(m, "router_replay", None) is not None]
+        b, t = input_ids.shape
+        own: list[torch.Tensor] = []
+
+        def record(router: torch.nn.Module, inputs: tuple) -> None:  # Megatron's tokens run [T, B]
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            top = torch.nn.functional.linear(x, router.weight.to(x.dtype)).topk(router.topk, dim=-1).indices
+            own.append(top.reshape(t, b, -1).transpose(0, 1))
+
+        handles = [r.register_forward_pre_hook(record) for r in routers]
+        try:
+            if routing.replay is not None:
+                for router, chosen in zip(routers, routing.replay, strict=True):
+                    flat = chosen.transpose(0, 1).reshape(t * b, -1).long().to(input_ids.device)
+                    router.router_replay.set_target_indices(flat)
+                    router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+            logits = self.model(input_ids, position_ids, attention_mask=mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for router in routers:
+                router.router_replay.clear_router_replay_action()
+                router.router_replay.clear_indices()
+        routing.router_topk = own
+        routing.used_topk = [r.long() for r in routing.replay] if routing.replay is not None else own
+        return logits
 
 
 class MegatronTrainer(Trainer):

@@ -92,6 +92,7 @@ def transformer_config_kwargs(cfg: ModelConfig, args: argparse.Namespace) -> dic
             moe_aux_loss_coeff=0.0,
             moe_grouped_gemm=False,
             moe_token_dispatcher_type="allgather",
+            moe_enable_routing_replay=True,  # idle until a forward records or replays routes (R3)
         )
     return kw
 
