@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import miles_r3.plugin as r3_plugin
+import pytest
 import torch
 
 import miles_core.plugins
@@ -40,7 +41,21 @@ def _checkpoint(tmp_path: Path) -> Path:
     return save_model(model, tmp_path / "ckpt", tokenizer_src=tmp_path / "tok")
 
 
-def test_miles_train_with_rollout_routing_replay_logs_mismatch(tmp_path, monkeypatch):
+def _megatron_installed() -> bool:
+    import importlib.util
+
+    from miles_core import drivers
+
+    has_core = importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core")
+    return bool(has_core) and "megatron" in drivers.available(drivers.TRAIN_BACKENDS)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["torch", pytest.param("megatron", marks=pytest.mark.skipif(
+        not _megatron_installed(), reason="needs miles-core[megatron] installed (its train backend)"))],
+)  # fmt: skip
+def test_miles_train_with_rollout_routing_replay_logs_mismatch(tmp_path, monkeypatch, backend):
     ckpt = _checkpoint(tmp_path)
     data = tmp_path / "prompts.jsonl"
     data.write_text(
@@ -61,6 +76,7 @@ def test_miles_train_with_rollout_routing_replay_logs_mismatch(tmp_path, monkeyp
             "--rollout-max-response-len", "6", "--custom-rm-path", str(tmp_path / "rm.py"),
             "--run-dir", str(run_dir), "--device", "cpu", "--rollout-dtype", "bfloat16",
             "--micro-batch-size", "2", "--lr", "1e-3", "--use-rollout-routing-replay",
+            "--train-backend", backend,
         ]
     )  # fmt: skip
     assert rc == 0
