@@ -20,6 +20,8 @@ needs_mcore = pytest.mark.skipif(
     importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None,
     reason="megatron-core is not installed (pip install 'miles-core[megatron]')",
 )
+# megatron-core forwards on CUDA wherever CUDA exists, so on a GPU machine these tests run there.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = {"miles.train_backends": {"megatron": "miles_core.megatron.backend:MegatronTrainer"}}
 EXTRA = "pip install 'miles-core[megatron]'"
 
@@ -327,7 +329,7 @@ def test_log_probs_and_grpo_step_match_the_builtin_trainer(megatron_ep, ckpts, a
     """fp32 on CPU through megatron-core's GPTModel: log-probs within 1e-5 of the built-in trainer's, one
     GRPO step's metrics and gradient norm within 1e-4 relative."""
     torch.set_num_threads(1)
-    _compare_with_builtin(ckpts[arch], layout)
+    _compare_with_builtin(ckpts[arch], layout, device=DEVICE)
 
 
 @needs_mcore
@@ -352,7 +354,9 @@ def test_save_model_writes_the_hf_checkpoint_back(megatron_ep, ckpts, tmp_path):
 
     ckpt = ckpts["qwen3_moe"]
     meg = MegatronTrainer(
-        _train_args(ckpt, "megatron"), get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}), load_model(ckpt)
+        _train_args(ckpt, "megatron"),
+        get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}),
+        load_model(ckpt, device=DEVICE),
     )
     meg.save_model(tmp_path / "out", tokenizer_src=str(ckpt))
     src, out = _read(ckpt), _read(tmp_path / "out")
@@ -373,7 +377,7 @@ def test_a_model_a_plugin_changed_is_refused(megatron_ep, ckpts):
     from miles_core.plugins import get_plugin_manager
 
     ckpt = ckpts["llama"]
-    model = load_model(ckpt)
+    model = load_model(ckpt, device=DEVICE)
     model.model.norm = _SwappedNorm()
     args = _train_args(ckpt, "megatron")
     with pytest.raises(
@@ -491,21 +495,32 @@ def test_route_record_and_replay_match_the_builtin_model(ckpts):
     from miles_core.model import RoutingState, named_hf_tensors
 
     init_parallel()
-    model = load_model(ckpts["qwen3_moe"]).eval()  # layer 0 dense, layer 1 MoE (8 experts, top-2)
-    meg = MegatronCausalLM.from_hf_tensors(
-        model.config, dict(named_hf_tensors(model)), one_process_args()
-    ).eval()
+    model = load_model(ckpts["qwen3_moe"], device=DEVICE).eval()  # layer 0 dense, layer 1 MoE (8 x top-2)
+    hf = {n: t.cpu() for n, t in named_hf_tensors(model)}
+    meg = MegatronCausalLM.from_hf_tensors(model.config, hf, one_process_args()).to(DEVICE).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(DEVICE)
     with torch.no_grad():
         ours, theirs = RoutingState(record=True), RoutingState(record=True)
         meg(ids, routing=ours), model(ids, routing=theirs)
         assert len(ours.router_topk) == 1 and ours.router_topk[0].shape == (2, 7, 2)
         assert torch.equal(ours.router_topk[0].sort(-1).values, theirs.router_topk[0].sort(-1).values)
-        forced = [
-            torch.stack([torch.arange(14).reshape(2, 7) % 8, (torch.arange(14).reshape(2, 7) + 3) % 8], -1)
-        ]
+        grid = torch.arange(14, device=DEVICE).reshape(2, 7)
+        forced = [torch.stack([grid % 8, (grid + 3) % 8], -1)]
         ours, theirs = RoutingState(record=True, replay=forced), RoutingState(record=True, replay=forced)
         got, want = meg(ids, routing=ours).logits, model(ids, routing=theirs).logits
     assert torch.equal(ours.used_topk[0], forced[0])
     assert not torch.equal(got, meg(ids).logits)  # the forced experts changed the output
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+@needs_mcore
+def test_cpu_training_is_refused_where_cuda_exists(megatron_ep, ckpts, monkeypatch):
+    from miles_core.megatron.backend import MegatronTrainer
+    from miles_core.plugins import get_plugin_manager
+
+    ckpt = ckpts["llama"]
+    args = _train_args(ckpt, "megatron")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UsageError, match="cannot train on the CPU here; drop --device cpu"):
+        MegatronTrainer(args, get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}), load_model(ckpt))

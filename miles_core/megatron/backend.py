@@ -149,8 +149,13 @@ class MegatronTrainer(Trainer):
         from miles_core.args_megatron import check_megatron_args
 
         check_megatron_args(args)
-        init_parallel(seed=args.seed)
         device = next(model.parameters()).device
+        if device.type == "cpu" and torch.cuda.is_available():
+            raise UsageError(
+                "megatron-core computes on CUDA wherever CUDA exists (its router and RoPE move to the GPU), "
+                "so --train-backend megatron cannot train on the CPU here; drop --device cpu."
+            )
+        init_parallel(seed=args.seed)
         policy = self._convert(model, args).to(device)
         ref = None if ref_model is None else self._convert(ref_model, args).to(device).eval()
         if ref is not None:

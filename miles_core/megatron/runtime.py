@@ -1,10 +1,10 @@
 """Process-level set-up megatron-core needs: a `torch.distributed` world and its `parallel_state`.
 
-A single-process run starts a world of 1 (gloo on the CPU, NCCL on CUDA) through a file store, so no
-port is taken. megatron-core 0.16 assumes CUDA in a few places that a CPU forward reaches (the RNG
-tracker, `torch.cuda.current_device()` as a device, a stream sync before checkpoint writes) and, without
-Transformer-Engine, reads an undefined `te_general_gemm` in its router; `cpu_support` points those at the
-CPU and `te_absent_fix` defines the name, so the same GPTModel runs (slowly, in fp32) in CPU tests.
+A single-process run starts a gloo world of 1 through a file store, so no port is taken. megatron-core
+0.16 assumes CUDA in a few places that a CPU forward reaches (the RNG tracker, `torch.cuda.current_device()`
+as a device, a stream sync before checkpoint writes) and, without Transformer-Engine, reads an undefined
+`te_general_gemm` in its router; `cpu_support` points those at the CPU (only where CUDA is absent) and
+`te_absent_fix` defines the name, so the same GPTModel runs (slowly, in fp32) in CPU tests.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1, seed: int 
     cpu_support()
     if not dist.is_initialized():
         store = tempfile.NamedTemporaryFile(prefix="miles-megatron-", delete=False).name
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+        # gloo even on CUDA: a world of one never communicates (TP/EP of 1 skip their collectives), and
+        # gloo also takes the CPU tensors of conversions and checkpoint planning.
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
