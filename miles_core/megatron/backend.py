@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from miles_core.args_megatron import check_megatron_args
 from miles_core.megatron import require
 from miles_core.megatron.config import build_gpt_model
 from miles_core.megatron.runtime import init_parallel
@@ -146,8 +147,6 @@ class MegatronTrainer(Trainer):
         self, args: argparse.Namespace, pm: Any, model: CausalLM, ref_model: CausalLM | None = None
     ) -> None:
         require()
-        from miles_core.args_megatron import check_megatron_args
-
         check_megatron_args(args)
         device = next(model.parameters()).device
         if device.type == "cpu" and torch.cuda.is_available():
