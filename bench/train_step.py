@@ -6,11 +6,15 @@ step needs: 6 x active (routed) non-embedding parameters per input token, the LM
 positions (the trainer projects nothing else), plus causal attention; the peak is the card's dense bf16
 spec (989 TFLOP/s for H100/H200 SXM) and, as `mfu_vs_matmul`, a measured 8192^3 bf16 matmul. Prints one
 JSON line; `attention` names the packed-attention kernel (`--packed-attention flash` runs the peer).
+`--backend megatron` times --train-backend megatron (megatron-core's GPTModel, local spec, padded
+micro-batches of --megatron-micro-batch-size: its attention builds [T, T] scores, so no packed rows)
+and, in the same run on the same card, the built-in trainer as its peer (`peer_*` fields).
 
     python bench/train_step.py --preset cpu-small
     python bench/train_step.py --compile                            # 64 samples, 24.5k tokens a step
     python bench/train_step.py --compile --samples 128 --max-tokens 49152
     python bench/train_step.py --compile --samples 256 --max-tokens 98304   # 98k tokens a step
+    python bench/train_step.py --backend megatron                   # needs miles-core[megatron]
 """
 
 from __future__ import annotations
@@ -121,6 +125,21 @@ def profile_step(trainer: Trainer, batch: TrainBatch, device: str) -> None:
     print(f"optimizer step (norm, clip, AdamW): {min(times[1:]) * 1e3:.2f} ms", file=sys.stderr)
 
 
+def time_steps(
+    trainer, n: int, shape: dict, steps: int, device: str, warmups: int
+) -> tuple[float, TrainBatch]:
+    """Seconds per optimizer step of ``trainer`` over ``steps`` steps after ``warmups`` untimed ones."""
+    batch = make_batch(n, shape["prompt"], shape["response"], trainer.model.config.vocab_size, trainer.device)
+    for _ in range(warmups):  # warm-up (and compilation; a second shape may recompile)
+        trainer._step(batch)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer._step(batch)
+    sync(device)
+    return (time.perf_counter() - t0) / steps, batch
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(SHAPES), default="gpu-0.7b")
@@ -130,6 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", action="store_true", help="Also print one step's busiest kernels to stderr.")
     ap.add_argument("--samples", type=int, default=None, help="Samples per step (default: the preset's).")
     ap.add_argument("--max-tokens", type=int, default=None, help="--max-tokens-per-gpu (default: preset's).")
+    ap.add_argument("--backend", choices=["torch", "megatron"], default="torch", help="Train backend timed.")
+    ap.add_argument(
+        "--megatron-micro-batch-size", type=int, default=8, help="--micro-batch-size of megatron."
+    )
     ap.add_argument(
         "--packed-attention", choices=["auto", "triton", "flash", "sdpa"], default="auto",
         help="The trainer's --packed-attention (flash: torch's flash varlen, the Triton kernels' peer).",
@@ -141,30 +164,30 @@ def main(argv: list[str] | None = None) -> dict:
     model = make_model({**preset, "dtype": torch.float32}).requires_grad_(True)  # fp32 master weights
     n = shape["samples"]
     flags = ["--lr", "1e-6", "--global-batch-size", str(n), "--rollout-batch-size", str(n // 8 or 1),
-             "--n-samples-per-prompt", "8", "--num-rollout", "1", "--use-dynamic-batch-size",
-             "--max-tokens-per-gpu", str(shape["max_tokens"])]  # fmt: skip
+             "--n-samples-per-prompt", "8", "--num-rollout", "1"]  # fmt: skip
+    packing = ["--use-dynamic-batch-size", "--max-tokens-per-gpu", str(shape["max_tokens"])]
     if device == "cuda":
         flags.append("--bf16")
     if a.recompute:
         flags += ["--recompute-granularity", a.recompute]
-    if a.compile:
-        flags.append("--train-compile")
     pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
-    flags += ["--packed-attention", a.packed_attention]
-    args = parse_args(flags, pm)
-    trainer = Trainer(args, pm, model)
-    batch = make_batch(n, shape["prompt"], shape["response"], model.config.vocab_size, trainer.device)
-    trainer._step(batch)  # warm-up (and compilation)
-    if a.compile:
-        trainer._step(batch)  # a second shape may recompile with dynamic shapes
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        trainer._step(batch)
-    sync(device)
-    dt = (time.perf_counter() - t0) / a.steps
+    peer = None
+    if a.backend == "megatron":
+        from miles_core.megatron.backend import MegatronTrainer
+
+        meg_flags = ["--train-backend", "megatron", "--micro-batch-size", str(a.megatron_micro_batch_size)]
+        meg = MegatronTrainer(parse_args(flags + meg_flags, pm), pm, model)
+        dt_meg, _ = time_steps(meg, n, shape, a.steps, device, warmups=1)
+        del meg
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    flags += packing + ["--packed-attention", a.packed_attention] + (["--train-compile"] if a.compile else [])
+    trainer = Trainer(parse_args(flags, pm), pm, model)
+    dt, batch = time_steps(trainer, n, shape, a.steps, device, warmups=2 if a.compile else 1)
     if a.profile:
         profile_step(trainer, batch, device)
+    if a.backend == "megatron":
+        peer, dt = dt, dt_meg
     tokens = n * (shape["prompt"] + shape["response"] - 1)
     flops = step_flops(model, n, shape["prompt"], shape["response"])
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -180,7 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
         "max_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
         "attention": packed_attention_kernel(trainer.device, model.config.head_dim, a.packed_attention)
         or "sdpa",
+        "backend": a.backend,
     }  # fmt: skip
+    if peer is not None:  # the built-in trainer, same model, batch and card, packed micro-batches
+        result.update(attention="megatron local (unfused)", peer_backend="torch", peer_step_s=round(peer, 4),
+                      peer_tok_s=round(tokens / peer, 1), peer_mfu=round(flops / peer / peak, 4))  # fmt: skip
     print(json.dumps(result))
     return result
 

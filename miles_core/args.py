@@ -16,6 +16,7 @@ from typing import Any
 
 from miles_core import drivers
 from miles_core.args_algo import add_algo_arguments
+from miles_core.args_megatron import add_megatron as _add_megatron
 from miles_core.args_ops import add_ops as _add_ops
 from miles_core.args_ppo import add_ppo as _add_ppo
 from miles_core.args_service import add_async as _add_async
@@ -392,6 +393,7 @@ def build_parser(pm: Any = None, prog: str = "miles train") -> argparse.Argument
         _add_reward,
         _add_eval,
         _add_cluster,
+        _add_megatron,
         _add_ops,
         _add_plugins,
     ):

@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "miles_core.train.advantages",
     "miles_core.train.corrections",
     "miles_core.train.on_policy",
+    "miles_core.megatron.convert",
 )
 CORE_DISTRIBUTION = "miles-core"
 

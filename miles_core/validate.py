@@ -11,6 +11,7 @@ import argparse
 
 from miles_core import drivers
 from miles_core.args_algo import check_algo_args
+from miles_core.args_megatron import check_parallel_args
 from miles_core.args_ops import check_ops_args
 from miles_core.args_ppo import check_ppo_args
 from miles_core.errors import UsageError
@@ -120,19 +121,11 @@ def check_layout(args: argparse.Namespace) -> None:
 def validate(args: argparse.Namespace) -> None:
     """Refuse what the core cannot run, each with one sentence naming the flag and the fix."""
     check_layout(args)
-    for dest in (
-        "tensor_model_parallel_size",
-        "pipeline_model_parallel_size",
-        "expert_model_parallel_size",
-        "context_parallel_size",
-        "rollout_num_gpus_per_engine",
-    ):
-        if vars(args)[dest] != 1:
-            installed = ", ".join(drivers.available(drivers.TRAIN_BACKENDS)) or "none"
-            raise UsageError(
-                f"{_flag(dest)} {vars(args)[dest]} needs model parallelism, which no installed backend "
-                f"(train backends: {installed}) implements; use 1."
-            )
+    if args.rollout_num_gpus_per_engine != 1:
+        raise UsageError(
+            f"--rollout-num-gpus-per-engine {args.rollout_num_gpus_per_engine} needs model parallelism in "
+            "the engine, which no rollout backend implements; use 1."
+        )
     backends = (("rollout_backend", drivers.ROLLOUT_BACKENDS), ("train_backend", drivers.TRAIN_BACKENDS))
     for dest, group in backends:
         names = drivers.available(group)
@@ -140,6 +133,7 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"unknown {_flag(dest)} {vars(args)[dest]!r}; installed: {', '.join(names) or 'none'}."
             )
+    check_parallel_args(args)
     if args.eval_prompt_data is not None and len(args.eval_prompt_data) % 2:
         raise UsageError(
             "--eval-prompt-data takes NAME PATH pairs, e.g. --eval-prompt-data gsm8k test.jsonl."

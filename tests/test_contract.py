@@ -63,9 +63,11 @@ def plugin_words() -> set[str]:
         words |= {name, name.replace("_", "-")}
     core_flags = {o for a in _parser(core_only=True)._actions for o in a.option_strings}
     plugin_flags = {o for a in _parser(core_only=False)._actions for o in a.option_strings}
-    convert = argparse.ArgumentParser()
+    convert, core_convert = argparse.ArgumentParser(), argparse.ArgumentParser()
     get_plugin_manager(env={}).hook.add_convert_arguments(parser=convert)
+    get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}).hook.add_convert_arguments(parser=core_convert)
     plugin_flags |= {o for a in convert._actions for o in a.option_strings}
+    core_flags |= {o for a in core_convert._actions for o in a.option_strings}  # the core's own hookimpls
     return words | {f for f in plugin_flags - core_flags if f.startswith("--")} - {"--help"}
 
 

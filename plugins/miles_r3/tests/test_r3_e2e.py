@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import miles_r3.plugin as r3_plugin
+import pytest
 import torch
 
 import miles_core.plugins
@@ -41,6 +42,15 @@ def _checkpoint(tmp_path: Path) -> Path:
     return save_model(model, tmp_path / "ckpt", tokenizer_src=tmp_path / "tok")
 
 
+def _megatron_installed() -> bool:
+    import importlib.util
+
+    from miles_core import drivers
+
+    has_core = importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core")
+    return bool(has_core) and "megatron" in drivers.available(drivers.TRAIN_BACKENDS)
+
+
 def _train(tmp_path: Path, monkeypatch, *flags: str) -> list[dict]:
     """Two rollouts of `miles train` on `_checkpoint` with only the core and R3; the metric rows."""
     ckpt = _checkpoint(tmp_path)
@@ -72,8 +82,13 @@ def _train(tmp_path: Path, monkeypatch, *flags: str) -> list[dict]:
     return trained
 
 
-def test_miles_train_with_rollout_routing_replay_logs_mismatch(tmp_path, monkeypatch):
-    for row in _train(tmp_path, monkeypatch, "--rollout-dtype", "bfloat16"):
+@pytest.mark.parametrize(
+    "backend",
+    ["torch", pytest.param("megatron", marks=pytest.mark.skipif(
+        not _megatron_installed(), reason="needs miles-core[megatron] installed (its train backend)"))],
+)  # fmt: skip
+def test_miles_train_with_rollout_routing_replay_logs_mismatch(tmp_path, monkeypatch, backend):
+    for row in _train(tmp_path, monkeypatch, "--rollout-dtype", "bfloat16", "--train-backend", backend):
         assert 0 <= row["train/routing_mismatch_frac"] <= 1
         assert row["rollout/routes_bytes"] > 0
         assert row["rollout/routes_bytes_per_token"] == 2 * 2 * 4  # L * k * int32
