@@ -15,6 +15,7 @@ import difflib
 from typing import Any
 
 from miles_core import drivers
+from miles_core.args_agentic import add_agentic as _add_agentic
 from miles_core.args_algo import add_algo_arguments
 from miles_core.args_ops import add_ops as _add_ops
 from miles_core.args_ppo import add_ppo as _add_ppo
@@ -393,6 +394,7 @@ def build_parser(pm: Any = None, prog: str = "miles train") -> argparse.Argument
         _add_eval,
         _add_cluster,
         _add_ops,
+        _add_agentic,
         _add_plugins,
     ):
         add(p)
