@@ -69,10 +69,11 @@ def check_agentic_args(args: argparse.Namespace) -> None:
         )
     if args.tool_max_output_chars < 1:
         raise UsageError(f"--tool-max-output-chars {args.tool_max_output_chars} must be at least 1.")
-    installed = drivers.available(drivers.TOOLS)
-    for name in args.tools:
-        if name not in installed:
-            raise UsageError(f"unknown --tools {name!r}; installed: {', '.join(installed) or 'none'}.")
+    if args.custom_generate_function_path == "tool_call":  # other generate functions may not read --tools
+        installed = drivers.available(drivers.TOOLS)
+        for name in args.tools:
+            if name not in installed:
+                raise UsageError(f"unknown --tools {name!r}; installed: {', '.join(installed) or 'none'}.")
     if args.rollout_function_path and (
         args.dynamic_sampling_filter_path is not None or args.over_sampling_batch_size is not None
     ):

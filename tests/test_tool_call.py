@@ -236,7 +236,10 @@ def test_a_tool_turn_that_overflows_the_budget_truncates(agentic):
 def test_tool_flags_are_checked(agentic):
     assert registry_for(["python"]).specs[0]["function"]["name"] == "python"
     for argv, needle in [
-        (["--tools", "shell"], "unknown --tools 'shell'; installed: python"),
+        (
+            ["--tools", "shell", "--custom-generate-function-path", "tool_call"],
+            "unknown --tools 'shell'; installed: python",
+        ),
         (["--max-turns", "0"], "--max-turns 0 leaves the model no turn"),
         (["--tool-timeout", "0"], "--tool-timeout 0.0 must be positive"),
         (["--tool-memory-mb", "8"], "--tool-memory-mb 8 is below the 64 MiB"),
