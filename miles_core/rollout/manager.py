@@ -365,7 +365,11 @@ class RolloutManager:
         ok = [s for s in samples if s.status not in EXCLUDED]
         rewards = [scalar_reward(s, key) for s in ok]
         n = max(len(samples), 1)
-        return {
+        calls = [s.metadata["tool_calls"] for s in samples if "tool_calls" in s.metadata]  # tool_call's
+        tools = {f"{prefix}/tool_calls_mean": sum(calls) / len(calls)} if calls else {}
+        if calls:
+            tools[f"{prefix}/tool_use_frac"] = sum(c > 0 for c in calls) / len(calls)
+        return tools | {
             f"{prefix}/reward_mean": sum(rewards) / max(len(rewards), 1),
             f"{prefix}/accuracy": sum(r > 0.5 for r in rewards) / n,
             f"{prefix}/response_len_mean": sum(s.response_length for s in samples) / n,
