@@ -12,7 +12,8 @@ A tool demonstration is exactly what the ``tool_call`` generate function produce
     <|im_start|>user\\n<tool_response>\\n78\\n</tool_response><|im_end|>\\n<|im_start|>assistant\\n   (masked)
     \\boxed{78}<|im_end|>
 
-    python examples/tool/sft.py --out /tmp/tool_ckpt       # then: miles train --config examples/tool/grpo.yaml
+    python examples/tool/sft.py --out /tmp/tool_ckpt
+    miles train --config examples/tool/grpo.yaml --hf-checkpoint /tmp/tool_ckpt
 """
 
 from __future__ import annotations
@@ -48,31 +49,34 @@ def tool_call_text(expr: str) -> str:
     return f'<tool_call>{{"name": "python", "arguments": {args}}}</tool_call>'
 
 
-def demonstration(row: dict, rng: random.Random, tool_frac: float, careless_frac: float) -> list[tuple[str, int]]:
-    """The response of one demonstration as (text, trained) pieces."""
+def demonstration(
+    row: dict, rng: random.Random, tool_frac: float, careless_frac: float, copy_weight: float
+) -> list[tuple[str, float]]:
+    """The response of one demonstration as (text, loss weight) pieces."""
     if rng.random() >= tool_frac:
-        return [(sft_answer(row, rng, careless_frac) + "<|im_end|>", 1)]
+        return [(sft_answer(row, rng, careless_frac) + "<|im_end|>", 1.0)]
     a, op, b = QUESTION.search(row["prompt"]).groups()
     value = int(a) + int(b) if op == "+" else int(a) - int(b)
     return [
-        (tool_call_text(f"{a}{op}{b}") + "<|im_end|>", 1),
-        (tool_turn([str(value)], closed=True), 0),
-        (f"\\boxed{{{value}}}<|im_end|>", 1),
+        (tool_call_text(f"{a}{op}{b}") + "<|im_end|>", 1.0),
+        (tool_turn([str(value)], closed=True), 0.0),
+        # Copying the tool's answer is the one hard step of this path (the rest is boilerplate): weigh it up.
+        (f"\\boxed{{{value}}}<|im_end|>", copy_weight),
     ]
 
 
-def encode(tok: Tokenizer, row: dict, pieces: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + response and the labels (-100 on the prompt and on masked pieces)."""
+def encode(tok: Tokenizer, row: dict, pieces: list[tuple[str, float]]) -> tuple[list[int], list[float]]:
+    """Token ids of prompt + response and each token's loss weight (0 on the prompt and the tool turn)."""
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": row["prompt"]}]))
-    ids, labels = list(prompt), [-100] * len(prompt)
-    for text, trained in pieces:
+    ids, weights = list(prompt), [0.0] * len(prompt)
+    for text, weight in pieces:
         piece = tok.encode(text)
         ids += piece
-        labels += piece if trained else [-100] * len(piece)
-    return ids, labels
+        weights += [weight] * len(piece)
+    return ids, weights
 
 
-def train(model, batches: list[tuple[list[int], list[int]]], steps: int, batch: int, lr: float, seed: int):
+def train(model, batches: list[tuple[list[int], list[float]]], steps: int, batch: int, lr: float, seed: int):
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
@@ -83,12 +87,15 @@ def train(model, batches: list[tuple[list[int], list[int]]], steps: int, batch: 
         chosen = [batches[rng.randrange(len(batches))] for _ in range(batch)]
         width = max(len(ids) for ids, _ in chosen)
         x = torch.zeros(batch, width, dtype=torch.long)
-        y = torch.full((batch, width), -100, dtype=torch.long)
-        for i, (ids, labels) in enumerate(chosen):
+        y = torch.zeros(batch, width, dtype=torch.long)
+        w = torch.zeros(batch, width)
+        for i, (ids, weights) in enumerate(chosen):
             x[i, : len(ids)] = torch.tensor(ids)
-            y[i, : len(ids) - 1] = torch.tensor(labels[1:])  # position t predicts token t+1
+            y[i, : len(ids) - 1] = torch.tensor(ids[1:])  # position t predicts token t+1
+            w[i, : len(ids) - 1] = torch.tensor(weights[1:])
         logits = model(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        loss = (nll * w.flatten()).sum() / w.sum()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -102,12 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--start", default=str(START), help="The checkpoint to teach (the demo's).")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tool-frac", type=float, default=0.3, help="Share of demonstrations that call the tool.")
-    ap.add_argument("--careless-frac", type=float, default=0.6, help="Share of direct answers that slip.")
+    ap.add_argument(
+        "--tool-frac", type=float, default=0.5, help="Share of demonstrations that call the tool."
+    )
+    ap.add_argument("--careless-frac", type=float, default=0.9, help="Share of direct answers that slip.")
+    ap.add_argument(
+        "--copy-weight", type=float, default=4.0, help="Loss weight of the answer after a tool turn."
+    )
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         generate(d, seed=0)
         rows = [json.loads(line) for line in open(Path(d) / "sft.jsonl")][:4000]
     tok = Tokenizer.from_pretrained(a.start)
-    data = [encode(tok, r, demonstration(r, rng, a.tool_frac, a.careless_frac)) for r in rows]
+    data = [encode(tok, r, demonstration(r, rng, a.tool_frac, a.careless_frac, a.copy_weight)) for r in rows]
     model = load_model(a.start)
     train(model, data, a.steps, a.batch, a.lr, a.seed)
     save_model(model, a.out, tokenizer_src=a.start)
