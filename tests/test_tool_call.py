@@ -96,6 +96,13 @@ def test_sandbox_runs_code_and_reports_errors():
     assert sandbox("x = 1")[0] == "[no output: print() what you want to see]"
 
 
+def test_sandbox_calls_run_concurrently_and_each_gets_its_own_answer():
+    async def many():
+        return await asyncio.gather(*(run_python(f"print({i} * {i})", **LIMITS) for i in range(6)))
+
+    assert asyncio.run(many()) == [str(i * i) for i in range(6)]
+
+
 def test_sandbox_kills_an_endless_loop_and_its_children():
     out, took = sandbox("while True: pass")
     assert out == "[timed out after 1 s: killed]" and took < 3.0

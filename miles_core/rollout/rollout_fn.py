@@ -48,7 +48,8 @@ class RolloutDataSource:
         """Run the configured generate function and reward on ``groups`` (the built-in rollout's work);
         ``params`` overrides sampling parameters (``temperature``, ``max_new_tokens``, ...)."""
         params = dict(self.params, **(params or {}))
-        return await self.manager._run(groups, params, f"rollout {self.rollout_id}", None, self.ctx)
+        key = self.manager.args.reward_key
+        return await self.manager._run(groups, params, f"rollout {self.rollout_id}", key, self.ctx)
 
     def run(self, coro: Any) -> Any:
         """Run ``coro`` on the rollout's event loop from a sync rollout function; returns its result."""

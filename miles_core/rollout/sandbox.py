@@ -76,9 +76,28 @@ def _child_env() -> dict[str, str]:
     }
 
 
+_SLOTS: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+
+def _slots() -> asyncio.Semaphore:
+    """At most one sandbox process per CPU core at a time on this event loop (a rollout's calls queue)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _SLOTS:
+        for old in [lp for lp in _SLOTS if lp.is_closed()]:
+            del _SLOTS[old]
+        _SLOTS[loop] = asyncio.Semaphore(max(2, os.cpu_count() or 1))
+    return _SLOTS[loop]
+
+
 async def run_python(code: str, timeout: float = 5.0, memory_mb: int = 512, max_chars: int = 1000) -> str:
     """Run ``code`` in the sandbox; returns its merged stdout/stderr, followed by a note in brackets when it
-    failed, was killed, timed out or printed more than ``max_chars`` characters."""
+    failed, was killed, timed out or printed more than ``max_chars`` characters. The time limit starts when
+    the process does (calls beyond one per CPU core wait their turn)."""
+    async with _slots():
+        return await _run(code, timeout, memory_mb, max_chars)
+
+
+async def _run(code: str, timeout: float, memory_mb: int, max_chars: int) -> str:
     cpu = math.ceil(timeout) + 1
     with tempfile.TemporaryDirectory(prefix="miles-tool-") as cwd:
         proc = await asyncio.create_subprocess_exec(
