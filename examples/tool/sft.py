@@ -109,16 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--start", default=str(START), help="The checkpoint to teach (the demo's).")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--tool-frac", type=float, default=0.5, help="Share of demonstrations that call the tool."
+        "--tool-frac", type=float, default=0.7, help="Share of demonstrations that call the tool."
     )
     ap.add_argument("--careless-frac", type=float, default=0.9, help="Share of direct answers that slip.")
     ap.add_argument(
-        "--copy-weight", type=float, default=4.0, help="Loss weight of the answer after a tool turn."
+        "--copy-weight", type=float, default=8.0, help="Loss weight of the answer after a tool turn."
     )
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
