@@ -15,6 +15,9 @@ modules around freely. Grouped by what a plugin does with them:
   `atomic_dir` for checkpoint conversions;
 - **generate functions**: `current_context` (the rollout's engine, tokenizer and plugin manager) and
   `generate_into` (run the engine for a sample, recording weight version and sampling parameters);
+- **rollout functions** (``--rollout-function-path``): `RolloutDataSource` (what one is given) and
+  `generate_rollout` (the built-in rollout, to wrap);
+- **tools** (``miles.tools``): `ToolCall`, `parse_tool_calls`, `run_python` (the sandbox);
 - **rewards**: `last_boxed`.
 """
 
@@ -49,6 +52,9 @@ from miles_core.model.moe import combine_copies, dispatch_copies, expert_bounds,
 from miles_core.model.transformer import DecoderLayer, cache_context
 from miles_core.rollout.boxed import last_boxed
 from miles_core.rollout.generate import RolloutContext, current_context, generate_into
+from miles_core.rollout.rollout_fn import RolloutDataSource, generate_rollout
+from miles_core.rollout.sandbox import run_python
+from miles_core.rollout.tools import ToolCall, parse_tool_calls
 from miles_core.train.checkpoint import start_weights
 from miles_core.train.losses import LossTerms
 from miles_core.train.trainer import MicroBatch
@@ -68,11 +74,13 @@ __all__ = [
     "ModelOutput",
     "RMSNorm",
     "RolloutContext",
+    "RolloutDataSource",
     "RoutingState",
     "SamplingParams",
     "SequenceView",
     "SparseMoeBlock",
     "StepContext",
+    "ToolCall",
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
@@ -89,6 +97,7 @@ __all__ = [
     "filter_flags",
     "fuse_qkv",
     "generate_into",
+    "generate_rollout",
     "graph_safe",
     "iter_safetensors",
     "keyed_exponentials",
@@ -98,6 +107,8 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "named_hf_tensors",
+    "parse_tool_calls",
+    "run_python",
     "sample_tokens",
     "save_model",
     "set_config_dtype",

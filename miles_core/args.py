@@ -15,6 +15,7 @@ import difflib
 from typing import Any
 
 from miles_core import drivers
+from miles_core.args_agentic import add_agentic as _add_agentic
 from miles_core.args_algo import add_algo_arguments
 from miles_core.args_megatron import add_megatron as _add_megatron
 from miles_core.args_ops import add_ops as _add_ops
@@ -395,6 +396,7 @@ def build_parser(pm: Any = None, prog: str = "miles train") -> argparse.Argument
         _add_cluster,
         _add_megatron,
         _add_ops,
+        _add_agentic,
         _add_plugins,
     ):
         add(p)

@@ -23,6 +23,7 @@ ADVANTAGES = "miles.advantages"
 ROLLOUT_BACKENDS = "miles.rollout_backends"
 TRAIN_BACKENDS = "miles.train_backends"
 FILTERS = "miles.filters"
+TOOLS = "miles.tools"
 
 FLAGS: dict[str, str] = {
     PLUGINS: "plugin",
@@ -32,6 +33,7 @@ FLAGS: dict[str, str] = {
     ROLLOUT_BACKENDS: "--rollout-backend",
     TRAIN_BACKENDS: "--train-backend",
     FILTERS: "--dynamic-sampling-filter-path",
+    TOOLS: "--tools",
 }
 
 
@@ -118,6 +120,11 @@ def load_plugins(names: list[str]) -> list[tuple[str, Any, importlib.metadata.En
 def get_reward_fn(name: str) -> Callable:
     """The reward function installed as ``--rm-type NAME`` (a ``protocols.RewardFn``)."""
     return load_driver(REWARDS, name)
+
+
+def get_tool(name: str) -> Any:
+    """The tool installed as ``--tools NAME`` (a ``protocols.Tool``)."""
+    return load_driver(TOOLS, name)
 
 
 def get_estimator(name: str) -> Any:

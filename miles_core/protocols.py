@@ -71,6 +71,47 @@ class GenerateFn(Protocol):
 
 
 @runtime_checkable
+class Tool(Protocol):
+    """``async def tool(args, arguments) -> str``: a tool the ``tool_call`` generate function may run.
+
+    Installed under a name in the ``miles.tools`` entry-point group and offered with ``--tools NAME``. An
+    optional ``spec`` attribute (an OpenAI function schema dict) is what a chat template's ``tools``
+    variable shows the model. Runs in the rollout process, on the rollout's event loop: block it only
+    briefly (start a subprocess or a thread for real work). A raised exception reaches the model as text.
+    """
+
+    async def __call__(self, args: argparse.Namespace, arguments: dict[str, Any]) -> str:
+        """:param args: the parsed namespace (``--tool-timeout`` and friends).
+        :param arguments: the call's ``arguments`` object, as the model wrote it.
+        :returns: the text the model sees in the tool turn.
+        """
+        ...
+
+
+@runtime_checkable
+class RolloutFn(Protocol):
+    """``generate_rollout(args, rollout_id, data_source, evaluation=False)``: slime's custom rollout function.
+
+    Selected by ``--rollout-function-path``; replaces the built-in rollout of training rollouts (eval keeps
+    the built-in one). Sync (run on a worker thread) or ``async`` (awaited on the rollout's event loop).
+    ``data_source`` is a `miles_core.rollout.rollout_fn.RolloutDataSource`: ``get_samples(n)`` draws n
+    prompts as groups of ``--n-samples-per-prompt`` pending samples, ``generate(groups)`` runs the configured
+    generate function and reward on groups (awaitable), ``run(coro)`` runs a coroutine from a sync function.
+    """
+
+    def __call__(
+        self, args: argparse.Namespace, rollout_id: int, data_source: Any, evaluation: bool = False
+    ) -> Any:
+        """:param rollout_id: the rollout's number (the policy of weight version ``rollout_id`` trains on it).
+        :param data_source: draws prompts and runs the built-in generation (see the class docstring).
+        :param evaluation: always False in miles (eval sets use the built-in rollout).
+        :returns: ``list[list[Sample]]`` (groups; a sample without a reward is scored by the configured
+            reward) or an object with ``samples`` (that list) and optionally ``metrics`` (a dict).
+        """
+        ...
+
+
+@runtime_checkable
 class AdvantageEstimator(Protocol):
     """An ``--advantage-estimator`` (entry-point group ``miles.advantages``; a class is instantiated once).
 

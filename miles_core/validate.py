@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from miles_core import drivers
+from miles_core.args_agentic import check_agentic_args
 from miles_core.args_algo import check_algo_args
 from miles_core.args_megatron import check_parallel_args
 from miles_core.args_ops import check_ops_args
@@ -149,6 +150,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.rm_type and args.custom_rm_path:
         raise UsageError("pass either --rm-type or --custom-rm-path, not both.")
     check_ops_args(args)
+    check_agentic_args(args)
 
 
 def check_run_args(args: argparse.Namespace) -> None:

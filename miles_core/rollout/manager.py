@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any
 
-from miles_core.custom import get_generate_fn
+from miles_core.custom import get_generate_fn, load_function
 from miles_core.logging import get_logger, progress
 from miles_core.rollout.checks import (
     FailureLog,
@@ -36,6 +36,7 @@ from miles_core.rollout.dynamic_sampling import DynamicSampler
 from miles_core.rollout.eval_sets import pass_at_k_metrics
 from miles_core.rollout.generate import RolloutContext, current_context, rollout_context
 from miles_core.rollout.reward import RewardRunner
+from miles_core.rollout.rollout_fn import RolloutDataSource, call_rollout_fn, finish_groups
 from miles_core.types import EXCLUDED, RolloutOptions, Sample, Status, UsageError
 
 log = get_logger(__name__)
@@ -111,6 +112,10 @@ class RolloutManager:
         self._data_states: dict[int, dict] = {}  # rollout id -> data position before its prompts
         self._data_lock = threading.Lock()
         self.sampler = DynamicSampler.from_args(args)  # None unless dynamic sampling is asked for
+        spec = args.rollout_function_path
+        self.rollout_fn = (
+            load_function(spec, "generate_rollout", flag="--rollout-function-path") if spec else None
+        )
 
     def _make_samples(self, prompts: list[Any], n: int) -> list[list[Sample]]:
         groups = []
@@ -248,7 +253,9 @@ class RolloutManager:
         version = self.engine.weight_version if args.debug_rollout_only else rollout_id
         ctx = self._context(f"r{rollout_id}", version - args.max_weight_staleness)
         sampled: dict[str, float] = {}
-        if self.sampler is not None:  # rounds of over-sampling; post_reward runs on each round
+        if self.rollout_fn is not None:  # --rollout-function-path: the user's rollout; post_reward below
+            groups, sampled = await self._custom_rollout(rollout_id, ctx)
+        elif self.sampler is not None:  # rounds of over-sampling; post_reward runs on each round
             epoch = len(self.source.dataset)
             groups, sampled = await self.sampler.run(self, rollout_id, ctx, sampling_params(args), epoch)
         else:
@@ -277,6 +284,15 @@ class RolloutManager:
         for extra in self.pm.hook.rollout_metrics(args=args, rollout_id=rollout_id, samples=samples):
             metrics.update({f"rollout/{k}": float(v) for k, v in (extra or {}).items()})
         return samples, metrics
+
+    async def _custom_rollout(self, rollout_id: int, ctx: RolloutContext) -> tuple[list[list[Sample]], dict]:
+        """Groups and metrics of the ``--rollout-function-path`` function, checked and rewarded."""
+        source = f"--rollout-function-path {self.args.rollout_function_path}"
+        with rollout_context(ctx):
+            data = RolloutDataSource(self, rollout_id, ctx, sampling_params(self.args))
+            groups, metrics = await call_rollout_fn(self.rollout_fn, source, data)
+            await finish_groups(self, groups, source)
+        return groups, {f"rollout/{k}": v for k, v in metrics.items()}
 
     def _drop_stale(self, samples: list[Sample], rollout_id: int) -> None:
         """Fail (never train on) samples with a token older than ``--max-weight-staleness`` allows."""
@@ -349,7 +365,11 @@ class RolloutManager:
         ok = [s for s in samples if s.status not in EXCLUDED]
         rewards = [scalar_reward(s, key) for s in ok]
         n = max(len(samples), 1)
-        return {
+        calls = [s.metadata["tool_calls"] for s in samples if "tool_calls" in s.metadata]  # tool_call's
+        tools = {f"{prefix}/tool_calls_mean": sum(calls) / len(calls)} if calls else {}
+        if calls:
+            tools[f"{prefix}/tool_use_frac"] = sum(c > 0 for c in calls) / len(calls)
+        return tools | {
             f"{prefix}/reward_mean": sum(rewards) / max(len(rewards), 1),
             f"{prefix}/accuracy": sum(r > 0.5 for r in rewards) / n,
             f"{prefix}/response_len_mean": sum(s.response_length for s in samples) / n,

@@ -1,0 +1,77 @@
+"""The ``tool_call`` generate function (``--custom-generate-function-path tool_call``): multi-turn tool use.
+
+The model answers the prompt; when a finished turn holds tool calls (``<tool_call>{"name": ...,
+"arguments": {...}}</tool_call>``, see `miles_core.rollout.tools`), the tools of ``--tools`` run, their
+outputs are appended as one tool turn, and the model goes on, for at most ``--max-turns`` assistant turns.
+The tool turn is written the way Qwen2.5/Qwen3's ChatML template renders ``tool`` messages::
+
+    <|im_end|>            (only if the model's turn did not end with it already)
+    \\n<|im_start|>user\\n<tool_response>\\n{output}\\n</tool_response><|im_end|>\\n<|im_start|>assistant\\n
+
+(one ``<tool_response>`` block per call). Tool-turn tokens are loss-masked (mask 0, log-prob 0, weight
+version -1): only the model's own tokens train. The whole response, tool turns included, stays within
+``--rollout-max-response-len`` tokens; a tool turn that would overflow it ends the sample as TRUNCATED.
+``metadata["tool_calls"]`` counts the calls and ``metadata["turns"]`` the assistant turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from miles_core.rollout.generate import current_context, finish_status, generate_into
+from miles_core.rollout.tools import parse_tool_calls, registry_for
+from miles_core.types import Sample, Status
+
+TURN_END = "<|im_end|>"
+
+
+def tool_turn(outputs: list[str], closed: bool) -> str:
+    """The text appended after a model turn whose calls gave ``outputs``; ``closed``: the turn already ended
+    with ``<|im_end|>``."""
+    blocks = "".join(f"\n<tool_response>\n{o}\n</tool_response>" for o in outputs)
+    return ("" if closed else TURN_END) + f"\n<|im_start|>user{blocks}{TURN_END}\n<|im_start|>assistant\n"
+
+
+async def tool_call(args: argparse.Namespace, sample: Sample, sampling_params: dict) -> Sample:
+    """Generate with tool use: model turn, tool turn, model turn, ... (see the module docstring)."""
+    ctx = current_context()
+    tok = ctx.tokenizer
+    tools = registry_for(args.tools)
+    prompt_ids = list(sample.tokens) if sample.tokens else tok.encode(str(sample.prompt))
+    ids, logps, mask = list(prompt_ids), [], []
+    budget = int(sampling_params.get("max_new_tokens", 128))
+    finish, routes, turns, calls_made, truncated = "stop", None, 0, 0, False
+    while True:
+        params = dict(sampling_params, max_new_tokens=budget - len(mask))
+        out_ids, lps, finish, routes = await generate_into(args, sample, ids, params)
+        ids += out_ids
+        logps += lps
+        mask += [1] * len(out_ids)
+        turns += 1
+        if finish != "stop" or turns >= args.max_turns or len(mask) >= budget:
+            break
+        text = tok.decode(out_ids, skip_special_tokens=False)
+        calls = parse_tool_calls(text)
+        if not calls:
+            break
+        outputs = [await tools.call(args, c) for c in calls]
+        calls_made += len(calls)
+        inserted = tok.encode(tool_turn(outputs, text.rstrip().endswith(TURN_END)))
+        if len(mask) + len(inserted) >= budget:  # no room for the tool turn and one more token
+            truncated = True
+            break
+        ids += inserted
+        logps += [0.0] * len(inserted)
+        mask += [0] * len(inserted)
+        sample.response_weight_versions += [-1] * len(inserted)
+    sample.tokens = ids
+    sample.response_length = len(mask)
+    sample.response = tok.decode(ids[len(prompt_ids) :], skip_special_tokens=True)
+    sample.rollout_log_probs = logps
+    sample.loss_mask = mask
+    sample.status = Status.TRUNCATED if truncated else finish_status(finish)
+    sample.metadata["tool_calls"] = calls_made
+    sample.metadata["turns"] = turns
+    if routes is not None:  # the last turn's routes cover every token fed so far
+        ctx.pm.hook.on_route_record(args=args, sample=sample, routed_experts=routes)
+    return sample
