@@ -82,6 +82,24 @@ def finish_status(finish: str) -> Status:
     return {"stop": Status.COMPLETED, "abort": Status.ABORTED}.get(finish, Status.TRUNCATED)
 
 
+def feed_unsampled(sample: Sample, inserted: list[int], ids: list, logps: list, mask: list) -> None:
+    """Append tokens the policy did not sample (a user or tool turn) to a multi-turn response: fed to the
+    model, out of the loss (mask 0, log-prob 0, weight version -1)."""
+    ids += inserted
+    logps += [0.0] * len(inserted)
+    mask += [0] * len(inserted)
+    sample.response_weight_versions += [-1] * len(inserted)
+
+
+def set_response(sample: Sample, tok: Any, prompt_len: int, ids: list, logps: list, mask: list) -> None:
+    """Store a multi-turn response (every token after the prompt) and its per-token lists on ``sample``."""
+    sample.tokens = ids
+    sample.response_length = len(mask)
+    sample.response = tok.decode(ids[prompt_len:], skip_special_tokens=True)
+    sample.rollout_log_probs = logps
+    sample.loss_mask = mask
+
+
 async def _request(
     ctx: RolloutContext, input_ids: list[int], params: dict, deadline: float | None
 ) -> tuple[EngineOutput, bool]:
@@ -216,15 +234,8 @@ async def multi_turn(args: argparse.Namespace, sample: Sample, sampling_params: 
         messages.append({"role": "user", "content": turns.pop(0)})
         full = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
         inserted = full[len(ids) :] if full[: len(ids)] == ids else full[-1:]
-        ids += inserted
-        logps += [0.0] * len(inserted)
-        mask += [0] * len(inserted)
-        sample.response_weight_versions += [-1] * len(inserted)
-    sample.tokens = ids
-    sample.response_length = len(mask)
-    sample.response = tok.decode(ids[len(prompt_ids) :], skip_special_tokens=True)
-    sample.rollout_log_probs = logps
-    sample.loss_mask = mask
+        feed_unsampled(sample, inserted, ids, logps, mask)
+    set_response(sample, tok, len(prompt_ids), ids, logps, mask)
     sample.status = finish_status(finish)
     if routes is not None:  # the last turn's routes cover every token fed so far
         ctx.pm.hook.on_route_record(args=args, sample=sample, routed_experts=routes)

@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import argparse
 
-from miles_core.rollout.generate import current_context, finish_status, generate_into
+from miles_core.rollout.generate import (
+    current_context,
+    feed_unsampled,
+    finish_status,
+    generate_into,
+    set_response,
+)
 from miles_core.rollout.tools import parse_tool_calls, registry_for
 from miles_core.types import Sample, Status
 
@@ -60,15 +66,8 @@ async def tool_call(args: argparse.Namespace, sample: Sample, sampling_params: d
         if len(mask) + len(inserted) >= budget:  # no room for the tool turn and one more token
             truncated = True
             break
-        ids += inserted
-        logps += [0.0] * len(inserted)
-        mask += [0] * len(inserted)
-        sample.response_weight_versions += [-1] * len(inserted)
-    sample.tokens = ids
-    sample.response_length = len(mask)
-    sample.response = tok.decode(ids[len(prompt_ids) :], skip_special_tokens=True)
-    sample.rollout_log_probs = logps
-    sample.loss_mask = mask
+        feed_unsampled(sample, inserted, ids, logps, mask)
+    set_response(sample, tok, len(prompt_ids), ids, logps, mask)
     sample.status = Status.TRUNCATED if truncated else finish_status(finish)
     sample.metadata["tool_calls"] = calls_made
     sample.metadata["turns"] = turns
