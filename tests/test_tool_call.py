@@ -257,3 +257,32 @@ def test_tool_flags_are_checked(agentic):
     ]:
         with pytest.raises(UsageError, match=needle.replace("(", r"\(")):
             parse_args(argv)
+
+
+def test_multi_turn_answers_each_user_turn_and_trains_only_the_model_tokens():
+    """The built-in ``multi_turn`` generate function: the model answers the first user turn, the next
+    user turn is fed through the chat template, the model answers again; only its tokens are trained."""
+    from miles_core.rollout.generate import multi_turn
+
+    args = parse_args([])
+    tok = Tokenizer.from_pretrained(CKPT)
+    engine = ScriptedEngine(tok, ["2", "4"])
+    sample = Sample(group_index=0, index=0, prompt=[{"role": "user", "content": "What is 1+1?"}])
+    sample.metadata["turns"] = ["And 2+2?"]
+    ctx = RolloutContext(engine=engine, tokenizer=tok, pm=get_plugin_manager())
+
+    async def go():
+        with rollout_context(ctx):
+            return await multi_turn(args, sample, {"temperature": 1.0, "max_new_tokens": 64})
+
+    out = asyncio.run(go())
+    first, second = tok.encode("2") + [tok.eos_token_id], tok.encode("4") + [tok.eos_token_id]
+    prompt = engine.inputs[0]
+    inserted = engine.inputs[1][len(prompt) + len(first) :]
+    assert engine.inputs[1][: len(prompt) + len(first)] == prompt + first and inserted
+    assert "And 2+2?" in tok.decode(inserted)
+    assert out.tokens == prompt + first + inserted + second
+    assert out.loss_mask == [1] * len(first) + [0] * len(inserted) + [1] * len(second)
+    assert out.rollout_log_probs == [-0.5] * len(first) + [0.0] * len(inserted) + [-0.5] * len(second)
+    assert out.response_length == len(out.loss_mask) and out.status == Status.COMPLETED
+    assert out.response_weight_versions.count(-1) == len(inserted)
