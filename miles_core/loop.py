@@ -243,6 +243,9 @@ def run(args: argparse.Namespace, pm: Any) -> dict[str, Any]:
                 r.engine.close()
         return _finish(r, last_eval, time.perf_counter() - t0)
     finally:
+        rewards = getattr(r.rollouts, "rewards", None)
+        if rewards is not None:  # its worker threads' event loops
+            rewards.close()
         _close_trainer(r.trainer)  # after _finish: trainer ranks write the final model
 
 

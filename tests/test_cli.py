@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,17 @@ def error_of(capsys, argv) -> str:
     errors = [line for line in err.splitlines() if line.startswith("miles: error: ")]
     assert len(errors) == 1 and "Traceback" not in err, err
     return errors[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd (Linux)")
+def test_a_run_leaves_no_open_descriptors(tiny_ckpt, prompts_file, reward_file, tmp_path):
+    """A finished run closes what it opened: reward worker loops (an epoll descriptor and a socket pair
+    each), log files. A test process runs hundreds of runs, and select() refuses descriptors past 1024."""
+    argv = base_argv(tiny_ckpt, prompts_file, tmp_path / "warm", reward_file)
+    assert main(argv) == 0  # first-use caches (fonts, plugins) open what they keep
+    before = len(os.listdir("/proc/self/fd"))
+    assert main(base_argv(tiny_ckpt, prompts_file, tmp_path / "run", reward_file)) == 0
+    assert len(os.listdir("/proc/self/fd")) - before <= 2
 
 
 def test_run_writes_outputs(tiny_ckpt, prompts_file, reward_file, tmp_path, capsys):

@@ -119,6 +119,14 @@ class RewardRunner:
         self._sem_loop: asyncio.AbstractEventLoop | None = None
         self._idle: list[_Worker] = []  # workers whose last call returned; reused, at most --rm-concurrency
 
+    def close(self) -> None:
+        """Stop the idle worker threads and close their event loops (a run's end; a later call starts
+        new ones). Without it each run would leave up to --rm-concurrency loops, each holding an epoll
+        descriptor and a socket pair, for the life of the process."""
+        idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.abandon()
+
     @property
     def failures(self) -> int:
         """Samples failed by a reward so far in this run."""

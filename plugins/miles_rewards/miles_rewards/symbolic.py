@@ -126,9 +126,11 @@ class SympyWorker:
         """One answer line from the child, or None if none comes within ``timeout`` seconds."""
         fd, buf = self._proc.stdout.fileno(), b""
         deadline = time.monotonic() + timeout
+        poller = select.poll()  # not select.select: a process with 1024+ open files has fds it refuses
+        poller.register(fd, select.POLLIN)
         while not buf.endswith(b"\n"):
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000):
                 return None
             chunk = os.read(fd, 4096)
             if not chunk:  # the child died
