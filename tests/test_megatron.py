@@ -184,10 +184,15 @@ ARCHS = {
 }
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def write_ckpts(tmp_path_factory) -> dict[str, Path]:
+    """One small checkpoint per architecture of ARCHS."""
     root = tmp_path_factory.mktemp("megatron")
     return {name: make_checkpoint(root / name, seed=3, **over) for name, over in ARCHS.items()}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return write_ckpts(tmp_path_factory)
 
 
 def _read(folder: Path) -> dict[str, torch.Tensor]:
@@ -398,63 +403,6 @@ def test_train_compile_is_refused(megatron_ep, ckpts):
             get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}),
             load_model(ckpt),
         )
-
-
-# ---------------------------------------------------------------------------------------- torch_dist
-
-
-def _convert(*argv):
-    from miles_core.cli import main
-
-    assert main(["convert", *map(str, argv)]) == 0
-
-
-@needs_mcore
-@pytest.mark.parametrize("arch, dtype", [("qwen3_moe", torch.float32), ("qwen2", torch.bfloat16)])
-def test_torch_dist_round_trip_is_bitwise(ckpts, tmp_path, arch, dtype):
-    import json
-
-    from torch.distributed.checkpoint import FileSystemReader
-
-    src = tmp_path / "hf"
-    config = json.loads((ckpts[arch] / "config.json").read_text())
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    write_hf_checkpoint(_read(ckpts[arch]), config, src, tokenizer_src=ckpts[arch], dtype=dtype)
-    _convert("--hf-checkpoint", src, "--output", tmp_path / "td", "--to", "torch_dist")
-    # slime's layout: a --save folder whose tracker names release/, megatron-core's torch_dist inside.
-    assert (tmp_path / "td" / "latest_checkpointed_iteration.txt").read_text() == "release"
-    meta = json.loads((tmp_path / "td" / "release" / "metadata.json").read_text())
-    assert meta["sharded_backend"] == "torch_dist"
-    stored = FileSystemReader(str(tmp_path / "td" / "release")).read_metadata().state_dict_metadata
-    if arch == "qwen3_moe":  # layers differ (dense 0, MoE 1): one key per layer; experts stacked
-        assert stored["decoder.layers.1.self_attention.linear_qkv.weight"].size == torch.Size([64, 32])
-        experts = stored["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"]
-        assert experts.size == torch.Size([8, 32, 32])
-    else:  # alike layers are stacked on a leading layer axis
-        assert stored["decoder.layers.self_attention.linear_qkv.weight"].size == torch.Size([2, 64, 32])
-        assert stored["decoder.layers.self_attention.linear_qkv.bias"].size == torch.Size([2, 64])
-    _convert("--hf-checkpoint", src, "--output", tmp_path / "back", "--from", "torch_dist",
-             "--input-dir", tmp_path / "td")  # fmt: skip
-    want, got = _read(src), _read(tmp_path / "back")
-    assert got.keys() == want.keys()
-    for name, t in want.items():
-        assert got[name].dtype == dtype and torch.equal(got[name], t), name
-    assert (tmp_path / "back" / "tokenizer.json").is_file()
-
-
-@needs_mcore
-def test_torch_dist_refusals(ckpts, tmp_path, capsys):
-    from miles_core.cli import main
-
-    src, out = str(ckpts["llama"]), str(tmp_path / "o")
-    assert main(["convert", "--hf-checkpoint", src, "--output", out, "--from", "torch_dist"]) == 2
-    assert "--from torch_dist writes an HF checkpoint from --input-dir CKPT" in capsys.readouterr().err
-    assert (
-        main(["convert", "--hf-checkpoint", src, "--output", out, "--from", "torch_dist", "--input-dir", src])
-        == 2
-    )
-    assert "holds neither latest_checkpointed_iteration.txt nor metadata.json" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------- end to end
