@@ -33,6 +33,21 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def greedy_tokens(model: Any, cuda_graph: bool, vocab: int) -> tuple[Any, list[list[int]]]:
+    """An engine on ``model`` with CUDA graphs on or off, and its greedy tokens for 11 fixed prompts of
+    ids below ``vocab`` on 8 slots (so slots are refilled), 16 tokens each, EOS ignored: the captured ==
+    uncaptured check of the quantization plugins' GPU tests."""
+    from miles_core.engine import Engine
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (3 + i % 7,), generator=g).tolist() for i in range(11)]
+    engine = Engine(model, None, max_batch_size=8, seed=7)
+    engine._eos = set()
+    engine.cuda_graph = cuda_graph
+    outs = engine.generate_batch(prompts, {"temperature": 0.0, "max_new_tokens": 16})
+    return engine, [o.output_ids for o in outs]
+
+
 def write_sum_tokenizer(out: Path) -> int:
     """Save a byte-level BPE trained on a few sums ("3+4=7") with ChatML-style specials into the new
     folder `out` (tokenizer.json + tokenizer_config.json); returns its vocabulary size."""

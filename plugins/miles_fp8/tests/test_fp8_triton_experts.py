@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from miles_core.testing import greedy_tokens
+
 PLUGIN_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PLUGIN_ROOT.parents[1] / "tests"))
 from triton_interp import needs_interpreter, run_interpreted  # noqa: E402
@@ -114,18 +116,6 @@ def test_only_blockwise_rollout_experts_are_grouped():
     assert not Fp8Experts(experts, RECIPES["blockwise"], train=True).grouped
 
 
-def _greedy_tokens(model, graph: bool):
-    from miles_core.api import Engine
-
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 64, (3 + i % 7,), generator=g).tolist() for i in range(11)]
-    engine = Engine(model, None, max_batch_size=8, seed=7)  # 11 prompts on 8 slots: slots are refilled
-    engine._eos = set()
-    engine.cuda_graph = graph
-    outs = engine.generate_batch(prompts, {"temperature": 0.0, "max_new_tokens": 16})
-    return engine, [o.output_ids for o in outs]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp8_engine_captured_equals_uncaptured_greedy_tokens(monkeypatch):
@@ -142,9 +132,9 @@ def test_fp8_engine_captured_equals_uncaptured_greedy_tokens(monkeypatch):
     convert_model(model, RECIPES["blockwise"], train=False)
     experts = model.model.layers[0].mlp.experts
     assert isinstance(experts, Fp8Experts) and experts.grouped and experts.cuda_graph_safe
-    graphed_engine, graphed = _greedy_tokens(model, graph=True)
+    graphed_engine, graphed = greedy_tokens(model, True, 64)
     assert graphed_engine.cuda_graph and graphed_engine._graphs is not None and graphed_engine._graphs._graphs
-    _, eager = _greedy_tokens(model, graph=False)
+    _, eager = greedy_tokens(model, False, 64)
     assert graphed == eager
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from miles_core.testing import greedy_tokens
+
 PLUGIN_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PLUGIN_ROOT.parents[1] / "tests"))
 from triton_interp import needs_interpreter, run_interpreted  # noqa: E402
@@ -147,18 +149,6 @@ def test_loop_experts_declare_cuda_graphs_unsafe_only_on_cuda():
         ).cuda_graph_safe
 
 
-def _greedy_tokens(model, graph: bool):
-    from miles_core.api import Engine
-
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 512, (3 + i % 7,), generator=g).tolist() for i in range(11)]
-    engine = Engine(model, None, max_batch_size=8, seed=7)  # 11 prompts on 8 slots: slots are refilled
-    engine._eos = set()
-    engine.cuda_graph = graph
-    outs = engine.generate_batch(prompts, {"temperature": 0.0, "max_new_tokens": 16})
-    return engine, [o.output_ids for o in outs]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_int4_engine_captured_equals_uncaptured_greedy_tokens():
@@ -179,9 +169,9 @@ def test_int4_engine_captured_equals_uncaptured_greedy_tokens():
     quantize_for_rollout(model, "experts", 64, kind="auto")
     experts = model.model.layers[0].mlp.experts
     assert isinstance(experts, Int4Experts) and experts.grouped and experts.cuda_graph_safe
-    graphed_engine, graphed = _greedy_tokens(model, graph=True)
+    graphed_engine, graphed = greedy_tokens(model, True, 512)
     assert graphed_engine.cuda_graph and graphed_engine._graphs is not None and graphed_engine._graphs._graphs
-    _, eager = _greedy_tokens(model, graph=False)
+    _, eager = greedy_tokens(model, False, 512)
     assert graphed == eager
 
 
