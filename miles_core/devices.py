@@ -10,6 +10,8 @@ moves many small tensors in one transfer.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _ALIGN = 16  # bytes; every tensor in a staged buffer starts on this boundary
@@ -79,20 +81,42 @@ class Parking:
     kept for the next time, when CUDA is there) and shrinks the storage to nothing; `unpark` grows it back
     and copies the bytes in. The tensor objects stay what they were, so views, an optimizer's references
     and DTensor wrappers need no re-wiring. (On an H100, a 0.7B model's AdamW state parked in 0.12 s
-    where ``.to("cpu")`` into fresh pageable memory took 3.26 s; bench/colocate_grpo.py.)"""
+    where ``.to("cpu")`` into fresh pageable memory took 3.26 s; bench/colocate_grpo.py.)
+
+    On CUDA the copies run on a side stream, so either direction can overlap other work: ``park(wait=
+    False)`` starts the copies out and `release` frees the memory once they landed; ``unpark(wait=False)``
+    starts the copies in and `ready` makes the current stream wait for them (no host sync) before the
+    tensors are read."""
 
     def __init__(self) -> None:
         self._hosts: list[torch.Tensor] = []  # reused in order: the same tensors park each time
         self._parked: list[tuple[torch.UntypedStorage, torch.Tensor]] = []
+        self._released = False  # the parked storages are shrunk (their bytes live on the host only)
+        self._stream: torch.cuda.Stream | None = None
+        self._copies: torch.cuda.Event | None = None  # the last batch of copies on the side stream
 
     @property
     def parked(self) -> bool:
         return bool(self._parked)
 
-    def park(self, tensors: list[torch.Tensor]) -> int:
-        """Move the storages of ``tensors`` out of device memory; returns the bytes moved."""
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        # The side stream starts after what the current stream queued: the values are final and memory
+        # the caching allocator just handed out (on the current stream) is no longer read by older work.
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        return self._stream
+
+    def _record(self) -> None:
+        self._copies = torch.cuda.Event()
+        self._copies.record(self._stream)
+
+    def park(self, tensors: list[torch.Tensor], *, wait: bool = True) -> int:
+        """Copy the storages of ``tensors`` to the host; returns the bytes. With ``wait`` (the default)
+        their device memory is freed before it returns, else at `release` (or the next `unpark`)."""
         if self._parked:
             raise RuntimeError("already parked; unpark first")
+        self.ready()
         storages, seen = [], set()
         for t in tensors:
             st = t.untyped_storage()
@@ -100,29 +124,61 @@ class Parking:
                 continue
             seen.add(st.data_ptr())
             storages.append(st)
-        cuda = any(st.device.type == "cuda" for st in storages)
-        for i, st in enumerate(storages):
-            if i == len(self._hosts) or self._hosts[i].numel() != st.nbytes():
-                host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=st.device.type == "cuda")
-                self._hosts[i : i + 1] = [host]
-            self._hosts[i].copy_(_bytes(st), non_blocking=True)
-            self._parked.append((st, self._hosts[i]))
-        if cuda:
-            torch.cuda.synchronize()  # every copy landed before the memory goes
-        for st, _ in self._parked:
-            st.resize_(0)
+        cuda = [st.device for st in storages if st.device.type == "cuda"]
+        with torch.cuda.stream(self._side(cuda[0])) if cuda else contextlib.nullcontext():
+            for i, st in enumerate(storages):
+                if i == len(self._hosts) or self._hosts[i].numel() != st.nbytes():
+                    host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=st.device.type == "cuda")
+                    self._hosts[i : i + 1] = [host]
+                self._hosts[i].copy_(_bytes(st), non_blocking=True)
+                self._parked.append((st, self._hosts[i]))
+            if cuda:
+                self._record()
+        self._released = False
+        if wait:
+            self.release()
         return sum(h.numel() for _, h in self._parked)
 
-    def unpark(self) -> None:
-        """Give every parked storage its bytes back (on its device)."""
-        cuda = False
+    def release(self) -> None:
+        """Free the parked storages' device memory, once their copies out have landed."""
+        if not self._parked or self._released:
+            return
+        self._sync()
+        for st, _ in self._parked:
+            st.resize_(0)
+        self._released = True
+
+    def unpark(self, *, wait: bool = True) -> None:
+        """Give every parked storage its bytes back (on its device). Without ``wait`` the copies are only
+        queued: call `ready` before the tensors are read (`park` does)."""
+        if not self._parked:
+            return
+        if not self._released:  # never freed: the device still holds the bytes
+            self._sync()  # the host buffers are not rewritten under a copy in flight
+            self._parked = []
+            return
+        cuda = [st.device for st, _ in self._parked if st.device.type == "cuda"]
         for st, host in self._parked:
-            st.resize_(host.numel())
-            _bytes(st).copy_(host, non_blocking=True)
-            cuda = cuda or st.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-        self._parked = []
+            st.resize_(host.numel())  # allocated on the current stream, written on the side stream
+        with torch.cuda.stream(self._side(cuda[0])) if cuda else contextlib.nullcontext():
+            for st, host in self._parked:
+                _bytes(st).copy_(host, non_blocking=True)
+            if cuda:
+                self._record()
+        self._parked, self._released = [], False
+        if wait:
+            self._sync()
+
+    def _sync(self) -> None:
+        """The host waits for every copy queued on the side stream."""
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def ready(self) -> None:
+        """The current stream waits for the copies in flight (no host sync)."""
+        if self._copies is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._copies)
+            self._copies = None
 
 
 def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:

@@ -94,7 +94,8 @@ def _step(trainer, args, seed: int, record_routes: bool = False) -> dict:
     batch = make_batch(args, seed, record_routes)
     metrics = trainer.train(seed - 1, batch)[0]
     weights, bucket_sizes = _weights(trainer)
-    out = {"metrics": metrics, "weights": weights, "buckets": bucket_sizes}
+    fused = [(n, t.clone()) for b in trainer.full_weights(64 * 2**10, fused_experts=True) for n, t in b]
+    out = {"metrics": metrics, "weights": weights, "buckets": bucket_sizes, "fused": fused}
     if record_routes:
         out["routes"] = batch.recorded_routes
     return out
@@ -159,21 +160,39 @@ def _world_two_resumed(ctx: dict, build) -> dict:
     return {"resumed_step2": _step(trainer, args, 2)}
 
 
+def _adam_tensors(trainer) -> list[torch.Tensor]:
+    return [t for st in trainer.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+
+
 def _world_gpu(ctx: dict, build) -> dict:
-    """One rank on CUDA (NCCL) with --bf16: a step, offload, onload, another step."""
+    """One rank on CUDA (NCCL) with --bf16: a step, offload, a checkpoint while offloaded, onload (its
+    copies in flight until the step), another step."""
     trainer, args = build("bf16")
     first = trainer.train(0, make_batch(args, 1))[0]
-    states = [
-        t for st in trainer.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)
-    ]
+    states = _adam_tensors(trainer)
+    values = [t.full_tensor().clone() if t.is_cuda and t.dim() else None for t in states]
     before = torch.cuda.memory_allocated()
     trainer.offload()  # parked in place: the device memory of the AdamW state is given back
     offloaded = torch.cuda.memory_allocated() < before and all(
         t.to_local().untyped_storage().nbytes() == 0 for t in states if t.is_cuda and t.dim()
     )
+    ckpt = ctx["out"] / "ckpt_gpu"
+    trainer.save_model(ckpt / "model", str(ctx["ref"]))
+    trainer.save_state(ckpt)  # reads the parked state back for the write, and parks it again
+    still_offloaded = all(
+        t.to_local().untyped_storage().nbytes() == 0 for t in states if t.is_cuda and t.dim()
+    )
     trainer.onload()
+    trainer._parking.ready()
+    restored = all(v is None or torch.equal(t.full_tensor(), v) for t, v in zip(states, values))
     second = trainer.train(1, make_batch(args, 2))[0]
-    return {"first": first, "second": second, "offloaded": offloaded}
+    resumed, _ = build("bf16", ckpt)
+    loaded = _adam_tensors(resumed)
+    saved = len(loaded) == len(values) and all(
+        v is None or torch.equal(t.full_tensor(), v) for t, v in zip(loaded, values)
+    )
+    return {"first": first, "second": second, "offloaded": offloaded and still_offloaded,
+            "restored": restored, "saved": saved}  # fmt: skip
 
 
 WORLDS = {
@@ -330,6 +349,20 @@ def test_full_weights_come_in_buckets(worlds):
     assert all(size <= 64 * 2**10 or count == 1 for size, count in buckets)  # one tensor may be larger
 
 
+def test_fused_expert_weights_split_into_the_per_expert_ones(worlds):
+    """The colocated hand-over sends each layer's experts as two 3-D tensors; split by HF names they are
+    the per-expert tensors, value for value."""
+    from miles_core.model.hf_io import hf_tensors_of_state
+
+    got = worlds["two"][0]["padded"]
+    fused = got["fused"]
+    assert any(n.endswith(".experts.gate_up_proj") and t.dim() == 3 for n, t in fused)
+    assert len(fused) < len(got["weights"])
+    split = list(hf_tensors_of_state(fused, tied=False))
+    assert [n for n, _ in split] == [n for n, _ in got["weights"]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(split, got["weights"]))
+
+
 def test_save_model_writes_the_full_policy(worlds, out_dir):
     saved = list(named_hf_tensors(load_model(out_dir / "ckpt_two" / "model")))
     step1 = worlds["two"][0]["padded"]["weights"]
@@ -405,4 +438,5 @@ def test_one_cuda_rank_bf16_steps_and_offloads(tmp_path, tiny_ckpt, tiny_ckpt_b)
     expected = Trainer(args, pm, load_model(tiny_ckpt_b, device="cuda"), ref).train(0, make_batch(args, 1))[0]
     for k in ("pg_loss", "entropy", "grad_norm"):
         assert res["first"][k] == pytest.approx(expected[k], rel=2e-2, abs=1e-3), k
-    assert res["offloaded"] and math.isfinite(res["second"]["grad_norm"])
+    assert res["offloaded"] and res["restored"] and math.isfinite(res["second"]["grad_norm"])
+    assert res["saved"]  # the checkpoint written while offloaded holds the real AdamW state

@@ -20,7 +20,7 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +77,15 @@ class TrainGroup:
             refs = [getattr(self.ranks[i], method).remote(*args) for i in which]
         return self.wait(refs, list(which))
 
-    def call_each(self, method: str, per_rank: list[tuple]) -> list[Any]:
-        """``method(*per_rank[i])`` on rank i, every rank in one order."""
+    def call_each(
+        self, method: str, per_rank: list[tuple], meanwhile: Callable[[], None] | None = None
+    ) -> list[Any]:
+        """``method(*per_rank[i])`` on rank i, every rank in one order; ``meanwhile()`` runs here while
+        the ranks work."""
         with self._submit:
             refs = [getattr(r, method).remote(*a) for r, a in zip(self.ranks, per_rank)]
+        if meanwhile is not None:
+            meanwhile()
         return self.wait(refs, list(range(len(self.ranks))))
 
     def wait(self, refs: list[Any], which: list[int]) -> list[Any]:
@@ -230,14 +235,17 @@ class RankUpdater:
 
     def _hand_over(self, urls: list[str]) -> None:
         group = self.group
-        t0 = time.perf_counter()
-        group.engine.resume_memory(urls)
-        group.timings["engine_resume_s"] = time.perf_counter() - t0
         by_rank: dict[int, str] = {}
         for u in urls:
             by_rank[self.host_rank(u)] = u
-        t = group.call_each("hand_over", [(by_rank.get(i), self.version) for i in range(len(group.ranks))])
-        group.timings["hand_over_s"] = max(t)
+
+        def resume() -> None:  # the ranks start offloading and gathering meanwhile; an update that
+            t0 = time.perf_counter()  # reaches an engine first takes the memory back itself
+            group.engine.resume_memory(urls)
+            group.timings["engine_resume_s"] = time.perf_counter() - t0
+
+        per_rank = [(by_rank.get(i), self.version) for i in range(len(group.ranks))]
+        group.timings["hand_over_s"] = max(group.call_each("hand_over", per_rank, meanwhile=resume))
         group.timings["offload_s"] = max(group.call("offload"))
 
     def close(self) -> None:

@@ -113,8 +113,8 @@ class TrainRank:
 
     # ---------------------------------------------------------------- weights to the engines
 
-    def _buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        return self.trainer.full_weights(self.args.update_weight_buffer_size)
+    def _buckets(self, fused_experts: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        return self.trainer.full_weights(self.args.update_weight_buffer_size, fused_experts=fused_experts)
 
     def keep_weights(self, version: int, mode: str, start_weights: str, folder: str) -> float:
         """Disaggregated: gather the weights (every rank); rank 0 keeps them as ``version`` for
@@ -149,12 +149,15 @@ class TrainRank:
 
     def hand_over(self, url: str | None, version: int) -> float:
         """Colocated: gather the weights (every rank); a rank given its engine's ``url`` hands it each
-        bucket in place. Returns the seconds it took."""
+        bucket in place, each layer's experts fused (miles' engines take them so). The AdamW state's copies
+        to the host start first and overlap the gathering (`offload` then frees it). Returns the seconds
+        it took."""
         from miles_core.serve import ipc
         from miles_core.serve.remote import post_json
 
         t0 = time.perf_counter()
-        for bucket in self._buckets():
+        self.trainer.start_offload()
+        for bucket in self._buckets(fused_experts=True):
             if url is not None:
                 blob = ipc.share_tensors(ipc.flatten(bucket))  # one handle per dtype, not per tensor
                 body = {"serialized_named_tensors": [blob], "weight_version": str(version)}

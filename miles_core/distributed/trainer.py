@@ -200,6 +200,7 @@ class ShardedTrainer(Trainer):
         return dict(zip(keys, values.unbind()))
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        self._parking.ready()  # the AdamW state `onload` brought back, read by the step after this
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):  # a partial norm of each rank's shards
@@ -224,13 +225,18 @@ class ShardedTrainer(Trainer):
                 t = t.full_tensor()
             yield name, t
 
-    def full_weights(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def full_weights(
+        self, bucket_bytes: int, *, fused_experts: bool = False
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """The policy's full weights as lists of ``(HF name, tensor)`` of about `bucket_bytes` each, in
-        the names and order of `named_hf_tensors` of the unsharded model. Collective: every rank gets
-        every bucket and must consume the whole iterator."""
+        the names and order of `named_hf_tensors` of the unsharded model (with `fused_experts`, each
+        layer's experts as its two 3-D tensors, which miles' engines load as they are: a few tensors
+        where per-expert names make hundreds). Collective: every rank gets every bucket and must consume
+        the whole iterator."""
         bucket: list[tuple[str, torch.Tensor]] = []
         used = 0
-        for name, t in hf_tensors_of_state(self._full_state(), self.model.config.tie_word_embeddings):
+        tied = self.model.config.tie_word_embeddings
+        for name, t in hf_tensors_of_state(self._full_state(), tied, fused_experts=fused_experts):
             size = t.numel() * t.element_size()
             if bucket and used + size > bucket_bytes:
                 yield bucket
@@ -282,7 +288,12 @@ class ShardedTrainer(Trainer):
         and the step count to ``folder/trainer_state.json``; under --bf16 the fp32 master weights go
         with the optimizer state (the HF ``model/`` folder holds them rounded to bf16). Collective."""
         folder = Path(folder)
+        parked = self._parking.parked  # colocated: saved between an offload and the next onload
+        self._parking.unpark()
+        self._parking.ready()
         dcp.save(self._dcp_state(self.args.bf16), checkpoint_id=folder / OPTIMIZER_DIR)
+        if parked:
+            self.offload()
         info = {"step": self.step, "masters": bool(self.args.bf16), "world_size": self.world_size}
         self._on_rank0(lambda: (folder / STATE_FILE).write_text(json.dumps(info, indent=2) + "\n"))
 
@@ -314,14 +325,14 @@ class ShardedTrainer(Trainer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError("a sharded trainer loads its state collectively: use load_state(folder)")
 
-    def offload(self) -> None:
-        """Free the device for colocated rollout engines: AdamW state parked in (pinned, reused) host memory
-        in place (`devices.Parking`), gradients and the root's gathered weights freed (a step starts with
-        ``zero_grad(set_to_none=True)``, so a gradient left from the last step is never read again)."""
+    def start_offload(self) -> None:
+        """Start `offload`: gradients and gathered weights go now, and the AdamW state's copies to the host
+        run on a side stream while the caller goes on (the colocated hand-over gathers the weights
+        meanwhile); `offload` then frees that memory."""
         self.optimizer.zero_grad(set_to_none=True)
         _reshard(self.model)
         _reshard(self.ref_model)
-        if self.device.type != "cuda":  # nothing to make room for: host memory is the device's
+        if self.device.type != "cuda" or self._parking.parked:  # on CPU host memory is the device's
             return
         states = [
             v.to_local() if isinstance(v, DTensor) else v
@@ -329,13 +340,21 @@ class ShardedTrainer(Trainer):
             for v in st.values()
             if isinstance(v, torch.Tensor) and v.device.type == "cuda"
         ]
-        self._parking.park(states)
-        torch.cuda.empty_cache()
+        self._parking.park(states, wait=False)
+
+    def offload(self) -> None:
+        """Free the device for colocated rollout engines: AdamW state parked in (pinned, reused) host memory
+        in place (`devices.Parking`), gradients and the root's gathered weights freed (a step starts with
+        ``zero_grad(set_to_none=True)``, so a gradient left from the last step is never read again)."""
+        self.start_offload()
+        if self._parking.parked:
+            self._parking.release()
+            torch.cuda.empty_cache()
 
     def onload(self) -> None:
-        """Bring back what `offload` parked."""
-        if self._parking.parked:
-            self._parking.unpark()
+        """Bring back what `offload` parked. The copies are queued on a side stream and only the optimizer
+        step waits for them (`_clip_grad_norm`), so they overlap the step's forward and backward."""
+        self._parking.unpark(wait=False)
 
 
 def state_problem(folder: str | Path) -> str | None:
