@@ -252,6 +252,11 @@ class Fp8Experts(nn.Module):
         return not self.train_mode and self.recipe.name == "blockwise" and triton_experts.triton is not None
 
     @property
+    def train_grouped(self) -> bool:
+        """Whether the training forward (unified FP8) runs the same grouped kernels (`train_experts`)."""
+        return self.train_mode and self.recipe.name == "blockwise" and triton_experts.triton is not None
+
+    @property
     def cuda_graph_safe(self) -> bool:
         """The grouped kernels never sync with the host; the per-expert loop sizes itself on the host (one
         sync per layer), which a CUDA graph cannot capture, so the engine then decodes eagerly."""
@@ -266,9 +271,10 @@ class Fp8Experts(nn.Module):
             return experts.gate_up_proj[:, i:]
         return experts.down_proj
 
-    def _prepare(self, device: torch.device) -> dict[str, tuple]:
+    def _prepare(self, device: torch.device, fp32: bool | None = None) -> dict[str, tuple]:
         """Per kind: (wq [E, ...], ws [E, ...], fp32 dequantized weights or None), all experts at once;
-        batched quantization gives each expert exactly what quantizing it alone would."""
+        batched quantization gives each expert exactly what quantizing it alone would. The fp32 copies
+        (for the emulation) are made on CPU unless ``fp32`` says otherwise."""
         out = {}
         for kind in self.KINDS:
             if self.train_mode:
@@ -276,7 +282,8 @@ class Fp8Experts(nn.Module):
                 wq, ws = quantize(w, self.recipe.weight_tile, fast=w.is_cuda)
             else:
                 wq, ws = getattr(self, f"{kind}_fp8"), getattr(self, f"{kind}_scale_inv")
-            deq = None if device.type == "cuda" else dequantize(wq, ws, self.recipe.weight_tile)
+            want = device.type != "cuda" if fp32 is None else fp32
+            deq = dequantize(wq, ws, self.recipe.weight_tile) if want else None
             out[kind] = (wq, ws, deq)
         return out
 
@@ -292,6 +299,10 @@ class Fp8Experts(nn.Module):
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] (as `Experts.forward`)."""
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
+        if self.train_grouped and triton_experts.available(x):
+            from miles_fp8.train_experts import grouped_forward
+
+            return grouped_forward(self, x, topk_idx, topk_weight)
         if self.grouped and triton_experts.available(x) and not torch.is_grad_enabled():
             order, dest = expert_order(flat, self.num_experts)
             ys = triton_experts.fp8_experts(

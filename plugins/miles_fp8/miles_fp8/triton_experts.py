@@ -68,9 +68,11 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gate_up_kernel(
-        x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, src_ptr, bounds_ptr, out_ptr, hidden, inter, stride_x,
-        n_chunks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+        x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, src_ptr, bounds_ptr, out_ptr, g_ptr, u_ptr, hidden, inter,
+        stride_x, n_chunks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        MODE: tl.constexpr, SAVE: tl.constexpr,
     ):  # fmt: skip
+        # SAVE (training): also store the rounded gate and up outputs for the SwiGLU backward.
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < inter
@@ -107,12 +109,16 @@ if triton is not None:
                 # to x's dtype, silu(gate) to x's dtype, then the product (a no-op for fp32).
                 dt = out_ptr.dtype.element_ty
                 g = _rounded(acc_g, dt, MODE)
-                act = _rounded(_rounded(g * tl.sigmoid(g), dt, MODE) * _rounded(acc_u, dt, MODE), dt, MODE)
+                u = _rounded(acc_u, dt, MODE)
+                act = _rounded(_rounded(g * tl.sigmoid(g), dt, MODE) * u, dt, MODE)
                 omask = m_ok[:, None] & n_ok[None, :]
                 tl.store(out_ptr + m[:, None] * inter + n[None, :], act.to(dt), mask=omask)
+                if SAVE:
+                    tl.store(g_ptr + m[:, None] * inter + n[None, :], g.to(dt), mask=omask)
+                    tl.store(u_ptr + m[:, None] * inter + n[None, :], u.to(dt), mask=omask)
 
 
-def _run(x, src, bounds, weights, act, out, mode: str) -> None:
+def _run(x, src, bounds, weights, act, out, mode: str, saved: tuple | None = None) -> None:
     gate, up, down, gate_s, up_s, down_s = weights
     num_experts, inter, hidden = gate.shape
     m = src.numel()
@@ -121,10 +127,17 @@ def _run(x, src, bounds, weights, act, out, mode: str) -> None:
     c1 = triton_fp8.launch_config(GATE_UP)
     grid1 = (num_experts, triton.cdiv(inter, c1["BLOCK_N"]))
     _fp8_gate_up_kernel[grid1](
-        x, gate, up, gate_s, up_s, src, bounds, act, hidden, inter, x.stride(0), chunks,
-        BLOCK_M=bm, BLOCK_K=triton_fp8.BLOCK, MODE=mode, **c1,
+        x, gate, up, gate_s, up_s, src, bounds, act, *(saved or (act, act)), hidden, inter, x.stride(0),
+        chunks, BLOCK_M=bm, BLOCK_K=triton_fp8.BLOCK, MODE=mode, SAVE=saved is not None, **c1,
     )  # fmt: skip
     triton_fp8.launch_rows(act, down, down_s, bounds, out, m, chunks, 1, dict(DOWN, BLOCK_M=bm), mode)
+
+
+def _mode_for(x: torch.Tensor) -> str:
+    mode = triton_fp8.device_mode(x.device) if triton is not None else "off"
+    if mode == "off":
+        raise RuntimeError(f"fp8_experts cannot run on {x.device}: needs triton and an e4m3 card (8.9+)")
+    return mode
 
 
 @torch.library.custom_op("miles_fp8::fp8_experts", mutates_args=())
@@ -143,17 +156,22 @@ def fp8_experts(
     :returns: ``[M, H]`` in x's dtype: ``down_e(silu(gate_e(x)) * up_e(x))`` per copy, with x and the
         SwiGLU activations quantized to e4m3 in 1x128 tiles.
     """
-    mode = triton_fp8.device_mode(x.device) if triton is not None else "off"
-    if mode == "off":
-        raise RuntimeError(f"fp8_experts cannot run on {x.device}: needs triton and an e4m3 card (8.9+)")
+    return fp8_experts_saving(x, src, bounds, gate, up, down, gate_scale, up_scale, down_scale, False)[0]
+
+
+def fp8_experts_saving(x, src, bounds, gate, up, down, gate_scale, up_scale, down_scale, save: bool):
+    """`fp8_experts`, returning ``(out, act, g, u)``: with ``save`` also the SwiGLU input ``act`` [M, I] and
+    the rounded gate / up outputs ``g``, ``u`` [M, I] the training backward needs (else None)."""
+    mode = _mode_for(x)
     x = x.contiguous()
     weights = tuple(t.contiguous() for t in (gate, up, down, gate_scale, up_scale, down_scale))
     m, hidden, inter = src.numel(), x.shape[1], gate.shape[1]
     act = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
+    saved = (torch.empty_like(act), torch.empty_like(act)) if save else None
     if m:
-        _run(x, src, bounds, weights, act, out, mode)
-    return out
+        _run(x, src, bounds, weights, act, out, mode, saved)
+    return (out, act, *saved) if save else (out, None, None, None)
 
 
 @fp8_experts.register_fake
