@@ -58,6 +58,11 @@ def test_train_step_bench_prints_its_json_line():
     assert r["tok_s"] > 0 and 0 < r["mfu"] < 1
 
 
+def test_train_step_bench_runs_unified_fp8():
+    r = _run("train_step.py", "--steps", "1", "--fp8-recipe", "blockwise")
+    assert r["fp8_recipe"] == "blockwise" and r["fp8_modules"] > 0 and r["tok_s"] > 0
+
+
 def test_decode_profile_runs_on_cpu():
     r = _run("decode_profile.py", "--no-compile", "--steps", "1")
     assert r["device"] == "cpu" and r["batch"] > 0
