@@ -40,9 +40,9 @@ from miles_core.types import Sample, Status, TrainBatch
 SHAPES = {  # samples per step, prompt and response lengths, token budget per packed micro-batch
     "gpu-0.7b": dict(samples=64, prompt=128, response=256, max_tokens=24576),  # one micro-batch a step
     "cpu-small": dict(samples=8, prompt=16, response=32, max_tokens=256),
-    # 64k-token micro-batches, 96k tokens a step (issue #21's FP8 training shape); fp32 masters and AdamW
-    # state of one Qwen3-30B-A3B layer take ~10 GB, so --layers 2 (or 4) fits an 80 GB card
-    "qwen3-30b-a3b": dict(samples=256, prompt=128, response=256, max_tokens=65536),
+    # 98k tokens a step in 32k-token micro-batches (issue #21 asks >= 64k a step); fp32 masters and AdamW
+    # state take ~10 GB per Qwen3-30B-A3B layer and as much for the embeddings + LM head: --layers 2
+    "qwen3-30b-a3b": dict(samples=256, prompt=128, response=256, max_tokens=32768),
 }
 SPEC_PEAK = {"H100": 989e12, "H200": 989e12}
 
