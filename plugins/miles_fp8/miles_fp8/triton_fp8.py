@@ -39,6 +39,9 @@ except ImportError:  # CPU-only install: callers emulate
 
 log = logging.getLogger(__name__)
 DENSE = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # BLOCK_N: `dense_block_n`
+# From this many rows `linear.fp8_mm` quantizes x in one fused pass first (`fp8_linear_quantized`)
+# instead of once per column tile inside the GEMM; the same codes, so the same bits either way.
+PREQ_ROWS = 512
 # CUDA device index -> "fp8" / "bf16" (how the kernels multiply there) or "off", probed on first use
 # (before any compiled or captured step: the engine runs an eager prefill first), so a compiled decode
 # step reads a dict instead of the driver.
@@ -123,14 +126,16 @@ if triton is not None:
 
     @triton.jit
     def _fp8_rows_kernel(
-        a_ptr, w_ptr, s_ptr, bounds_ptr, out_ptr, rows, n_out, k_in, stride_a, n_chunks,
-        GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        MODE: tl.constexpr,
+        a_ptr, as_ptr, w_ptr, s_ptr, bounds_ptr, out_ptr, rows, n_out, k_in, stride_a, n_chunks,
+        GROUPED: tl.constexpr, PREQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, MODE: tl.constexpr,
     ):  # fmt: skip
         """out [M, n_out] (row stride n_out) = fp8(a) @ dequant(W_e).T, W [E, n_out, k_in] e4m3 with scales
         [E, ceil(n_out/128), ceil(k_in/128)]. GROUPED: program (e, n tile, z) does expert e's rows
         ``bounds[e] .. bounds[e+1]-1``; else every one of ``rows`` rows with W = W_0. Row chunks of
-        BLOCK_M go round-robin over the grid's third axis (one program a chunk for dense linears)."""
+        BLOCK_M go round-robin over the grid's third axis (one program a chunk for dense linears).
+        PREQ: ``a`` holds x's e4m3 codes and ``as_ptr`` its scales [M, ceil(k_in/128)], from the fused
+        quantization kernel (the same IEEE steps), so the products and the result are the same bits."""
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < n_out
@@ -158,7 +163,16 @@ if triton is not None:
                     k_ok = k < k_in
                     amask = m_ok[:, None] & k_ok[None, :]
                     a = tl.load(a_ptr + m64[:, None] * stride_a + k[None, :], mask=amask, other=0.0)
-                    aq, a_s = _quant_rows(a, MODE)
+                    if PREQ:
+                        a_s = tl.load(as_ptr + m64 * kb + b, mask=m_ok, other=1.0)
+                        if MODE == "fp32":
+                            aq = a.to(tl.float32)
+                        elif MODE == "bf16":
+                            aq = a.to(tl.bfloat16)
+                        else:
+                            aq = a
+                    else:
+                        aq, a_s = _quant_rows(a, MODE)
                     w = tl.load(w_ptr + w_off + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                     s = tl.load(s_ptr + s_off + b, mask=n_ok, other=0.0)
                     acc += _dot(aq, w, MODE) * (a_s[:, None] * s[None, :])
@@ -174,18 +188,22 @@ def launch_config(cfg: dict) -> dict:
     return dict(cfg)
 
 
-def launch_rows(a, w, s, bounds, out, rows: int, chunks: int, row_programs: int, cfg: dict, mode: str):
+def launch_rows(
+    a, w, s, bounds, out, rows: int, chunks: int, row_programs: int, cfg: dict, mode: str, a_scale=None
+):
     """`_fp8_rows_kernel` over ``w``'s E experts (``bounds`` given) or one dense weight (``bounds`` None).
 
     :param cfg: BLOCK_M, BLOCK_N (and num_warps, num_stages); ``chunks``: the row-chunk loop bound of
-        each program; ``row_programs``: the grid's third axis.
+        each program; ``row_programs``: the grid's third axis; ``a_scale``: ``a`` is already quantized
+        (e4m3 codes) with these 1x128 scales.
     """
     n_out, k_in = w.shape[-2], w.shape[-1]
     experts = w.shape[0] if w.dim() == 3 else 1
     grid = (experts, triton.cdiv(n_out, cfg["BLOCK_N"]), row_programs)
     _fp8_rows_kernel[grid](
-        a, w, s, s if bounds is None else bounds, out, rows, n_out, k_in, a.stride(0), chunks,
-        GROUPED=bounds is not None, BLOCK_K=BLOCK, MODE=mode, **launch_config(cfg),
+        a, s if a_scale is None else a_scale, w, s, s if bounds is None else bounds, out, rows, n_out, k_in,
+        a.stride(0), chunks, GROUPED=bounds is not None, PREQ=a_scale is not None, BLOCK_K=BLOCK, MODE=mode,
+        **launch_config(cfg),
     )  # fmt: skip
 
 
@@ -195,12 +213,13 @@ def dense_block_n(n_out: int) -> int:
     return 64 if n_out >= 4096 else 32
 
 
-def _dense(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, mode: str) -> torch.Tensor:
+def _dense(x, weight, weight_scale, mode: str, dtype: torch.dtype, x_scale=None) -> torch.Tensor:
     m = x.shape[0]
-    out = torch.empty(m, weight.shape[0], dtype=x.dtype, device=x.device)
+    out = torch.empty(m, weight.shape[0], dtype=dtype, device=x.device)
     if m:
         cfg = dict(DENSE, BLOCK_N=dense_block_n(weight.shape[0]))
-        launch_rows(x, weight, weight_scale, None, out, m, 1, triton.cdiv(m, cfg["BLOCK_M"]), cfg, mode)
+        rows = triton.cdiv(m, cfg["BLOCK_M"])
+        launch_rows(x, weight, weight_scale, None, out, m, 1, rows, cfg, mode, x_scale)
     return out
 
 
@@ -217,12 +236,32 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         raise RuntimeError(f"fp8_linear cannot run on {x.device}: needs triton and an e4m3 card (8.9+)")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _dense(x, weight.contiguous(), weight_scale.contiguous(), mode)
+    return _dense(x, weight.contiguous(), weight_scale.contiguous(), mode, x.dtype)
 
 
 @fp8_linear.register_fake
 def _(x, weight, weight_scale):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("miles_fp8::fp8_linear_quantized", mutates_args=())
+def fp8_linear_quantized(
+    xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """`fp8_linear` on x already quantized in 1x128 tiles (``quant.quantize(x, (1, 128))``: e4m3 ``xq``
+    [M, K], fp32 ``x_scale`` [M, ceil(K/128)]): the same tiles and products, so the same bits, without the
+    in-kernel quantization (worth it for large M, and free when the caller keeps the codes anyway)."""
+    mode = device_mode(xq.device)
+    if mode == "off":
+        raise RuntimeError(f"fp8_linear cannot run on {xq.device}: needs triton and an e4m3 card (8.9+)")
+    xq = xq.contiguous()
+    return _dense(xq, weight.contiguous(), weight_scale.contiguous(), mode, dtype, x_scale.contiguous())
+
+
+@fp8_linear_quantized.register_fake
+def _(xq, x_scale, weight, weight_scale, dtype):
+    return xq.new_empty(xq.shape[0], weight.shape[0], dtype=dtype)
 
 
 def _probe(device: torch.device) -> str:

@@ -77,6 +77,15 @@ same = (gb == reference(xb, wq, ws).to(torch.bfloat16)).float().mean().item()
 assert same > 0.99, same
 assert torch.equal(gb, emulated(xb, wq, ws))
 
+# x quantized first (the large-M and training path): the same bits as quantizing inside the GEMM
+for xin in (x, xb):
+    xq, xs = quantize(xin, (1, 128))
+    pre = triton_fp8.fp8_linear_quantized(xq, xs, wq, ws, xin.dtype)
+    assert pre.dtype == xin.dtype and torch.equal(pre, triton_fp8.fp8_linear(xin, wq, ws))
+triton_fp8.PREQ_ROWS, saved_rows = 8, triton_fp8.PREQ_ROWS  # fp8_mm switches at 8 rows here
+assert torch.equal(fp8_mm(xb, wq, ws, B)[0][:5], fp8_mm(xb[:5], wq, ws, B)[0])
+triton_fp8.PREQ_ROWS = saved_rows
+
 # The modules: rollout Fp8Linear (bf16, bias) on the kernel == on the emulation; training mode (master
 # weight) gives the rollout forward bit for bit and the straight-through gradients
 lin = torch.nn.Linear(K, N)
