@@ -108,10 +108,14 @@ def fp8_mm(
     """
     path = gemm_path(x, wq, recipe)
     if path == "triton":
-        if not keep_operands and x.shape[0] < triton_fp8.PREQ_ROWS:  # decode: quantize inside the GEMM
-            return triton_fp8.fp8_linear(x, wq, ws), None, None, None
+        large = x.shape[0] >= triton_fp8.PREQ_ROWS
+        if not (keep_operands or large) or not triton_fp8.preq_ok(x.device):  # quantize inside the GEMM
+            y = triton_fp8.fp8_linear(x, wq, ws)
+            if not keep_operands:
+                return y, None, None, None
+            return (y, *quantize(x, recipe.act_tile, fast=True), None)  # the codes the kernel used
         # Large M (or codes kept for the backward): one fused quantization pass, then the same GEMM on
-        # the codes; the same numbers as quantizing in the kernel, so rows stay independent of M.
+        # the codes; the same numbers as quantizing in the kernel (probed), so rows stay independent of M.
         xq, xs = quantize(x, recipe.act_tile, fast=True)
         y = triton_fp8.fp8_linear_quantized(xq, xs, wq, ws, x.dtype)
         return (y, xq, xs, None) if keep_operands else (y, None, None, None)

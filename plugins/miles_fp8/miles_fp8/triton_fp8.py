@@ -46,6 +46,7 @@ PREQ_ROWS = 512
 # (before any compiled or captured step: the engine runs an eager prefill first), so a compiled decode
 # step reads a dict instead of the driver.
 _modes: dict[int, str] = {}
+_preq: dict[int, bool] = {}  # and whether the pre-quantized-x GEMM gives the same bits there
 
 
 def interpreted() -> bool:
@@ -294,8 +295,35 @@ def _probe(device: torch.device) -> str:
                         raise ValueError(f"relative error {err:.2e} against the emulation")
             if mode != "fp8":
                 log.warning("FP8 tensor-core dot unusable here (%s); the FP8 kernels multiply in bf16", why)
+            _preq[device.index] = _probe_preq(x, wq, ws, mode)
             return mode
         except Exception as e:  # this Triton / card cannot compile or run that dot
             why = f"{mode}: {e}"
     log.warning("FP8 Triton kernels off on %s (%s); FP8 layers emulate", device, why)
     return "off"
+
+
+def _probe_preq(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, mode: str) -> bool:
+    """Whether the GEMM on codes from the fused quantization pass gives the in-kernel path's bits here."""
+    from miles_fp8.quant import quantize
+
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            xd = x.to(dtype)
+            xq, xs = quantize(xd, (1, BLOCK), fast=True)
+            inner = _dense(xd, wq, ws, mode, dtype)
+            if not torch.equal(_dense(xq, wq, ws, mode, dtype, xs), inner):
+                raise ValueError(f"{dtype} results differ from quantizing inside the GEMM")
+    except Exception as e:  # keep the in-kernel quantization everywhere: rows stay independent of M
+        log.warning("FP8 GEMM on pre-quantized x off (%s)", e)
+        return False
+    return True
+
+
+def preq_ok(device: torch.device) -> bool:
+    """Whether `fp8_linear_quantized` gives `fp8_linear`'s bits on ``device`` (probed with the mode; the
+    interpreter: always)."""
+    if device.type != "cuda":
+        return True
+    device_mode(device)
+    return _preq.get(device.index if device.index is not None else torch.cuda.current_device(), False)
