@@ -157,3 +157,62 @@ def test_dense_fp8_rows_do_not_depend_on_the_batch_on_cuda(shape):
     same = (full.float() == emu).float().mean().item()
     print(f"shape={shape} rel_vs_emulation={rel:.2e} bitwise_equal_frac={same:.4f} mode={triton_fp8._modes}")
     assert rel < 5e-3 and same > 0.8
+
+
+def _ptxas_available() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except Exception:
+        return False
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="needs triton with its bundled ptxas")
+def test_fp8_kernels_compile_for_hopper_and_ada_without_a_gpu():
+    """Ahead-of-time compile (no GPU needed) of every FP8 kernel variant in use, to cubin for sm_90 and
+    sm_89: catches what the interpreter cannot (lowering of the e4m3 dot, fp8 loads, constexpr branches),
+    and pins the instruction: 64-row tiles on Hopper's FP8 wgmma, Ada's e4m3 mma.sync."""
+    import triton
+    from miles_fp8 import triton_experts, triton_fp8
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def build(fn, sig: dict, consts: dict, arch: int) -> str:
+        sig = {**sig, **{k: "constexpr" for k in consts}}
+        src = ASTSource(
+            fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()}
+        )
+        kernel = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3}
+        )
+        return kernel.asm["ptx"]
+
+    rows_sig = {
+        "a_ptr": "*bf16", "as_ptr": "*fp32", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "bounds_ptr": "*i32",
+        "out_ptr": "*bf16", "rows": "i32", "n_out": "i32", "k_in": "i32", "stride_a": "i32",
+        "n_chunks": "i32",
+    }  # fmt: skip
+    gate_up_sig = {
+        "x_ptr": "*bf16", "wg_ptr": "*fp8e4nv", "wu_ptr": "*fp8e4nv", "sg_ptr": "*fp32", "su_ptr": "*fp32",
+        "src_ptr": "*i32", "bounds_ptr": "*i32", "out_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16",
+        "hidden": "i32", "inter": "i32", "stride_x": "i32", "n_chunks": "i32",
+    }  # fmt: skip
+    for arch in (90, 89):
+        fp8_mma = (
+            "wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3" if arch == 90 else "f32.e4m3.e4m3.f32"
+        )
+        for block_n in (32, 64):  # dense, x quantized inside the kernel and pre-quantized
+            for preq in (False, True):
+                sig = dict(rows_sig, a_ptr="*fp8e4nv" if preq else "*bf16")
+                consts = {"GROUPED": False, "PREQ": preq, "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 128,
+                          "MODE": "fp8"}  # fmt: skip
+                assert fp8_mma.format(n=block_n) in build(triton_fp8._fp8_rows_kernel, sig, consts, arch)
+        for block_m in (16, 64):  # the experts' down (grouped rows) and gate/up kernels
+            consts = {"GROUPED": True, "PREQ": False, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128,
+                      "MODE": "fp8"}  # fmt: skip
+            assert "mma" in build(triton_fp8._fp8_rows_kernel, rows_sig, consts, arch)
+            consts = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "MODE": "fp8", "SAVE": block_m == 64}
+            assert "mma" in build(triton_experts._fp8_gate_up_kernel, gate_up_sig, consts, arch)
