@@ -122,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument(
+        "--expert-block-m", type=int, choices=[16, 64], default=None,
+        help="rows per expert tile of the grouped FP8 kernels in decode (triton_experts.DECODE_BLOCK_M, "
+        "16 by default; on Hopper tiles below 64 rows multiply in fp16 mma.sync, 64 on FP8 wgmma)",
+    )  # fmt: skip
     ns = ap.parse_args(argv)
+    from miles_fp8 import triton_experts
+
+    if ns.expert_block_m:
+        triton_experts.DECODE_BLOCK_M = ns.expert_block_m
 
     device = torch.device("cuda" if torch.cuda.is_available() and ns.preset != "cpu-small" else "cpu")
     if device.type == "cpu":
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "fp8_rollout", "device": name,
         "preset": preset, "recipe": recipes[0], "batch": p["batch"], "prompt_len": p["prompt"],
         "new_tokens": p["new"], "layers": p["layers"], "compile": compile,
+        "expert_block_m": triton_experts.DECODE_BLOCK_M,
         "bf16_expert_bytes": _weight_bytes(base, buffers=False),
     }  # fmt: skip
     arms = {"bf16": measure(base, p, prompts, device, compile=compile)}
