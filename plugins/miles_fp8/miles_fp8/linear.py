@@ -197,7 +197,7 @@ class Fp8Linear(nn.Module):
             self.weight = linear.weight  # the master weight itself: optimizer state stays attached
         else:
             q, s = quantize(linear.weight.detach(), recipe.weight_tile, name=f"{name}.weight")
-            self.register_buffer("weight", q)
+            self.register_buffer("weight", q.contiguous())  # dense (quantize pads partial tiles)
             self.register_buffer("weight_scale_inv", s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +250,7 @@ class Fp8Experts(nn.Module):
         for kind in self.KINDS:
             w = self._master_view(experts, kind).detach()
             q, s = quantize(w, recipe.weight_tile, name=f"{name}.{kind}")
-            self.register_buffer(f"{kind}_fp8", q)
+            self.register_buffer(f"{kind}_fp8", q.contiguous())
             self.register_buffer(f"{kind}_scale_inv", s)
 
     @property

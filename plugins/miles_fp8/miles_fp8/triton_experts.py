@@ -177,3 +177,38 @@ def fp8_experts_saving(x, src, bounds, gate, up, down, gate_scale, up_scale, dow
 @fp8_experts.register_fake
 def _(x, src, bounds, gate, up, down, gate_scale, up_scale, down_scale):
     return x.new_empty(src.shape[0], x.shape[1])
+
+
+def probe_error(x: torch.Tensor, mode: str) -> float:
+    """Largest relative error of both expert kernels in ``mode`` against the emulation, with the decode
+    and the prefill row block, on two experts over the fp32 rows ``x`` [N >= 16, H]: `triton_fp8`'s
+    per-card probe runs it, so the mode it picks compiles for every kernel in use."""
+    import torch.nn.functional as F
+
+    from miles_fp8.quant import dequantize, quantize, quantize_dequantize
+
+    dev, hidden, tile = x.device, x.shape[1], (triton_fp8.BLOCK, triton_fp8.BLOCK)
+    g = torch.Generator(device=dev).manual_seed(1)
+    shapes = ((2, 96, hidden), (2, 96, hidden), (2, hidden, 96))
+    w = [quantize(torch.randn(s, device=dev, generator=g), tile) for s in shapes]
+    deq = [dequantize(q, s, tile) for q, s in w]
+    weights = tuple(q.contiguous() for q, _ in w) + tuple(s for _, s in w)
+    err = 0.0
+    # 8 tokens each to both experts (the decode tile), then every token to one of them (prefill tile)
+    for tokens, k in ((8, 2), (x.shape[0], 1)):
+        xt = x[:tokens]
+        src = torch.arange(tokens, device=dev).repeat(k).to(torch.int32)
+        cut = (0, tokens, 2 * tokens) if k == 2 else (0, tokens // 2, tokens)
+        bounds = torch.tensor(cut, dtype=torch.int32, device=dev)
+        assert block_m(tokens, src.numel(), 2) == (DECODE_BLOCK_M if k == 2 else PREFILL_BLOCK_M)
+        out = torch.empty(src.numel(), hidden, device=dev)
+        act = torch.empty(src.numel(), 96, device=dev)
+        _run(xt, src, bounds, weights, act, out, mode, (torch.empty_like(act), torch.empty_like(act)))
+        ref = torch.empty_like(out)
+        for e in range(2):
+            rows = slice(cut[e], cut[e + 1])
+            xe = quantize_dequantize(xt[src[rows].long()], (1, tile[1]))
+            h = F.silu(xe @ deq[0][e].t()) * (xe @ deq[1][e].t())
+            ref[rows] = quantize_dequantize(h, (1, tile[1])) @ deq[2][e].t()
+        err = max(err, float((out - ref).norm() / ref.norm()))
+    return err

@@ -198,6 +198,9 @@ def launch_rows(
         each program; ``row_programs``: the grid's third axis; ``a_scale``: ``a`` is already quantized
         (e4m3 codes) with these 1x128 scales.
     """
+    # `quant.quantize` returns strided views for dims that are not a multiple of 128: the kernel indexes
+    # the weight and its scales as dense arrays
+    w, s = w.contiguous(), s.contiguous()
     n_out, k_in = w.shape[-2], w.shape[-1]
     experts = w.shape[0] if w.dim() == 3 else 1
     grid = (experts, triton.cdiv(n_out, cfg["BLOCK_N"]), row_programs)
@@ -266,8 +269,8 @@ def _(xq, x_scale, weight, weight_scale, dtype):
 
 
 def _probe(device: torch.device) -> str:
-    """How the kernels multiply on this card: compile and run the tile shapes in use (dense, and the
-    experts' 16 and 64 row blocks) with FP8 products, else bf16 products, and compare with the emulation."""
+    """How the kernels multiply on this card: FP8 products, else bf16 products (`probe_error` < 1e-3),
+    else off; and whether the pre-quantized GEMM gives the in-kernel bits (`probe_preq`)."""
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         raise RuntimeError(
             "the FP8 Triton kernels were first used inside a CUDA graph capture or torch.compile trace; "
@@ -275,27 +278,15 @@ def _probe(device: torch.device) -> str:
         )
     if torch.cuda.get_device_capability(device) < (8, 9):
         return "off"
-    from miles_fp8.quant import dequantize, quantize, quantize_dequantize
-
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(70, 320, device=device, generator=g).pow(3)
-    x[3] = 0
-    wq, ws = quantize(torch.randn(96, 320, device=device, generator=g), (BLOCK, BLOCK))
-    ref = quantize_dequantize(x, (1, BLOCK)) @ dequantize(wq, ws, (BLOCK, BLOCK)).t()
     why = ""
     for mode in ("fp8", "bf16"):
         try:
-            for block_m in (DENSE["BLOCK_M"], 16):
-                for block_n in (32, 64):
-                    cfg = dict(DENSE, BLOCK_M=block_m, BLOCK_N=block_n)
-                    out = torch.empty(70, 96, device=device)
-                    launch_rows(x, wq, ws, None, out, 70, 1, triton.cdiv(70, block_m), cfg, mode)
-                    err = float((out - ref).norm() / ref.norm())
-                    if not err < 1e-3:
-                        raise ValueError(f"relative error {err:.2e} against the emulation")
+            err = probe_error(device, mode)
+            if not err < 1e-3:
+                raise ValueError(f"relative error {err:.2e} against the emulation")
             if mode != "fp8":
                 log.warning("FP8 tensor-core dot unusable here (%s); the FP8 kernels multiply in bf16", why)
-            _preq[device.index] = _probe_preq(x, wq, ws, mode)
+            _preq[device.index] = probe_preq(device, mode)
             return mode
         except Exception as e:  # this Triton / card cannot compile or run that dot
             why = f"{mode}: {e}"
@@ -303,10 +294,38 @@ def _probe(device: torch.device) -> str:
     return "off"
 
 
-def _probe_preq(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, mode: str) -> bool:
+def _probe_data(device: torch.device):
+    from miles_fp8.quant import quantize
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(70, 320, device=device, generator=g).pow(3)
+    x[3] = 0
+    return x, *quantize(torch.randn(96, 320, device=device, generator=g), (BLOCK, BLOCK))
+
+
+def probe_error(device: torch.device, mode: str) -> float:
+    """Largest relative error against the emulation of every kernel and tile shape in use (the dense
+    GEMM with 64 and 16 rows, 32 and 64 columns; both expert kernels at both row blocks) in ``mode``."""
+    from miles_fp8 import triton_experts
+    from miles_fp8.quant import dequantize, quantize_dequantize
+
+    x, wq, ws = _probe_data(device)
+    ref = quantize_dequantize(x, (1, BLOCK)) @ dequantize(wq, ws, (BLOCK, BLOCK)).t()
+    err = triton_experts.probe_error(x, mode)
+    for block_m in (DENSE["BLOCK_M"], 16):
+        for block_n in (32, 64):
+            cfg = dict(DENSE, BLOCK_M=block_m, BLOCK_N=block_n)
+            out = torch.empty(70, 96, device=device)
+            launch_rows(x, wq, ws, None, out, 70, 1, triton.cdiv(70, block_m), cfg, mode)
+            err = max(err, float((out - ref).norm() / ref.norm()))
+    return err
+
+
+def probe_preq(device: torch.device, mode: str) -> bool:
     """Whether the GEMM on codes from the fused quantization pass gives the in-kernel path's bits here."""
     from miles_fp8.quant import quantize
 
+    x, wq, ws = _probe_data(device)
     try:
         for dtype in (torch.bfloat16, torch.float32):
             xd = x.to(dtype)

@@ -77,6 +77,11 @@ same = (gb == reference(xb, wq, ws).to(torch.bfloat16)).float().mean().item()
 assert same > 0.99, same
 assert torch.equal(gb, emulated(xb, wq, ws))
 
+# The per-card probe's own checks (run here in the interpreter's mode): a probe that fails on a good
+# kernel would switch the card to the emulation
+assert triton_fp8.probe_error(torch.device("cpu"), "fp32") < 1e-5
+assert triton_fp8.probe_preq(torch.device("cpu"), "fp32")
+
 # x quantized first (the large-M and training path): the same bits as quantizing inside the GEMM
 for xin in (x, xb):
     xq, xs = quantize(xin, (1, 128))
