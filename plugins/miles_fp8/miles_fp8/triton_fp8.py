@@ -201,6 +201,8 @@ def launch_rows(
     # `quant.quantize` returns strided views for dims that are not a multiple of 128: the kernel indexes
     # the weight and its scales as dense arrays
     w, s = w.contiguous(), s.contiguous()
+    a_scale = None if a_scale is None else a_scale.contiguous()
+    assert a.stride(-1) == 1, "the kernel reads rows of a with unit column stride"
     n_out, k_in = w.shape[-2], w.shape[-1]
     experts = w.shape[0] if w.dim() == 3 else 1
     grid = (experts, triton.cdiv(n_out, cfg["BLOCK_N"]), row_programs)
