@@ -6,8 +6,10 @@ Both modes run the same forward, ``y = mm(quantize(x), quantize(W))``, through `
 - train / ref (unified FP8): the module keeps the master weight as its nn.Parameter (same name, so the
   optimizer, checkpoints and the weight sync see no difference) and quantizes it on every forward;
   the backward is straight-through: gradients flow to the master weight as if quantization were identity.
-On CUDA the GEMM is ``torch._scaled_mm`` where the recipe and shape allow it; elsewhere (and as fallback)
-it is emulated: dequantize both operands to fp32 and matmul, the same numbers the FP8 GEMM multiplies.
+The GEMM is chosen once per process (`gemm_path`, never from the row count): blockwise runs the Triton
+GEMM of `miles_fp8.triton_fp8` on CUDA (e4m3 cards) and under Triton's interpreter; rowwise / tensorwise
+run ``torch._scaled_mm`` on CUDA where a probe passed; everything else is emulated: dequantize both
+operands to fp32 and matmul, the same numbers the FP8 GEMM multiplies.
 Rollout experts of the blockwise recipe run the grouped Triton kernels (`miles_fp8.triton_experts`) on
 CUDA: no host sync, so the engine captures their decode steps in CUDA graphs.
 """
