@@ -113,6 +113,11 @@ g = torch.randn(7, N)
 w_deq = fake_quant(lin.weight.detach(), (128, 128))
 torch.testing.assert_close(xt.grad, g @ w_deq, rtol=1e-5, atol=1e-5)
 torch.testing.assert_close(train.weight.grad, g.t() @ fake_quant(x[:7], (1, 128)), rtol=1e-5, atol=1e-4)
+
+# torch.compile (the engine's compiled decode step) traces the layer in one graph, the GEMM as its op
+with torch.no_grad():
+    compiled = torch.compile(roll, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(xb[:5]), roll(xb[:5]))
 print("ok")
 """
 

@@ -110,6 +110,11 @@ with torch.no_grad():
     fast = mod(x, idx, w)
     slow = emulated_loop(mod, x, idx, w)
 assert fast.dtype == torch.bfloat16 and torch.equal(fast, slow), (fast.float() - slow.float()).abs().max()
+
+# torch.compile (the engine's compiled decode step) traces the grouped experts in one graph
+with torch.no_grad():
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, idx, w), fast)
 print("ok")
 """
 
