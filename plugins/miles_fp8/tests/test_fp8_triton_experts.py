@@ -184,6 +184,38 @@ def test_training_forward_on_the_grouped_kernels_keeps_the_loops_gradients():
     run_interpreted(TRAIN_CHECK)
 
 
+ENGINE_CHECK = f"""
+import sys
+sys.path.insert(0, {str(PLUGIN_ROOT)!r})
+sys.path.insert(0, {str(PLUGIN_ROOT / "tests")!r})
+import torch
+from fp8_helpers import tiny_moe
+from miles_core.testing import greedy_tokens
+from miles_fp8.linear import convert_model, gemm_path
+from miles_fp8.quant import RECIPES
+
+torch.set_num_threads(1)
+model = tiny_moe(hidden=128).to(dtype=torch.bfloat16).requires_grad_(False).eval()
+convert_model(model, RECIPES["blockwise"], train=False)
+q = model.model.layers[0].self_attn.q_proj
+assert model.model.layers[0].mlp.experts.grouped
+assert gemm_path(torch.zeros(1, 128), q.weight, q.recipe) == "triton"
+engine, static = greedy_tokens(model, True, 64)  # on CPU: the static-shape (padded) step, not captured
+assert engine.cuda_graph
+_, eager = greedy_tokens(model, False, 64)
+assert static == eager, (static, eager)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@needs_interpreter
+def test_fp8_engine_static_step_equals_eager_greedy_tokens_under_the_interpreter():
+    """The CPU analog of the GPU captured == eager test (~150 s): the engine's padded static decode step
+    and its eager decode, every FP8 linear and expert on the Triton kernels, give the same greedy tokens."""
+    run_interpreted(ENGINE_CHECK)
+
+
 def test_only_blockwise_rollout_experts_are_grouped():
     from fp8_helpers import tiny_moe
     from miles_fp8 import triton_experts
