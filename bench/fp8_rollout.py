@@ -13,9 +13,11 @@ test (emulated FP8).
 
 Every graphed arm runs as `miles train` sets the engine up: CUDA graphs on CUDA and the decode step
 compiled (``--no-compile`` turns that off), bf16 experts on the Triton decode kernels where they run.
-``blockwise`` FP8 experts run the grouped FP8 Triton kernels, which CUDA graphs capture; ``rowwise`` /
-``tensorwise`` experts loop per expert, sync with the host and so decode eagerly (``*_cuda_graph``
-says which). bf16_eager times bf16 without graphs or compile. ``speedup`` = fp8 / bf16 (graphs),
+``blockwise`` FP8 experts run the grouped FP8 Triton kernels and its dense linears the Triton blockwise
+GEMM (``fp8_blockwise_dense_path``, ``fp8_blockwise_experts_grouped``), which CUDA graphs capture;
+``rowwise`` / ``tensorwise`` experts loop per expert, sync with the host and so decode eagerly
+(``*_cuda_graph`` says which). bf16_eager times bf16 without graphs or compile. ``speedup`` = fp8 / bf16
+(graphs),
 ``speedup_vs_eager`` = fp8 / bf16_eager; tok_s counts generated tokens over the generate wall time
 (prefill included), decode_tok_s the same over the decode steps only. Prints one JSON line.
 """
@@ -96,6 +98,19 @@ def _weight_bytes(model, buffers: bool) -> int:
     return sum(t.numel() * t.element_size() for n, t in tensors if ".experts." in n)
 
 
+def _fp8_paths(model, device: torch.device) -> dict:
+    """How the converted model's FP8 layers compute here: the dense linears' GEMM (`gemm_path`: triton,
+    scaled_mm or emulate) and whether the experts run the grouped kernels."""
+    from miles_fp8 import triton_experts
+    from miles_fp8.linear import Fp8Experts, Fp8Linear, gemm_path
+
+    lin = next(m for m in model.modules() if isinstance(m, Fp8Linear))
+    x = torch.zeros(1, lin.in_features, device=device, dtype=torch.bfloat16)
+    experts = [m for m in model.modules() if isinstance(m, Fp8Experts)]
+    grouped = bool(experts) and all(m.grouped for m in experts) and triton_experts.device_ok(device)
+    return {"dense_path": gemm_path(x, lin.weight, lin.recipe), "experts_grouped": grouped}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on CUDA")
@@ -107,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument(
+        "--expert-block-m", type=int, choices=[16, 64], default=None,
+        help="rows per expert tile of the grouped FP8 kernels in decode (triton_experts.DECODE_BLOCK_M, "
+        "16 by default; on Hopper tiles below 64 rows multiply in fp16 mma.sync, 64 on FP8 wgmma)",
+    )  # fmt: skip
     ns = ap.parse_args(argv)
+    from miles_fp8 import triton_experts
+
+    if ns.expert_block_m:
+        triton_experts.DECODE_BLOCK_M = ns.expert_block_m
 
     device = torch.device("cuda" if torch.cuda.is_available() and ns.preset != "cpu-small" else "cpu")
     if device.type == "cpu":
@@ -126,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "fp8_rollout", "device": name,
         "preset": preset, "recipe": recipes[0], "batch": p["batch"], "prompt_len": p["prompt"],
         "new_tokens": p["new"], "layers": p["layers"], "compile": compile,
+        "expert_block_m": triton_experts.DECODE_BLOCK_M,
         "bf16_expert_bytes": _weight_bytes(base, buffers=False),
     }  # fmt: skip
     arms = {"bf16": measure(base, p, prompts, device, compile=compile)}
@@ -136,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         model = copy.deepcopy(base)
         pm.hook.configure_model(args=args, model=model, role="rollout")  # the engine-side conversion
         result[f"fp8_{recipe}_expert_bytes"] = _weight_bytes(model, buffers=True)
+        result.update({f"fp8_{recipe}_{k}": v for k, v in _fp8_paths(model, device).items()})
         # Looped FP8 experts on CUDA declare cuda_graph_safe = False: the engine decodes them eagerly.
         arms[f"fp8_{recipe}"] = measure(model, p, prompts, device, compile=compile)
         print(f"fp8_{recipe}: {arms[f'fp8_{recipe}']}", file=sys.stderr, flush=True)

@@ -58,6 +58,11 @@ def test_train_step_bench_prints_its_json_line():
     assert r["tok_s"] > 0 and 0 < r["mfu"] < 1
 
 
+def test_train_step_bench_runs_unified_fp8():
+    r = _run("train_step.py", "--steps", "1", "--fp8-recipe", "blockwise")
+    assert r["fp8_recipe"] == "blockwise" and r["fp8_modules"] > 0 and r["tok_s"] > 0
+
+
 def test_decode_profile_runs_on_cpu():
     r = _run("decode_profile.py", "--no-compile", "--steps", "1")
     assert r["device"] == "cpu" and r["batch"] > 0
@@ -72,7 +77,8 @@ def test_grpo_vs_trl_bench_prints_its_json_line():
 @pytest.mark.parametrize(
     "script,preset,keys",
     [
-        ("fp8_rollout.py", "cpu-small", {"bf16_tok_s", "fp8_blockwise_expert_bytes", "layers"}),
+        ("fp8_rollout.py", "cpu-small",
+         {"bf16_tok_s", "fp8_blockwise_expert_bytes", "fp8_blockwise_dense_path", "layers"}),
         ("int4_rollout.py", "cpu-small", {"bf16_tok_s", "bf16_expert_bytes", "int4_cuda_graph", "layers"}),
         ("r3_mismatch.py", "cpu-small", {"mismatch_no_r3", "mismatch_r3"}),
         ("fp8_mismatch.py", None, {"recipe", "bf16_absdiff_ratio", "fp32_absdiff_ratio"}),

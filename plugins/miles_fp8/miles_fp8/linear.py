@@ -6,8 +6,10 @@ Both modes run the same forward, ``y = mm(quantize(x), quantize(W))``, through `
 - train / ref (unified FP8): the module keeps the master weight as its nn.Parameter (same name, so the
   optimizer, checkpoints and the weight sync see no difference) and quantizes it on every forward;
   the backward is straight-through: gradients flow to the master weight as if quantization were identity.
-On CUDA the GEMM is ``torch._scaled_mm`` where the recipe and shape allow it; elsewhere (and as fallback)
-it is emulated: dequantize both operands to fp32 and matmul, the same numbers the FP8 GEMM multiplies.
+The GEMM is chosen once per process (`gemm_path`, never from the row count): blockwise runs the Triton
+GEMM of `miles_fp8.triton_fp8` on CUDA (e4m3 cards) and under Triton's interpreter; rowwise / tensorwise
+run ``torch._scaled_mm`` on CUDA where a probe passed; everything else is emulated: dequantize both
+operands to fp32 and matmul, the same numbers the FP8 GEMM multiplies.
 Rollout experts of the blockwise recipe run the grouped Triton kernels (`miles_fp8.triton_experts`) on
 CUDA: no host sync, so the engine captures their decode steps in CUDA graphs.
 """
@@ -21,15 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from miles_core.api import Experts, combine_copies, expert_bounds, expert_order
-from miles_fp8 import triton_experts
+from miles_fp8 import triton_experts, triton_fp8
 from miles_fp8.quant import FP8_DTYPE, Recipe, dequantize, quantize, quantize_dequantize
 
 log = logging.getLogger(__name__)
-_FAST_FAILED: set[tuple[str, torch.dtype]] = set()  # (recipe, out dtype) whose _scaled_mm call raised
+# (recipe, out dtype, CUDA device index) -> whether torch._scaled_mm serves that recipe there: probed once
+# at fixed shapes, so the GEMM path never depends on a call's row count or on CUDA graph capture.
+_SCALED_MM_OK: dict[tuple[str, torch.dtype, int], bool] = {}
 
 
 def _scaled_mm(xq, xs, wq, ws, recipe: Recipe, out_dtype: torch.dtype) -> torch.Tensor:
-    """``torch._scaled_mm`` with the scale layouts cuBLAS wants for each recipe (decode scales)."""
+    """``torch._scaled_mm`` with the scale layouts it wants for each recipe (decode scales)."""
     if recipe.name == "tensorwise":
         sa, sb = xs.reshape(()), ws.reshape(())
     elif recipe.name == "rowwise":
@@ -39,24 +43,93 @@ def _scaled_mm(xq, xs, wq, ws, recipe: Recipe, out_dtype: torch.dtype) -> torch.
     return torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
 
 
+def _probe_scaled_mm(recipe: Recipe, out_dtype: torch.dtype, device: torch.device) -> bool:
+    """Run ``_scaled_mm`` for `recipe` at fixed shapes (1 and 67 rows) against the emulation."""
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        raise RuntimeError(
+            "an FP8 linear was first called inside a CUDA graph capture or torch.compile trace; run one "
+            "eager forward (as the engine's prefill does) before capturing."
+        )
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    g = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(384, 256, device=device, generator=g)
+    wq, ws = quantize(w, recipe.weight_tile)
+    w_deq = dequantize(wq, ws, recipe.weight_tile)
+    try:
+        for rows in (1, 67):
+            x = torch.randn(rows, 256, device=device, generator=g).to(out_dtype)
+            xq, xs = quantize(x, recipe.act_tile, fast=True)
+            y = _scaled_mm(xq, xs, wq, ws, recipe, out_dtype).float()
+            ref = quantize_dequantize(x, recipe.act_tile) @ w_deq.t()
+            err = float((y - ref).norm() / ref.norm())
+            if not err < 1e-2:
+                raise ValueError(f"relative error {err:.2e} against the emulation")
+    except (RuntimeError, NotImplementedError, ValueError) as e:  # arch / library / dtype limits
+        log.warning("torch._scaled_mm unusable for %s -> %s (%s); emulating", recipe.name, out_dtype, e)
+        return False
+    return True
+
+
+def gemm_path(x: torch.Tensor, wq: torch.Tensor, recipe: Recipe) -> str:
+    """How `fp8_mm` multiplies x [M, K] by the FP8 weight wq [N, K]: ``"triton"`` (blockwise: the Triton
+    GEMM of `miles_fp8.triton_fp8`, on e4m3 cards and under the interpreter), ``"scaled_mm"`` (rowwise,
+    tensorwise on CUDA where the probe passed and K, N are multiples of 16) or ``"emulate"``. Decided from
+    the recipe, the device, x's dtype and the weight's shape: never from M, never per call by a failure."""
+    if recipe.name == "blockwise":
+        return "triton" if triton_fp8.available(x) else "emulate"
+    if not x.is_cuda or wq.shape[0] % 16 or wq.shape[1] % 16:
+        return "emulate"
+    out_dtype = _out_dtype(x)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    key = (recipe.name, out_dtype, index)
+    if key not in _SCALED_MM_OK:
+        _SCALED_MM_OK[key] = _probe_scaled_mm(recipe, out_dtype, x.device)
+    return "scaled_mm" if _SCALED_MM_OK[key] else "emulate"
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
+
+
 def fp8_mm(
-    x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, recipe: Recipe, w_deq: torch.Tensor | None = None
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    recipe: Recipe,
+    w_deq: torch.Tensor | None = None,
+    keep_operands: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``x [M, K] @ dequant(wq, ws).T`` with x quantized by the recipe's activation tiles.
+    """``x [M, K] @ dequant(wq, ws).T`` with x quantized by the recipe's activation tiles (`gemm_path`).
 
     :param w_deq: ``dequant(wq, ws)`` in fp32 if the caller already has it (the emulated path reuses it).
+    :param keep_operands: also return x's quantization on the Triton path (training's backward needs it;
+        the kernel quantizes x in registers and keeps nothing).
     :returns: ``(y [M, N] in x's dtype, xq, xs, x_deq)``: for the backward, the encoded activation
-        (FP8 GEMM path) or its fp32 dequantization (emulated path); the other pair is None.
+        (FP8 GEMM paths) or its fp32 dequantization (emulated path); the other pair is None.
     """
-    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
-    key = (recipe.name, out_dtype)
-    if x.is_cuda and key not in _FAST_FAILED and hasattr(torch, "_scaled_mm"):
+    path = gemm_path(x, wq, recipe)
+    if path == "triton":
+        large = x.shape[0] >= triton_fp8.PREQ_ROWS
+        if not (keep_operands or large) or not triton_fp8.preq_ok(x.device):  # quantize inside the GEMM
+            y = triton_fp8.fp8_linear(x, wq, ws)
+            if not keep_operands:
+                return y, None, None, None
+            return (y, *quantize(x, recipe.act_tile, fast=True), None)  # the codes the kernel used
+        # Large M (or codes kept for the backward): one fused quantization pass, then the same GEMM on
+        # the codes; the same numbers as quantizing in the kernel (probed), so rows stay independent of M.
+        xq, xs = quantize(x, recipe.act_tile, fast=True)
+        y = triton_fp8.fp8_linear_quantized(xq, xs, wq, ws, x.dtype)
+        return (y, xq, xs, None) if keep_operands else (y, None, None, None)
+    if path == "scaled_mm":
         xq, xs = quantize(x, recipe.act_tile, fast=True)
         try:
-            return _scaled_mm(xq, xs, wq, ws, recipe, out_dtype).to(x.dtype), xq, xs, None
-        except (RuntimeError, NotImplementedError, ValueError) as e:  # shape/arch/library limits
-            _FAST_FAILED.add(key)
-            log.warning("torch._scaled_mm failed for %s -> %s (%s); emulating", recipe.name, out_dtype, e)
+            return _scaled_mm(xq, xs, wq, ws, recipe, _out_dtype(x)).to(x.dtype), xq, xs, None
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            raise RuntimeError(
+                f"torch._scaled_mm failed for a {tuple(x.shape)} x {tuple(wq.shape)} {recipe.name} FP8 GEMM "
+                f"although it passed its probe ({e}); use --fp8-recipe blockwise (Triton GEMM) instead."
+            ) from e
     x_deq = quantize_dequantize(x, recipe.act_tile)  # == dequantize(*quantize(x)), in fewer ops
     if w_deq is None:
         w_deq = dequantize(wq, ws, recipe.weight_tile)
@@ -74,7 +147,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             w_deq = None
         else:
             wq, ws, w_deq = pre
-        y, xq, xs, x_deq = fp8_mm(x.detach(), wq, ws, recipe, w_deq)
+        y, xq, xs, x_deq = fp8_mm(x.detach(), wq, ws, recipe, w_deq, keep_operands=True)
         ctx.recipe, ctx.x_dtype, ctx.w_dtype = recipe, x.dtype, weight.dtype
         # Keep the FP8 operands (no high-precision copy) unless the emulation already made fp32 ones.
         ctx.save_for_backward(xq, xs, wq, ws, x_deq, w_deq)
@@ -126,7 +199,7 @@ class Fp8Linear(nn.Module):
             self.weight = linear.weight  # the master weight itself: optimizer state stays attached
         else:
             q, s = quantize(linear.weight.detach(), recipe.weight_tile, name=f"{name}.weight")
-            self.register_buffer("weight", q)
+            self.register_buffer("weight", q.contiguous())  # dense (quantize pads partial tiles)
             self.register_buffer("weight_scale_inv", s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,13 +252,18 @@ class Fp8Experts(nn.Module):
         for kind in self.KINDS:
             w = self._master_view(experts, kind).detach()
             q, s = quantize(w, recipe.weight_tile, name=f"{name}.{kind}")
-            self.register_buffer(f"{kind}_fp8", q)
+            self.register_buffer(f"{kind}_fp8", q.contiguous())
             self.register_buffer(f"{kind}_scale_inv", s)
 
     @property
     def grouped(self) -> bool:
         """Whether inference runs the grouped Triton kernels (rollout weights, blockwise, triton)."""
         return not self.train_mode and self.recipe.name == "blockwise" and triton_experts.triton is not None
+
+    @property
+    def train_grouped(self) -> bool:
+        """Whether the training forward (unified FP8) runs the same grouped kernels (`train_experts`)."""
+        return self.train_mode and self.recipe.name == "blockwise" and triton_experts.triton is not None
 
     @property
     def cuda_graph_safe(self) -> bool:
@@ -202,9 +280,10 @@ class Fp8Experts(nn.Module):
             return experts.gate_up_proj[:, i:]
         return experts.down_proj
 
-    def _prepare(self, device: torch.device) -> dict[str, tuple]:
+    def _prepare(self, device: torch.device, fp32: bool | None = None) -> dict[str, tuple]:
         """Per kind: (wq [E, ...], ws [E, ...], fp32 dequantized weights or None), all experts at once;
-        batched quantization gives each expert exactly what quantizing it alone would."""
+        batched quantization gives each expert exactly what quantizing it alone would. The fp32 copies
+        (for the emulation) are made on CPU unless ``fp32`` says otherwise."""
         out = {}
         for kind in self.KINDS:
             if self.train_mode:
@@ -212,7 +291,8 @@ class Fp8Experts(nn.Module):
                 wq, ws = quantize(w, self.recipe.weight_tile, fast=w.is_cuda)
             else:
                 wq, ws = getattr(self, f"{kind}_fp8"), getattr(self, f"{kind}_scale_inv")
-            deq = None if device.type == "cuda" else dequantize(wq, ws, self.recipe.weight_tile)
+            want = device.type != "cuda" if fp32 is None else fp32
+            deq = dequantize(wq, ws, self.recipe.weight_tile) if want else None
             out[kind] = (wq, ws, deq)
         return out
 
@@ -228,6 +308,10 @@ class Fp8Experts(nn.Module):
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] (as `Experts.forward`)."""
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
+        if self.train_grouped and triton_experts.available(x):
+            from miles_fp8.train_experts import grouped_forward
+
+            return grouped_forward(self, x, topk_idx, topk_weight)
         if self.grouped and triton_experts.available(x) and not torch.is_grad_enabled():
             order, dest = expert_order(flat, self.num_experts)
             ys = triton_experts.fp8_experts(

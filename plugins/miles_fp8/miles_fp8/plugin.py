@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="Quantize activations and weights with the fused Triton kernel on CUDA (rowwise and 1x128 "
-        "tiles, bit-identical to the eager path); --no-fp8-triton forces the eager PyTorch quantization.",
+        "tiles, bit-identical to the eager path); --no-fp8-triton forces the eager PyTorch quantization. "
+        "The blockwise Triton GEMMs quantize their activations inside the kernel either way.",
     )
     g.add_argument(
         "--fp8-compile",

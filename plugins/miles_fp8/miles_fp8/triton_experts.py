@@ -10,24 +10,22 @@ instead of its per-expert loop, which reads the expert counts back to the host. 
    `quant.quantize` (``scale = amax / 448``, ``inv = 1 / scale``, multiply, clamp, round to nearest even);
    the FP8 product is accumulated in fp32 and scaled by the row's activation scale times the 128x128
    weight block's scale (`HF weight_scale_inv`);
-2. down: the same over the SwiGLU activations. The gate and up outputs, silu(gate), their product and
-   the output are rounded to x's dtype as the per-expert loop rounds them, so in bf16 the kernels give the
-   loop's numbers up to the order of the fp32 sums (bit for bit under the interpreter).
+2. down: `miles_fp8.triton_fp8`'s blockwise GEMM over each expert's rows of the SwiGLU activations (the
+   kernel the dense `Fp8Linear` runs over all rows). The gate and up outputs, silu(gate), their product
+   and the output are rounded to x's dtype as the per-expert loop rounds them, so in bf16 the kernels give
+   the loop's numbers up to the order of the fp32 sums (bit for bit under the interpreter).
 
-The kernels need a card with e4m3 (compute capability 8.9+); the products run on its FP8 tensor cores, or
-in bf16 (exact for e4m3 values) if this Triton cannot compile the FP8 dot. Under the interpreter they run
-in fp32, with the e4m3 rounding done in fp32 arithmetic (the interpreter's own fp8 cast does not round to
-nearest).
+A row's result depends on its tile height (the tensor-core instruction differs), which is chosen from the
+token count against a power of two (`block_m`): a decode batch and the power-of-two padded batch that a
+CUDA graph runs it in always get the same tiles, so captured and eager decoding agree bit for bit. How
+the products run (FP8 tensor cores, bf16 fallback, off) is probed once per card by `triton_fp8`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
-from miles_fp8.quant import BLOCK
+from miles_fp8 import triton_fp8
 
 try:
     import triton
@@ -36,36 +34,19 @@ except ImportError:  # CPU-only install: the per-expert loop serves
     triton = None
     tl = None
 
-log = logging.getLogger(__name__)
 DECODE_BLOCK_M, PREFILL_BLOCK_M = 16, 64  # rows of one expert per tile
 GATE_UP = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 DOWN = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-_fp8_dot_failed = False  # an FP8 tensor-core dot failed to compile here once: bf16 products from then on
-# CUDA device index -> compute capability >= 8.9, filled on first use (before any compiled step: the
-# engine asks `cuda_graph_safe` first), so a compiled decode step reads a dict instead of the driver.
-_e4m3_cards: dict[int, bool] = {}
-
-
-# Off on CUDA until the GPU tests pass: on an H100 (2026-12-07) an engine decoding through CUDA graphs
-# with these kernels sampled other greedy tokens than the same engine decoding eagerly, from the second
-# token on (tests/test_fp8_triton_experts.py, `pytest -m gpu`, which turns this on). Rollout experts run
-# the per-expert loop on CUDA meanwhile.
-ENABLED_ON_CUDA = False
+# Off on CUDA only as an escape hatch; the GPU tests check captured == eager greedy tokens with it on.
+ENABLED_ON_CUDA = True
 
 
 def device_ok(device: torch.device) -> bool:
-    """Whether the kernels run on ``device``: a CUDA card with e4m3 support (compute capability 8.9+:
-    Ada, Hopper and later) once `ENABLED_ON_CUDA`, or the CPU under Triton's interpreter."""
-    if triton is None:
+    """Whether the kernels run on ``device``: `triton_fp8.device_ok` (an e4m3 card where the kernels
+    compiled, or the CPU under Triton's interpreter), on CUDA while `ENABLED_ON_CUDA`."""
+    if triton is None or (device.type == "cuda" and not ENABLED_ON_CUDA):
         return False
-    if device.type == "cuda":
-        if not ENABLED_ON_CUDA:
-            return False
-        i = device.index if device.index is not None else torch.cuda.current_device()
-        if i not in _e4m3_cards:
-            _e4m3_cards[i] = torch.cuda.get_device_capability(i) >= (8, 9)
-        return _e4m3_cards[i]
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_fp8.device_ok(device)
 
 
 def available(x: torch.Tensor) -> bool:
@@ -73,61 +54,25 @@ def available(x: torch.Tensor) -> bool:
     return device_ok(x.device)
 
 
+def block_m(tokens: int, copies: int, num_experts: int) -> int:
+    """Rows per expert tile: DECODE_BLOCK_M while there are at most DECODE_BLOCK_M copies an expert on
+    average, counted as ``tokens <= L`` with L a power of two, so that a batch and its CUDA-graph padding
+    to the next power of two (capped at the slot count) land on the same side."""
+    k = max(1, copies // max(tokens, 1))
+    limit = 1 << max(0, (DECODE_BLOCK_M * num_experts // k).bit_length() - 1)
+    return DECODE_BLOCK_M if tokens <= limit else PREFILL_BLOCK_M
+
+
 if triton is not None:
-
-    @triton.jit
-    def _round_e4m3(y):
-        """fp32 ``y`` (|y| <= 448) rounded to the nearest e4m3 value (ties to even), as fp32: the step is
-        2^(e-3) for exponent e >= -6 (normals), 2^-9 below (subnormals); the add-subtract of 1.5 * 2^23
-        rounds to an integer, exactly, in round-to-nearest-even."""
-        bits = y.to(tl.int32, bitcast=True)
-        e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
-        step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-        return ((y / step + 12582912.0) - 12582912.0) * step
-
-    @triton.jit
-    def _rounded(x, dt, MODE: tl.constexpr):
-        """fp32 ``x`` rounded to dtype ``dt`` (nearest even), kept in fp32. The interpreter's own casts
-        to bf16 truncate, so there bf16 is rounded in integer arithmetic first (then the cast is exact)."""
-        if MODE == "fp32":
-            if dt == tl.bfloat16:
-                bits = x.to(tl.int32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-                x = bits.to(tl.float32, bitcast=True)
-        return x.to(dt).to(tl.float32)
-
-    @triton.jit
-    def _quant_rows(x, MODE: tl.constexpr):
-        """x [BM, BK] (one 128-column block) -> (codes in the dot's dtype, fp32 scale [BM]) as `quant`."""
-        x = x.to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)
-        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-        scale = tl.where(amax > 0, scale, 1.0)  # an all-zero tile encodes as zeros with scale 1
-        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-        y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
-        if MODE == "fp32":
-            q = _round_e4m3(y)
-        elif MODE == "bf16":
-            q = y.to(tl.float8e4nv).to(tl.bfloat16)
-        else:
-            q = y.to(tl.float8e4nv)
-        return q, scale
-
-    @triton.jit
-    def _dot(a, w, MODE: tl.constexpr):
-        """a [BM, BK] codes from `_quant_rows`, w [BN, BK] e4m3 -> fp32 [BM, BN], exact products."""
-        if MODE == "fp32":
-            return tl.dot(a, tl.trans(w.to(tl.float32)), input_precision="ieee")
-        elif MODE == "bf16":
-            return tl.dot(a, tl.trans(w.to(tl.bfloat16)))
-        else:
-            return tl.dot(a, tl.trans(w))
+    from miles_fp8.triton_fp8 import _dot, _quant_rows, _rounded  # noqa: F401  (the kernels' globals)
 
     @triton.jit
     def _fp8_gate_up_kernel(
-        x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, src_ptr, bounds_ptr, out_ptr, hidden, inter, stride_x,
-        n_chunks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+        x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, src_ptr, bounds_ptr, out_ptr, g_ptr, u_ptr, hidden, inter,
+        stride_x, n_chunks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        MODE: tl.constexpr, SAVE: tl.constexpr,
     ):  # fmt: skip
+        # SAVE (training): also store the rounded gate and up outputs for the SwiGLU backward.
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < inter
@@ -164,73 +109,35 @@ if triton is not None:
                 # to x's dtype, silu(gate) to x's dtype, then the product (a no-op for fp32).
                 dt = out_ptr.dtype.element_ty
                 g = _rounded(acc_g, dt, MODE)
-                act = _rounded(_rounded(g * tl.sigmoid(g), dt, MODE) * _rounded(acc_u, dt, MODE), dt, MODE)
+                u = _rounded(acc_u, dt, MODE)
+                act = _rounded(_rounded(g * tl.sigmoid(g), dt, MODE) * u, dt, MODE)
                 omask = m_ok[:, None] & n_ok[None, :]
                 tl.store(out_ptr + m[:, None] * inter + n[None, :], act.to(dt), mask=omask)
-
-    @triton.jit
-    def _fp8_down_kernel(
-        a_ptr, w_ptr, s_ptr, bounds_ptr, out_ptr, hidden, inter, n_chunks,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-    ):  # fmt: skip
-        e = tl.program_id(0)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < hidden
-        start = tl.load(bounds_ptr + e)
-        end = tl.load(bounds_ptr + e + 1)
-        kb = tl.cdiv(inter, BLOCK_K)
-        e64 = e.to(tl.int64)
-        w_off = e64 * hidden * inter + n[:, None] * inter  # down_proj [E, H, I]
-        s_off = e64 * tl.cdiv(hidden, BLOCK_K) * kb + (n // BLOCK_K) * kb
-        kk = tl.arange(0, BLOCK_K)
-        for c in range(0, n_chunks):
-            m0 = start + c * BLOCK_M
-            if m0 < end:
-                m = m0 + tl.arange(0, BLOCK_M)
-                m_ok = m < end
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for b in range(0, kb):
-                    k = b * BLOCK_K + kk
-                    k_ok = k < inter
-                    amask = m_ok[:, None] & k_ok[None, :]
-                    a = tl.load(a_ptr + m[:, None] * inter + k[None, :], mask=amask, other=0.0)
-                    aq, as_ = _quant_rows(a, MODE)
-                    w = tl.load(w_ptr + w_off + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                    s = tl.load(s_ptr + s_off + b, mask=n_ok, other=0.0)
-                    acc += _dot(aq, w, MODE) * (as_[:, None] * s[None, :])
-                omask = m_ok[:, None] & n_ok[None, :]
-                dt = out_ptr.dtype.element_ty
-                y = _rounded(acc, dt, MODE).to(dt)
-                tl.store(out_ptr + m[:, None] * hidden + n[None, :], y, mask=omask)
+                if SAVE:
+                    tl.store(g_ptr + m[:, None] * inter + n[None, :], g.to(dt), mask=omask)
+                    tl.store(u_ptr + m[:, None] * inter + n[None, :], u.to(dt), mask=omask)
 
 
-def _mode() -> str:
-    """How the kernels multiply: ``fp32`` under the interpreter, else on FP8 tensor cores (bf16 fallback)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "fp32"
-    return "bf16" if _fp8_dot_failed else "fp8"
-
-
-def _launch_config(cfg: dict) -> dict:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return {"BLOCK_N": cfg["BLOCK_N"]}
-    return dict(cfg)
-
-
-def _run(x, src, bounds, weights, act, out, mode: str) -> None:
+def _run(x, src, bounds, weights, act, out, mode: str, saved: tuple | None = None) -> None:
     gate, up, down, gate_s, up_s, down_s = weights
     num_experts, inter, hidden = gate.shape
     m = src.numel()
-    block_m = DECODE_BLOCK_M if m <= DECODE_BLOCK_M * num_experts else PREFILL_BLOCK_M
-    chunks = triton.cdiv(m, block_m)  # enough for an expert that got every copy
-    c1, c2 = _launch_config(GATE_UP), _launch_config(DOWN)
-    common = dict(BLOCK_M=block_m, BLOCK_K=BLOCK, MODE=mode)
+    bm = block_m(x.shape[0], m, num_experts)
+    chunks = triton.cdiv(m, bm)  # enough for an expert that got every copy
+    c1 = triton_fp8.launch_config(GATE_UP)
     grid1 = (num_experts, triton.cdiv(inter, c1["BLOCK_N"]))
     _fp8_gate_up_kernel[grid1](
-        x, gate, up, gate_s, up_s, src, bounds, act, hidden, inter, x.stride(0), chunks, **common, **c1
-    )
-    grid2 = (num_experts, triton.cdiv(hidden, c2["BLOCK_N"]))
-    _fp8_down_kernel[grid2](act, down, down_s, bounds, out, hidden, inter, chunks, **common, **c2)
+        x, gate, up, gate_s, up_s, src, bounds, act, *(saved or (act, act)), hidden, inter, x.stride(0),
+        chunks, BLOCK_M=bm, BLOCK_K=triton_fp8.BLOCK, MODE=mode, SAVE=saved is not None, **c1,
+    )  # fmt: skip
+    triton_fp8.launch_rows(act, down, down_s, bounds, out, m, chunks, 1, dict(DOWN, BLOCK_M=bm), mode)
+
+
+def _mode_for(x: torch.Tensor) -> str:
+    mode = triton_fp8.device_mode(x.device) if triton is not None else "off"
+    if mode == "off":
+        raise RuntimeError(f"fp8_experts cannot run on {x.device}: needs triton and an e4m3 card (8.9+)")
+    return mode
 
 
 @torch.library.custom_op("miles_fp8::fp8_experts", mutates_args=())
@@ -249,28 +156,59 @@ def fp8_experts(
     :returns: ``[M, H]`` in x's dtype: ``down_e(silu(gate_e(x)) * up_e(x))`` per copy, with x and the
         SwiGLU activations quantized to e4m3 in 1x128 tiles.
     """
-    global _fp8_dot_failed
-    if triton is None:
-        raise RuntimeError("fp8_experts needs triton (pip install triton)")
+    return fp8_experts_saving(x, src, bounds, gate, up, down, gate_scale, up_scale, down_scale, False)[0]
+
+
+def fp8_experts_saving(x, src, bounds, gate, up, down, gate_scale, up_scale, down_scale, save: bool):
+    """`fp8_experts`, returning ``(out, act, g, u)``: with ``save`` also the SwiGLU input ``act`` [M, I] and
+    the rounded gate / up outputs ``g``, ``u`` [M, I] the training backward needs (else None)."""
+    mode = _mode_for(x)
     x = x.contiguous()
     weights = tuple(t.contiguous() for t in (gate, up, down, gate_scale, up_scale, down_scale))
     m, hidden, inter = src.numel(), x.shape[1], gate.shape[1]
     act = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out
-    mode = _mode()
-    try:
-        _run(x, src, bounds, weights, act, out, mode)
-    except Exception as e:  # an FP8 dot this Triton / card cannot compile: exact bf16 products instead
-        if mode != "fp8":
-            raise
-        _fp8_dot_failed = True
-        log.warning("FP8 tensor-core dot failed to compile (%s); the FP8 experts multiply in bf16", e)
-        _run(x, src, bounds, weights, act, out, "bf16")
-    return out
+    saved = (torch.empty_like(act), torch.empty_like(act)) if save else None
+    if m:
+        _run(x, src, bounds, weights, act, out, mode, saved)
+    return (out, act, *saved) if save else (out, None, None, None)
 
 
 @fp8_experts.register_fake
 def _(x, src, bounds, gate, up, down, gate_scale, up_scale, down_scale):
     return x.new_empty(src.shape[0], x.shape[1])
+
+
+def probe_error(x: torch.Tensor, mode: str) -> float:
+    """Largest relative error of both expert kernels in ``mode`` against the emulation, with the decode
+    and the prefill row block, on two experts over the fp32 rows ``x`` [N >= 16, H]: `triton_fp8`'s
+    per-card probe runs it, so the mode it picks compiles for every kernel in use."""
+    import torch.nn.functional as F
+
+    from miles_fp8.quant import dequantize, quantize, quantize_dequantize
+
+    dev, hidden, tile = x.device, x.shape[1], (triton_fp8.BLOCK, triton_fp8.BLOCK)
+    g = torch.Generator(device=dev).manual_seed(1)
+    shapes = ((2, 96, hidden), (2, 96, hidden), (2, hidden, 96))
+    w = [quantize(torch.randn(s, device=dev, generator=g), tile) for s in shapes]
+    deq = [dequantize(q, s, tile) for q, s in w]
+    weights = tuple(q.contiguous() for q, _ in w) + tuple(s for _, s in w)
+    err = 0.0
+    # 8 tokens each to both experts (the decode tile), then every token to one of them (prefill tile)
+    for tokens, k in ((8, 2), (x.shape[0], 1)):
+        xt = x[:tokens]
+        src = torch.arange(tokens, device=dev).repeat(k).to(torch.int32)
+        cut = (0, tokens, 2 * tokens) if k == 2 else (0, tokens // 2, tokens)
+        bounds = torch.tensor(cut, dtype=torch.int32, device=dev)
+        assert block_m(tokens, src.numel(), 2) == (DECODE_BLOCK_M if k == 2 else PREFILL_BLOCK_M)
+        out = torch.empty(src.numel(), hidden, device=dev)
+        act = torch.empty(src.numel(), 96, device=dev)
+        _run(xt, src, bounds, weights, act, out, mode, (torch.empty_like(act), torch.empty_like(act)))
+        ref = torch.empty_like(out)
+        for e in range(2):
+            rows = slice(cut[e], cut[e + 1])
+            xe = quantize_dequantize(xt[src[rows].long()], (1, tile[1]))
+            h = F.silu(xe @ deq[0][e].t()) * (xe @ deq[1][e].t())
+            ref[rows] = quantize_dequantize(h, (1, tile[1])) @ deq[2][e].t()
+        err = max(err, float((out - ref).norm() / ref.norm()))
+    return err

@@ -1,7 +1,7 @@
 """The grouped FP8 expert kernels (`miles_fp8.triton_experts`, blockwise recipe): against a float64
 reference under Triton's interpreter on CPU (several expert counts, empty experts, top-k 1 and >1, rows
 and dims that are not a multiple of their block, decode and prefill row blocks); on CUDA, captured ==
-uncaptured greedy tokens and agreement with the emulated per-expert loop."""
+uncaptured greedy tokens and agreement with the per-expert loop."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ sys.path.insert(0, {str(PLUGIN_ROOT)!r})
 import torch
 import torch.nn.functional as F
 from miles_core.api import Experts, expert_bounds, expert_order
-from miles_fp8 import triton_experts
+from miles_fp8 import triton_experts, triton_fp8
 from miles_fp8.linear import Fp8Experts
 from miles_fp8.quant import RECIPES, dequantize, quantize, quantize_dequantize
 
@@ -76,12 +76,30 @@ with torch.no_grad():
 mod = Fp8Experts(experts, RECIPES["blockwise"], train=False)
 assert mod.grouped
 x, idx, w = torch.randn(11, hidden), torch.randint(0, 8, (11, 2)), torch.rand(11, 2)
+
+
+def emulated_loop(mod, x, idx, w):
+    # `grouped` off and the dense kernel off: the per-expert loop on the emulated GEMM
+    saved = triton_experts.triton, triton_fp8.triton
+    triton_experts.triton = triton_fp8.triton = None
+    try:
+        return mod(x, idx, w)
+    finally:
+        triton_experts.triton, triton_fp8.triton = saved
+
+
 with torch.no_grad():
     fast = mod(x, idx, w)
-    triton_experts.triton, saved = None, triton_experts.triton  # `grouped` off: the loop serves
-    slow = mod(x, idx, w)
-    triton_experts.triton = saved
+    slow = emulated_loop(mod, x, idx, w)
 torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+# A token's output does not depend on the other tokens of the batch: the first 5 tokens alone and
+# padded with 3 more (as a CUDA graph pads a decode batch to 8 rows) give the same bits
+with torch.no_grad():
+    alone = mod(x[:5], idx[:5], w[:5])
+    padded = mod(x[:8], idx[:8], w[:8])
+assert triton_experts.block_m(5, 10, 8) == triton_experts.block_m(8, 16, 8)
+assert torch.equal(alone, padded[:5])
 
 # bf16 (the engine's dtype): the kernels round the gate and up outputs, silu(gate), the SwiGLU product and
 # the output to bf16 as the loop does, and the same activations quantize to the same codes, so here
@@ -90,10 +108,13 @@ mod = Fp8Experts(experts.to(torch.bfloat16), RECIPES["blockwise"], train=False)
 x, w = x.bfloat16(), w.bfloat16()
 with torch.no_grad():
     fast = mod(x, idx, w)
-    triton_experts.triton, saved = None, triton_experts.triton
-    slow = mod(x, idx, w)
-    triton_experts.triton = saved
+    slow = emulated_loop(mod, x, idx, w)
 assert fast.dtype == torch.bfloat16 and torch.equal(fast, slow), (fast.float() - slow.float()).abs().max()
+
+# torch.compile (the engine's compiled decode step) traces the grouped experts in one graph
+with torch.no_grad():
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, idx, w), fast)
 print("ok")
 """
 
@@ -101,6 +122,98 @@ print("ok")
 @needs_interpreter
 def test_fp8_kernels_match_float64_reference_under_the_interpreter():
     run_interpreted(KERNEL_CHECK)
+
+
+TRAIN_CHECK = f"""
+import sys
+sys.path.insert(0, {str(PLUGIN_ROOT)!r})
+import copy
+import torch
+from miles_core.api import Experts
+from miles_fp8 import triton_experts, triton_fp8
+from miles_fp8.linear import Fp8Experts
+from miles_fp8.quant import RECIPES
+
+torch.set_num_threads(1)
+B = RECIPES["blockwise"]
+torch.manual_seed(0)
+hidden, inter, n = 160, 144, 9
+experts = Experts(5, hidden, inter)
+with torch.no_grad():
+    experts.gate_up_proj.normal_(0, 0.1)
+    experts.down_proj.normal_(0, 0.1)
+    experts.down_proj[:, :, 128:] *= 30  # the down projection's two K blocks get different scales
+fast, slow = (Fp8Experts(copy.deepcopy(experts), B, train=True) for _ in range(2))
+assert fast.train_grouped and not fast.grouped
+x = torch.randn(n, hidden).pow(3)
+idx = torch.stack([torch.randperm(4)[:2] for _ in range(n)])  # expert 4 gets no token
+w = torch.rand(n, 2)
+g = torch.randn(n, hidden)
+
+
+def run(mod, kernels):
+    saved = triton_experts.triton, triton_fp8.triton
+    if not kernels:  # the per-expert loop on the emulated GEMM (autograd through the loop's STE)
+        triton_experts.triton = triton_fp8.triton = None
+    try:
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = mod(xr, idx, wr)
+        (y * g).sum().backward()
+        return y.detach(), xr.grad, wr.grad, mod.gate_up_proj.grad, mod.down_proj.grad
+    finally:
+        triton_experts.triton, triton_fp8.triton = saved
+
+
+got, want = run(fast, True), run(slow, False)
+for name, a, b in zip(("y", "dx", "dw", "d_gate_up", "d_down"), got, want):
+    err = ((a - b).abs().max() / b.abs().max()).item()
+    assert err < 1e-5, (name, err)
+assert fast.down_proj.grad[4].abs().sum() == 0 and fast.gate_up_proj.grad[:4].abs().sum() > 0
+
+# The forward is the rollout's, bit for bit: the reference model (no grad) and the rollout module built
+# from the same master weights run the same kernels on the same codes
+roll = Fp8Experts(copy.deepcopy(experts), B, train=False)
+with torch.no_grad():
+    assert torch.equal(fast(x, idx, w), got[0]) and torch.equal(roll(x, idx, w), got[0])
+print("ok")
+"""
+
+
+@needs_interpreter
+def test_training_forward_on_the_grouped_kernels_keeps_the_loops_gradients():
+    run_interpreted(TRAIN_CHECK)
+
+
+ENGINE_CHECK = f"""
+import sys
+sys.path.insert(0, {str(PLUGIN_ROOT)!r})
+sys.path.insert(0, {str(PLUGIN_ROOT / "tests")!r})
+import torch
+from fp8_helpers import tiny_moe
+from miles_core.testing import greedy_tokens
+from miles_fp8.linear import convert_model, gemm_path
+from miles_fp8.quant import RECIPES
+
+torch.set_num_threads(1)
+model = tiny_moe(hidden=128).to(dtype=torch.bfloat16).requires_grad_(False).eval()
+convert_model(model, RECIPES["blockwise"], train=False)
+q = model.model.layers[0].self_attn.q_proj
+assert model.model.layers[0].mlp.experts.grouped
+assert gemm_path(torch.zeros(1, 128), q.weight, q.recipe) == "triton"
+engine, static = greedy_tokens(model, True, 64)  # on CPU: the static-shape (padded) step, not captured
+assert engine.cuda_graph
+_, eager = greedy_tokens(model, False, 64)
+assert static == eager, (static, eager)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@needs_interpreter
+def test_fp8_engine_static_step_equals_eager_greedy_tokens_under_the_interpreter():
+    """The CPU analog of the GPU captured == eager test (~150 s): the engine's padded static decode step
+    and its eager decode, every FP8 linear and expert on the Triton kernels, give the same greedy tokens."""
+    run_interpreted(ENGINE_CHECK)
 
 
 def test_only_blockwise_rollout_experts_are_grouped():
@@ -116,34 +229,53 @@ def test_only_blockwise_rollout_experts_are_grouped():
     assert not Fp8Experts(experts, RECIPES["blockwise"], train=True).grouped
 
 
+def test_expert_tiles_are_the_same_for_a_batch_and_its_graph_padding():
+    """The row block (and so the tensor-core instruction, and a row's bits) must not change when a CUDA
+    graph pads a decode batch of n tokens to the next power of two (capped at the slot count)."""
+    from miles_fp8.triton_experts import DECODE_BLOCK_M, PREFILL_BLOCK_M, block_m
+
+    from miles_core.engine.cuda_graph import bucket
+
+    # hand-counted: 128 experts top-8 -> 16 * 128 / 8 = 256 tokens; top-6 -> 341, so 256 (a power of 2)
+    assert block_m(256, 256 * 8, 128) == DECODE_BLOCK_M and block_m(257, 257 * 8, 128) == PREFILL_BLOCK_M
+    assert block_m(256, 256 * 6, 128) == DECODE_BLOCK_M and block_m(300, 300 * 6, 128) == PREFILL_BLOCK_M
+    assert block_m(32, 64, 4) == DECODE_BLOCK_M and block_m(33, 66, 4) == PREFILL_BLOCK_M
+    for experts, k in [(4, 2), (32, 4), (128, 8), (128, 6), (60, 3)]:
+        for slots in (8, 48, 256, 512):
+            for n in range(1, slots + 1):
+                padded = bucket(n, slots)
+                assert block_m(n, n * k, experts) == block_m(padded, padded * k, experts), (experts, k, n)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_engine_captured_equals_uncaptured_greedy_tokens(monkeypatch):
-    """Fails on an H100 (2026-12-07): graphed decoding diverges from eager at the second token, which is
-    why `triton_experts.ENABLED_ON_CUDA` is off; this turns it on to check a fix."""
-    from miles_fp8 import triton_experts
-
-    monkeypatch.setattr(triton_experts, "ENABLED_ON_CUDA", True)
+def test_fp8_engine_captured_equals_uncaptured_greedy_tokens():
+    """Graphed, eager and graphed again give the same greedy tokens, with the grouped experts and the dense
+    Triton GEMM in use (the first H100 run, with per-call `_scaled_mm` fallbacks, diverged at token 2)."""
     from fp8_helpers import tiny_moe
-    from miles_fp8.linear import Fp8Experts, convert_model
+    from miles_fp8.linear import Fp8Experts, Fp8Linear, convert_model, gemm_path
     from miles_fp8.quant import RECIPES
 
     model = tiny_moe(hidden=256).to(device="cuda", dtype=torch.bfloat16).requires_grad_(False).eval()
     convert_model(model, RECIPES["blockwise"], train=False)
     experts = model.model.layers[0].mlp.experts
     assert isinstance(experts, Fp8Experts) and experts.grouped and experts.cuda_graph_safe
+    q_proj = model.model.layers[0].self_attn.q_proj
+    x = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
+    assert isinstance(q_proj, Fp8Linear) and gemm_path(x, q_proj.weight, q_proj.recipe) == "triton"
     graphed_engine, graphed = greedy_tokens(model, True, 64)
     assert graphed_engine.cuda_graph and graphed_engine._graphs is not None and graphed_engine._graphs._graphs
     _, eager = greedy_tokens(model, False, 64)
-    assert graphed == eager
+    _, graphed_again = greedy_tokens(model, True, 64)
+    assert graphed == eager == graphed_again
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_grouped_kernel_matches_the_per_expert_loop_on_cuda(monkeypatch):
-    from miles_fp8 import triton_experts
-
-    monkeypatch.setattr(triton_experts, "ENABLED_ON_CUDA", True)
+def test_fp8_grouped_kernel_matches_the_per_expert_loop_on_cuda():
+    """Grouped kernels vs the per-expert loop (each expert through the dense Triton GEMM, then through the
+    emulation); a token's output is the same alone and in a padded batch."""
+    from miles_fp8 import triton_experts, triton_fp8
     from miles_fp8.linear import Fp8Experts
     from miles_fp8.quant import RECIPES
 
@@ -161,9 +293,62 @@ def test_fp8_grouped_kernel_matches_the_per_expert_loop_on_cuda(monkeypatch):
         w = torch.softmax(torch.rand(n, 4, device="cuda"), -1)
         with torch.no_grad():
             fast = mod(x, idx, w).float()
-            triton_experts.triton, saved = None, triton_experts.triton
+            saved = triton_experts.triton, triton_fp8.triton
             try:
+                triton_experts.triton = None  # the loop, its GEMMs on the dense kernel
+                loop = mod(x, idx, w).float()
+                triton_fp8.triton = None  # the loop, emulated
                 slow = mod(x, idx, w).float()
             finally:
-                triton_experts.triton = saved
-        assert ((fast - slow).norm() / slow.norm()).item() < 1e-2
+                triton_experts.triton, triton_fp8.triton = saved
+            alone = mod(x[:3], idx[:3], w[:3]).float()
+        rel = ((fast - slow).norm() / slow.norm()).item()
+        rel_loop = ((fast - loop).norm() / loop.norm()).item()
+        print(f"n={n} grouped_vs_emulated={rel:.2e} grouped_vs_dense_loop={rel_loop:.2e}")
+        assert rel < 1e-2 and rel_loop < 1e-2
+        if triton_experts.block_m(3, 12, 32) == triton_experts.block_m(n, 4 * n, 32):
+            assert torch.equal(alone, fast[:3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_training_experts_on_the_grouped_kernels_match_the_loop_on_cuda(dtype):
+    """Unified-FP8 training forward on the grouped kernels + its written-out STE backward vs autograd
+    through the per-expert loop (each expert on the dense Triton GEMM)."""
+    import copy
+
+    from miles_fp8 import triton_experts
+    from miles_fp8.linear import Fp8Experts
+    from miles_fp8.quant import RECIPES
+
+    from miles_core.api import Experts
+
+    torch.manual_seed(0)
+    base = Experts(32, 512, 384).cuda()
+    with torch.no_grad():
+        base.gate_up_proj.normal_(0, 0.05)
+        base.down_proj.normal_(0, 0.05)
+    base = base.to(dtype)
+    x = torch.randn(300, 512, device="cuda", dtype=dtype)
+    idx = torch.stack([torch.randperm(32, device="cuda")[:4] for _ in range(300)])
+    w = torch.softmax(torch.rand(300, 4, device="cuda"), -1).to(dtype)
+    g = torch.randn(300, 512, device="cuda", dtype=dtype)
+    outs = []
+    for grouped in (True, False):
+        mod = Fp8Experts(copy.deepcopy(base), RECIPES["blockwise"], train=True)
+        saved = triton_experts.triton
+        try:
+            if not grouped:
+                triton_experts.triton = None
+            assert mod.train_grouped == grouped
+            xr = x.clone().requires_grad_(True)
+            y = mod(xr, idx, w)
+            (y.float() * g.float()).sum().backward()
+        finally:
+            triton_experts.triton = saved
+        outs.append((y.detach(), xr.grad, mod.gate_up_proj.grad, mod.down_proj.grad))
+    for name, a, b in zip(("y", "dx", "d_gate_up", "d_down"), *outs):
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        print(f"dtype={dtype} {name}: grouped vs loop rel={rel:.2e}")
+        assert rel < (2e-2 if dtype == torch.bfloat16 else 1e-3), name
