@@ -23,6 +23,7 @@ def _one_torch_thread():
     yield
     torch.set_num_threads(threads)
 
+
 FILTER = "check_reward_nonzero_std"
 
 

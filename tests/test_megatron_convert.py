@@ -68,5 +68,3 @@ def test_torch_dist_refusals(ckpts, tmp_path, capsys):
     )
     assert "holds neither latest_checkpointed_iteration.txt nor metadata.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-
-
