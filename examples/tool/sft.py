@@ -55,7 +55,11 @@ def tool_call_text() -> tuple[str, str]:
 
 
 def demonstration(
-    row: dict, rng: random.Random, tool_frac: float, careless_frac: float, call_weight: float,
+    row: dict,
+    rng: random.Random,
+    tool_frac: float,
+    careless_frac: float,
+    call_weight: float,
     copy_weight: float,
 ) -> list[tuple[str, float]]:
     """The response of one demonstration as (text, loss weight) pieces."""
