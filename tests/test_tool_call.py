@@ -163,10 +163,11 @@ class ScriptedEngine:
     weight_version = 0
 
     def __init__(self, tok: Tokenizer, turns: list[str]):
-        self.tok, self.turns, self.inputs = tok, list(turns), []
+        self.tok, self.turns, self.inputs, self.params = tok, list(turns), [], []
 
     async def generate(self, input_ids, params, rid=None):
         self.inputs.append(list(input_ids))
+        self.params.append(dict(params))
         ids = (self.tok.encode(self.turns.pop(0)) + [self.tok.eos_token_id])[: params["max_new_tokens"]]
         finish = "stop" if ids[-1] == self.tok.eos_token_id else "length"
         return EngineOutput(ids, [-0.5] * len(ids), finish, len(input_ids), 0, rid=rid)
@@ -179,17 +180,24 @@ def call(code: str) -> str:
     return '<tool_call>{"name": "python", "arguments": {"code": "' + code + '"}}</tool_call>'
 
 
-def run_tool_call(turns: list[str], argv: list[str] = (), max_new_tokens: int = 4000):
+def run_tool_call(
+    turns: list[str],
+    argv: list[str] = (),
+    max_new_tokens: int = 4000,
+    index: int = 0,
+    params: dict | None = None,
+):
     args = parse_args(["--tool-timeout", "1", "--tool-memory-mb", "256", *argv])
     tok = Tokenizer.from_pretrained(CKPT)
     engine = ScriptedEngine(tok, turns)
     prompt = tok.encode("<|im_start|>user\nWhat is 63+15?<|im_end|>\n<|im_start|>assistant\n")
-    sample = Sample(group_index=0, index=0, tokens=list(prompt))
+    sample = Sample(group_index=0, index=index, tokens=list(prompt))
     ctx = RolloutContext(engine=engine, tokenizer=tok, pm=get_plugin_manager())
+    params = {"temperature": 1.0, "max_new_tokens": max_new_tokens, **(params or {})}
 
     async def go():
         with rollout_context(ctx):
-            return await tool_call(args, sample, {"temperature": 1.0, "max_new_tokens": max_new_tokens})
+            return await tool_call(args, sample, params)
 
     return asyncio.run(go()), engine, tok, prompt
 
@@ -238,6 +246,29 @@ def test_a_tool_turn_that_overflows_the_budget_truncates(agentic):
     s, engine, _, _ = run_tool_call([call("print(78)"), "\\boxed{78}"], max_new_tokens=first + turn + 1)
     assert s.response_length == first + turn + 1 and s.status == Status.TRUNCATED  # 1 token left: "length"
     assert s.loss_mask == [1] * first + [0] * turn + [1]
+
+
+def test_later_turns_are_seeded_by_the_sample_not_by_when_the_tools_returned(agentic):
+    """The engine draws a request's sampling key in arrival order, and a later turn arrives when its tools
+    are done (timing): each turn after the first carries its own seed, the same whenever it is run."""
+    turns = [call("print(63+15)"), call("print(1)"), "\\boxed{78}"]
+
+    def seeds(**kw) -> list:
+        _, engine, _, _ = run_tool_call(turns, ["--max-turns", "3", *kw.pop("argv", [])], **kw)
+        return [p.get("sampling_seed") for p in engine.params]
+
+    base = seeds()
+    assert base[0] is None  # the first turn keeps the engine's key (requests arrive in a fixed order)
+    assert all(isinstance(x, int) and 0 <= x < 2**31 for x in base[1:]) and base[1] != base[2]
+    assert seeds() == base  # a rerun samples alike
+    # Another sample of the group, another --rollout-seed or another caller seed: other keys.
+    for other in (seeds(index=1), seeds(argv=["--rollout-seed", "7"]), seeds(params={"sampling_seed": 5})):
+        assert other[1] not in base[1:] and other[2] not in base[1:], (other, base)
+    caller = seeds(params={"sampling_seed": 5})
+    assert caller[0] == 5 and caller == seeds(params={"sampling_seed": 5})
+    # The tokens so far count: a different tool call before turn 2 gives turn 2 another key.
+    _, engine, _, _ = run_tool_call([call("print(63+16)"), "\\boxed{79}"], ["--max-turns", "2"])
+    assert engine.params[1]["sampling_seed"] != base[1]
 
 
 def test_tool_flags_are_checked(agentic):

@@ -1,9 +1,9 @@
-"""Teach the demo's arithmetic checkpoint to call the ``python`` tool, partly: a short SFT before GRPO.
+"""Teach the demo's arithmetic checkpoint to call the ``python`` tool half the time: SFT before GRPO.
 
-The demonstrations come from two writers. One (``--tool-frac`` of rows) calls the tool and copies its
-answer; the other answers directly, skipping carries and borrows as often as the demo's original teacher
-did (examples/arith/task.py). The model learns both habits, so it calls the tool on some problems and
-guesses on others; the math reward credits only right answers, and GRPO has to learn that the tool pays.
+The demonstrations come from two writers. Half of them (``--tool-frac``) call the tool and copy its
+answer; the other half answer directly, skipping carries and borrows as often as the demo's original
+teacher did (examples/arith/task.py). The model learns both habits, so it calls the tool on some problems
+and guesses on others; the math reward credits only right answers, and GRPO has to learn that the tool pays.
 
 A tool demonstration is exactly what the ``tool_call`` generate function produces at rollout time
 (miles_core/rollout/tool_call.py), with the tool's real output, and its tool turn is loss-masked::
@@ -11,6 +11,10 @@ A tool demonstration is exactly what the ``tool_call`` generate function produce
     <tool_call>{"name": "python", "arguments": {"code": "print(63+15)"}}</tool_call><|im_end|>
     <|im_start|>user\\n<tool_response>\\n78\\n</tool_response><|im_end|>\\n<|im_start|>assistant\\n   (masked)
     \\boxed{78}<|im_end|>
+
+The two copies on this path, the operands into the call (``63+15``) and the tool's output into
+``\\boxed{}``, are the only hard tokens (the rest is boilerplate); they are weighed up
+(``--call-weight``, ``--copy-weight``), or the tool path would be no more accurate than a guess.
 
     python examples/tool/sft.py --out /tmp/tool_ckpt
     miles train --config examples/tool/grpo.yaml --hf-checkpoint /tmp/tool_ckpt
@@ -44,24 +48,32 @@ START = HERE.parent / "arith" / "checkpoint"
 QUESTION = re.compile(r"What is (\d+)([+-])(\d+)\?")
 
 
-def tool_call_text(expr: str) -> str:
-    args = json.dumps({"code": f"print({expr})"})
-    return f'<tool_call>{{"name": "python", "arguments": {args}}}</tool_call>'
+def tool_call_text() -> tuple[str, str]:
+    """The call that prints an expression, as the text before the expression and the text after it."""
+    before, after = json.dumps({"code": "print(EXPR)"}).split("EXPR")
+    return f'<tool_call>{{"name": "python", "arguments": {before}', f"{after}}}</tool_call>"
 
 
 def demonstration(
-    row: dict, rng: random.Random, tool_frac: float, careless_frac: float, copy_weight: float
+    row: dict,
+    rng: random.Random,
+    tool_frac: float,
+    careless_frac: float,
+    call_weight: float,
+    copy_weight: float,
 ) -> list[tuple[str, float]]:
     """The response of one demonstration as (text, loss weight) pieces."""
     if rng.random() >= tool_frac:
         return [(sft_answer(row, rng, careless_frac) + "<|im_end|>", 1.0)]
     a, op, b = QUESTION.search(row["prompt"]).groups()
     value = int(a) + int(b) if op == "+" else int(a) - int(b)
+    before, after = tool_call_text()
     return [
-        (tool_call_text(f"{a}{op}{b}") + "<|im_end|>", 1.0),
+        (before, 1.0),
+        (f"{a}{op}{b}", call_weight),  # the operands copied from the question
+        (after + "<|im_end|>", 1.0),
         (tool_turn([str(value)], closed=True), 0.0),
-        # Copying the tool's answer is the one hard step of this path (the rest is boilerplate): weigh it up.
-        (f"\\boxed{{{value}}}<|im_end|>", copy_weight),
+        (f"\\boxed{{{value}}}<|im_end|>", copy_weight),  # the tool's output copied into the answer
     ]
 
 
@@ -114,11 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--tool-frac", type=float, default=0.7, help="Share of demonstrations that call the tool."
+        "--tool-frac", type=float, default=0.5, help="Share of demonstrations that call the tool."
     )
     ap.add_argument("--careless-frac", type=float, default=0.9, help="Share of direct answers that slip.")
+    ap.add_argument("--call-weight", type=float, default=8.0, help="Loss weight of the operands in a call.")
     ap.add_argument(
-        "--copy-weight", type=float, default=8.0, help="Loss weight of the answer after a tool turn."
+        "--copy-weight", type=float, default=16.0, help="Loss weight of the answer after a tool turn."
     )
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
@@ -127,7 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         generate(d, seed=0)
         rows = [json.loads(line) for line in open(Path(d) / "sft.jsonl")][:4000]
     tok = Tokenizer.from_pretrained(a.start)
-    data = [encode(tok, r, demonstration(r, rng, a.tool_frac, a.careless_frac, a.copy_weight)) for r in rows]
+    data = [
+        encode(tok, r, demonstration(r, rng, a.tool_frac, a.careless_frac, a.call_weight, a.copy_weight))
+        for r in rows
+    ]
     model = load_model(a.start)
     train(model, data, a.steps, a.batch, a.lr, a.seed)
     save_model(model, a.out, tokenizer_src=a.start)

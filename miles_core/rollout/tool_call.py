@@ -12,11 +12,16 @@ The tool turn is written the way Qwen2.5/Qwen3's ChatML template renders ``tool`
 version -1): only the model's own tokens train. The whole response, tool turns included, stays within
 ``--rollout-max-response-len`` tokens; a tool turn that would overflow it ends the sample as TRUNCATED.
 ``metadata["tool_calls"]`` counts the calls and ``metadata["turns"]`` the assistant turns.
+
+Every turn after the first is sampled with its own ``sampling_seed`` (`turn_seed`): the engine hands out
+sampling keys in the order requests arrive, and a later turn arrives when its tools have finished, which
+depends on timing; with the seed, a seeded run repeats its samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 
 from miles_core.rollout.generate import (
     current_context,
@@ -38,6 +43,17 @@ def tool_turn(outputs: list[str], closed: bool) -> str:
     return ("" if closed else TURN_END) + f"\n<|im_start|>user{blocks}{TURN_END}\n<|im_start|>assistant\n"
 
 
+def turn_seed(args: argparse.Namespace, sample: Sample, ids: list[int], turn: int, seed: int | None) -> int:
+    """The sampling seed of assistant turn ``turn`` (2, 3, ...) of ``sample`` after the tokens ``ids``: a hash
+    of ``--rollout-seed``, the caller's ``sampling_seed`` (if any), the weight version of the first turn (a
+    new one each rollout), the sample's place in the rollout and the tokens so far; it does not depend on
+    when the tools returned, and two samples of a group get different ones."""
+    version = sample.weight_versions[0] if sample.weight_versions else None
+    where = f"{args.rollout_seed},{seed},{version},{sample.group_index},{sample.index},{turn}"
+    key = where + ":" + ",".join(map(str, ids))
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
 async def tool_call(args: argparse.Namespace, sample: Sample, sampling_params: dict) -> Sample:
     """Generate with tool use: model turn, tool turn, model turn, ... (see the module docstring)."""
     ctx = current_context()
@@ -49,6 +65,9 @@ async def tool_call(args: argparse.Namespace, sample: Sample, sampling_params: d
     finish, routes, turns, calls_made, truncated = "stop", None, 0, 0, False
     while True:
         params = dict(sampling_params, max_new_tokens=budget - len(mask))
+        if turns:  # the first turn keeps the engine's key (its requests arrive in a fixed order)
+            seed = sampling_params.get("sampling_seed")
+            params["sampling_seed"] = turn_seed(args, sample, ids, turns + 1, seed)
         out_ids, lps, finish, routes = await generate_into(args, sample, ids, params)
         ids += out_ids
         logps += lps
