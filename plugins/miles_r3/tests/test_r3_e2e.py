@@ -51,7 +51,7 @@ def _megatron_installed() -> bool:
     return bool(has_core) and "megatron" in drivers.available(drivers.TRAIN_BACKENDS)
 
 
-def _train(tmp_path: Path, monkeypatch, *flags: str) -> list[dict]:
+def _train(tmp_path: Path, monkeypatch, *flags: str, device: str = "cpu") -> list[dict]:
     """Two rollouts of `miles train` on `_checkpoint` with only the core and R3; the metric rows."""
     ckpt = _checkpoint(tmp_path)
     data = tmp_path / "prompts.jsonl"
@@ -71,7 +71,7 @@ def _train(tmp_path: Path, monkeypatch, *flags: str) -> list[dict]:
             "train", "--hf-checkpoint", str(ckpt), "--prompt-data", str(data), "--label-key", "label",
             "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--num-rollout", "2",
             "--rollout-max-response-len", "6", "--custom-rm-path", str(tmp_path / "rm.py"),
-            "--run-dir", str(run_dir), "--device", "cpu", "--micro-batch-size", "2", "--lr", "1e-3",
+            "--run-dir", str(run_dir), "--device", device, "--micro-batch-size", "2", "--lr", "1e-3",
             "--use-rollout-routing-replay", *flags,
         ]
     )  # fmt: skip
@@ -88,7 +88,10 @@ def _train(tmp_path: Path, monkeypatch, *flags: str) -> list[dict]:
         not _megatron_installed(), reason="needs miles-core[megatron] installed (its train backend)"))],
 )  # fmt: skip
 def test_miles_train_with_rollout_routing_replay_logs_mismatch(tmp_path, monkeypatch, backend):
-    for row in _train(tmp_path, monkeypatch, "--rollout-dtype", "bfloat16", "--train-backend", backend):
+    # megatron-core puts its model on the GPU wherever CUDA exists, so there the run trains on CUDA
+    device = "cuda" if backend == "megatron" and torch.cuda.is_available() else "cpu"
+    flags = ("--rollout-dtype", "bfloat16", "--train-backend", backend)
+    for row in _train(tmp_path, monkeypatch, *flags, device=device):
         assert 0 <= row["train/routing_mismatch_frac"] <= 1
         assert row["rollout/routes_bytes"] > 0
         assert row["rollout/routes_bytes_per_token"] == 2 * 2 * 4  # L * k * int32
