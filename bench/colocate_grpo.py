@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
             sync = metric(run_dir, "perf/update_weights_time")[1:]  # the first includes start-up work
             out[f"{name}_update_weights_s"] = round(float(np.median(sync)), 4)
             out[f"{name}_peak_device_gb"] = round(mem.peak / 2**30, 2)
+            for key in ("rollout/response_len_mean", "train/train_rollout_logprob_abs_diff"):
+                values = metric(run_dir, key)[2:]  # same lengths and a small diff: the same work, synced
+                if values:
+                    out[f"{name}_{key.split('/')[1]}"] = round(float(np.mean(values)), 6)
             for key in ("perf/train_time", "train/engine_release_s", "train/onload_s",
                         "train/engine_resume_s",
                         "train/hand_over_s", "train/offload_s"):  # fmt: skip
