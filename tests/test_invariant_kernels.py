@@ -34,13 +34,14 @@ def close(got, ref, what):
     assert err < tol, (what, err)
 
 # linear: K not a multiple of BLOCK_K, N not of BLOCK_N, 3+ row tiles; vs float64, then rows alone
-for k, n in [(48, 40), (96, 303), (70, 130)]:
+for k, n in [(48, 40), (70, 130)]:
     w, x = rnd(n, k, scale=0.3), rnd(150, k)
     full = ik.linear(x, w)
     close(full, x.double() @ w.double().T, ("linear", k, n))
-    for m in [1, 2, 3, 5, 8, 31, 32, 33, 64, 100]:
+    for m in [1, 3, 31, 33, 100]:
         for start in (0, 7, 150 - m):
-            assert torch.equal(ik.linear(x[start : start + m].clone(), w), full[start : start + m]), (k, n, m, start)
+            alone = ik.linear(x[start : start + m].clone(), w)
+            assert torch.equal(alone, full[start : start + m]), (k, n, m, start)
     assert ik.linear(x[:6].view(2, 3, k), w).shape == (2, 3, n)
 
 # experts: 8 experts top-2 over 70 tokens (some experts past one BLOCK_M chunk, one expert empty)
@@ -63,18 +64,18 @@ for t in (0, 41, 69):
         h = xd[t] @ gud[e].T
         ref = (torch.nn.functional.silu(h[:I]) * h[I:]) @ dnd[e].T
         close(full[t, j], ref, ("expert", t, j))
-for sub in ([5], [0, 1], [3, 40, 41, 69], list(range(10, 60))):
+for sub in ([5], [3, 40, 41, 69], list(range(10, 60))):
     sub = torch.tensor(sub, device=dev)
     assert torch.equal(run_experts(sub), full[sub]), sub.tolist()
 
 # attention: GQA 2:1 and 4:1 (and MHA), 3 key blocks (last partial), head dims 16 and 24 (padded to 32)
-for h, hkv, d in [(4, 2, 16), (8, 2, 24), (3, 3, 16)]:
+for h, hkv, d in [(4, 2, 16), (3, 3, 24)]:
     t = 2 * ik.ATTN["BLOCK_N"] + 7
     q, k, v = rnd(2, h, t, d), rnd(2, hkv, t, d), rnd(2, hkv, t, d)
     pos = torch.arange(t, device=dev).expand(2, t)
     whole = ik.attention(q, k, v, pos)
     close(whole, ik._attention_ref(q.double(), k.double(), v.double(), pos), ("attention", h, hkv, d))
-    for p in [0, 1, 31, 32, 35, t - 1]:
+    for p in [0, 31, 32, t - 1]:
         # one decode query over a cache whose keys past p hold another sequence's stale values
         kc, vc = rnd(1, hkv, t + 20, d), rnd(1, hkv, t + 20, d)
         kc[:, :, : p + 1], vc[:, :, : p + 1] = k[1:, :, : p + 1], v[1:, :, : p + 1]
@@ -89,11 +90,11 @@ for h, hkv, d in [(4, 2, 16), (8, 2, 24), (3, 3, 16)]:
     batch = ik.attention(qb, kb, vb, pb)
     for r in range(5):
         n = int(pb[r]) + 1
-        assert torch.equal(ik.attention(qb[r : r + 1], kb[r : r + 1, :, :n], vb[r : r + 1, :, :n], pb[r : r + 1]),
-                           batch[r : r + 1]), r
+        alone = ik.attention(qb[r : r + 1], kb[r : r + 1, :, :n], vb[r : r + 1, :, :n], pb[r : r + 1])
+        assert torch.equal(alone, batch[r : r + 1]), r
 
 # rms_norm and token_log_probs: one program a row, vs float64, and rows alone
-for d in (24, 1000, 2500):
+for d in (24, 2500):
     x = rnd(9, d, scale=3.0)
     full = ik.rms_norm(x, 1e-6)
     close(full, F.rms_norm(x.double(), (d,), eps=1e-6), ("rms", d))
@@ -110,7 +111,7 @@ two = torch.tensor([[0.0, 1.0986122886681098]], device=dev, dtype=dtype)
 assert abs(ik.token_log_probs(two, torch.tensor([1], device=dev)).item() - (-0.2876820724517809)) < tol
 """
 
-# A whole model on the kernels: decode row alone == in a batch of 5 == packed == padded training forward;
+# A whole model on the kernels: decode row alone == in a batch of 3 == packed == padded training forward;
 # and gradients flow (torch's gradient of the same function) close to the torch path's.
 MODEL = r"""
 import copy, torch
@@ -118,33 +119,34 @@ from conftest import tiny_config
 from miles_core.model import KVCache, ModelConfig, build_model, make_batch_invariant
 
 for arch in ("Qwen3MoeForCausalLM", "Qwen2ForCausalLM"):
-    cfg = tiny_config(64, 2, num_hidden_layers=2)
+    cfg = tiny_config(64, 2, num_hidden_layers=1)
     cfg["architectures"] = [arch]
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_hf(cfg), dtype=dtype, device=dev).eval()
     plain = copy.deepcopy(model)
     make_batch_invariant(model)
     g = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(3, 64, (n,), generator=g).to(dev) for n in (7, 40, 12, 33, 3)]
-    cache = KVCache(model.config, 5, 64, dtype=dtype, device=dev)
+    seqs = [torch.randint(3, 64, (n,), generator=g).to(dev) for n in (7, 40, 3)]
+    cache = KVCache(model.config, 3, 64, dtype=dtype, device=dev)
     with torch.no_grad():
         for i, s in enumerate(seqs):
             model(s[None, :-1], position_ids=torch.arange(len(s) - 1, device=dev)[None], kv_cache=cache,
                   cache_slots=torch.tensor([i], device=dev))
         last = torch.stack([s[-1] for s in seqs])[:, None]
         pos = torch.tensor([[len(s) - 1] for s in seqs], device=dev)
-        batch = model(last, position_ids=pos, kv_cache=cache, cache_slots=torch.arange(5, device=dev)).logits[:, 0]
-        alone = model(last[1:2], position_ids=pos[1:2], kv_cache=cache, cache_slots=torch.tensor([1], device=dev))
+        slots = torch.arange(3, device=dev)
+        batch = model(last, position_ids=pos, kv_cache=cache, cache_slots=slots).logits[:, 0]
+        alone = model(last[1:2], position_ids=pos[1:2], kv_cache=cache, cache_slots=slots[1:2])
         assert torch.equal(alone.logits[:, 0], batch[1:2]), arch
         lens = torch.tensor([len(s) for s in seqs], device=dev)
         packed = model(torch.cat(seqs)[None], seq_lens=lens.tolist()).logits[0]
         assert torch.equal(packed[lens.cumsum(0) - 1], batch), arch
         padded = model(torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)).logits
-        assert torch.equal(padded[torch.arange(5, device=dev), lens - 1], batch), arch
-    ids = torch.cat(seqs[:3])[None]
+        assert torch.equal(padded[torch.arange(3, device=dev), lens - 1], batch), arch
+    ids = torch.cat(seqs)[None]
     for m in (model, plain):
         m.train()
-        m(ids, seq_lens=[7, 40, 12]).logits.float().square().mean().backward()
+        m(ids, seq_lens=[7, 40, 3]).logits.float().square().mean().backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3 if dtype == torch.float32 else 5e-2, atol=1e-4)
@@ -160,6 +162,7 @@ def test_kernels_match_float64_and_give_rows_the_same_bits_in_any_batch_under_th
     run_interpreted(_code(CHECKS, "cpu", "float32"))
 
 
+@pytest.mark.slow  # ~35 s on a busy 2-core box
 @needs_interpreter
 def test_model_on_the_kernels_decodes_a_row_as_it_trains_it_under_the_interpreter():
     run_interpreted(_code(MODEL, "cpu", "float32"))
