@@ -91,7 +91,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["m"])
     def _linear_kernel(x_ptr, w_ptr, out_ptr, m, n, k, sxm, swn, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows * n may pass 2^31
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < m
         a_rows = x_ptr + rows[:, None] * sxm
@@ -113,9 +113,9 @@ if triton is not None:
         for c in range(0, n_chunks):  # static bound: the expert's row count stays on the device
             m0 = start + c * BLOCK_M
             if m0 < end:
-                rows = m0 + tl.arange(0, BLOCK_M)
+                rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
                 row_ok = rows < end
-                src = tl.load(src_ptr + rows, mask=row_ok, other=0)
+                src = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
                 a_rows = x_ptr + src[:, None] * sx
                 wg = w_ptr + e * swe
                 g = _tile(a_rows, row_ok, wg, cols, inter, hidden, hidden, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -139,7 +139,7 @@ if triton is not None:
         for c in range(0, n_chunks):
             m0 = start + c * BLOCK_M
             if m0 < end:
-                rows = m0 + tl.arange(0, BLOCK_M)
+                rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
                 row_ok = rows < end
                 a_rows = a_ptr + rows[:, None] * inter
                 acc = _tile(a_rows, row_ok, w_ptr + e * swe, cols, hidden, inter, inter, PREC, BLOCK_M,
@@ -148,7 +148,7 @@ if triton is not None:
                 tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                          mask=mask)  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["t", "rows"])  # one compiled kernel for decode (t = 1) and training
     def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, t, rows, rep, hkv, d, sm_scale,
                           sqg, sqh, sqt, skg, skh, skl, svg, svh, svl, PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
@@ -192,7 +192,7 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, out_ptr, d, sx, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for c0 in range(0, d, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
@@ -206,7 +206,7 @@ if triton is not None:
 
     @triton.jit
     def _log_prob_kernel(x_ptr, tgt_ptr, out_ptr, v, sx, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         mx = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
         for c0 in range(0, v, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
