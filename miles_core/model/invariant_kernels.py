@@ -268,9 +268,26 @@ def _linear_fwd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], n)
 
 
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _linear_fwd(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0])
+        gx = (g @ weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        gw = g.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` (x and weight of one dtype, fp32 or bf16), one configuration for every shape."""
-    return _grad_wrap(_linear_fwd, lambda a, w: F.linear(a, w), x, weight)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _Linear.apply(x, weight)
+    return _linear_fwd(x, weight)
 
 
 def _experts_fwd(x, src, bounds, gate_up, down):
