@@ -44,27 +44,27 @@ for k, n in [(48, 40), (70, 130)]:
             assert torch.equal(alone, full[start : start + m]), (k, n, m, start)
     assert ik.linear(x[:6].view(2, 3, k), w).shape == (2, 3, n)
 
-# experts: 8 experts top-2 over 70 tokens (some experts past one BLOCK_M chunk, one expert empty)
+# experts: 8 experts top-2 over 150 tokens (2 programs an expert; expert 0 over 3 chunks; one empty)
 E, H, I, K = 8, 48, 40, 2
 gu, dn = rnd(E, 2 * I, H, scale=0.3), rnd(E, H, I, scale=0.3)
-x = rnd(70, H)
-idx = torch.randint(0, E - 1, (70, K), generator=g).to(dev)  # expert E-1 gets nothing
-idx[:40, 0] = 0  # expert 0 gets 40+ copies: two chunks of 32
+x = rnd(150, H)
+idx = torch.randint(0, E - 1, (150, K), generator=g).to(dev)  # expert E-1 gets nothing
+idx[:90, 0] = 0  # expert 0 gets 90+ copies
 def run_experts(rows):
     flat = idx[rows].reshape(-1)
     order, dest = expert_order(flat, E)
     ys = ik.experts(x[rows], order // K, expert_bounds(flat, E), gu, dn)
     return ys[dest].view(len(rows), K, H)
-rows = torch.arange(70, device=dev)
+rows = torch.arange(150, device=dev)
 full = run_experts(rows)
 xd, gud, dnd = x.double(), gu.double(), dn.double()
-for t in (0, 41, 69):
+for t in (0, 41, 149):
     for j in range(K):
         e = int(idx[t, j])
         h = xd[t] @ gud[e].T
         ref = (torch.nn.functional.silu(h[:I]) * h[I:]) @ dnd[e].T
         close(full[t, j], ref, ("expert", t, j))
-for sub in ([5], [3, 40, 41, 69], list(range(10, 60))):
+for sub in ([5], [3, 40, 41, 149], list(range(10, 60))):
     sub = torch.tensor(sub, device=dev)
     assert torch.equal(run_experts(sub), full[sub]), sub.tolist()
 

@@ -10,7 +10,7 @@ rollout than in a training micro-batch. Here:
   no TF32), rounded once to x's dtype. An output element depends only on its row of x and column of the
   weight, never on which rows shared its tile;
 - `experts`: the SwiGLU experts over expert-sorted token copies with the same tiles and K order: a static
-  grid over (expert, column tile), each expert's rows in ``BLOCK_M`` chunks bounded on the device
+  grid over (expert, column tile, split), each expert's rows in ``BLOCK_M`` chunks bounded on the device
   (`moe.expert_bounds`), so no host read and CUDA graphs can capture it;
 - `attention`: per (sequence, KV head) a tile of query rows (GQA heads folded in) visits fixed blocks of
   ``BLOCK_N`` keys from key 0 up to the tile's last visible key, with an online softmax; a block past a
@@ -42,6 +42,7 @@ except ImportError:  # the CPU-only install: `batch_invariant` keeps its torch o
 MM = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 ATTN = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 ROW_BLOCK = 1024  # columns per step of the row kernels
+MAX_SPLITS = 16  # programs sharing one expert's rows in `experts`
 
 
 def available(x: torch.Tensor) -> bool:
@@ -99,8 +100,8 @@ if triton is not None:
         mask = row_ok[:, None] & (cols < n)[None, :]
         tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["n_chunks"])
-    def _expert_gate_up_kernel(x_ptr, w_ptr, src_ptr, bounds_ptr, act_ptr, hidden, inter, sx, swe, n_chunks,
+    @triton.jit(do_not_specialize=["splits"])
+    def _expert_gate_up_kernel(x_ptr, w_ptr, src_ptr, bounds_ptr, act_ptr, hidden, inter, sx, swe, splits,
                                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr):  # fmt: skip
         """act[copy] = silu(gate) * up of the sorted copies of expert ``program_id(0)`` (rounded like the
@@ -110,8 +111,9 @@ if triton is not None:
         start = tl.load(bounds_ptr + e)
         end = tl.load(bounds_ptr + e + 1)
         dt = act_ptr.dtype.element_ty
-        for c in range(0, n_chunks):  # static bound: the expert's row count stays on the device
-            m0 = start + c * BLOCK_M
+        # The bounds are read on the device (no host sync); program s of the expert takes its chunks
+        # s, s + splits, ... (each row is computed by one program, the same way whichever).
+        for m0 in range(start + tl.program_id(2) * BLOCK_M, end, splits * BLOCK_M):
             if m0 < end:
                 rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
                 row_ok = rows < end
@@ -128,16 +130,15 @@ if triton is not None:
                 mask = row_ok[:, None] & (cols < inter)[None, :]
                 tl.store(act_ptr + rows[:, None] * inter + cols[None, :], act, mask=mask)
 
-    @triton.jit(do_not_specialize=["n_chunks"])
-    def _expert_down_kernel(a_ptr, w_ptr, bounds_ptr, out_ptr, hidden, inter, swe, n_chunks,
+    @triton.jit(do_not_specialize=["splits"])
+    def _expert_down_kernel(a_ptr, w_ptr, bounds_ptr, out_ptr, hidden, inter, swe, splits,
                             PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):  # fmt: skip
         e = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         start = tl.load(bounds_ptr + e)
         end = tl.load(bounds_ptr + e + 1)
-        for c in range(0, n_chunks):
-            m0 = start + c * BLOCK_M
+        for m0 in range(start + tl.program_id(2) * BLOCK_M, end, splits * BLOCK_M):
             if m0 < end:
                 rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
                 row_ok = rows < end
@@ -300,12 +301,14 @@ def _experts_fwd(x, src, bounds, gate_up, down):
     if m == 0:
         return out
     c, bm, bn = _cfg(MM), MM["BLOCK_M"], MM["BLOCK_N"]
-    chunks, prec = triton.cdiv(m, bm), _prec(x.dtype)
-    _expert_gate_up_kernel[(e, triton.cdiv(inter, bn))](
-        x, gate_up, src, bounds, act, hidden, inter, x.stride(0), gate_up.stride(0), chunks, PREC=prec, **c
+    # Programs per expert: about one per BLOCK_M rows an expert gets on average (a static grid from
+    # the copy count alone, so a captured graph replays it), at most MAX_SPLITS.
+    splits, prec = max(1, min(MAX_SPLITS, triton.cdiv(m, e * bm))), _prec(x.dtype)
+    _expert_gate_up_kernel[(e, triton.cdiv(inter, bn), splits)](
+        x, gate_up, src, bounds, act, hidden, inter, x.stride(0), gate_up.stride(0), splits, PREC=prec, **c
     )
-    _expert_down_kernel[(e, triton.cdiv(hidden, bn))](
-        act, down, bounds, out, hidden, inter, down.stride(0), chunks, PREC=prec, **c
+    _expert_down_kernel[(e, triton.cdiv(hidden, bn), splits)](
+        act, down, bounds, out, hidden, inter, down.stride(0), splits, PREC=prec, **c
     )
     return out
 
