@@ -143,13 +143,15 @@ for arch in ("Qwen3MoeForCausalLM", "Qwen2ForCausalLM"):
         assert torch.equal(packed[lens.cumsum(0) - 1], batch), arch
         padded = model(torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)).logits
         assert torch.equal(padded[torch.arange(3, device=dev), lens - 1], batch), arch
+    if dtype != torch.float32:  # the backward is torch's either way; bf16 rounding would only blur it
+        continue
     ids = torch.cat(seqs)[None]
     for m in (model, plain):
         m.train()
         m(ids, seq_lens=[7, 40, 3]).logits.float().square().mean().backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3 if dtype == torch.float32 else 5e-2, atol=1e-4)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4)
 """
 
 
