@@ -74,7 +74,7 @@ GPU_CASES = [
     # packed micro-batches, CUDA graphs on (the default), tempered sampling, 2 optimizer steps a rollout
     pytest.param("moe", [*PACKED, "60", "--rollout-temperature", "0.8", "--num-steps-per-rollout", "2"],
                  id="moe-packed"),
-    pytest.param("dense", ["--micro-batch-size", "3", "--rollout-top-p", "0.9", "--recompute-activations"],
+    pytest.param("dense", ["--micro-batch-size", "4", "--rollout-top-p", "0.9", "--recompute-activations"],
                  id="dense-padded"),
 ]  # fmt: skip
 
