@@ -123,6 +123,7 @@ def bench() -> dict:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens a sample (--preset gpu)")
     p.add_argument("--repeats", type=int, default=None, help="rounds per arm, alternating; the first is "
                    "warm-up (default: 5 on CPU, 3 on GPU)")  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="profile each arm's last round (table on stderr)")
     args = p.parse_args()
     gpu = args.preset == "gpu"
     if gpu and not torch.cuda.is_available():
@@ -143,7 +144,14 @@ def bench() -> dict:
     got: dict[str, list[dict]] = {name: [] for name in arms}
     for i in range(repeats):
         for name, arm in arms.items():
-            got[name].append(arm.round(prompts[i * args.prompts : (i + 1) * args.prompts]))
+            part = prompts[i * args.prompts : (i + 1) * args.prompts]
+            if args.profile and i == repeats - 1:
+                with torch.profiler.profile() as prof:
+                    got[name].append(arm.round(part))
+                key = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+                print(f"== {name}\n" + prof.key_averages().table(sort_by=key, row_limit=18), file=sys.stderr)
+            else:
+                got[name].append(arm.round(part))
     out: dict = {"bench": "true_on_policy", "preset": args.preset}
     if gpu:
         out.update(device=torch.cuda.get_device_name(), dtype="bfloat16", samples=args.prompts * 8,

@@ -145,8 +145,8 @@ def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
     The engine's sampler reports its log-probs with this function and the trainer recomputes them with it
     in ``--true-on-policy-mode``; the softmax kernel reduces each row on its own, whatever N is."""
-    if ik.available(logits):
-        return ik.token_log_probs(logits, targets)
+    if ik.available(logits):  # always fp32 in: the kernel compiled per input dtype could sum in another order
+        return ik.token_log_probs(logits.float(), targets)
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 

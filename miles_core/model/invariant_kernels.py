@@ -191,7 +191,8 @@ if triton is not None:
         tl.store(o_rows[:, None] + dd[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
 
-    @triton.jit
+    # Row kernels reduce in their load layout, which Triton picks from the pointers' alignment: pinned.
+    @triton.jit(do_not_specialize=["sx"], do_not_specialize_on_alignment=["x_ptr", "out_ptr"])
     def _rms_norm_kernel(x_ptr, out_ptr, d, sx, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -205,7 +206,7 @@ if triton is not None:
             xv = tl.load(x_ptr + row * sx + c, mask=c < d, other=0.0).to(tl.float32)
             tl.store(out_ptr + row * d + c, xv * inv, mask=c < d)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["sx"], do_not_specialize_on_alignment=["x_ptr"])
     def _log_prob_kernel(x_ptr, tgt_ptr, out_ptr, v, sx, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         mx = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
