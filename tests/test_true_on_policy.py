@@ -70,6 +70,32 @@ def test_grpo_run_logs_zero_mismatch_at_every_rollout(model, extra, dense_ckpt, 
             assert r["train/ppo_kl"] == 0.0 and r["train/pg_clipfrac"] == 0.0, r
 
 
+GPU_CASES = [
+    # packed micro-batches, CUDA graphs on (the default), tempered sampling, 2 optimizer steps a rollout
+    pytest.param("moe", [*PACKED, "60", "--rollout-temperature", "0.8", "--num-steps-per-rollout", "2"],
+                 id="moe-packed"),
+    pytest.param("dense", ["--micro-batch-size", "4", "--rollout-top-p", "0.9", "--recompute-activations"],
+                 id="dense-padded"),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [[], ["--bf16"]], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model,extra", GPU_CASES)
+def test_grpo_run_on_cuda_logs_zero_mismatch_at_every_rollout(model, extra, dtype, dense_ckpt, tmp_path,
+                                                               capsys):  # fmt: skip
+    # The Triton kernels on both sides; the engine decodes through CUDA graphs (the experts read no counts).
+    run = tmp_path / "run"
+    argv = _argv(DEMO_CKPT if model == "moe" else dense_ckpt, run, [*extra, *dtype, "--device", "cuda"])
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = _mismatch_rows(run)
+    assert len(rows) == 3
+    for r in rows:
+        assert r["train/train_rollout_logprob_abs_diff"] == 0.0, r
+        assert r["train/train_rollout_kl"] == 0.0, r
+
+
 @pytest.mark.parametrize("flag", ["--train-compile", "--rollout-compile", "--rollout-fused-moe"])
 def test_refused_flags_name_themselves(flag):
     pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})

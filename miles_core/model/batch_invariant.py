@@ -20,9 +20,11 @@ token's log-prob differs in the last bits. Each op here fixes the order per row:
   trainer share.
 
 RMSNorm (``F.rms_norm``), softmax, ``exp`` and rope's ``cos``/``sin`` are batch-invariant on CPU as they are.
-These functions are CPU (fp32) implementations; a GPU kernel with the same fixed order plugs in behind the
-same function (dispatch on ``x.is_cuda``) without touching the model. `make_batch_invariant` switches a
-built model to them.
+The bodies below are the CPU (fp32) implementations. On CUDA (with triton) `linear`, `attention`,
+`rms_norm`, `token_log_probs` and the MoE experts run the fixed-order Triton kernels of
+`miles_core.model.invariant_kernels` instead (fp32 and bf16); torch's elementwise ops (`silu_mul`,
+`combine`, `row_sum`, rope, residuals) compute each element alone and stay as they are.
+`make_batch_invariant` switches a built model to these functions.
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miles_core.model import invariant_kernels as ik
+
 ROW_TILE = 8  # rows of a `linear` are padded to a multiple of this
 KEY_BLOCK = 32  # keys per block in `attention`
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x [..., K]``, each row's result independent of the number of rows."""
+    if ik.available(x):
+        out = ik.linear(x.to(weight.dtype), weight)
+        return out if bias is None else out + bias
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()
     m = rows.shape[0]
@@ -94,6 +101,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     multiple of `ROW_TILE` (as in `linear`) times one contiguous block of keys, then the probabilities
     times that block's values.
     """
+    if ik.available(q):
+        return ik.attention(q, k, v, q_pos)
     g, h, t, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     rows = h // hkv * t
@@ -124,11 +133,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     return (acc / denom[..., None]).reshape(g, h, t, d)
 
 
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 ``x * rsqrt(mean(x^2) + eps)`` over the last dim (on CPU ``F.rms_norm`` reduces rows alone)."""
+    if ik.available(x):
+        return ik.rms_norm(x, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """float32 ``[N]``: ``log_softmax`` of each row of ``logits [N, V]`` (in fp32) at ``targets [N]``.
 
     The engine's sampler reports its log-probs with this function and the trainer recomputes them with it
     in ``--true-on-policy-mode``; the softmax kernel reduces each row on its own, whatever N is."""
+    if ik.available(logits):  # always fp32 in: the kernel compiled per input dtype could sum in another order
+        return ik.token_log_probs(logits.float(), targets)
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
@@ -136,7 +154,7 @@ def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def make_batch_invariant(model: nn.Module) -> int:
     """Switch a built model to the ops above, in place: every plain `nn.Linear` becomes an
     `InvariantLinear` (the same module object, so tied weights, optimizers and hooks keep it) and every
-    module with a ``batch_invariant`` attribute (attention, MLP, MoE block and experts) turns it on.
+    module with a ``batch_invariant`` attribute (attention, MLP, RMSNorm, MoE block and experts) turns it on.
     Returns how many modules changed."""
     changed = 0
     for mod in model.modules():

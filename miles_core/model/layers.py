@@ -30,9 +30,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.batch_invariant = False  # --true-on-policy-mode: `batch_invariant.rms_norm`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.batch_invariant:
+            return self.weight * batch_invariant.rms_norm(x, self.eps).to(dtype)
         # The fused kernel computes x * rsqrt(mean(x^2) + eps) in fp32 in one pass (was 6 ops).
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * x.to(dtype)

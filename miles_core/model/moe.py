@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miles_core.model import batch_invariant, fused_moe
+from miles_core.model import invariant_kernels as ik
 from miles_core.model.swiglu import swiglu
 
 
@@ -217,8 +218,8 @@ class Experts(nn.Module):
 
     @property
     def cuda_graph_safe(self) -> bool:
-        """False in the batch-invariant path, which reads each expert's row count on the host."""
-        return not self.batch_invariant
+        """False in the batch-invariant path off CUDA-with-triton, which reads expert counts on the host."""
+        return not self.batch_invariant or (self.gate_up_proj.is_cuda and ik.available(self.gate_up_proj))
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] = sum_k weight * expert_k(x)."""
@@ -271,9 +272,15 @@ class Experts(nn.Module):
 
     def _invariant(self, x, flat, order, dest, weight) -> torch.Tensor:
         """Each expert's copies through `batch_invariant.linear` (a row's result does not depend on how
-        many rows its expert got), then each token's k outputs added in routing order (`combine`)."""
+        many rows its expert got), then each token's k outputs added in routing order (`combine`). On
+        CUDA the grouped Triton kernels (`invariant_kernels.experts`) with the same fixed tiles."""
         bi = batch_invariant
         n, k = weight.shape
+        if ik.available(x):  # static grid, bounds on the device: no host read
+            bounds = expert_bounds(flat, self.num_experts)
+            w = self.gate_up_proj
+            ys = ik.experts(x.to(w.dtype), order // k, bounds, w, self.down_proj)
+            return bi.combine(ys[dest].view(n, k, -1), weight).to(x.dtype)
         xs = x[order // k]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         outs, start = [], 0

@@ -3,9 +3,10 @@ builds (policy, reference, rollout engine) to the batch-invariant ops of `miles_
 and the check of the flags the mode cannot honour.
 
 With the ops on both sides, each response token's log-prob that the engine sampled from (prefill, then
-eager decode steps of any batch) equals bitwise the one the trainer recomputes (padded or packed
-micro-batches of any size, activation recompute on or off), for dense and MoE models: the logged
-``train/train_rollout_logprob_abs_diff`` and ``train/train_rollout_kl`` are exactly 0.
+decode steps of any batch: eager on CPU, CUDA graphs on GPU) equals bitwise the one the trainer
+recomputes (padded or packed micro-batches of any size, activation recompute on or off), for dense and MoE
+models, on CPU in fp32 and on CUDA (Triton kernels, `miles_core.model.invariant_kernels`) in fp32 and
+bf16: the logged ``train/train_rollout_logprob_abs_diff`` and ``train/train_rollout_kl`` are exactly 0.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import argparse
 import torch
 
 from miles_core.errors import UsageError
-from miles_core.model import make_batch_invariant
+from miles_core.model import invariant_kernels, make_batch_invariant
 from miles_core.plugins import hookimpl
 
-# Flags whose kernels reduce in another order than the batch-invariant ops (compiled fusions, Triton
-# expert kernels): refused in the mode.
+# Flags whose kernels reduce in another order than the batch-invariant ops, refused in the mode:
+# torch.compile (inductor fuses elementwise chains, computes them in fp32 and rounds once, where eager
+# rounds after each op) and the decode-only Triton expert kernels.
 _REFUSED = (
     ("train_compile", "--train-compile"),
     ("rollout_compile", "--rollout-compile"),
@@ -54,5 +56,10 @@ def configure_model(args: argparse.Namespace, model: torch.nn.Module, role: str)
         raise UsageError(
             f"--true-on-policy-mode on CPU is bitwise in fp32 only, but the {role} model is "
             f"{str(param.dtype).removeprefix('torch.')}; drop --bf16."
+        )
+    if param.device.type == "cuda" and invariant_kernels.triton is None:
+        raise UsageError(
+            "--true-on-policy-mode on CUDA runs its batch-invariant Triton kernels, but triton is not "
+            "installed; pip install triton."
         )
     make_batch_invariant(model)

@@ -257,6 +257,8 @@ class Trainer:
         else:
             logits = out.logits[mb.resp_rows, mb.resp_cols]
         if mb.temperature is not None:
+            if self.args.true_on_policy_mode:  # as the sampler tempers: fp32 logits / fp32 temperature
+                return logits.float() / mb.temperature[:, None].float()
             logits = logits / mb.temperature[:, None].to(logits.dtype)
         return logits
 
