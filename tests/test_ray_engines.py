@@ -2,7 +2,7 @@
 answer, one killed by SIGKILL is noticed and restarted in a new process, `HttpEngine` drives the fleet
 unchanged and stopping it leaves no engine process, an engine that cannot start says why; trainer-rank and
 engine actors share a bundle when colocated; a placement group the cluster cannot hold is refused in one
-sentence."""
+sentence; a trainer rank that dies is named even when a peer's collective fails first."""
 
 from __future__ import annotations
 
@@ -228,3 +228,50 @@ def test_placement_group_the_cluster_cannot_hold_is_refused(cluster):
     with pytest.raises(UsageError) as again:
         create_placement_group(Layout.from_args(args), timeout=60, fixed_size=True)
     assert time.monotonic() - start < 5 and str(again.value) == msg
+
+
+class _Rank:
+    """A stand-in trainer rank: ``step`` raises after ``fail_after`` seconds (a collective whose peer is
+    gone) or kills its own process after ``die_after`` seconds."""
+
+    def step(self, fail_after: float | None, die_after: float | None) -> None:
+        if die_after is not None:
+            time.sleep(die_after)
+            os._exit(1)
+        time.sleep(fail_after)
+        raise RuntimeError("Read error [127.0.0.1]:22756: Connection reset by peer")
+
+
+def _group_wait(plan: list[tuple[float | None, float | None]]) -> BaseException:
+    import sys
+
+    from ray import cloudpickle
+
+    from miles_core.distributed.group import TrainGroup
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import this file
+    ranks = [ray.remote(num_cpus=0)(_Rank).remote() for _ in plan]
+    group = TrainGroup(argparse.Namespace(save=None), ranks, colocated=False)
+    refs = [r.step.remote(*p) for r, p in zip(ranks, plan)]
+    with pytest.raises(Exception) as err:
+        group.wait(refs, list(range(len(plan))))
+    return err.value
+
+
+def test_a_rank_that_dies_is_named_though_a_peer_fails_first(cluster):
+    """SIGKILL one rank mid-collective and its peer's collective fails at once ("connection reset"),
+    often before Ray reports the death: the run still ends naming the dead rank, not the peer's error."""
+    from miles_core.distributed.group import RankDied
+
+    err = _group_wait([(0.1, None), (None, 1.0)])
+    assert isinstance(err, RankDied) and str(err).startswith("trainer rank 1 died"), err
+    assert "pass --save DIR" in str(err)
+
+
+def test_an_error_in_every_rank_is_raised_as_it_is(cluster):
+    from miles_core.distributed.group import DEATH_GRACE_S
+
+    t0 = time.monotonic()
+    err = _group_wait([(0.1, None), (0.2, None)])
+    assert isinstance(err, RuntimeError) and "Connection reset" in str(err), err
+    assert time.monotonic() - t0 < DEATH_GRACE_S  # the others' answers came in: no waiting out the grace

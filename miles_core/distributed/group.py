@@ -45,6 +45,9 @@ def resume_command(args: argparse.Namespace) -> str:
     return shlex.join(["miles", *argv, "--load", str(args.save)])
 
 
+DEATH_GRACE_S = 10.0  # how long a rank's error waits for the others to say whether one of them died
+
+
 class RankDied(UsageError):
     """A trainer rank's process died; the message names it and how to resume."""
 
@@ -91,7 +94,9 @@ class TrainGroup:
     def wait(self, refs: list[Any], which: list[int]) -> list[Any]:
         """The answers of ``refs``. A rank that died ends the run at once, naming the rank: the others
         may be blocked in a collective with it, so they are killed, not waited for. An error raised in a
-        rank is raised here (the ranks are killed too when the call went to several)."""
+        rank is raised here (the ranks are killed too when the call went to several), unless a rank died:
+        the others' collectives then fail first ("connection reset by peer"), so before their error is
+        raised the rest get `DEATH_GRACE_S` to say whether one of them died."""
         import ray
 
         pending = list(refs)
@@ -100,21 +105,31 @@ class TrainGroup:
             try:
                 ray.get(done[0])
             except ray.exceptions.RayActorError as e:
-                rank = which[refs.index(done[0])]
-                self.kill()
-                how = (
-                    f"resume from its last checkpoint with: {resume_command(self.args)}"
-                    if self.args.save
-                    else "pass --save DIR to make runs resumable"
-                )
-                raise RankDied(f"trainer rank {rank} died ({_first_line(e)}); {how}.") from None
+                self._rank_died(which[refs.index(done[0])], e)
             except ray.exceptions.RayTaskError as e:
                 if len(refs) > 1:  # the others may wait in a collective for this one forever
+                    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_GRACE_S)
+                    for ref in ready:
+                        try:
+                            ray.get(ref)
+                        except ray.exceptions.RayActorError as dead:
+                            self._rank_died(which[refs.index(ref)], dead)
+                        except ray.exceptions.RayTaskError:
+                            pass
                     self.kill()
                 if isinstance(e.cause, UsageError):  # its one sentence, without Ray's traceback
                     raise UsageError(str(e.cause)) from None
                 raise e.as_instanceof_cause() from None
         return ray.get(refs)
+
+    def _rank_died(self, rank: int, e: BaseException) -> None:
+        self.kill()
+        how = (
+            f"resume from its last checkpoint with: {resume_command(self.args)}"
+            if self.args.save
+            else "pass --save DIR to make runs resumable"
+        )
+        raise RankDied(f"trainer rank {rank} died ({_first_line(e)}); {how}.") from None
 
     def kill(self) -> None:
         import ray
