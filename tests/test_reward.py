@@ -107,7 +107,7 @@ def test_sync_rewards_run_and_workers_are_reused(tmp_path):
     path = tmp_path / "plain.py"
     path.write_text("def reward(args, sample):\n    return len(sample.response)\n")
     runner = RewardRunner(make_args(custom_rm_path=str(path), rm_concurrency=3, rm_timeout=5.0))
-    before = threading.active_count()
+    before, earlier = threading.active_count(), set(threading.enumerate())
     for _ in range(3):
         samples = [Sample(index=i, response="x" * i) for i in range(20)]
 
@@ -117,6 +117,9 @@ def test_sync_rewards_run_and_workers_are_reused(tmp_path):
         asyncio.run(score_all())
         assert [s.reward for s in samples] == [float(i) for i in range(20)]
     assert threading.active_count() - before <= 3  # one worker per call in flight, kept for the next
+    workers = [t for t in threading.enumerate() if t.name == "miles-reward" and t not in earlier]
+    runner.close()  # a run's end: when it returns the workers and their loops' descriptors are gone
+    assert workers and not any(t.is_alive() for t in workers)
 
 
 def test_a_timeout_error_the_reward_raises_is_not_rm_timeout(tmp_path):

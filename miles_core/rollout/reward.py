@@ -63,7 +63,8 @@ class _Worker:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self._serve, name="miles-reward", daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, name="miles-reward", daemon=True)
+        self.thread.start()
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -126,6 +127,8 @@ class RewardRunner:
         idle, self._idle = self._idle, []
         for worker in idle:
             worker.abandon()
+        for worker in idle:  # idle: each closes its loop at once (bounded, should one be slow to run)
+            worker.thread.join(5)
 
     @property
     def failures(self) -> int:
