@@ -11,18 +11,9 @@ from test_cli import base_argv, error_of, run_example
 
 from miles_core.cli import main
 from miles_core.rollout.dynamic_sampling import check_reward_nonzero_std, load_filter
+from miles_core.testing import one_torch_thread  # noqa: F401  (an autouse fixture)
 from miles_core.train.trainer import Trainer
 from miles_core.types import Sample, Status, UsageError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These runs are faster on one thread on 2 shared cores; the rest of the suite keeps its setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 FILTER = "check_reward_nonzero_std"
 

@@ -14,19 +14,11 @@ from miles_core.cli import main
 from miles_core.loop import make_train_batch
 from miles_core.model import load_model
 from miles_core.plugins import get_plugin_manager
+from miles_core.testing import one_torch_thread  # noqa: F401  (an autouse fixture)
 from miles_core.train.checkpoint import latest_checkpoint
 from miles_core.train.ppo import PPO, gae, ppo_token_rewards, value_loss
 from miles_core.train.trainer import Trainer
 from miles_core.types import TrainBatch, UsageError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These runs are faster on one thread on 2 shared cores; the rest of the suite keeps its setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def close(got, want):
