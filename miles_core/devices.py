@@ -124,8 +124,8 @@ class Parking:
                 continue
             seen.add(st.data_ptr())
             storages.append(st)
-        cuda = [st.device for st in storages if st.device.type == "cuda"]
-        with torch.cuda.stream(self._side(cuda[0])) if cuda else contextlib.nullcontext():
+        cuda = next((st.device for st in storages if st.device.type == "cuda"), None)
+        with torch.cuda.stream(self._side(cuda)) if cuda else contextlib.nullcontext():
             for i, st in enumerate(storages):
                 if i == len(self._hosts) or self._hosts[i].numel() != st.nbytes():
                     host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=st.device.type == "cuda")
@@ -157,10 +157,10 @@ class Parking:
             self._sync()  # the host buffers are not rewritten under a copy in flight
             self._parked = []
             return
-        cuda = [st.device for st, _ in self._parked if st.device.type == "cuda"]
+        cuda = next((st.device for st, _ in self._parked if st.device.type == "cuda"), None)
         for st, host in self._parked:
             st.resize_(host.numel())  # allocated on the current stream, written on the side stream
-        with torch.cuda.stream(self._side(cuda[0])) if cuda else contextlib.nullcontext():
+        with torch.cuda.stream(self._side(cuda)) if cuda else contextlib.nullcontext():
             for st, host in self._parked:
                 _bytes(st).copy_(host, non_blocking=True)
             if cuda:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -122,7 +122,7 @@ class TrainGroup:
                 raise e.as_instanceof_cause() from None
         return ray.get(refs)
 
-    def _rank_died(self, rank: int, e: BaseException) -> None:
+    def _rank_died(self, rank: int, e: BaseException) -> NoReturn:
         self.kill()
         how = (
             f"resume from its last checkpoint with: {resume_command(self.args)}"
