@@ -77,13 +77,26 @@ def generate_across_update(engine, ctx, new_model, mode: str, after: int = 5) ->
 
         out["sample"] = asyncio.run(go())
 
+    accept, held = engine._accept, threading.Event()
+
+    def accept_then_hold(*a, **kw):
+        """The scheduler waits, once `after` tokens exist, until the pause below is queued: so the pause
+        lands after `after` tokens however fast the rollout thread runs."""
+        taken = accept(*a, **kw)
+        if engine.generated_tokens >= after and not held.is_set():
+            held.set()
+            for _ in range(10_000):
+                if engine._calls:
+                    break
+                time.sleep(0.001)
+        return taken
+
+    engine._accept = accept_then_hold
     thread = threading.Thread(target=rollout)
     thread.start()
-    for _ in range(10_000):
-        if engine.generated_tokens >= after:
-            break
-        time.sleep(0.001)
+    assert held.wait(60), "the rollout never reached `after` tokens"
     engine.pause_generation(mode)
+    engine._accept = accept
     engine.update_weights(named_hf_tensors(new_model), version=1)
     engine.continue_generation()
     thread.join(60)
