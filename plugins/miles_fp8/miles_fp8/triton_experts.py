@@ -64,13 +64,19 @@ def block_m(tokens: int, copies: int, num_experts: int) -> int:
 
 
 if triton is not None:
-    from miles_fp8.triton_fp8 import _dot, _quant_rows, _rounded  # noqa: F401  (the kernels' globals)
+    from miles_fp8.triton_fp8 import (  # noqa: F401  (the kernels' globals)
+        _acc_add,
+        _acc_rows,
+        _acc_zeros,
+        _quant_rows,
+        _rounded,
+    )
 
     @triton.jit
     def _fp8_gate_up_kernel(
         x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, src_ptr, bounds_ptr, out_ptr, g_ptr, u_ptr, hidden, inter,
         stride_x, n_chunks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        MODE: tl.constexpr, SAVE: tl.constexpr,
+        MODE: tl.constexpr, SAVE: tl.constexpr, SWAP: tl.constexpr,
     ):  # fmt: skip
         # SAVE (training): also store the rounded gate and up outputs for the SwiGLU backward.
         e = tl.program_id(0)
@@ -90,8 +96,8 @@ if triton is not None:
                 m = m0 + tl.arange(0, BLOCK_M)
                 m_ok = m < end
                 src = tl.load(src_ptr + m, mask=m_ok, other=0)
-                acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc_g = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
+                acc_u = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 for b in range(0, kb):
                     k = b * BLOCK_K + kk
                     k_ok = k < hidden
@@ -103,13 +109,13 @@ if triton is not None:
                     wu = tl.load(wu_ptr + w_off + k[None, :], mask=wmask, other=0.0)
                     sg = tl.load(sg_ptr + s_off + b, mask=n_ok, other=0.0)
                     su = tl.load(su_ptr + s_off + b, mask=n_ok, other=0.0)
-                    acc_g += _dot(xq, wg, MODE) * (xs[:, None] * sg[None, :])
-                    acc_u += _dot(xq, wu, MODE) * (xs[:, None] * su[None, :])
+                    acc_g = _acc_add(acc_g, xq, xs, wg, sg, MODE, SWAP)
+                    acc_u = _acc_add(acc_u, xq, xs, wu, su, MODE, SWAP)
                 # SwiGLU rounded as the per-expert loop and the trainer round it: gate and up outputs
                 # to x's dtype, silu(gate) to x's dtype, then the product (a no-op for fp32).
                 dt = out_ptr.dtype.element_ty
-                g = _rounded(acc_g, dt, MODE)
-                u = _rounded(acc_u, dt, MODE)
+                g = _rounded(_acc_rows(acc_g, SWAP), dt, MODE)
+                u = _rounded(_acc_rows(acc_u, SWAP), dt, MODE)
                 act = _rounded(_rounded(g * tl.sigmoid(g), dt, MODE) * u, dt, MODE)
                 omask = m_ok[:, None] & n_ok[None, :]
                 tl.store(out_ptr + m[:, None] * inter + n[None, :], act.to(dt), mask=omask)
@@ -128,7 +134,8 @@ def _run(x, src, bounds, weights, act, out, mode: str, saved: tuple | None = Non
     grid1 = (num_experts, triton.cdiv(inter, c1["BLOCK_N"]))
     _fp8_gate_up_kernel[grid1](
         x, gate, up, gate_s, up_s, src, bounds, act, *(saved or (act, act)), hidden, inter, x.stride(0),
-        chunks, BLOCK_M=bm, BLOCK_K=triton_fp8.BLOCK, MODE=mode, SAVE=saved is not None, **c1,
+        chunks, BLOCK_M=bm, BLOCK_K=triton_fp8.BLOCK, MODE=mode, SAVE=saved is not None,
+        SWAP=triton_fp8.swapped(bm), **c1,
     )  # fmt: skip
     triton_fp8.launch_rows(act, down, down_s, bounds, out, m, chunks, 1, dict(DOWN, BLOCK_M=bm), mode)
 

@@ -42,7 +42,7 @@ DENSE = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # BLOCK_N: `dense_bloc
 # From this many rows `linear.fp8_mm` quantizes x in one fused pass first (`fp8_linear_quantized`)
 # instead of once per column tile inside the GEMM; the same codes, so the same bits either way.
 PREQ_ROWS = 512
-# CUDA device index -> "fp8" / "bf16" (how the kernels multiply there) or "off", probed on first use
+# CUDA device index -> "fp8" / "fp16" / "bf16" (how the kernels multiply there) or "off", probed on first use
 # (before any compiled or captured step: the engine runs an eager prefill first), so a compiled decode
 # step reads a dict instead of the driver.
 _modes: dict[int, str] = {}
@@ -99,6 +99,16 @@ if triton is not None:
         return x.to(dt).to(tl.float32)
 
     @triton.jit
+    def _operand(q, MODE: tl.constexpr):
+        """e4m3 codes as the dot's operand type: as they are (fp8), or exactly upcast to fp16 / bf16."""
+        if MODE == "fp16":
+            return q.to(tl.float16)
+        elif MODE == "bf16":
+            return q.to(tl.bfloat16)
+        else:
+            return q
+
+    @triton.jit
     def _quant_rows(x, MODE: tl.constexpr):
         """x [BM, BK] (one 128-column block) -> (codes in the dot's dtype, fp32 scale [BM]) as `quant`."""
         x = x.to(tl.float32)
@@ -109,27 +119,66 @@ if triton is not None:
         y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
         if MODE == "fp32":
             q = _round_e4m3(y)
-        elif MODE == "bf16":
-            q = y.to(tl.float8e4nv).to(tl.bfloat16)
         else:
-            q = y.to(tl.float8e4nv)
+            q = _operand(y.to(tl.float8e4nv), MODE)
         return q, scale
 
     @triton.jit
     def _dot(a, w, MODE: tl.constexpr):
-        """a [BM, BK] codes from `_quant_rows`, w [BN, BK] e4m3 -> fp32 [BM, BN], exact products."""
+        """a [BM, BK] codes from `_quant_rows`, w [BN, BK] e4m3 -> fp32 [BM, BN], exact products.
+
+        FP8: ``max_num_imprecise_acc=32`` adds each k32 wgmma's partial sum into an fp32 accumulator;
+        Triton's Hopper default keeps the whole K in the tensor core's reduced-precision accumulator
+        (4.2e-3 relative error on the probe on an H100, so the probe fell back to bf16 products); 0
+        would make Triton upcast e4m3 to fp16 mma.sync instead."""
         if MODE == "fp32":  # the interpreter: float64 sums of these products are exact, in any order
             return tl.dot(a.to(tl.float64), tl.trans(w.to(tl.float32).to(tl.float64))).to(tl.float32)
-        elif MODE == "bf16":
-            return tl.dot(a, tl.trans(w.to(tl.bfloat16)))
+        elif MODE == "fp8":
+            return tl.dot(a, tl.trans(w), max_num_imprecise_acc=32)
         else:
-            return tl.dot(a, tl.trans(w))
+            return tl.dot(a, tl.trans(_operand(w, MODE)))
+
+    @triton.jit
+    def _dot_t(w, a, MODE: tl.constexpr):
+        """`_dot` transposed: w [BN, BK] e4m3, a [BM, BK] codes -> fp32 [BN, BM]. The weight tile is the
+        MMA's row operand, so a 16-row decode tile still runs 64-row FP8 wgmma on Hopper (below 64 rows
+        Triton upcasts e4m3 to fp16 mma.sync); each product is the same, so is each exact block sum."""
+        if MODE == "fp32":
+            return tl.dot(w.to(tl.float32).to(tl.float64), tl.trans(a.to(tl.float64))).to(tl.float32)
+        elif MODE == "fp8":
+            return tl.dot(w, tl.trans(a), max_num_imprecise_acc=32)
+        else:
+            return tl.dot(_operand(w, MODE), tl.trans(a))
+
+    @triton.jit
+    def _acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+        """The fp32 accumulator: [BM, BN], or [BN, BM] for a SWAP tile (`_dot_t`)."""
+        if SWAP:
+            return tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    @triton.jit
+    def _acc_add(acc, aq, a_s, w, s, MODE: tl.constexpr, SWAP: tl.constexpr):
+        """acc + the block's products scaled by row scale ``a_s`` [BM] times weight scale ``s`` [BN]."""
+        if SWAP:
+            return acc + _dot_t(w, aq, MODE) * (s[:, None] * a_s[None, :])
+        else:
+            return acc + _dot(aq, w, MODE) * (a_s[:, None] * s[None, :])
+
+    @triton.jit
+    def _acc_rows(acc, SWAP: tl.constexpr):
+        """The accumulator as [BM, BN]."""
+        if SWAP:
+            return tl.trans(acc)
+        else:
+            return acc
 
     @triton.jit
     def _fp8_rows_kernel(
         a_ptr, as_ptr, w_ptr, s_ptr, bounds_ptr, out_ptr, rows, n_out, k_in, stride_a, n_chunks,
         GROUPED: tl.constexpr, PREQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+        BLOCK_K: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr,
     ):  # fmt: skip
         """out [M, n_out] (row stride n_out) = fp8(a) @ dequant(W_e).T, W [E, n_out, k_in] e4m3 with scales
         [E, ceil(n_out/128), ceil(k_in/128)]. GROUPED: program (e, n tile, z) does expert e's rows
@@ -158,7 +207,7 @@ if triton is not None:
                 m = m0 + tl.arange(0, BLOCK_M)
                 m_ok = m < end
                 m64 = m.to(tl.int64)
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 for b in range(0, kb):
                     k = b * BLOCK_K + kk
                     k_ok = k < k_in
@@ -168,18 +217,23 @@ if triton is not None:
                         a_s = tl.load(as_ptr + m64 * kb + b, mask=m_ok, other=1.0)
                         if MODE == "fp32":
                             aq = a.to(tl.float32)
-                        elif MODE == "bf16":
-                            aq = a.to(tl.bfloat16)
                         else:
-                            aq = a
+                            aq = _operand(a, MODE)
                     else:
                         aq, a_s = _quant_rows(a, MODE)
                     w = tl.load(w_ptr + w_off + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                     s = tl.load(s_ptr + s_off + b, mask=n_ok, other=0.0)
-                    acc += _dot(aq, w, MODE) * (a_s[:, None] * s[None, :])
+                    acc = _acc_add(acc, aq, a_s, w, s, MODE, SWAP)
                 dt = out_ptr.dtype.element_ty
-                y = _rounded(acc, dt, MODE).to(dt)
+                y = _rounded(_acc_rows(acc, SWAP), dt, MODE).to(dt)
                 tl.store(out_ptr + m64[:, None] * n_out + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def swapped(block_m: int) -> bool:
+    """Whether tiles of ``block_m`` rows multiply transposed (`_dot_t`): below 64 rows, so FP8 runs on
+    64-row wgmma with the weight as the row operand. Fixed by the row block, so a row block always gives
+    the same instruction and the same bits."""
+    return block_m < 64
 
 
 def launch_config(cfg: dict) -> dict:
@@ -209,7 +263,7 @@ def launch_rows(
     _fp8_rows_kernel[grid](
         a, s if a_scale is None else a_scale, w, s, s if bounds is None else bounds, out, rows, n_out, k_in,
         a.stride(0), chunks, GROUPED=bounds is not None, PREQ=a_scale is not None, BLOCK_K=BLOCK, MODE=mode,
-        **launch_config(cfg),
+        SWAP=swapped(cfg["BLOCK_M"]), **launch_config(cfg),
     )  # fmt: skip
 
 
@@ -271,8 +325,8 @@ def _(xq, x_scale, weight, weight_scale, dtype):
 
 
 def _probe(device: torch.device) -> str:
-    """How the kernels multiply on this card: FP8 products, else bf16 products (`probe_error` < 1e-3),
-    else off; and whether the pre-quantized GEMM gives the in-kernel bits (`probe_preq`)."""
+    """How the kernels multiply on this card: FP8 products, else the same products on e4m3 codes upcast
+    exactly to fp16 (one conversion instruction), else to bf16 (`probe_error` < 1e-3 each), else off; and whether the pre-quantized GEMM gives the in-kernel bits (`probe_preq`)."""
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         raise RuntimeError(
             "the FP8 Triton kernels were first used inside a CUDA graph capture or torch.compile trace; "
@@ -281,13 +335,13 @@ def _probe(device: torch.device) -> str:
     if torch.cuda.get_device_capability(device) < (8, 9):
         return "off"
     why = ""
-    for mode in ("fp8", "bf16"):
+    for mode in ("fp8", "fp16", "bf16"):
         try:
             err = probe_error(device, mode)
             if not err < 1e-3:
                 raise ValueError(f"relative error {err:.2e} against the emulation")
             if mode != "fp8":
-                log.warning("FP8 tensor-core dot unusable here (%s); the FP8 kernels multiply in bf16", why)
+                log.warning("FP8 tensor-core dot unusable here (%s); the FP8 kernels multiply in %s", why, mode)
             _preq[device.index] = probe_preq(device, mode)
             return mode
         except Exception as e:  # this Triton / card cannot compile or run that dot
