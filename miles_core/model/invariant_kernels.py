@@ -235,14 +235,15 @@ class _TorchGrad(torch.autograd.Function):
         return fast(*xs)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):  # one grad per output (`fast` may return a tuple)
         xs = [c if t is None else t for t, c in zip(ctx.saved_tensors, ctx.consts)]
         need = [i for i, x in enumerate(xs) if isinstance(x, torch.Tensor) and ctx.needs_input_grad[i + 2]]
         with torch.enable_grad():
             xs = [x.detach().requires_grad_(i in need) if isinstance(x, torch.Tensor) else x
                   for i, x in enumerate(xs)]  # fmt: skip
             out = ctx.ref(*xs)
-            got = torch.autograd.grad(out, [xs[i] for i in need], grad, allow_unused=True)
+            outs = out if isinstance(out, tuple) else (out,)
+            got = torch.autograd.grad(outs, [xs[i] for i in need], grads, allow_unused=True)
         grads: list = [None] * (len(xs) + 2)
         for i, gr in zip(need, got):
             grads[i + 2] = gr

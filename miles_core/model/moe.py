@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_core.model import batch_invariant, fused_moe
+from miles_core.model import batch_invariant, fused_moe, invariant_fused
 from miles_core.model import invariant_kernels as ik
 from miles_core.model.swiglu import swiglu
 
@@ -280,7 +280,7 @@ class Experts(nn.Module):
             bounds = expert_bounds(flat, self.num_experts)
             w = self.gate_up_proj
             ys = ik.experts(x.to(w.dtype), order // k, bounds, w, self.down_proj)
-            return bi.combine(ys[dest].view(n, k, -1), weight).to(x.dtype)
+            return invariant_fused.combine(ys, dest, weight).to(x.dtype)
         xs = x[order // k]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         outs, start = [], 0
@@ -343,7 +343,9 @@ class SparseMoeBlock(nn.Module):
                 )
             idx = routing.replay[m].reshape(-1, self.top_k).to(device=x.device, dtype=torch.long)
             w = probs.gather(1, idx)
-        if self.norm_topk_prob:
+        if self.norm_topk_prob and self.batch_invariant and invariant_fused.available(w):
+            w = invariant_fused.normalize_topk(w, x.dtype)  # sum, divide and cast in one kernel
+        elif self.norm_topk_prob:
             w = w / (batch_invariant.row_sum(w) if self.batch_invariant else w.sum(dim=-1, keepdim=True))
         if routing is not None and routing.record:
             routing.router_topk.append(own_idx.view(*shape, self.top_k))

@@ -1,0 +1,275 @@
+"""Fused elementwise kernels of ``--true-on-policy-mode`` on CUDA: the small ops around the matmuls.
+
+The mode cannot compile (inductor would round elementwise chains differently on the two sides), so in eager
+every residual add, norm weight, rope term, SwiGLU step, MoE weighting and cast was its own kernel (about
+45% of the mode's GPU time on the 0.7B bench). Each op here is one Triton kernel in which every element is
+computed by one fixed formula, rounded to the model dtype after each step as eager torch does, whatever
+the batch, the element's place in the tile, or whether it runs in a decode step, a prefill or a packed or
+padded training micro-batch; the engine and the trainer call the same kernels, so they get the same bits:
+
+- `add_rms_norm`: ``s = h + delta`` (rounded) and ``weight * rms_norm(s)`` in one row kernel (``delta``
+  None: the norm alone);
+- `rope`: q or k's optional per-head RMSNorm (Qwen3's q/k norm) and rotary embedding in one kernel;
+- `silu_mul`: the dense MLP's SwiGLU, rounded like the expert kernels' epilogue;
+- `combine`: each token's k expert outputs, un-sorted and weighted, added in routing order;
+- `normalize_topk`: the router's top-k weights divided by their left-to-right sum.
+
+Row kernels reduce in their load layout, which Triton picks from pointer alignment and integer values, so
+every pointer and integer argument is kept unspecialized: one compiled kernel per dtype serves every call.
+The backward of each op is torch's gradient of the same function (`invariant_kernels._TorchGrad`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from miles_core.model.invariant_kernels import _grad_wrap, available, tl, triton
+
+__all__ = ["add_rms_norm", "available", "combine", "normalize_topk", "rope", "silu_mul"]
+
+ROW_BLOCK = 1024  # columns per step of the row kernels (as `invariant_kernels.ROW_BLOCK`)
+ELEM_BLOCK = 1024  # elements per program of the elementwise kernels
+TOPK_ROWS = 64  # rows per program of `normalize_topk`
+
+
+def _pin(*ptrs: str, ints: tuple[str, ...]) -> dict:
+    return {"do_not_specialize": list(ints), "do_not_specialize_on_alignment": list(ptrs)}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _r(x, DT: tl.constexpr):
+        """x rounded to the model dtype, back in fp32 (a no-op for fp32 models)."""
+        return x.to(DT).to(tl.float32)
+
+    @triton.jit(**_pin("x_ptr", "r_ptr", "w_ptr", "s_ptr", "out_ptr", ints=("d", "sx", "sr")))
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, s_ptr, out_ptr, d, sx, sr, eps, HAS_RES: tl.constexpr,
+                             BLOCK: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        dt = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c0 in range(0, d, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            ok = c < d
+            xv = tl.load(x_ptr + row * sx + c, mask=ok, other=0.0).to(tl.float32)
+            if HAS_RES:  # the sum rounded to the dtype first, as ``h + delta`` in eager
+                xv = _r(xv + tl.load(r_ptr + row * sr + c, mask=ok, other=0.0).to(tl.float32), dt)
+                tl.store(s_ptr + row * d + c, xv.to(dt), mask=ok)
+            acc += xv * xv
+        inv = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / d + eps)
+        for c0 in range(0, d, BLOCK):  # the sum recomputed, not re-read: other threads stored it
+            c = c0 + tl.arange(0, BLOCK)
+            ok = c < d
+            xv = tl.load(x_ptr + row * sx + c, mask=ok, other=0.0).to(tl.float32)
+            if HAS_RES:
+                xv = _r(xv + tl.load(r_ptr + row * sr + c, mask=ok, other=0.0).to(tl.float32), dt)
+            wv = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * d + c, (_r(xv * inv, dt) * wv).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit(**_pin("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "out_ptr", ints=("heads", "half", "st", "sh")))
+    def _rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, half, st, sh, eps, NORM: tl.constexpr,
+                     BLOCK: tl.constexpr):  # fmt: skip
+        """Program (token, head): the head's D = 2 half values, normed (NORM) then rotated."""
+        tok = tl.program_id(0).to(tl.int64)
+        hd = tl.program_id(1).to(tl.int64)
+        dt = out_ptr.dtype.element_ty
+        c = tl.arange(0, BLOCK)
+        ok = c < half
+        src = x_ptr + tok * st + hd * sh
+        x1 = tl.load(src + c, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + half + c, mask=ok, other=0.0).to(tl.float32)
+        if NORM:  # w * rms_norm(x).to(dt), as `layers.RMSNorm`
+            inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * half) + eps)
+            x1 = _r(_r(x1 * inv, dt) * tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32), dt)
+            x2 = _r(_r(x2 * inv, dt) * tl.load(w_ptr + half + c, mask=ok, other=0.0).to(tl.float32), dt)
+        tab = tok * 2 * half + c
+        c1 = tl.load(cos_ptr + tab, mask=ok, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + half + tab, mask=ok, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + tab, mask=ok, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + half + tab, mask=ok, other=0.0).to(tl.float32)
+        dst = out_ptr + (tok * heads + hd) * 2 * half + c
+        # x * cos + rotate_half(x) * sin, each product rounded, then the sum: rotate_half = (-x2, x1)
+        tl.store(dst, (_r(x1 * c1, dt) - _r(x2 * s1, dt)).to(dt), mask=ok)
+        tl.store(dst + half, (_r(x2 * c2, dt) + _r(x1 * s2, dt)).to(dt), mask=ok)
+
+    @triton.jit(**_pin("g_ptr", "u_ptr", "out_ptr", ints=("n",)))
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        dt = out_ptr.dtype.element_ty
+        g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        den = _r(1.0 + _r(tl.exp(-g), dt), dt)  # g / (1 + exp(-g)) * u, rounded after each op
+        tl.store(out_ptr + i, (_r(g / den, dt) * u).to(dt), mask=ok)
+
+    @triton.jit(**_pin("ys_ptr", "dest_ptr", "w_ptr", "out_ptr", ints=("hidden",)))
+    def _combine_kernel(ys_ptr, dest_ptr, w_ptr, out_ptr, hidden, K: tl.constexpr, BLOCK: tl.constexpr):
+        """out[t] = ((w0 y0 + w1 y1) + w2 y2) + ..., y_j = ys[dest[t K + j]], each product and sum rounded."""
+        t = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = c < hidden
+        dt = out_ptr.dtype.element_ty
+        row = tl.load(dest_ptr + t * K).to(tl.int64)
+        wj = _r(tl.load(w_ptr + t * K).to(tl.float32), dt)
+        acc = _r(tl.load(ys_ptr + row * hidden + c, mask=ok, other=0.0).to(tl.float32) * wj, dt)
+        for j in tl.static_range(1, K):
+            row = tl.load(dest_ptr + t * K + j).to(tl.int64)
+            wj = _r(tl.load(w_ptr + t * K + j).to(tl.float32), dt)
+            y = tl.load(ys_ptr + row * hidden + c, mask=ok, other=0.0).to(tl.float32)
+            acc = _r(acc + _r(y * wj, dt), dt)
+        tl.store(out_ptr + t * hidden + c, acc.to(dt), mask=ok)
+
+    @triton.jit(**_pin("w_ptr", "out_ptr", ints=("n",)))
+    def _topk_norm_kernel(w_ptr, out_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr):
+        """Each row of w [n, K] (fp32) over its left-to-right sum; a lane per row."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < n
+        total = tl.load(w_ptr + rows * K, mask=ok, other=1.0).to(tl.float32)
+        for j in tl.static_range(1, K):
+            total = total + tl.load(w_ptr + rows * K + j, mask=ok, other=0.0).to(tl.float32)
+        for j in tl.static_range(K):
+            wj = tl.load(w_ptr + rows * K + j, mask=ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows * K + j, (wj / total).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _norm_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def _add_rms_norm_fwd(h, delta, weight, eps):
+    rows = _rows(h)
+    n, d = rows.shape
+    out = torch.empty(n, d, dtype=_norm_dtype(h, weight), device=h.device)
+    res = rows if delta is None else _rows(delta.to(h.dtype))
+    s = out if delta is None else torch.empty(n, d, dtype=h.dtype, device=h.device)
+    if n:
+        _add_rms_norm_kernel[(n,)](
+            rows, res, weight.contiguous(), s, out, d, rows.stride(0), res.stride(0), eps,
+            HAS_RES=delta is not None, BLOCK=min(ROW_BLOCK, triton.next_power_of_2(d)),
+        )  # fmt: skip
+    if delta is None:
+        return out.reshape(h.shape)
+    return s.reshape(h.shape), out.reshape(h.shape)
+
+
+def _add_rms_norm_ref(h, delta, weight, eps):
+    s = h if delta is None else h + delta.to(h.dtype)
+    normed = weight * F.rms_norm(s.float(), (s.shape[-1],), eps=eps).to(h.dtype)
+    return normed if delta is None else (s, normed)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """`layers.RMSNorm` of ``s = h + delta`` (rounded to h's dtype first); returns ``(s, weight * norm(s))``,
+    or with ``delta`` None only the normed ``h``. h/delta ``[..., D]``, weight ``[D]``."""
+    return _grad_wrap(_add_rms_norm_fwd, _add_rms_norm_ref, h, delta, weight, eps)
+
+
+def _rope_fwd(x, weight, cos, sin, eps):
+    b, t, heads, d = x.shape
+    rows = x.reshape(b * t, heads, d)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(b, t, heads, d, dtype=x.dtype, device=x.device)
+    cos, sin = (c.to(x.dtype).expand(b, t, d).reshape(b * t, d).contiguous() for c in (cos, sin))
+    if b * t:
+        w = rows if weight is None else weight.contiguous()
+        _rope_kernel[(b * t, heads)](
+            rows, w, cos, sin, out, heads, d // 2, rows.stride(0), rows.stride(1), eps,
+            NORM=weight is not None, BLOCK=max(16, triton.next_power_of_2(d // 2)),
+        )  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def _rope_ref(x, weight, cos, sin, eps):
+    dt = x.dtype
+    if weight is not None:
+        x = (weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(dt)).to(dt)
+    x = x.transpose(1, 2)
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(dt).unsqueeze(1), sin.to(dt).unsqueeze(1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float):
+    """``apply_rope(norm(x).transpose(1, 2), cos, sin)`` for x ``[B, T, heads, D]`` (a projection's view),
+    norm the per-head `layers.RMSNorm` with ``weight [D]`` (None: no norm), cos/sin ``[B, T, D]``.
+    Returns ``[B, heads, T, D]`` in x's dtype (a transposed view of a ``[B, T, heads, D]`` tensor)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"rope needs an even head size, got {x.shape[-1]}")
+    return _grad_wrap(_rope_fwd, _rope_ref, x, weight, cos, sin, eps)
+
+
+def _silu_mul_fwd(gate, up):
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    if g.numel():
+        _silu_mul_kernel[(triton.cdiv(g.numel(), ELEM_BLOCK),)](g, u, out, g.numel(), BLOCK=ELEM_BLOCK)
+    return out
+
+
+def _silu_mul_ref(gate, up):
+    return gate / (1.0 + torch.exp(-gate)) * up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``gate / (1 + exp(-gate)) * up`` (gate and up of one shape and dtype), rounded after each op."""
+    return _grad_wrap(_silu_mul_fwd, _silu_mul_ref, gate, up)
+
+
+def _combine_fwd(ys, dest, weight):
+    n, k = weight.shape
+    hidden = ys.shape[-1]
+    ys = ys if ys.stride(-1) == 1 and ys.stride(0) == hidden else ys.contiguous()
+    out = torch.empty(n, hidden, dtype=ys.dtype, device=ys.device)
+    if n:
+        block = min(ROW_BLOCK, triton.next_power_of_2(hidden))
+        grid = (n, triton.cdiv(hidden, block))
+        _combine_kernel[grid](ys, dest.contiguous(), weight.contiguous(), out, hidden, K=k, BLOCK=block)
+    return out
+
+
+def _combine_ref(ys, dest, weight):
+    n, k = weight.shape
+    w = weight.to(ys.dtype)
+    picked = ys[dest.long()].view(n, k, -1)
+    out = picked[:, 0] * w[:, :1]
+    for j in range(1, k):
+        out = out + picked[:, j] * w[:, j : j + 1]
+    return out
+
+
+def combine(ys: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum_j weight[t, j] * ys[dest[t k + j]]`` -> ``[N, H]`` in ys' dtype, added left to right.
+
+    :param ys: ``[N k, H]`` expert outputs of the sorted token copies; ``dest`` int ``[N k]``: the sorted
+        row of each copy (`moe.expert_order`); ``weight [N, k]`` the routing weights (cast to ys' dtype)."""
+    return _grad_wrap(_combine_fwd, _combine_ref, ys, dest, weight)
+
+
+def _topk_fwd(w, dtype):
+    w = w.contiguous()
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
+    if n:
+        _topk_norm_kernel[(triton.cdiv(n, TOPK_ROWS),)](w, out, n, K=k, BLOCK=TOPK_ROWS)
+    return out
+
+
+def _topk_ref(w, dtype):
+    total = w[:, :1]
+    for j in range(1, w.shape[1]):
+        total = total + w[:, j : j + 1]
+    return (w / total).to(dtype)
+
+
+def normalize_topk(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(w / w.sum(-1)).to(dtype)`` for the router's top-k weights ``w [N, k]`` (fp32), the sum added
+    left to right."""
+    return _grad_wrap(_topk_fwd, _topk_ref, w, dtype)

@@ -1,0 +1,196 @@
+"""The fused elementwise kernels of --true-on-policy-mode on CUDA (`miles_core.model.invariant_fused`).
+
+On CPU under Triton's interpreter in a fresh process (fp32): each kernel against a float64 reference and
+a value worked out by hand, a row (token) alone equals the same row in batches of other sizes and
+offsets, and each backward against torch's gradient of an independently written formula. On a GPU
+(`gpu` marker) the same in fp32 and bf16, plus the bf16 rounding points: the residual sum is rounded
+before the norm, and the normed value before the weight multiply, as eager does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_interp import needs_interpreter, run_interpreted
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# Shared by the interpreter and the CUDA checks: `dev` and `dtype` are set before it runs.
+CHECKS = r"""
+import math, torch
+from miles_core.model import invariant_fused as fu
+
+g = torch.Generator().manual_seed(0)
+tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+exact = dtype == torch.float32
+
+def rnd(*shape, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dev, dtype)
+
+def close(got, ref, what):
+    err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < tol, (what, err)
+
+def t(*vals):
+    return torch.tensor(vals, device=dev, dtype=dtype)
+
+def rms64(x, eps):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+# add_rms_norm: d below one block, and over two blocks with a partial tail (2500 > 1024 columns)
+for d in (24, 2500):
+    h, delta, w = rnd(9, d, scale=3.0), rnd(9, d), rnd(d) + 1
+    s, out = fu.add_rms_norm(h, delta, w, 1e-6)
+    assert torch.equal(s, h + delta), d  # eager's rounded sum
+    close(out, w.double() * rms64(s.double(), 1e-6), ("add_rms_norm", d))
+    close(fu.add_rms_norm(h, None, w, 1e-6), w.double() * rms64(h.double(), 1e-6), ("rms_norm", d))
+    for r, m in [(0, 1), (4, 1), (8, 1), (2, 3), (5, 4)]:
+        s1, o1 = fu.add_rms_norm(h[r : r + m].clone(), delta[r : r + m].clone(), w, 1e-6)
+        assert torch.equal(s1, s[r : r + m]) and torch.equal(o1, out[r : r + m]), (d, r, m)
+    wide = torch.cat([h, h], -1)[:, :d]  # a strided view: the row stride is read, not assumed
+    assert torch.equal(fu.add_rms_norm(wide, delta, w, 1e-6)[1], out), d
+# by hand: s = [1, 4] + [2, 0] = [3, 4], rms = sqrt(12.5); weight [1, 2] -> [3, 8] / sqrt(12.5)
+s, out = fu.add_rms_norm(t(1.0, 4.0), t(2.0, 0.0), t(1.0, 2.0), 0.0)
+assert s.tolist() == [3.0, 4.0], s
+close(out, torch.tensor([0.8485281374238570, 2.2627416997969520], dtype=torch.float64, device=dev), "hand")
+
+# rope (+ q/k norm): heads of 16 and 24 (half = 12, masked), norm on and off; x a projection's view
+for heads, d in [(3, 16), (2, 24)]:
+    b, n = 2, 37
+    x = rnd(b, n, heads * d).view(b, n, heads, d)
+    ang = torch.arange(n, device=dev)[None, :, None].double() * torch.rand(d // 2, generator=g).to(dev)
+    ang = torch.cat([ang, ang], -1).expand(b, n, d)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    wq = rnd(d) + 1
+    for weight in (None, wq):
+        full = fu.rope(x, weight, cos, sin, 1e-6)
+        assert full.shape == (b, heads, n, d), full.shape
+        xd = x.double() if weight is None else weight.double() * rms64(x.double(), 1e-6)
+        xd = xd.transpose(1, 2)
+        rot = torch.cat([-xd[..., d // 2 :], xd[..., : d // 2]], -1)
+        close(full, xd * cos.double()[:, None] + rot * sin.double()[:, None], ("rope", heads, d))
+        for row, p, m in [(1, 0, 1), (1, 36, 1), (0, 5, 4), (1, 31, 2)]:  # decode rows, a prefill chunk
+            sl = slice(p, p + m)
+            one = fu.rope(x[row : row + 1, sl].clone(), weight, cos[row : row + 1, sl], sin[row : row + 1, sl], 1e-6)
+            assert torch.equal(one, full[row : row + 1, :, sl]), (heads, d, row, p)
+# by hand: x = [1, 2], cos = 0.6, sin = 0.8 -> [1 * 0.6 - 2 * 0.8, 2 * 0.6 + 1 * 0.8] = [-1, 2]
+hand = fu.rope(t(1.0, 2.0).view(1, 1, 1, 2), None, t(0.6, 0.6).view(1, 1, 2), t(0.8, 0.8).view(1, 1, 2), 0.0)
+close(hand.reshape(2), torch.tensor([-1.0, 2.0], dtype=torch.float64, device=dev), "rope hand")
+
+# silu_mul: 2500 elements (three programs, a partial last one), elements alone
+gate, up = rnd(5, 500, scale=3.0), rnd(5, 500)
+full = fu.silu_mul(gate, up)
+close(full, torch.nn.functional.silu(gate.double()) * up.double(), "silu_mul")
+for r, c in [(0, 0), (2, 23), (4, 499)]:
+    assert torch.equal(fu.silu_mul(gate[r : r + 1, c : c + 1].clone(), up[r : r + 1, c : c + 1].clone()),
+                       full[r : r + 1, c : c + 1]), (r, c)  # fmt: skip
+ln3 = math.log(3.0)  # silu(ln 3) = ln 3 / (1 + 1/3)
+close(fu.silu_mul(t(0.0, ln3), t(5.0, 2.0)), torch.tensor([0.0, 1.5 * ln3], dtype=torch.float64, device=dev), "silu")
+
+# combine: 150 tokens top-3 over 1100 columns (two column blocks), tokens alone or in other batches
+n, k, hid = 150, 3, 1100
+ys, wts = rnd(n * k, hid), rnd(n, k).abs()
+dest = torch.randperm(n * k, generator=g).to(dev, torch.int32)
+full = fu.combine(ys, dest, wts)
+picked = ys.double()[dest.long()].view(n, k, hid)
+close(full, (picked * wts.double()[..., None]).sum(1), "combine")
+for sub in ([0], [149], [3, 40, 41], list(range(64, 130))):
+    sub = torch.tensor(sub, device=dev)
+    rows = dest.view(n, k)[sub].reshape(-1).long()
+    mine = fu.combine(ys[rows], torch.arange(len(rows), device=dev, dtype=torch.int32), wts[sub])
+    assert torch.equal(mine, full[sub]), sub.tolist()
+# by hand: token 0 = 0.5 * ys[1] + 0.25 * ys[0] (dest un-sorts); ys [1, 2], [3, 4]
+two = fu.combine(t(1.0, 2.0, 3.0, 4.0).view(2, 2), torch.tensor([1, 0], device=dev), t(0.5, 0.25).view(1, 2))
+assert two.tolist() == [[1.75, 2.5]], two
+if exact:  # routing order, left to right: (1e8 + 1) + -1e8 == 0 in fp32 (1 + -1e8 first would also be 0,
+    # but (1e8 + -1e8) + 1 == 1)
+    fold = fu.combine(t(1e8, 1.0, -1e8).view(3, 1), torch.tensor([0, 1, 2], device=dev), t(1.0, 1.0, 1.0).view(1, 3))
+    assert fold.item() == 0.0, fold
+
+# normalize_topk: 150 rows (three programs of 64), k = 3 and 8, fp32 in; rows alone
+for k in (3, 8):
+    wf = torch.rand(150, k, generator=g).to(dev) + 0.01
+    full = fu.normalize_topk(wf, dtype)
+    assert full.dtype == dtype
+    close(full, wf.double() / wf.double().sum(-1, keepdim=True), ("topk", k))
+    for r in (0, 63, 64, 149):
+        assert torch.equal(fu.normalize_topk(wf[r : r + 1].clone(), dtype), full[r : r + 1]), (k, r)
+close(fu.normalize_topk(torch.tensor([[0.2, 0.3]], device=dev), dtype),
+      torch.tensor([[0.4, 0.6]], dtype=torch.float64, device=dev), "topk hand")  # fmt: skip
+
+# backward (fp32): every input's gradient, both outputs of add_rms_norm contributing
+if exact:
+    def grads(fn, ref, xs, n_out):
+        outs = []
+        for f in (fn, ref):
+            ins = [x.detach().double().requires_grad_() if f is ref else x.detach().requires_grad_() for x in xs]
+            res = f(*ins)
+            res = res if isinstance(res, tuple) else (res,)
+            probes = [torch.linspace(-1, 2, r.numel(), device=dev).view(r.shape) for r in res]
+            sum((r * p.to(r.dtype)).sum() for r, p in zip(res, probes)).backward()
+            outs.append([i.grad for i in ins])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    h, delta, w = rnd(5, 24), rnd(5, 24), rnd(24) + 1
+    grads(lambda a, b, c: fu.add_rms_norm(a, b, c, 1e-6),
+          lambda a, b, c: (a + b, c * rms64(a + b, 1e-6)), [h, delta, w], 2)  # fmt: skip
+    x, wq = rnd(2, 5, 3, 16), rnd(16) + 1
+    ang = torch.rand(2, 5, 8, generator=g).to(dev) * 6
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    def rope_ref(a, b):
+        a = (b * rms64(a, 1e-6)).transpose(1, 2)
+        rot = torch.cat([-a[..., 8:], a[..., :8]], -1)
+        return a * cos.double()[:, None] + rot * sin.double()[:, None]
+    grads(lambda a, b: fu.rope(a, b, cos, sin, 1e-6), rope_ref, [x, wq], 1)
+    grads(fu.silu_mul, lambda a, b: torch.nn.functional.silu(a) * b, [rnd(4, 7), rnd(4, 7)], 1)
+    dest = torch.randperm(12, generator=g).to(dev)
+    grads(lambda a, b: fu.combine(a, dest, b),
+          lambda a, b: (a[dest].view(4, 3, -1) * b[..., None]).sum(1), [rnd(12, 9), rnd(4, 3)], 1)  # fmt: skip
+    grads(lambda a: fu.normalize_topk(a, dtype), lambda a: a / a.sum(-1, keepdim=True),
+          [torch.rand(6, 4, generator=g).to(dev) + 0.1], 1)  # fmt: skip
+"""
+
+# bf16 rounding points (CUDA only: the interpreter's fp32 -> bf16 casts truncate): the kernels' outputs
+# against the exact value rounded where eager rounds. A missed rounding (the residual sum kept in fp32,
+# the normed value not rounded before the weight) moves about a quarter of the outputs by one bf16 step;
+# the fp32 rsqrt's own error moves very few.
+ROUNDING = r"""
+import torch
+from miles_core.model import invariant_fused as fu
+
+g = torch.Generator().manual_seed(1)
+bf = torch.bfloat16
+h, delta = (torch.randn(64, 1024, generator=g) * 3).to(dev, bf), torch.randn(64, 1024, generator=g).to(dev, bf)
+w = (torch.rand(1024, generator=g) + 0.5).to(dev, bf)
+s, out = fu.add_rms_norm(h, delta, w, 1e-6)
+sd = s.double()
+ref = (w.double() * (sd * torch.rsqrt(sd.square().mean(-1, keepdim=True) + 1e-6)).to(bf).double()).to(bf)
+assert (out == ref).float().mean().item() > 0.99, (out != ref).float().mean().item()
+gate, up = (torch.randn(4096, generator=g) * 3).to(dev, bf), torch.randn(4096, generator=g).to(dev, bf)
+gd = gate.double()
+den = (1.0 + torch.exp(-gd).to(bf).double()).to(bf).double()
+ref = ((gd / den).to(bf).double() * up.double()).to(bf)
+assert (fu.silu_mul(gate, up) == ref).float().mean().item() > 0.99
+"""
+
+
+def _code(body: str, dev: str, dtype: str) -> str:
+    return f"import torch\ndev, dtype = {dev!r}, torch.{dtype}\n" + body + "\nprint('ok')\n"
+
+
+@needs_interpreter
+def test_fused_kernels_match_float64_and_give_rows_the_same_bits_in_any_batch_under_the_interpreter():
+    run_interpreted(_code(CHECKS, "cpu", "float32"))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_kernels_give_rows_the_same_bits_in_any_batch_on_cuda(dtype):
+    exec(compile(_code(CHECKS, "cuda", dtype), "checks", "exec"), {})
+
+
+@pytest.mark.gpu
+@gpu
+def test_fused_kernels_round_bf16_where_eager_does_on_cuda():
+    exec(compile(_code(ROUNDING, "cuda", "bfloat16"), "rounding", "exec"), {})
