@@ -71,7 +71,8 @@ for heads, d in [(3, 16), (2, 24)]:
         close(full, xd * cos.double()[:, None] + rot * sin.double()[:, None], ("rope", heads, d))
         for row, p, m in [(1, 0, 1), (1, 36, 1), (0, 5, 4), (1, 31, 2)]:  # decode rows, a prefill chunk
             sl = slice(p, p + m)
-            one = fu.rope(x[row : row + 1, sl].clone(), weight, cos[row : row + 1, sl], sin[row : row + 1, sl], 1e-6)
+            rr = slice(row, row + 1)
+            one = fu.rope(x[rr, sl].clone(), weight, cos[rr, sl], sin[rr, sl], 1e-6)
             assert torch.equal(one, full[row : row + 1, :, sl]), (heads, d, row, p)
 # by hand: x = [1, 2], cos = 0.6, sin = 0.8 -> [1 * 0.6 - 2 * 0.8, 2 * 0.6 + 1 * 0.8] = [-1, 2]
 hand = fu.rope(t(1.0, 2.0).view(1, 1, 1, 2), None, t(0.6, 0.6).view(1, 1, 2), t(0.8, 0.8).view(1, 1, 2), 0.0)
@@ -85,7 +86,8 @@ for r, c in [(0, 0), (2, 23), (4, 499)]:
     assert torch.equal(fu.silu_mul(gate[r : r + 1, c : c + 1].clone(), up[r : r + 1, c : c + 1].clone()),
                        full[r : r + 1, c : c + 1]), (r, c)  # fmt: skip
 ln3 = math.log(3.0)  # silu(ln 3) = ln 3 / (1 + 1/3)
-close(fu.silu_mul(t(0.0, ln3), t(5.0, 2.0)), torch.tensor([0.0, 1.5 * ln3], dtype=torch.float64, device=dev), "silu")
+hand = torch.tensor([0.0, 1.5 * ln3], dtype=torch.float64, device=dev)
+close(fu.silu_mul(t(0.0, ln3), t(5.0, 2.0)), hand, "silu hand")
 
 # combine: 150 tokens top-3 over 1100 columns (two column blocks), tokens alone or in other batches
 n, k, hid = 150, 3, 1100
@@ -102,9 +104,9 @@ for sub in ([0], [149], [3, 40, 41], list(range(64, 130))):
 # by hand: token 0 = 0.5 * ys[1] + 0.25 * ys[0] (dest un-sorts); ys [1, 2], [3, 4]
 two = fu.combine(t(1.0, 2.0, 3.0, 4.0).view(2, 2), torch.tensor([1, 0], device=dev), t(0.5, 0.25).view(1, 2))
 assert two.tolist() == [[1.75, 2.5]], two
-if exact:  # routing order, left to right: (1e8 + 1) + -1e8 == 0 in fp32 (1 + -1e8 first would also be 0,
-    # but (1e8 + -1e8) + 1 == 1)
-    fold = fu.combine(t(1e8, 1.0, -1e8).view(3, 1), torch.tensor([0, 1, 2], device=dev), t(1.0, 1.0, 1.0).view(1, 3))
+if exact:  # a left fold in routing order: (1e8 + 1) + -1e8 == 0 in fp32, a tree's (1e8 + -1e8) + 1 == 1
+    ones, ids = t(1.0, 1.0, 1.0).view(1, 3), torch.tensor([0, 1, 2], device=dev)
+    fold = fu.combine(t(1e8, 1.0, -1e8).view(3, 1), ids, ones)
     assert fold.item() == 0.0, fold
 
 # normalize_topk: 150 rows (three programs of 64), k = 3 and 8, fp32 in; rows alone
@@ -123,7 +125,7 @@ if exact:
     def grads(fn, ref, xs, n_out):
         outs = []
         for f in (fn, ref):
-            ins = [x.detach().double().requires_grad_() if f is ref else x.detach().requires_grad_() for x in xs]
+            ins = [(x.double() if f is ref else x).detach().requires_grad_() for x in xs]
             res = f(*ins)
             res = res if isinstance(res, tuple) else (res,)
             probes = [torch.linspace(-1, 2, r.numel(), device=dev).view(r.shape) for r in res]
@@ -144,10 +146,37 @@ if exact:
     grads(lambda a, b: fu.rope(a, b, cos, sin, 1e-6), rope_ref, [x, wq], 1)
     grads(fu.silu_mul, lambda a, b: torch.nn.functional.silu(a) * b, [rnd(4, 7), rnd(4, 7)], 1)
     dest = torch.randperm(12, generator=g).to(dev)
-    grads(lambda a, b: fu.combine(a, dest, b),
-          lambda a, b: (a[dest].view(4, 3, -1) * b[..., None]).sum(1), [rnd(12, 9), rnd(4, 3)], 1)  # fmt: skip
+    grads(lambda a, b: fu.combine(a, dest, b), lambda a, b: (a[dest].view(4, 3, -1) * b[..., None]).sum(1),
+          [rnd(12, 9), rnd(4, 3)], 1)  # fmt: skip
     grads(lambda a: fu.normalize_topk(a, dtype), lambda a: a / a.sum(-1, keepdim=True),
           [torch.rand(6, 4, generator=g).to(dev) + 0.1], 1)  # fmt: skip
+"""
+
+# The model in the mode calls the fused kernels, once per op and layer (1 layer: the input norm, the
+# post-attention add + norm, the final norm; rope on q and k); a model out of the mode calls none.
+WIRED = r"""
+from conftest import tiny_config
+from miles_core.model import ModelConfig, build_model, make_batch_invariant
+
+calls = {}
+for name in ("add_rms_norm", "rope", "silu_mul", "combine", "normalize_topk"):
+    def counted(*a, _fn=getattr(fu, name), _name=name):
+        calls[_name] = calls.get(_name, 0) + 1
+        return _fn(*a)
+    setattr(fu, name, counted)
+want = {"Qwen3MoeForCausalLM": {"add_rms_norm": 3, "rope": 2, "combine": 1, "normalize_topk": 1},
+        "Qwen2ForCausalLM": {"add_rms_norm": 3, "rope": 2, "silu_mul": 1}}  # fmt: skip
+for arch, expect in want.items():
+    cfg = tiny_config(64, 2, num_hidden_layers=1)
+    cfg["architectures"] = [arch]
+    model = build_model(ModelConfig.from_hf(cfg), dtype=dtype, device=dev)
+    ids = torch.randint(3, 64, (2, 5), generator=g).to(dev)
+    calls.clear()
+    model(ids)
+    assert calls == {}, (arch, calls)
+    make_batch_invariant(model)
+    model(ids)
+    assert calls == expect, (arch, calls)
 """
 
 # bf16 rounding points (CUDA only: the interpreter's fp32 -> bf16 casts truncate): the kernels' outputs
@@ -160,7 +189,8 @@ from miles_core.model import invariant_fused as fu
 
 g = torch.Generator().manual_seed(1)
 bf = torch.bfloat16
-h, delta = (torch.randn(64, 1024, generator=g) * 3).to(dev, bf), torch.randn(64, 1024, generator=g).to(dev, bf)
+h = (torch.randn(64, 1024, generator=g) * 3).to(dev, bf)
+delta = torch.randn(64, 1024, generator=g).to(dev, bf)
 w = (torch.rand(1024, generator=g) + 0.5).to(dev, bf)
 s, out = fu.add_rms_norm(h, delta, w, 1e-6)
 sd = s.double()
@@ -180,14 +210,14 @@ def _code(body: str, dev: str, dtype: str) -> str:
 
 @needs_interpreter
 def test_fused_kernels_match_float64_and_give_rows_the_same_bits_in_any_batch_under_the_interpreter():
-    run_interpreted(_code(CHECKS, "cpu", "float32"))
+    run_interpreted(_code(CHECKS + WIRED, "cpu", "float32"))
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_kernels_give_rows_the_same_bits_in_any_batch_on_cuda(dtype):
-    exec(compile(_code(CHECKS, "cuda", dtype), "checks", "exec"), {})
+    exec(compile(_code(CHECKS + WIRED, "cuda", dtype), "checks", "exec"), {})
 
 
 @pytest.mark.gpu
