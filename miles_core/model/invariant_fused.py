@@ -16,14 +16,15 @@ padded training micro-batch; the engine and the trainer call the same kernels, s
 
 Row kernels reduce in their load layout, which Triton picks from pointer alignment and integer values, so
 every pointer and integer argument is kept unspecialized: one compiled kernel per dtype serves every call.
-The backward of each op is torch's gradient of the same function (`invariant_kernels._TorchGrad`).
+Each op's backward is a kernel of `invariant_fused_grad` (the top-k renormalisation's, on ``[N, k]``, is
+torch's gradient of the same function recomputed, `invariant_kernels._TorchGrad`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from miles_core.model import invariant_fused_grad as fg
 from miles_core.model.invariant_kernels import _grad_wrap, available, tl, triton
 
 __all__ = ["add_rms_norm", "available", "combine", "normalize_topk", "rope", "silu_mul"]
@@ -159,25 +160,44 @@ def _add_rms_norm_fwd(h, delta, weight, eps):
     return s.reshape(h.shape), out.reshape(h.shape)
 
 
-def _add_rms_norm_ref(h, delta, weight, eps):
-    s = h if delta is None else h + delta.to(h.dtype)
-    normed = weight * F.rms_norm(s.float(), (s.shape[-1],), eps=eps).to(h.dtype)
-    return normed if delta is None else (s, normed)
+class _AddRmsNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, delta, weight, eps):
+        out = _add_rms_norm_fwd(h, delta, weight, eps)
+        ctx.save_for_backward(h if delta is None else out[0], weight)
+        ctx.eps, ctx.delta_dtype = eps, None if delta is None else delta.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        s, weight = ctx.saved_tensors
+        gs, gy = (None, grads[0]) if ctx.delta_dtype is None else grads
+        gx, gw = fg.rms_norm_bwd(s, weight, ctx.eps, gy, gs)
+        gd = None if ctx.delta_dtype is None else gx.to(ctx.delta_dtype)
+        return gx, gd, gw, None
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """`layers.RMSNorm` of ``s = h + delta`` (rounded to h's dtype first); returns ``(s, weight * norm(s))``,
     or with ``delta`` None only the normed ``h``. h/delta ``[..., D]``, weight ``[D]``."""
-    return _grad_wrap(_add_rms_norm_fwd, _add_rms_norm_ref, h, delta, weight, eps)
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (h, delta, weight)):
+        return _AddRmsNorm.apply(h, delta, weight, eps)
+    return _add_rms_norm_fwd(h, delta, weight, eps)
+
+
+def _tables(x, cos, sin):
+    """cos/sin ``[B*T, D]`` in x's dtype, contiguous."""
+    b, t, _, d = x.shape
+    return tuple(c.to(x.dtype).expand(b, t, d).reshape(b * t, d).contiguous() for c in (cos, sin))
 
 
 def _rope_fwd(x, weight, cos, sin, eps):
+    """x ``[B, T, heads, D]``, cos/sin from `_tables`."""
     b, t, heads, d = x.shape
     rows = x.reshape(b * t, heads, d)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(b, t, heads, d, dtype=x.dtype, device=x.device)
-    cos, sin = (c.to(x.dtype).expand(b, t, d).reshape(b * t, d).contiguous() for c in (cos, sin))
     if b * t:
         w = rows if weight is None else weight.contiguous()
         _rope_kernel[(b * t, heads)](
@@ -187,14 +207,18 @@ def _rope_fwd(x, weight, cos, sin, eps):
     return out.transpose(1, 2)
 
 
-def _rope_ref(x, weight, cos, sin, eps):
-    dt = x.dtype
-    if weight is not None:
-        x = (weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(dt)).to(dt)
-    x = x.transpose(1, 2)
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(dt).unsqueeze(1), sin.to(dt).unsqueeze(1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, cos, sin, eps):
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.eps = eps
+        return _rope_fwd(x, weight, cos, sin, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, cos, sin = ctx.saved_tensors
+        gx, gw = fg.rope_bwd(grad, x, weight, cos, sin, ctx.eps)
+        return gx, gw, None, None, None
 
 
 def rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float):
@@ -203,7 +227,10 @@ def rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: t
     Returns ``[B, heads, T, D]`` in x's dtype (a transposed view of a ``[B, T, heads, D]`` tensor)."""
     if x.shape[-1] % 2:
         raise ValueError(f"rope needs an even head size, got {x.shape[-1]}")
-    return _grad_wrap(_rope_fwd, _rope_ref, x, weight, cos, sin, eps)
+    cos, sin = _tables(x, cos, sin)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return _Rope.apply(x, weight, cos, sin, eps)
+    return _rope_fwd(x, weight, cos, sin, eps)
 
 
 def _silu_mul_fwd(gate, up):
@@ -214,13 +241,23 @@ def _silu_mul_fwd(gate, up):
     return out
 
 
-def _silu_mul_ref(gate, up):
-    return gate / (1.0 + torch.exp(-gate)) * up
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return _silu_mul_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return fg.silu_mul_bwd(grad, *ctx.saved_tensors)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``gate / (1 + exp(-gate)) * up`` (gate and up of one shape and dtype), rounded after each op."""
-    return _grad_wrap(_silu_mul_fwd, _silu_mul_ref, gate, up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SiluMul.apply(gate, up)
+    return _silu_mul_fwd(gate, up)
 
 
 def _combine_fwd(ys, dest, weight):
@@ -235,14 +272,18 @@ def _combine_fwd(ys, dest, weight):
     return out
 
 
-def _combine_ref(ys, dest, weight):
-    n, k = weight.shape
-    w = weight.to(ys.dtype)
-    picked = ys[dest.long()].view(n, k, -1)
-    out = picked[:, 0] * w[:, :1]
-    for j in range(1, k):
-        out = out + picked[:, j] * w[:, j : j + 1]
-    return out
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ys, dest, weight):
+        ys, dest, weight = ys.contiguous(), dest.contiguous(), weight.contiguous()
+        ctx.save_for_backward(ys, dest, weight)
+        return _combine_fwd(ys, dest, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ys, dest, weight = ctx.saved_tensors
+        gys, gw = fg.combine_bwd(grad, ys, dest, weight)
+        return gys, None, gw
 
 
 def combine(ys: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -250,7 +291,9 @@ def combine(ys: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor) -> torch
 
     :param ys: ``[N k, H]`` expert outputs of the sorted token copies; ``dest`` int ``[N k]``: the sorted
         row of each copy (`moe.expert_order`); ``weight [N, k]`` the routing weights (cast to ys' dtype)."""
-    return _grad_wrap(_combine_fwd, _combine_ref, ys, dest, weight)
+    if torch.is_grad_enabled() and (ys.requires_grad or weight.requires_grad):
+        return _Combine.apply(ys, dest, weight)
+    return _combine_fwd(ys, dest, weight)
 
 
 def _topk_fwd(w, dtype):
