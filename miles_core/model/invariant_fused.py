@@ -10,7 +10,8 @@ padded training micro-batch; the engine and the trainer call the same kernels, s
 - `add_rms_norm`: ``s = h + delta`` (rounded) and ``weight * rms_norm(s)`` in one row kernel (``delta``
   None: the norm alone);
 - `rope`: q or k's optional per-head RMSNorm (Qwen3's q/k norm) and rotary embedding in one kernel;
-- `silu_mul`: the dense MLP's SwiGLU, rounded like the expert kernels' epilogue;
+- `silu_mul`: the dense MLP's SwiGLU, rounded like the expert kernels' epilogue (`swiglu`: the same over
+  the two halves of one tensor, for the experts' backward);
 - `combine`: each token's k expert outputs, un-sorted and weighted, added in routing order;
 - `normalize_topk`: the router's top-k weights divided by their left-to-right sum.
 
@@ -27,7 +28,7 @@ import torch
 from miles_core.model import invariant_fused_grad as fg
 from miles_core.model.invariant_kernels import _grad_wrap, available, tl, triton
 
-__all__ = ["add_rms_norm", "available", "combine", "normalize_topk", "rope", "silu_mul"]
+__all__ = ["add_rms_norm", "available", "combine", "normalize_topk", "rope", "silu_mul", "swiglu"]
 
 ROW_BLOCK = 1024  # columns per step of the row kernels (as `invariant_kernels.ROW_BLOCK`)
 ELEM_BLOCK = 1024  # elements per program of the elementwise kernels
@@ -95,13 +96,15 @@ if triton is not None:
         tl.store(dst, (_r(x1 * c1, dt) - _r(x2 * s1, dt)).to(dt), mask=ok)
         tl.store(dst + half, (_r(x2 * c2, dt) + _r(x1 * s2, dt)).to(dt), mask=ok)
 
-    @triton.jit(**_pin("g_ptr", "u_ptr", "out_ptr", ints=("n",)))
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    @triton.jit(**_pin("g_ptr", "u_ptr", "out_ptr", ints=("n", "cols", "sx")))
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, cols, sx, BLOCK: tl.constexpr):
+        """out [n / cols, cols] (contiguous) from gate and up elements at ``row * sx + col``."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = i < n
+        src = i // cols * sx + i % cols
         dt = out_ptr.dtype.element_ty
-        g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + src, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + src, mask=ok, other=0.0).to(tl.float32)
         den = _r(1.0 + _r(tl.exp(-g), dt), dt)  # g / (1 + exp(-g)) * u, rounded after each op
         tl.store(out_ptr + i, (_r(g / den, dt) * u).to(dt), mask=ok)
 
@@ -233,11 +236,12 @@ def rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: t
     return _rope_fwd(x, weight, cos, sin, eps)
 
 
-def _silu_mul_fwd(gate, up):
-    g, u = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(g)
-    if g.numel():
-        _silu_mul_kernel[(triton.cdiv(g.numel(), ELEM_BLOCK),)](g, u, out, g.numel(), BLOCK=ELEM_BLOCK)
+def _silu_mul_fwd(g, u, shape, sx):
+    """SwiGLU of gate/up views whose element (row, col) lies at ``row * sx + col``; out ``shape``."""
+    out = torch.empty(shape, dtype=g.dtype, device=g.device)
+    if out.numel():
+        grid = (triton.cdiv(out.numel(), ELEM_BLOCK),)
+        _silu_mul_kernel[grid](g, u, out, out.numel(), shape[-1], sx, BLOCK=ELEM_BLOCK)
     return out
 
 
@@ -246,18 +250,44 @@ class _SiluMul(torch.autograd.Function):
     def forward(ctx, gate, up):
         gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
-        return _silu_mul_fwd(gate, up)
+        return _silu_mul_fwd(gate, up, gate.shape, gate.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        return fg.silu_mul_bwd(grad, *ctx.saved_tensors)
+        gate, up = ctx.saved_tensors
+        gg, gu = torch.empty_like(gate), torch.empty_like(up)
+        fg.silu_mul_bwd(grad, gate, up, gg, gu, gate.shape[-1])
+        return gg, gu
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``gate / (1 + exp(-gate)) * up`` (gate and up of one shape and dtype), rounded after each op."""
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return _SiluMul.apply(gate, up)
-    return _silu_mul_fwd(gate, up)
+    return _silu_mul_fwd(gate.contiguous(), up.contiguous(), gate.shape, gate.shape[-1])
+
+
+class _Swiglu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        i = h.shape[1] // 2
+        return _silu_mul_fwd(h, h[:, i:], (h.shape[0], i), h.stride(0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        i, gh = h.shape[1] // 2, torch.empty_like(h)
+        fg.silu_mul_bwd(grad, h, h[:, i:], gh, gh[:, i:], i)
+        return gh
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """`silu_mul` of the halves of ``h [M, 2I]`` (gate columns first), read in place: ``[M, I]``."""
+    h = h if h.stride(-1) == 1 and h.stride(0) == h.shape[1] else h.contiguous()
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _Swiglu.apply(h)
+    return _silu_mul_fwd(h, h[:, h.shape[1] // 2 :], (h.shape[0], h.shape[1] // 2), h.stride(0))
 
 
 def _combine_fwd(ys, dest, weight):

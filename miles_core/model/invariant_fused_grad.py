@@ -86,15 +86,17 @@ if triton is not None:
         tl.store(gx_ptr + dst + half, gr2.to(dt), mask=ok)
 
     @triton.jit
-    def _silu_mul_bwd_kernel(go_ptr, g_ptr, u_ptr, gg_ptr, gu_ptr, n, BLOCK: tl.constexpr):
+    def _silu_mul_bwd_kernel(go_ptr, g_ptr, u_ptr, gg_ptr, gu_ptr, n, cols, sx, BLOCK: tl.constexpr):
+        """go [n / cols, cols] contiguous; g/u and their grads at ``row * sx + col``."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = i < n
+        at = i // cols * sx + i % cols
         go = tl.load(go_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + at, mask=ok, other=0.0).to(tl.float32)
         sig = 1.0 / (1.0 + tl.exp(-g))
-        tl.store(gu_ptr + i, (go * g * sig).to(gu_ptr.dtype.element_ty), mask=ok)
-        tl.store(gg_ptr + i, (go * u * sig * (1.0 + g * (1.0 - sig))).to(gg_ptr.dtype.element_ty), mask=ok)
+        tl.store(gu_ptr + at, (go * g * sig).to(gu_ptr.dtype.element_ty), mask=ok)
+        tl.store(gg_ptr + at, (go * u * sig * (1.0 + g * (1.0 - sig))).to(gg_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _combine_bwd_kernel(go_ptr, ys_ptr, dest_ptr, w_ptr, gys_ptr, gw_ptr, hidden, K: tl.constexpr,
@@ -153,14 +155,14 @@ def rope_bwd(grad, x, weight, cos, sin, eps):
     return gx, None if weight is None else gwp.sum(0).to(weight.dtype)
 
 
-def silu_mul_bwd(grad, gate, up):
-    """(grad of gate, grad of up) for ``silu(gate) * up``."""
+def silu_mul_bwd(grad, gate, up, gg, gu, cols: int) -> None:
+    """Writes the grads of gate and up for ``silu(gate) * up`` into gg / gu; gate, up, gg and gu share
+    one row stride (their element (row, col) at ``row * stride + col``), grad ``[rows, cols]``."""
     go = grad.contiguous()
-    gg, gu = torch.empty_like(gate), torch.empty_like(up)
     if go.numel():
         grid = (triton.cdiv(go.numel(), ELEM_BLOCK),)
-        _silu_mul_bwd_kernel[grid](go, gate, up, gg, gu, go.numel(), BLOCK=ELEM_BLOCK)
-    return gg, gu
+        sx = gate.stride(0) if gate.dim() == 2 else cols
+        _silu_mul_bwd_kernel[grid](go, gate, up, gg, gu, go.numel(), cols, sx, BLOCK=ELEM_BLOCK)
 
 
 def combine_bwd(grad, ys, dest, weight):

@@ -279,7 +279,7 @@ class Experts(nn.Module):
         if ik.available(x):  # static grid, bounds on the device: no host read
             bounds = expert_bounds(flat, self.num_experts)
             w = self.gate_up_proj
-            ys = ik.experts(x.to(w.dtype), order // k, bounds, w, self.down_proj)
+            ys = ik.experts(x.to(w.dtype), order // k, bounds, w, self.down_proj, invariant_fused.swiglu)
             return invariant_fused.combine(ys, dest, weight).to(x.dtype)
         xs = x[order // k]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
