@@ -124,6 +124,25 @@ for k in (3, 8):
 close(fu.normalize_topk(torch.tensor([[0.2, 0.3]], device=dev), dtype),
       torch.tensor([[0.4, 0.6]], dtype=torch.float64, device=dev), "topk hand")  # fmt: skip
 
+# expert_order: the permutation, inverse, tokens and bounds of `moe` in one program (integers: equal)
+from miles_core.model.moe import expert_bounds, expert_order
+for m, e, k in [(1, 8, 1), (7, 8, 1), (256, 32, 4), (1024, 128, 8), (40, 8, 4)]:
+    flat = torch.randint(0, e - 1, (m,), generator=g).to(dev)  # expert e - 1 gets nothing
+    if m == 40:
+        flat[:] = 3  # every copy on one expert: ties broken by copy index
+    order, dest, src, bounds = fu.expert_order(flat, e, k)
+    ref_order, ref_dest = expert_order(flat, e)
+    assert torch.equal(order, ref_order) and torch.equal(dest, ref_dest), (m, e)
+    assert torch.equal(src, (ref_order // k).to(torch.int32)), (m, e)
+    assert torch.equal(bounds, expert_bounds(flat, e)), (m, e)
+hand = fu.expert_order(torch.tensor([2, 0, 2, 1], device=dev), 3, 2)  # sorted: copies 1, 3, 0, 2
+assert [v.tolist() for v in hand] == [[1, 3, 0, 2], [2, 0, 3, 1], [0, 1, 0, 1], [0, 1, 2, 4]], hand
+try:
+    fu.expert_order(torch.zeros(fu.ORDER_MAX + 1, dtype=torch.long, device=dev), 8, 2)
+    raise AssertionError("expert_order took more copies than one program holds")
+except ValueError:
+    pass
+
 # backward (fp32): every input's gradient, both outputs of add_rms_norm contributing
 if exact:
     def grads(fn, ref, xs):

@@ -225,10 +225,10 @@ class Experts(nn.Module):
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] = sum_k weight * expert_k(x)."""
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
+        if self.batch_invariant:
+            return self._invariant(x, flat, topk_weight)
         # Token copies by expert: one matmul per expert.
         order, dest = expert_order(flat, self.num_experts)
-        if self.batch_invariant:
-            return self._invariant(x, flat, order, dest, topk_weight)
         gdt = _grouped_dtype(x)
         if 0 < n * k <= self.fused_max_rows and fused_moe.available(x) and not torch.is_grad_enabled():
             # The kernels read each copy's token row themselves: no gathered copy of x.
@@ -270,17 +270,22 @@ class Experts(nn.Module):
             start += c
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
-    def _invariant(self, x, flat, order, dest, weight) -> torch.Tensor:
+    def _invariant(self, x, flat, weight) -> torch.Tensor:
         """Each expert's copies through `batch_invariant.linear` (a row's result does not depend on how
         many rows its expert got), then each token's k outputs added in routing order (`combine`). On
         CUDA the grouped Triton kernels (`invariant_kernels.experts`) with the same fixed tiles."""
         bi = batch_invariant
         n, k = weight.shape
         if ik.available(x):  # static grid, bounds on the device: no host read
-            bounds = expert_bounds(flat, self.num_experts)
+            if 0 < flat.numel() <= invariant_fused.ORDER_MAX:  # a decode step: the ordering in one launch
+                order, dest, src, bounds = invariant_fused.expert_order(flat, self.num_experts, k)
+            else:
+                order, dest = expert_order(flat, self.num_experts)
+                src, bounds = order // k, expert_bounds(flat, self.num_experts)
             w = self.gate_up_proj
-            ys = ik.experts(x.to(w.dtype), order // k, bounds, w, self.down_proj, invariant_fused.swiglu)
+            ys = ik.experts(x.to(w.dtype), src, bounds, w, self.down_proj, invariant_fused.swiglu)
             return invariant_fused.combine(ys, dest, weight).to(x.dtype)
+        order, dest = expert_order(flat, self.num_experts)
         xs = x[order // k]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         outs, start = [], 0
