@@ -18,7 +18,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # Shared by the interpreter and the CUDA checks: `dev` and `dtype` are set before it runs.
 CHECKS = r"""
 import math, torch
-from miles_core.model import invariant_fused as fu
+from miles_core.model import invariant_fused as fu, invariant_routing as ro
+from miles_core.model.moe import _topk, expert_bounds, expert_order
 
 g = torch.Generator().manual_seed(0)
 tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
@@ -116,29 +117,48 @@ if exact:  # a left fold in routing order: (1e8 + 1) + -1e8 == 0 in fp32, a tree
 # normalize_topk: 150 rows (three programs of 64), k = 3 and 8, fp32 in; rows alone
 for k in (3, 8):
     wf = torch.rand(150, k, generator=g).to(dev) + 0.01
-    full = fu.normalize_topk(wf, dtype)
+    full = ro.normalize_topk(wf, dtype)
     assert full.dtype == dtype
     close(full, wf.double() / wf.double().sum(-1, keepdim=True), ("topk", k))
     for r in (0, 63, 64, 149):
-        assert torch.equal(fu.normalize_topk(wf[r : r + 1].clone(), dtype), full[r : r + 1]), (k, r)
-close(fu.normalize_topk(torch.tensor([[0.2, 0.3]], device=dev), dtype),
+        assert torch.equal(ro.normalize_topk(wf[r : r + 1].clone(), dtype), full[r : r + 1]), (k, r)
+close(ro.normalize_topk(torch.tensor([[0.2, 0.3]], device=dev), dtype),
       torch.tensor([[0.4, 0.6]], dtype=torch.float64, device=dev), "topk hand")  # fmt: skip
 
+# route: softmax over E (8, 20 masked to 32, 128), the k largest as moe._topk picks them from the same
+# probabilities (ties: the lower expert), renormalised or not; rows alone
+for e, k in [(8, 2), (20, 3), (128, 8)]:
+    logits = rnd(70, e, scale=2.0)
+    logits[5, : e // 2] = logits[5, 0]  # ties
+    for norm in (True, False):
+        probs, idx, w = ro.route(logits, k, norm, dtype)
+        close(probs, torch.softmax(logits.double(), -1), ("route probs", e))
+        ref_w, ref_idx = _topk(probs, k)
+        assert torch.equal(idx, ref_idx), (e, k)
+        raw = probs.double().gather(1, idx)
+        close(w, raw / raw.sum(-1, keepdim=True) if norm else raw, ("route w", e, norm))
+        for r in (0, 5, 69):
+            one = ro.route(logits[r : r + 1].clone(), k, norm, dtype)
+            assert all(torch.equal(a, b[r : r + 1]) for a, b in zip(one, (probs, idx, w))), (e, r)
+# by hand: softmax([0, ln 2, ln 2, ln 4]) = [1, 2, 2, 4] / 9; top 2: expert 3, then 1 (tie with 2)
+probs, idx, w = ro.route(t(0.0, math.log(2), math.log(2), math.log(4)).view(1, 4), 2, True, torch.float32)
+assert idx.tolist() == [[3, 1]], idx
+close(w, torch.tensor([[2 / 3, 1 / 3]], dtype=torch.float64, device=dev), "route hand")
+
 # expert_order: the permutation, inverse, tokens and bounds of `moe` in one program (integers: equal)
-from miles_core.model.moe import expert_bounds, expert_order
 for m, e, k in [(1, 8, 1), (7, 8, 1), (256, 32, 4), (1024, 128, 8), (40, 8, 4)]:
     flat = torch.randint(0, e - 1, (m,), generator=g).to(dev)  # expert e - 1 gets nothing
     if m == 40:
         flat[:] = 3  # every copy on one expert: ties broken by copy index
-    order, dest, src, bounds = fu.expert_order(flat, e, k)
+    order, dest, src, bounds = ro.expert_order(flat, e, k)
     ref_order, ref_dest = expert_order(flat, e)
     assert torch.equal(order, ref_order) and torch.equal(dest, ref_dest), (m, e)
     assert torch.equal(src, (ref_order // k).to(torch.int32)), (m, e)
     assert torch.equal(bounds, expert_bounds(flat, e)), (m, e)
-hand = fu.expert_order(torch.tensor([2, 0, 2, 1], device=dev), 3, 2)  # sorted: copies 1, 3, 0, 2
+hand = ro.expert_order(torch.tensor([2, 0, 2, 1], device=dev), 3, 2)  # sorted: copies 1, 3, 0, 2
 assert [v.tolist() for v in hand] == [[1, 3, 0, 2], [2, 0, 3, 1], [0, 1, 0, 1], [0, 1, 2, 4]], hand
 try:
-    fu.expert_order(torch.zeros(fu.ORDER_MAX + 1, dtype=torch.long, device=dev), 8, 2)
+    ro.expert_order(torch.zeros(ro.ORDER_MAX + 1, dtype=torch.long, device=dev), 8, 2)
     raise AssertionError("expert_order took more copies than one program holds")
 except ValueError:
     pass
@@ -172,24 +192,33 @@ if exact:
     dest = torch.randperm(12, generator=g).to(dev)
     grads(lambda a, b: fu.combine(a, dest, b), lambda a, b: (a[dest].view(4, 3, -1) * b[..., None]).sum(1),
           [rnd(12, 9), rnd(4, 3)])  # fmt: skip
-    grads(lambda a: fu.normalize_topk(a, dtype), lambda a: a / a.sum(-1, keepdim=True),
+    grads(lambda a: ro.normalize_topk(a, dtype), lambda a: a / a.sum(-1, keepdim=True),
           [torch.rand(6, 4, generator=g).to(dev) + 0.1])  # fmt: skip
+    x = rnd(6, 8)
+    _, idx, _ = ro.route(x, 3, True, dtype)
+    def route_ref(a):
+        p = torch.softmax(a, -1)
+        w = p.gather(1, idx)
+        return p, w / w.sum(-1, keepdim=True)
+    grads(lambda a: ro.route(a, 3, True, dtype)[::2], route_ref, [x])
 """
 
 # The model in the mode calls the fused kernels, once per op and layer (1 layer: the input norm, the
-# post-attention add + norm, the final norm; rope on q and k; the experts' backward its SwiGLU); a model
-# out of the mode calls none.
+# post-attention add + norm, the final norm; rope on q and k; the router; the experts' backward its
+# SwiGLU); a model out of the mode calls none.
 WIRED = r"""
 from conftest import tiny_config
 from miles_core.model import ModelConfig, build_model, make_batch_invariant
 
 calls = {}
-for name in ("add_rms_norm", "rope", "silu_mul", "swiglu", "combine", "normalize_topk"):
-    def counted(*a, _fn=getattr(fu, name), _name=name):
+for mod, name in [(fu, "add_rms_norm"), (fu, "rope"), (fu, "silu_mul"), (fu, "swiglu"), (fu, "combine"),
+                  (ro, "route"), (ro, "expert_order"), (ro, "normalize_topk")]:  # fmt: skip
+    def counted(*a, _fn=getattr(mod, name), _name=name):
         calls[_name] = calls.get(_name, 0) + 1
         return _fn(*a)
-    setattr(fu, name, counted)
-want = {"Qwen3MoeForCausalLM": {"add_rms_norm": 3, "rope": 2, "combine": 1, "normalize_topk": 1, "swiglu": 1},
+    setattr(mod, name, counted)
+want = {"Qwen3MoeForCausalLM": {"add_rms_norm": 3, "rope": 2, "combine": 1, "route": 1, "expert_order": 1,
+                                "swiglu": 1},
         "Qwen2ForCausalLM": {"add_rms_norm": 3, "rope": 2, "silu_mul": 1}}  # fmt: skip
 for arch, expect in want.items():
     cfg = tiny_config(64, 2, num_hidden_layers=1)

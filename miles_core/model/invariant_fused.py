@@ -12,15 +12,13 @@ padded training micro-batch; the engine and the trainer call the same kernels, s
 - `rope`: q or k's optional per-head RMSNorm (Qwen3's q/k norm) and rotary embedding in one kernel;
 - `silu_mul`: the dense MLP's SwiGLU, rounded like the expert kernels' epilogue (`swiglu`: the same over
   the two halves of one tensor, for the experts' backward);
-- `combine`: each token's k expert outputs, un-sorted and weighted, added in routing order;
-- `normalize_topk`: the router's top-k weights divided by their left-to-right sum;
-- `expert_order`: for a decode step's few token copies, `moe.expert_order`, `moe.expert_bounds` and each
-  sorted copy's token in one launch (integers: the same permutation, one kernel instead of about a dozen).
+- `combine`: each token's k expert outputs, un-sorted and weighted, added in routing order.
+
+The router's softmax, top-k and expert ordering are fused in `invariant_routing`.
 
 Row kernels reduce in their load layout, which Triton picks from pointer alignment and integer values, so
 every pointer and integer argument is kept unspecialized: one compiled kernel per dtype serves every call.
-Each op's backward is a kernel of `invariant_fused_grad` (the top-k renormalisation's, on ``[N, k]``, is
-torch's gradient of the same function recomputed, `invariant_kernels._TorchGrad`).
+Each op's backward is a kernel of `invariant_fused_grad`.
 """
 
 from __future__ import annotations
@@ -28,23 +26,12 @@ from __future__ import annotations
 import torch
 
 from miles_core.model import invariant_fused_grad as fg
-from miles_core.model.invariant_kernels import _grad_wrap, available, tl, triton
+from miles_core.model.invariant_kernels import available, tl, triton
 
-__all__ = [
-    "add_rms_norm",
-    "available",
-    "combine",
-    "expert_order",
-    "normalize_topk",
-    "rope",
-    "silu_mul",
-    "swiglu",
-]
+__all__ = ["add_rms_norm", "available", "combine", "rope", "silu_mul", "swiglu"]
 
 ROW_BLOCK = 1024  # columns per step of the row kernels (as `invariant_kernels.ROW_BLOCK`)
 ELEM_BLOCK = 1024  # elements per program of the elementwise kernels
-TOPK_ROWS = 64  # rows per program of `normalize_topk`
-ORDER_MAX = 1024  # token copies up to which `expert_order` runs as one program
 
 
 def _pin(*ptrs: str, ints: tuple[str, ...]) -> dict:
@@ -136,40 +123,6 @@ if triton is not None:
             y = tl.load(ys_ptr + row * hidden + c, mask=ok, other=0.0).to(tl.float32)
             acc = _r(acc + _r(y * wj, dt), dt)
         tl.store(out_ptr + t * hidden + c, acc.to(dt), mask=ok)
-
-    @triton.jit(**_pin("w_ptr", "out_ptr", ints=("n",)))
-    def _topk_norm_kernel(w_ptr, out_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr):
-        """Each row of w [n, K] (fp32) over its left-to-right sum; a lane per row."""
-        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = rows < n
-        total = tl.load(w_ptr + rows * K, mask=ok, other=1.0).to(tl.float32)
-        for j in tl.static_range(1, K):
-            total = total + tl.load(w_ptr + rows * K + j, mask=ok, other=0.0).to(tl.float32)
-        for j in tl.static_range(K):
-            wj = tl.load(w_ptr + rows * K + j, mask=ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rows * K + j, (wj / total).to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit(**_pin("flat_ptr", "order_ptr", "dest_ptr", "src_ptr", "bounds_ptr", ints=("m", "k", "e")))
-    def _expert_order_kernel(flat_ptr, order_ptr, dest_ptr, src_ptr, bounds_ptr, m, k, e,
-                             BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
-        """One program: copy i goes to dest[i] = #copies of a lower expert + #earlier copies of its own."""
-        i = tl.arange(0, BLOCK_M)
-        ok = i < m
-        f = tl.load(flat_ptr + i, mask=ok, other=0)
-        ids = tl.arange(0, BLOCK_E)
-        rank = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        below = tl.zeros((BLOCK_E,), dtype=tl.int32)
-        for j0 in range(0, m, CHUNK):
-            j = j0 + tl.arange(0, CHUNK)
-            j_ok = j < m
-            fj = tl.load(flat_ptr + j, mask=j_ok, other=0)
-            ahead = (fj[None, :] < f[:, None]) | ((fj[None, :] == f[:, None]) & (j[None, :] < i[:, None]))
-            rank += tl.sum((ahead & j_ok[None, :]).to(tl.int32), axis=1)
-            below += tl.sum(((fj[None, :] < ids[:, None]) & j_ok[None, :]).to(tl.int32), axis=1)
-        tl.store(dest_ptr + i, rank.to(tl.int64), mask=ok)
-        tl.store(order_ptr + rank, i.to(tl.int64), mask=ok)
-        tl.store(src_ptr + rank, i // k, mask=ok)
-        tl.store(bounds_ptr + ids, below, mask=ids <= e)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -358,43 +311,3 @@ def combine(ys: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor) -> torch
     if torch.is_grad_enabled() and (ys.requires_grad or weight.requires_grad):
         return _Combine.apply(ys, dest, weight)
     return _combine_fwd(ys, dest, weight)
-
-
-def _topk_fwd(w, dtype):
-    w = w.contiguous()
-    n, k = w.shape
-    out = torch.empty(n, k, dtype=dtype, device=w.device)
-    if n:
-        _topk_norm_kernel[(triton.cdiv(n, TOPK_ROWS),)](w, out, n, K=k, BLOCK=TOPK_ROWS)
-    return out
-
-
-def _topk_ref(w, dtype):
-    total = w[:, :1]
-    for j in range(1, w.shape[1]):
-        total = total + w[:, j : j + 1]
-    return (w / total).to(dtype)
-
-
-def normalize_topk(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(w / w.sum(-1)).to(dtype)`` for the router's top-k weights ``w [N, k]`` (fp32), the sum added
-    left to right."""
-    return _grad_wrap(_topk_fwd, _topk_ref, w, dtype)
-
-
-def expert_order(flat: torch.Tensor, num_experts: int, k: int):
-    """``(order, dest, src, bounds)`` of the expert ids ``flat [M]`` (M <= `ORDER_MAX`): `moe.expert_order`'s
-    permutation and inverse (long), ``src = order // k`` (int32: each sorted copy's token) and
-    `moe.expert_bounds` (int32 ``[E + 1]``), from one launch."""
-    m = flat.numel()
-    if not 0 < m <= ORDER_MAX:
-        raise ValueError(f"expert_order runs one program over 1..{ORDER_MAX} token copies, got {m}")
-    flat = flat.contiguous()
-    order, dest = (torch.empty(m, dtype=torch.long, device=flat.device) for _ in range(2))
-    src = torch.empty(m, dtype=torch.int32, device=flat.device)
-    bounds = torch.empty(num_experts + 1, dtype=torch.int32, device=flat.device)
-    _expert_order_kernel[(1,)](
-        flat, order, dest, src, bounds, m, k, num_experts, BLOCK_M=max(16, triton.next_power_of_2(m)),
-        BLOCK_E=max(16, triton.next_power_of_2(num_experts + 1)), CHUNK=16,
-    )  # fmt: skip
-    return order, dest, src, bounds

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_core.model import batch_invariant, fused_moe, invariant_fused
+from miles_core.model import batch_invariant, fused_moe, invariant_fused, invariant_routing
 from miles_core.model import invariant_kernels as ik
 from miles_core.model.swiglu import swiglu
 
@@ -277,8 +277,8 @@ class Experts(nn.Module):
         bi = batch_invariant
         n, k = weight.shape
         if ik.available(x):  # static grid, bounds on the device: no host read
-            if 0 < flat.numel() <= invariant_fused.ORDER_MAX:  # a decode step: the ordering in one launch
-                order, dest, src, bounds = invariant_fused.expert_order(flat, self.num_experts, k)
+            if 0 < flat.numel() <= invariant_routing.ORDER_MAX:  # a decode step: the ordering in one launch
+                order, dest, src, bounds = invariant_routing.expert_order(flat, self.num_experts, k)
             else:
                 order, dest = expert_order(flat, self.num_experts)
                 src, bounds = order // k, expert_bounds(flat, self.num_experts)
@@ -332,14 +332,20 @@ class SparseMoeBlock(nn.Module):
         self.moe_index = moe_index  # position among the MoE layers, the index into RoutingState lists
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden, intermediate)
-        self.batch_invariant = False  # --true-on-policy-mode: renormalise with `batch_invariant.row_sum`
+        self.batch_invariant = False  # --true-on-policy-mode: `invariant_routing.route` (CUDA) or `row_sum`
 
     def route(self, x: torch.Tensor, routing: RoutingState | None, shape: tuple[int, int]):
         """x [N, H] -> (topk_idx long [N, k], topk_weight [N, k] in x's dtype)."""
-        probs = F.softmax(self.gate(x).float(), dim=-1)
-        own_w, own_idx = _topk(probs, self.top_k)
+        logits = self.gate(x)
+        fused = self.batch_invariant and ik.available(logits)  # the mode's softmax + top-k + renorm kernel
+        if fused:
+            probs, own_idx, own_w = invariant_routing.route(logits, self.top_k, self.norm_topk_prob, x.dtype)
+        else:
+            probs = F.softmax(logits.float(), dim=-1)
+            own_w, own_idx = _topk(probs, self.top_k)
         idx, w = own_idx, own_w
-        if routing is not None and routing.replay is not None:
+        replay = routing is not None and routing.replay is not None
+        if replay:
             m = self.moe_index
             if m >= len(routing.replay) or tuple(routing.replay[m].shape) != (*shape, self.top_k):
                 got = None if m >= len(routing.replay) else tuple(routing.replay[m].shape)
@@ -348,9 +354,9 @@ class SparseMoeBlock(nn.Module):
                 )
             idx = routing.replay[m].reshape(-1, self.top_k).to(device=x.device, dtype=torch.long)
             w = probs.gather(1, idx)
-        if self.norm_topk_prob and self.batch_invariant and invariant_fused.available(w):
-            w = invariant_fused.normalize_topk(w, x.dtype)  # sum, divide and cast in one kernel
-        elif self.norm_topk_prob:
+        if self.norm_topk_prob and fused and replay:
+            w = invariant_routing.normalize_topk(w, x.dtype)  # sum, divide and cast in one kernel
+        elif self.norm_topk_prob and not fused:
             w = w / (batch_invariant.row_sum(w) if self.batch_invariant else w.sum(dim=-1, keepdim=True))
         if routing is not None and routing.record:
             routing.router_topk.append(own_idx.view(*shape, self.top_k))
