@@ -145,6 +145,20 @@ probs, idx, w = ro.route(t(0.0, math.log(2), math.log(2), math.log(4)).view(1, 4
 assert idx.tolist() == [[3, 1]], idx
 close(w, torch.tensor([[2 / 3, 1 / 3]], dtype=torch.float64, device=dev), "route hand")
 
+# cache_write: K/V rows (k a transposed view, as rope returns it) land at each row's slot and positions,
+# nothing else changes; a decode step (T = 1) and a prefill chunk (T = 5)
+for t_len in (1, 5):
+    kc, vc = rnd(6, 2, 40, 24), rnd(6, 2, 40, 24)
+    k = rnd(3, t_len, 2, 24).transpose(1, 2)
+    v = rnd(3, 2, t_len, 24)
+    slots = torch.tensor([4, 0, 2], device=dev)
+    pos = torch.tensor([7, 0, 33], device=dev)[:, None] + torch.arange(t_len, device=dev)
+    want_k, want_v = kc.clone(), vc.clone()
+    want_k[slots[:, None], :, pos] = k.transpose(1, 2)
+    want_v[slots[:, None], :, pos] = v.transpose(1, 2)
+    fu.cache_write(k, v, kc, vc, slots, pos)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v), t_len
+
 # expert_order: the permutation, inverse, tokens and bounds of `moe` in one program (integers: equal)
 for m, e, k in [(1, 8, 1), (7, 8, 1), (256, 32, 4), (1024, 128, 8), (40, 8, 4)]:
     flat = torch.randint(0, e - 1, (m,), generator=g).to(dev)  # expert e - 1 gets nothing
@@ -205,14 +219,14 @@ if exact:
 
 # The model in the mode calls the fused kernels, once per op and layer (1 layer: the input norm, the
 # post-attention add + norm, the final norm; rope on q and k; the router; the experts' backward its
-# SwiGLU); a model out of the mode calls none.
+# SwiGLU; a decode step the cache write); a model out of the mode calls none.
 WIRED = r"""
 from conftest import tiny_config
-from miles_core.model import ModelConfig, build_model, make_batch_invariant
+from miles_core.model import KVCache, ModelConfig, build_model, make_batch_invariant
 
 calls = {}
-for mod, name in [(fu, "add_rms_norm"), (fu, "rope"), (fu, "silu_mul"), (fu, "swiglu"), (fu, "combine"),
-                  (ro, "route"), (ro, "expert_order"), (ro, "normalize_topk")]:  # fmt: skip
+names = [(fu, n) for n in ("add_rms_norm", "rope", "silu_mul", "swiglu", "combine", "cache_write")]
+for mod, name in names + [(ro, n) for n in ("route", "expert_order", "normalize_topk")]:
     def counted(*a, _fn=getattr(mod, name), _name=name):
         calls[_name] = calls.get(_name, 0) + 1
         return _fn(*a)
@@ -233,6 +247,12 @@ for arch, expect in want.items():
     if "swiglu" in calls:  # once per expert in the per-expert loop (CPU, fp32), once grouped
         calls["swiglu"] = min(calls["swiglu"], 1)
     assert calls == expect, (arch, calls)
+    calls.clear()
+    cache = KVCache(model.config, 2, 16, dtype=dtype, device=dev)
+    with torch.no_grad():  # a decode step over the cache also writes K and V through the kernel
+        model(ids[:, :1], position_ids=torch.zeros(2, 1, dtype=torch.long, device=dev), kv_cache=cache,
+              cache_slots=torch.arange(2, device=dev))  # fmt: skip
+    assert calls.get("cache_write") == 1 and cache.k[0][:, :, 0].abs().sum() > 0, (arch, calls)
 """
 
 # bf16 rounding points (CUDA only: the interpreter's fp32 -> bf16 casts truncate): the kernels' outputs

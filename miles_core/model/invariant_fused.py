@@ -12,7 +12,8 @@ padded training micro-batch; the engine and the trainer call the same kernels, s
 - `rope`: q or k's optional per-head RMSNorm (Qwen3's q/k norm) and rotary embedding in one kernel;
 - `silu_mul`: the dense MLP's SwiGLU, rounded like the expert kernels' epilogue (`swiglu`: the same over
   the two halves of one tensor, for the experts' backward);
-- `combine`: each token's k expert outputs, un-sorted and weighted, added in routing order.
+- `combine`: each token's k expert outputs, un-sorted and weighted, added in routing order;
+- `cache_write`: a step's K and V written into the KV cache at each row's slot and positions (a copy).
 
 The router's softmax, top-k and expert ordering are fused in `invariant_routing`.
 
@@ -28,7 +29,7 @@ import torch
 from miles_core.model import invariant_fused_grad as fg
 from miles_core.model.invariant_kernels import available, tl, triton
 
-__all__ = ["add_rms_norm", "available", "combine", "rope", "silu_mul", "swiglu"]
+__all__ = ["add_rms_norm", "available", "cache_write", "combine", "rope", "silu_mul", "swiglu"]
 
 ROW_BLOCK = 1024  # columns per step of the row kernels (as `invariant_kernels.ROW_BLOCK`)
 ELEM_BLOCK = 1024  # elements per program of the elementwise kernels
@@ -123,6 +124,22 @@ if triton is not None:
             y = tl.load(ys_ptr + row * hidden + c, mask=ok, other=0.0).to(tl.float32)
             acc = _r(acc + _r(y * wj, dt), dt)
         tl.store(out_ptr + t * hidden + c, acc.to(dt), mask=ok)
+
+    @triton.jit
+    def _cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, t, d, skb, skh, skt, svb, svh,
+                            svt, sc0, sc1, sc2, BLOCK_D: tl.constexpr):  # fmt: skip
+        """Program (token b * t + i, head): k/v[b, head, i] -> cache[slots[b], head, pos[b, i]]."""
+        tok = tl.program_id(0).to(tl.int64)
+        hd = tl.program_id(1).to(tl.int64)
+        b = tok // t
+        i = tok % t
+        at = tl.load(slot_ptr + b).to(tl.int64) * sc0 + hd * sc1 + tl.load(pos_ptr + tok).to(tl.int64) * sc2
+        c = tl.arange(0, BLOCK_D)
+        ok = c < d
+        kv = tl.load(k_ptr + b * skb + hd * skh + i * skt + c, mask=ok, other=0.0)
+        tl.store(kc_ptr + at + c, kv.to(kc_ptr.dtype.element_ty), mask=ok)
+        vv = tl.load(v_ptr + b * svb + hd * svh + i * svt + c, mask=ok, other=0.0)
+        tl.store(vc_ptr + at + c, vv.to(vc_ptr.dtype.element_ty), mask=ok)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -311,3 +328,19 @@ def combine(ys: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor) -> torch
     if torch.is_grad_enabled() and (ys.requires_grad or weight.requires_grad):
         return _Combine.apply(ys, dest, weight)
     return _combine_fwd(ys, dest, weight)
+
+
+def cache_write(k, v, kc, vc, slots, pos) -> None:
+    """``kc[slots[b], :, pos[b, i]] = k[b, :, i]`` (and v into vc) in one launch: k/v ``[B, Hkv, T, D]``
+    (any strides, last dim contiguous), kc/vc ``[S, Hkv, L, D]`` (last dim contiguous), slots long ``[B]``,
+    pos long ``[B, T]``."""
+    b, hkv, t, d = k.shape
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    if kc.stride(-1) != 1 or vc.stride() != kc.stride():
+        raise ValueError("cache_write needs K and V caches of one layout with contiguous rows")
+    if b * t:
+        _cache_write_kernel[(b * t, hkv)](
+            k, v, kc, vc, slots.contiguous(), pos.contiguous(), t, d, k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+            BLOCK_D=max(16, triton.next_power_of_2(d)),
+        )  # fmt: skip

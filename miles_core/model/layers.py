@@ -373,9 +373,12 @@ class Attention(nn.Module):
         """Write this step's K/V at [slot, :, position], then read each slot's keys 0..kv_len-1."""
         kc, vc = ctx.kv_cache.k[self.layer_idx], ctx.kv_cache.v[self.layer_idx]
         slots, pos = ctx.cache_slots, ctx.position_ids
-        # Advanced indices around a slice put the indexed dims first: the target view is [B, T, Hkv, D].
-        kc[slots[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
-        vc[slots[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
+        if self.batch_invariant and invariant_fused.available(k):  # both writes in one kernel
+            invariant_fused.cache_write(k, v, kc, vc, slots, pos)
+        else:
+            # Advanced indices around a slice put the indexed dims first: the target view is [B, T, Hkv, D].
+            kc[slots[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
+            vc[slots[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
         if ctx.contiguous_slots:
             b = k.shape[0]
             return kc[:b, :, : ctx.kv_len].to(k.dtype), vc[:b, :, : ctx.kv_len].to(v.dtype)
