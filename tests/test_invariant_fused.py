@@ -137,6 +137,8 @@ for e, k in [(8, 2), (20, 3), (128, 8)]:
         assert torch.equal(idx, ref_idx), (e, k)
         raw = probs.double().gather(1, idx)
         close(w, raw / raw.sum(-1, keepdim=True) if norm else raw, ("route w", e, norm))
+        if norm:  # routing replay renormalises the same picks with `normalize_topk`: the same bits
+            assert torch.equal(ro.normalize_topk(probs.gather(1, idx), dtype), w), e
         for r in (0, 5, 69):
             one = ro.route(logits[r : r + 1].clone(), k, norm, dtype)
             assert all(torch.equal(a, b[r : r + 1]) for a, b in zip(one, (probs, idx, w))), (e, r)
