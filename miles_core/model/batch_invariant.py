@@ -22,8 +22,9 @@ token's log-prob differs in the last bits. Each op here fixes the order per row:
 RMSNorm (``F.rms_norm``), softmax, ``exp`` and rope's ``cos``/``sin`` are batch-invariant on CPU as they are.
 The bodies below are the CPU (fp32) implementations. On CUDA (with triton) `linear`, `attention`,
 `rms_norm`, `token_log_probs` and the MoE experts run the fixed-order Triton kernels of
-`miles_core.model.invariant_kernels` instead (fp32 and bf16); torch's elementwise ops (`silu_mul`,
-`combine`, `row_sum`, rope, residuals) compute each element alone and stay as they are.
+`miles_core.model.invariant_kernels` instead (fp32 and bf16), and the model calls the fused kernels of
+`invariant_fused` / `invariant_routing` in place of `silu_mul`, `combine`, `row_sum`, rope, the residual
+adds and the router's small ops.
 `make_batch_invariant` switches a built model to these functions.
 """
 

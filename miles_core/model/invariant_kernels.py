@@ -235,14 +235,15 @@ class _TorchGrad(torch.autograd.Function):
         return fast(*xs)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):  # one grad per output (`fast` may return a tuple)
         xs = [c if t is None else t for t, c in zip(ctx.saved_tensors, ctx.consts)]
         need = [i for i, x in enumerate(xs) if isinstance(x, torch.Tensor) and ctx.needs_input_grad[i + 2]]
         with torch.enable_grad():
             xs = [x.detach().requires_grad_(i in need) if isinstance(x, torch.Tensor) else x
                   for i, x in enumerate(xs)]  # fmt: skip
             out = ctx.ref(*xs)
-            got = torch.autograd.grad(out, [xs[i] for i in need], grad, allow_unused=True)
+            outs = out if isinstance(out, tuple) else (out,)
+            got = torch.autograd.grad(outs, [xs[i] for i in need], grads, allow_unused=True)
         grads: list = [None] * (len(xs) + 2)
         for i, gr in zip(need, got):
             grads[i + 2] = gr
@@ -292,7 +293,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _linear_fwd(x, weight)
 
 
-def _experts_fwd(x, src, bounds, gate_up, down):
+def _experts_fwd(x, src, bounds, gate_up, down, swiglu=None):
     x = x if x.stride(-1) == 1 and x.stride(0) == x.shape[1] else x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     e, two_i, hidden = gate_up.shape
@@ -319,29 +320,31 @@ def _swiglu(h: torch.Tensor, inter: int) -> torch.Tensor:
     return g / (1.0 + torch.exp(-g)) * u
 
 
-def _experts_ref(x, src, bounds, gate_up, down):
+def _experts_ref(x, src, bounds, gate_up, down, swiglu=None):
     """The same function in torch, used for gradients only: bf16 grouped GEMMs on CUDA (no host sync),
-    else a per-expert loop over host-read bounds."""
+    else a per-expert loop over host-read bounds; ``swiglu`` ([M, 2I] -> [M, I]) defaults to torch's."""
     xs, inter, outs = x[src.long()], gate_up.shape[1] // 2, []
+    act = swiglu or (lambda h: _swiglu(h, inter))
     if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
         offs = bounds[1:].to(torch.int32)
         h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
-        return torch._grouped_mm(_swiglu(h, inter), down.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(act(h), down.transpose(1, 2), offs=offs)
     ends = bounds.tolist()
     for e in range(gate_up.shape[0]):
         seg = xs[ends[e] : ends[e + 1]]
-        outs.append(F.linear(_swiglu(F.linear(seg, gate_up[e]), inter), down[e]))
+        outs.append(F.linear(act(F.linear(seg, gate_up[e])), down[e]))
     return torch.cat(outs)
 
 
-def experts(x, src, bounds, gate_up, down) -> torch.Tensor:
+def experts(x, src, bounds, gate_up, down, swiglu=None) -> torch.Tensor:
     """SwiGLU expert outputs ``[M, H]`` of the expert-sorted token copies (x's dtype).
 
     :param x: ``[N, H]`` token rows; ``src`` int ``[M]``: the token row of each sorted copy;
         ``bounds`` int32 ``[E + 1]`` (`moe.expert_bounds`); ``gate_up`` ``[E, 2I, H]``;
         ``down`` ``[E, H, I]``.
-    Every copy's row goes through the same tiles as `linear`'s, whichever expert and chunk it lands in."""
-    return _grad_wrap(_experts_fwd, _experts_ref, x, src.to(torch.int32), bounds, gate_up, down)
+    Every copy's row goes through the same tiles as `linear`'s, whichever expert and chunk it lands in;
+    the backward's recomputed SwiGLU is ``swiglu`` (``[M, 2I] -> [M, I]``, default torch's ops)."""
+    return _grad_wrap(_experts_fwd, _experts_ref, x, src.to(torch.int32), bounds, gate_up, down, swiglu)
 
 
 def _attention_fwd(q, k, v, q_pos):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from miles_core.model import batch_invariant, varlen_attention
+from miles_core.model import batch_invariant, invariant_fused, varlen_attention
 from miles_core.model.config import ModelConfig
 from miles_core.model.decode_attention import decode_attention
 from miles_core.model.kv_cache import KVCache
@@ -32,9 +32,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.batch_invariant = False  # --true-on-policy-mode: `batch_invariant.rms_norm`
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether this norm runs the mode's fused Triton kernels (`invariant_fused`) on x."""
+        return self.batch_invariant and invariant_fused.available(x)
+
+    def add(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h + delta, self(h + delta))``: with `fused`, one kernel for the residual add and the norm."""
+        if self.fused(h):
+            return invariant_fused.add_rms_norm(h, delta, self.weight, self.eps)
+        h = h + delta
+        return h, self(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if self.batch_invariant:
+            if invariant_fused.available(x):
+                return invariant_fused.add_rms_norm(x, None, self.weight, self.eps)
             return self.weight * batch_invariant.rms_norm(x, self.eps).to(dtype)
         # The fused kernel computes x * rsqrt(mean(x^2) + eps) in fp32 in one pass (was 6 ops).
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -267,13 +280,19 @@ class Attention(nn.Module):
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         dt = q.dtype
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # Under autocast the projections are bf16 while norms and rope tables are fp32; keep q/k in the
-        # projection dtype so attention runs its bf16 kernels (a no-op without autocast).
-        cos, sin = ctx.cos.to(dt), ctx.sin.to(dt)
-        q = apply_rope(q.to(dt).transpose(1, 2), cos, sin)
-        k = apply_rope(k.to(dt).transpose(1, 2), cos, sin)
+        if self.batch_invariant and invariant_fused.available(q):  # q/k norm and rope: a kernel each
+            norm = self.q_norm is not None
+            eps = self.q_norm.eps if norm else 0.0
+            q = invariant_fused.rope(q, self.q_norm.weight if norm else None, ctx.cos, ctx.sin, eps)
+            k = invariant_fused.rope(k, self.k_norm.weight if norm else None, ctx.cos, ctx.sin, eps)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            # Under autocast the projections are bf16 while norms and rope tables are fp32; keep q/k in
+            # the projection dtype so attention runs its bf16 kernels (a no-op without autocast).
+            cos, sin = ctx.cos.to(dt), ctx.sin.to(dt)
+            q = apply_rope(q.to(dt).transpose(1, 2), cos, sin)
+            k = apply_rope(k.to(dt).transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
         if ctx.kv_cache is not None:
             k, v = self._cache_step(k, v, ctx)
@@ -354,9 +373,12 @@ class Attention(nn.Module):
         """Write this step's K/V at [slot, :, position], then read each slot's keys 0..kv_len-1."""
         kc, vc = ctx.kv_cache.k[self.layer_idx], ctx.kv_cache.v[self.layer_idx]
         slots, pos = ctx.cache_slots, ctx.position_ids
-        # Advanced indices around a slice put the indexed dims first: the target view is [B, T, Hkv, D].
-        kc[slots[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
-        vc[slots[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
+        if self.batch_invariant and invariant_fused.available(k):  # both writes in one kernel
+            invariant_fused.cache_write(k, v, kc, vc, slots, pos)
+        else:
+            # Advanced indices around a slice put the indexed dims first: the target view is [B, T, Hkv, D].
+            kc[slots[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
+            vc[slots[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
         if ctx.contiguous_slots:
             b = k.shape[0]
             return kc[:b, :, : ctx.kv_len].to(k.dtype), vc[:b, :, : ctx.kv_len].to(v.dtype)
@@ -399,5 +421,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant:
-            return self.down_proj(batch_invariant.silu_mul(self.gate_proj(x), self.up_proj(x)))
+            silu_mul = invariant_fused.silu_mul if invariant_fused.available(x) else batch_invariant.silu_mul
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

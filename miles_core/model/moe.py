@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_core.model import batch_invariant, fused_moe
+from miles_core.model import batch_invariant, fused_moe, invariant_fused, invariant_routing
 from miles_core.model import invariant_kernels as ik
 from miles_core.model.swiglu import swiglu
 
@@ -225,10 +225,10 @@ class Experts(nn.Module):
         """x [N, H], topk_idx long [N, k], topk_weight [N, k] -> [N, H] = sum_k weight * expert_k(x)."""
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
+        if self.batch_invariant:
+            return self._invariant(x, flat, topk_weight)
         # Token copies by expert: one matmul per expert.
         order, dest = expert_order(flat, self.num_experts)
-        if self.batch_invariant:
-            return self._invariant(x, flat, order, dest, topk_weight)
         gdt = _grouped_dtype(x)
         if 0 < n * k <= self.fused_max_rows and fused_moe.available(x) and not torch.is_grad_enabled():
             # The kernels read each copy's token row themselves: no gathered copy of x.
@@ -270,17 +270,22 @@ class Experts(nn.Module):
             start += c
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
-    def _invariant(self, x, flat, order, dest, weight) -> torch.Tensor:
+    def _invariant(self, x, flat, weight) -> torch.Tensor:
         """Each expert's copies through `batch_invariant.linear` (a row's result does not depend on how
         many rows its expert got), then each token's k outputs added in routing order (`combine`). On
         CUDA the grouped Triton kernels (`invariant_kernels.experts`) with the same fixed tiles."""
         bi = batch_invariant
         n, k = weight.shape
         if ik.available(x):  # static grid, bounds on the device: no host read
-            bounds = expert_bounds(flat, self.num_experts)
+            if 0 < flat.numel() <= invariant_routing.ORDER_MAX:  # a decode step: the ordering in one launch
+                order, dest, src, bounds = invariant_routing.expert_order(flat, self.num_experts, k)
+            else:
+                order, dest = expert_order(flat, self.num_experts)
+                src, bounds = order // k, expert_bounds(flat, self.num_experts)
             w = self.gate_up_proj
-            ys = ik.experts(x.to(w.dtype), order // k, bounds, w, self.down_proj)
-            return bi.combine(ys[dest].view(n, k, -1), weight).to(x.dtype)
+            ys = ik.experts(x.to(w.dtype), src, bounds, w, self.down_proj, invariant_fused.swiglu)
+            return invariant_fused.combine(ys, dest, weight).to(x.dtype)
+        order, dest = expert_order(flat, self.num_experts)
         xs = x[order // k]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         outs, start = [], 0
@@ -327,14 +332,20 @@ class SparseMoeBlock(nn.Module):
         self.moe_index = moe_index  # position among the MoE layers, the index into RoutingState lists
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden, intermediate)
-        self.batch_invariant = False  # --true-on-policy-mode: renormalise with `batch_invariant.row_sum`
+        self.batch_invariant = False  # --true-on-policy-mode: `invariant_routing.route` (CUDA) or `row_sum`
 
     def route(self, x: torch.Tensor, routing: RoutingState | None, shape: tuple[int, int]):
         """x [N, H] -> (topk_idx long [N, k], topk_weight [N, k] in x's dtype)."""
-        probs = F.softmax(self.gate(x).float(), dim=-1)
-        own_w, own_idx = _topk(probs, self.top_k)
+        logits = self.gate(x)
+        fused = self.batch_invariant and ik.available(logits)  # the mode's softmax + top-k + renorm kernel
+        if fused:
+            probs, own_idx, own_w = invariant_routing.route(logits, self.top_k, self.norm_topk_prob, x.dtype)
+        else:
+            probs = F.softmax(logits.float(), dim=-1)
+            own_w, own_idx = _topk(probs, self.top_k)
         idx, w = own_idx, own_w
-        if routing is not None and routing.replay is not None:
+        replay = routing is not None and routing.replay is not None
+        if replay:
             m = self.moe_index
             if m >= len(routing.replay) or tuple(routing.replay[m].shape) != (*shape, self.top_k):
                 got = None if m >= len(routing.replay) else tuple(routing.replay[m].shape)
@@ -343,7 +354,9 @@ class SparseMoeBlock(nn.Module):
                 )
             idx = routing.replay[m].reshape(-1, self.top_k).to(device=x.device, dtype=torch.long)
             w = probs.gather(1, idx)
-        if self.norm_topk_prob:
+        if self.norm_topk_prob and fused and replay:
+            w = invariant_routing.normalize_topk(w, x.dtype)  # sum, divide and cast in one kernel
+        elif self.norm_topk_prob and not fused:
             w = w / (batch_invariant.row_sum(w) if self.batch_invariant else w.sum(dim=-1, keepdim=True))
         if routing is not None and routing.record:
             routing.router_topk.append(own_idx.view(*shape, self.top_k))

@@ -115,13 +115,22 @@ class DecoderLayer(nn.Module):
         self, h: torch.Tensor, ctx: StepContext, routing: RoutingState | None, recompute_ffn: bool = False
     ) -> torch.Tensor:
         """`recompute_ffn`: keep only the MLP / MoE block's input and recompute it in backward."""
-        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        a = self.self_attn(self.input_layernorm(h), ctx)
+        norm = self.post_attention_layernorm
+        if norm.fused(h):  # --true-on-policy-mode on the Triton kernels: residual add and norm in one
+            h, x = norm.add(h, a)
+            if recompute_ffn:
+                return h + checkpoint(self._mlp, x, routing, use_reentrant=False)
+            return h + self._mlp(x, routing)
+        h = h + a
         if recompute_ffn:
             return h + checkpoint(self._ffn, h, routing, use_reentrant=False)
         return h + self._ffn(h, routing)
 
     def _ffn(self, h: torch.Tensor, routing: RoutingState | None) -> torch.Tensor:
-        x = self.post_attention_layernorm(h)
+        return self._mlp(self.post_attention_layernorm(h), routing)
+
+    def _mlp(self, x: torch.Tensor, routing: RoutingState | None) -> torch.Tensor:
         return self.mlp(x, routing) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(x)
 
 
