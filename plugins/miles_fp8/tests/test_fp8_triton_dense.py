@@ -171,19 +171,22 @@ def test_dense_fp8_rows_do_not_depend_on_the_batch_on_cuda(shape):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_cards_multiply_on_fp8_tensor_cores_with_fp32_block_sums():
-    """On an e4m3 card the probe picks FP8 products (not the bf16 fallback), and every tile shape in use
-    (dense 64 / 16 rows, experts' swapped decode tile and prefill tile) is within 1e-4 of the emulation:
-    with Triton's default imprecise wgmma accumulation it was 4.2e-3 on an H100 and the probe fell back."""
+def test_fp8_cards_pick_exact_products_not_the_bf16_fallback():
+    """On an e4m3 card the probe picks a mode whose products are exact: FP8 wgmma where the expert
+    kernels stay within 1e-3 of the emulation, else e4m3 codes upcast to fp16 (one conversion
+    instruction); bf16 (several instructions per element) only where neither compiles. On an H100 with
+    Triton 3.6 the FP8 dot was 9.3e-5 off for the dense tiles but 3.5e-3 for the experts (the gate/up
+    error flips e4m3 roundings of the SwiGLU activation), so it picked fp16, 2.4e-7 off."""
     from miles_fp8 import triton_fp8
 
     dev = torch.device("cuda")
     if torch.cuda.get_device_capability(dev) < (8, 9):
         pytest.skip("no e4m3 tensor cores")
-    err = triton_fp8.probe_error(dev, "fp8")
-    print(f"fp8 probe error {err:.2e}, mode {triton_fp8.device_mode(dev)}")
-    assert triton_fp8.device_mode(dev) == "fp8"
-    assert err < 1e-4
+    mode = triton_fp8.device_mode(dev)
+    err = triton_fp8.probe_error(dev, mode)
+    print(f"mode {mode}, probe error {err:.2e}, fp8 probe error {triton_fp8.probe_error(dev, 'fp8'):.2e}")
+    assert mode in ("fp8", "fp16")
+    assert err < (1e-3 if mode == "fp8" else 1e-6)
 
 
 def _ptxas_available() -> bool:
