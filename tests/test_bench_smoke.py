@@ -78,7 +78,7 @@ def test_grpo_vs_trl_bench_prints_its_json_line():
     "script,preset,keys",
     [
         ("fp8_rollout.py", "cpu-small",
-         {"bf16_tok_s", "fp8_blockwise_expert_bytes", "fp8_blockwise_dense_path", "layers"}),
+         {"bf16_tok_s", "fp8_blockwise_expert_bytes", "fp8_blockwise_dense_path", "fp8_products", "layers"}),
         ("int4_rollout.py", "cpu-small", {"bf16_tok_s", "bf16_expert_bytes", "int4_cuda_graph", "layers"}),
         ("r3_mismatch.py", "cpu-small", {"mismatch_no_r3", "mismatch_r3"}),
         ("fp8_mismatch.py", None, {"recipe", "bf16_absdiff_ratio", "fp32_absdiff_ratio"}),

@@ -326,7 +326,8 @@ def _(xq, x_scale, weight, weight_scale, dtype):
 
 def _probe(device: torch.device) -> str:
     """How the kernels multiply on this card: FP8 products, else the same products on e4m3 codes upcast
-    exactly to fp16 (one conversion instruction), else to bf16 (`probe_error` < 1e-3 each), else off; and whether the pre-quantized GEMM gives the in-kernel bits (`probe_preq`)."""
+    exactly to fp16 (one conversion instruction), else to bf16 (`probe_error` < 1e-3 each), else off;
+    and whether the pre-quantized GEMM gives the in-kernel bits (`probe_preq`)."""
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         raise RuntimeError(
             "the FP8 Triton kernels were first used inside a CUDA graph capture or torch.compile trace; "
@@ -341,7 +342,7 @@ def _probe(device: torch.device) -> str:
             if not err < 1e-3:
                 raise ValueError(f"relative error {err:.2e} against the emulation")
             if mode != "fp8":
-                log.warning("FP8 tensor-core dot unusable here (%s); the FP8 kernels multiply in %s", why, mode)
+                log.warning("FP8 tensor-core dot unusable here (%s); FP8 kernels multiply in %s", why, mode)
             _preq[device.index] = probe_preq(device, mode)
             return mode
         except Exception as e:  # this Triton / card cannot compile or run that dot
