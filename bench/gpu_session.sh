@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh profile   # one whole generate: wall time vs kernel time, top kernels
 #   bash bench/gpu_session.sh specrl    # speculative decoding vs none on a GSM8K-trained target (~5 min;
 #                                       # GSM8K in $GSM8K, default ../shared/data/gsm8k)
+#   bash bench/gpu_session.sh quant     # expert kernels alone, then FP8 (probe's pick and forced FP8 wgmma)
+#                                       # and INT4 rollout vs bf16 on the 30B-A3B preset, batch 64 and 256
 #
 # On the device machine first: carried wheels (stevedore; setuptools>=77) on PYTHONPATH, then
 # python -m pip install --no-deps --no-build-isolation -e . -e plugins/* (registers the entry points).
@@ -18,7 +20,9 @@ export PYTHONPATH=".:plugins/miles_rewards:plugins/miles_r3:plugins/miles_fp8:pl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for group in "${@:-tests}"; do
   case "$group" in
-    tests) python -m pytest -q -m gpu tests plugins -p no:cacheprovider 2>&1 | tail -5 ;;
+    tests)  # one session per folder: the plugins' conftest modules clash with tests/'s in one session
+      python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -3
+      for p in plugins/miles_*/; do (cd "$p" && python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -3); done ;;
     rollout)
       python bench/rollout.py --batch 64 --also-uncompiled --compare-moe 2>&1 | grep -E '^\{|Error'
       python bench/rollout.py --batch 256 --hf-new-tokens 64 --compare-moe 2>&1 | grep -E '^\{|Error' ;;
@@ -31,6 +35,14 @@ for group in "${@:-tests}"; do
     profile) python bench/decode_profile.py --generate 256 2>&1 | grep -v -i warn | tail -34 ;;
     specrl)
       python bench/specrl.py --mode gpu --data "${GSM8K:-../shared/data/gsm8k}" 2>&1 | grep -E '^(\{|target|mtp)|Error' ;;
-    *) echo "unknown group $group (tests, rollout, train, profile, specrl)" >&2; exit 2 ;;
+    quant)
+      python bench/quant_experts.py 2>&1 | grep -E '^\{|Error'
+      python bench/quant_experts.py --tokens 256 2>&1 | grep -E '^\{|Error'
+      for b in 64 256; do
+        python bench/fp8_rollout.py --preset qwen3-30b-a3b --batch $b 2>&1 | grep -E '^\{|Error'
+        python bench/fp8_rollout.py --preset qwen3-30b-a3b --batch $b --products fp8 2>&1 | grep -E '^\{|Error'
+        python bench/int4_rollout.py --preset qwen3-30b-a3b --batch $b 2>&1 | grep -E '^\{|Error'
+      done ;;
+    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant)" >&2; exit 2 ;;
   esac
 done
