@@ -16,7 +16,8 @@
 # Every bench prints one JSON line; stderr carries the profiles.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=".:plugins/miles_rewards:plugins/miles_r3:plugins/miles_fp8:plugins/miles_int4qat:plugins/miles_specrl${PYTHONPATH:+:$PYTHONPATH}"
+R="$PWD"  # absolute, so the per-plugin test sessions below (run from the plugin's folder) import the same code
+export PYTHONPATH="$R:$R/plugins/miles_rewards:$R/plugins/miles_r3:$R/plugins/miles_fp8:$R/plugins/miles_int4qat:$R/plugins/miles_specrl${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for group in "${@:-tests}"; do
   case "$group" in
