@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from miles_fp8 import triton_fp8
+from miles_fp8.quant import quantize
 
 try:
     import triton
@@ -68,17 +69,20 @@ if triton is not None:
         _acc_add,
         _acc_rows,
         _acc_zeros,
+        _codes,
         _quant_rows,
         _rounded,
     )
 
     @triton.jit
     def _fp8_gate_up_kernel(
-        x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, src_ptr, bounds_ptr, out_ptr, g_ptr, u_ptr, hidden, inter,
-        stride_x, n_chunks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        MODE: tl.constexpr, SAVE: tl.constexpr, SWAP: tl.constexpr,
+        x_ptr, xs_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, src_ptr, bounds_ptr, out_ptr, g_ptr, u_ptr, hidden,
+        inter, stride_x, n_chunks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        MODE: tl.constexpr, SAVE: tl.constexpr, SWAP: tl.constexpr, PREQ: tl.constexpr,
     ):  # fmt: skip
         # SAVE (training): also store the rounded gate and up outputs for the SwiGLU backward.
+        # PREQ: x holds the tokens' e4m3 codes and xs_ptr their 1x128 scales [N, H/128] (one fused pass
+        # over the tokens, not once per copy and column tile here): the same codes, the same bits.
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < inter
@@ -103,7 +107,11 @@ if triton is not None:
                     k_ok = k < hidden
                     xmask = m_ok[:, None] & k_ok[None, :]
                     xt = tl.load(x_ptr + src[:, None] * stride_x + k[None, :], mask=xmask, other=0.0)
-                    xq, xs = _quant_rows(xt, MODE)
+                    if PREQ:
+                        xq = _codes(xt, MODE)
+                        xs = tl.load(xs_ptr + src.to(tl.int64) * kb + b, mask=m_ok, other=1.0)
+                    else:
+                        xq, xs = _quant_rows(xt, MODE)
                     wmask = n_ok[:, None] & k_ok[None, :]
                     wg = tl.load(wg_ptr + w_off + k[None, :], mask=wmask, other=0.0)
                     wu = tl.load(wu_ptr + w_off + k[None, :], mask=wmask, other=0.0)
@@ -124,7 +132,7 @@ if triton is not None:
                     tl.store(u_ptr + m[:, None] * inter + n[None, :], u.to(dt), mask=omask)
 
 
-def _run(x, src, bounds, weights, act, out, mode: str, saved: tuple | None = None) -> None:
+def _run(x, src, bounds, weights, act, out, mode: str, preq: bool, saved: tuple | None = None) -> None:
     gate, up, down, gate_s, up_s, down_s = weights
     num_experts, inter, hidden = gate.shape
     m = src.numel()
@@ -132,12 +140,22 @@ def _run(x, src, bounds, weights, act, out, mode: str, saved: tuple | None = Non
     chunks = triton.cdiv(m, bm)  # enough for an expert that got every copy
     c1 = triton_fp8.launch_config(GATE_UP)
     grid1 = (num_experts, triton.cdiv(inter, c1["BLOCK_N"]))
+    # Where `preq_ok` holds (probed on this card: the fused quantization pass gives the in-kernel codes),
+    # the tokens and then the SwiGLU output are quantized once each in that pass, instead of once per
+    # copy and column tile inside the kernels (each token ~k x 12 times in gate/up, each copy's
+    # activation 32 times in down at hidden 2048): the same codes, so the same bits.
+    xq, xs = quantize(x, (1, triton_fp8.BLOCK), fast=True) if preq else (x, x)
     _fp8_gate_up_kernel[grid1](
-        x, gate, up, gate_s, up_s, src, bounds, act, *(saved or (act, act)), hidden, inter, x.stride(0),
-        chunks, BLOCK_M=bm, BLOCK_K=triton_fp8.BLOCK, MODE=mode, SAVE=saved is not None,
-        SWAP=triton_fp8.swapped(bm), **c1,
+        xq, xs, gate, up, gate_s, up_s, src, bounds, act, *(saved or (act, act)), hidden, inter,
+        xq.stride(0), chunks, BLOCK_M=bm, BLOCK_K=triton_fp8.BLOCK, MODE=mode, SAVE=saved is not None,
+        SWAP=triton_fp8.swapped(bm), PREQ=preq, **c1,
     )  # fmt: skip
-    triton_fp8.launch_rows(act, down, down_s, bounds, out, m, chunks, 1, dict(DOWN, BLOCK_M=bm), mode)
+    down_cfg = dict(DOWN, BLOCK_M=bm)
+    if preq:
+        act_q, act_s = quantize(act, (1, triton_fp8.BLOCK), fast=True)
+        triton_fp8.launch_rows(act_q, down, down_s, bounds, out, m, chunks, 1, down_cfg, mode, act_s)
+    else:
+        triton_fp8.launch_rows(act, down, down_s, bounds, out, m, chunks, 1, down_cfg, mode)
 
 
 def _mode_for(x: torch.Tensor) -> str:
@@ -177,7 +195,7 @@ def fp8_experts_saving(x, src, bounds, gate, up, down, gate_scale, up_scale, dow
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     saved = (torch.empty_like(act), torch.empty_like(act)) if save else None
     if m:
-        _run(x, src, bounds, weights, act, out, mode, saved)
+        _run(x, src, bounds, weights, act, out, mode, triton_fp8.preq_ok(x.device), saved)
     return (out, act, *saved) if save else (out, None, None, None)
 
 
@@ -192,7 +210,7 @@ def probe_error(x: torch.Tensor, mode: str) -> float:
     per-card probe runs it, so the mode it picks compiles for every kernel in use."""
     import torch.nn.functional as F
 
-    from miles_fp8.quant import dequantize, quantize, quantize_dequantize
+    from miles_fp8.quant import dequantize, quantize_dequantize
 
     dev, hidden, tile = x.device, x.shape[1], (triton_fp8.BLOCK, triton_fp8.BLOCK)
     g = torch.Generator(device=dev).manual_seed(1)
@@ -210,7 +228,7 @@ def probe_error(x: torch.Tensor, mode: str) -> float:
         assert block_m(tokens, src.numel(), 2) == (DECODE_BLOCK_M if k == 2 else PREFILL_BLOCK_M)
         out = torch.empty(src.numel(), hidden, device=dev)
         act = torch.empty(src.numel(), 96, device=dev)
-        _run(xt, src, bounds, weights, act, out, mode, (torch.empty_like(act), torch.empty_like(act)))
+        _run(xt, src, bounds, weights, act, out, mode, False, (torch.empty_like(act), torch.empty_like(act)))
         ref = torch.empty_like(out)
         for e in range(2):
             rows = slice(cut[e], cut[e + 1])
@@ -219,3 +237,28 @@ def probe_error(x: torch.Tensor, mode: str) -> float:
             ref[rows] = quantize_dequantize(h, (1, tile[1])) @ deq[2][e].t()
         err = max(err, float((out - ref).norm() / ref.norm()))
     return err
+
+
+def preq_matches(x: torch.Tensor, mode: str) -> bool:
+    """Whether both kernels on tokens and activations quantized in the fused pass give the bits of
+    quantizing inside them, for the decode and the prefill row block, on rows ``x`` [N >= 16, H] in
+    ``mode`` (`triton_fp8.probe_preq` asks, once per card)."""
+    dev, hidden, tile = x.device, x.shape[1], (triton_fp8.BLOCK, triton_fp8.BLOCK)
+    g = torch.Generator(device=dev).manual_seed(2)
+    shapes = ((2, 96, hidden), (2, 96, hidden), (2, hidden, 96))
+    w = [quantize(torch.randn(s, device=dev, generator=g), tile) for s in shapes]
+    weights = tuple(q.contiguous() for q, _ in w) + tuple(s for _, s in w)
+    for tokens, k in ((8, 2), (x.shape[0], 1)):
+        xt = x[:tokens]
+        src = torch.arange(tokens, device=dev).repeat(k).to(torch.int32)
+        cut = (0, tokens, 2 * tokens) if k == 2 else (0, tokens // 2, tokens)
+        bounds = torch.tensor(cut, dtype=torch.int32, device=dev)
+        outs = []
+        for preq in (False, True):
+            out = torch.empty(src.numel(), hidden, device=dev, dtype=x.dtype)
+            act = torch.empty(src.numel(), 96, device=dev, dtype=x.dtype)
+            _run(xt, src, bounds, weights, act, out, mode, preq)
+            outs.append(out)
+        if not torch.equal(*outs):
+            return False
+    return True

@@ -109,6 +109,14 @@ if triton is not None:
             return q
 
     @triton.jit
+    def _codes(a, MODE: tl.constexpr):
+        """Loaded e4m3 codes (from the fused quantization pass) as the dot's operand."""
+        if MODE == "fp32":
+            return a.to(tl.float32)
+        else:
+            return _operand(a, MODE)
+
+    @triton.jit
     def _quant_rows(x, MODE: tl.constexpr):
         """x [BM, BK] (one 128-column block) -> (codes in the dot's dtype, fp32 scale [BM]) as `quant`."""
         x = x.to(tl.float32)
@@ -215,10 +223,7 @@ if triton is not None:
                     a = tl.load(a_ptr + m64[:, None] * stride_a + k[None, :], mask=amask, other=0.0)
                     if PREQ:
                         a_s = tl.load(as_ptr + m64 * kb + b, mask=m_ok, other=1.0)
-                        if MODE == "fp32":
-                            aq = a.to(tl.float32)
-                        else:
-                            aq = _operand(a, MODE)
+                        aq = _codes(a, MODE)
                     else:
                         aq, a_s = _quant_rows(a, MODE)
                     w = tl.load(w_ptr + w_off + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -379,7 +384,9 @@ def probe_error(device: torch.device, mode: str) -> float:
 
 
 def probe_preq(device: torch.device, mode: str) -> bool:
-    """Whether the GEMM on codes from the fused quantization pass gives the in-kernel path's bits here."""
+    """Whether the GEMM and the expert kernels on codes from the fused quantization pass give the
+    in-kernel path's bits here."""
+    from miles_fp8 import triton_experts
     from miles_fp8.quant import quantize
 
     x, wq, ws = _probe_data(device)
@@ -390,6 +397,8 @@ def probe_preq(device: torch.device, mode: str) -> bool:
             inner = _dense(xd, wq, ws, mode, dtype)
             if not torch.equal(_dense(xq, wq, ws, mode, dtype, xs), inner):
                 raise ValueError(f"{dtype} results differ from quantizing inside the GEMM")
+            if not triton_experts.preq_matches(xd, mode):
+                raise ValueError(f"{dtype} expert results differ from quantizing inside the kernels")
     except Exception as e:  # keep the in-kernel quantization everywhere: rows stay independent of M
         log.warning("FP8 GEMM on pre-quantized x off (%s)", e)
         return False

@@ -226,7 +226,8 @@ def test_fp8_kernels_compile_for_hopper_and_ada_without_a_gpu():
         "n_chunks": "i32",
     }  # fmt: skip
     gate_up_sig = {
-        "x_ptr": "*bf16", "wg_ptr": "*fp8e4nv", "wu_ptr": "*fp8e4nv", "sg_ptr": "*fp32", "su_ptr": "*fp32",
+        "x_ptr": "*bf16", "xs_ptr": "*fp32", "wg_ptr": "*fp8e4nv", "wu_ptr": "*fp8e4nv", "sg_ptr": "*fp32",
+        "su_ptr": "*fp32",
         "src_ptr": "*i32", "bounds_ptr": "*i32", "out_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16",
         "hidden": "i32", "inter": "i32", "stride_x": "i32", "n_chunks": "i32",
     }  # fmt: skip
@@ -247,13 +248,15 @@ def test_fp8_kernels_compile_for_hopper_and_ada_without_a_gpu():
             consts = {"GROUPED": True, "PREQ": False, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128,
                       "MODE": "fp8", "SWAP": swap}  # fmt: skip
             assert mma in build(triton_fp8._fp8_rows_kernel, rows_sig, consts, arch)
-            consts = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "MODE": "fp8", "SAVE": block_m == 64,
-                      "SWAP": swap}  # fmt: skip
-            assert mma in build(triton_experts._fp8_gate_up_kernel, gate_up_sig, consts, arch)
+            for preq in (False, True):  # tokens quantized in the kernel, or e4m3 codes from the fused pass
+                sig = dict(gate_up_sig, x_ptr="*fp8e4nv" if preq else "*bf16")
+                consts = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "MODE": "fp8",
+                          "SAVE": block_m == 64, "SWAP": swap, "PREQ": preq}  # fmt: skip
+                assert mma in build(triton_experts._fp8_gate_up_kernel, sig, consts, arch)
     # the fp16-products mode (what an H100 picks): e4m3 codes upcast, fp16 wgmma on both tiles
     for block_m in (16, 64):
         swap = triton_fp8.swapped(block_m)
         consts = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "MODE": "fp16", "SAVE": False,
-                  "SWAP": swap}  # fmt: skip
+                  "SWAP": swap, "PREQ": False}  # fmt: skip
         ptx = build(triton_experts._fp8_gate_up_kernel, gate_up_sig, consts, 90)
         assert f"wgmma.mma_async.sync.aligned.m64n{block_m if swap else 64}k16.f32.f16.f16" in ptx

@@ -111,6 +111,18 @@ with torch.no_grad():
     slow = emulated_loop(mod, x, idx, w)
 assert fast.dtype == torch.bfloat16 and torch.equal(fast, slow), (fast.float() - slow.float()).abs().max()
 
+# The down projection reads the SwiGLU output quantized once in a separate pass where `preq_ok` holds, else
+# quantizes it inside its kernel per column tile: the same codes, so the same bits
+saved = triton_fp8.preq_ok
+triton_fp8.preq_ok = lambda device: False
+try:
+    with torch.no_grad():
+        inside = mod(x, idx, w)
+finally:
+    triton_fp8.preq_ok = saved
+assert torch.equal(inside, fast)
+assert triton_experts.preq_matches(torch.randn(20, hidden), "fp32")  # what the card probe asks
+
 # torch.compile (the engine's compiled decode step) traces the grouped experts in one graph
 with torch.no_grad():
     compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
