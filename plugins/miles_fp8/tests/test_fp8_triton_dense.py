@@ -254,9 +254,10 @@ def test_fp8_kernels_compile_for_hopper_and_ada_without_a_gpu():
                           "SAVE": block_m == 64, "SWAP": swap, "PREQ": preq}  # fmt: skip
                 assert mma in build(triton_experts._fp8_gate_up_kernel, sig, consts, arch)
     # the fp16-products mode (what an H100 picks): e4m3 codes upcast, fp16 wgmma on both tiles
-    for block_m in (16, 64):
+    for block_m, preq in ((16, False), (64, False), (16, True), (64, True)):
         swap = triton_fp8.swapped(block_m)
         consts = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "MODE": "fp16", "SAVE": False,
-                  "SWAP": swap, "PREQ": False}  # fmt: skip
-        ptx = build(triton_experts._fp8_gate_up_kernel, gate_up_sig, consts, 90)
+                  "SWAP": swap, "PREQ": preq}  # fmt: skip
+        sig = dict(gate_up_sig, x_ptr="*fp8e4nv" if preq else "*bf16")
+        ptx = build(triton_experts._fp8_gate_up_kernel, sig, consts, 90)
         assert f"wgmma.mma_async.sync.aligned.m64n{block_m if swap else 64}k16.f32.f16.f16" in ptx
