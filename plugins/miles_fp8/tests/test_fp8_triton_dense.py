@@ -260,4 +260,7 @@ def test_fp8_kernels_compile_for_hopper_and_ada_without_a_gpu():
                   "SWAP": swap, "PREQ": preq}  # fmt: skip
         sig = dict(gate_up_sig, x_ptr="*fp8e4nv" if preq else "*bf16")
         ptx = build(triton_experts._fp8_gate_up_kernel, sig, consts, 90)
+        down = {"GROUPED": True, "PREQ": preq, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128,
+                "MODE": "fp16", "SWAP": swap}  # fmt: skip
+        ptx += build(triton_fp8._fp8_rows_kernel, dict(rows_sig, a_ptr=sig["x_ptr"]), down, 90)
         assert f"wgmma.mma_async.sync.aligned.m64n{block_m if swap else 64}k16.f32.f16.f16" in ptx
