@@ -204,6 +204,22 @@ def _(x, src, bounds, gate, up, down, gate_scale, up_scale, down_scale):
     return x.new_empty(src.shape[0], x.shape[1])
 
 
+def _probe_cases(x: torch.Tensor, seed: int):
+    """The probes' inputs: random blockwise weights of two experts (FFN 96) over ``x`` [N >= 16, H], then
+    ``(xt, src, cut, bounds, weights, codes)`` for 8 tokens sent to both experts (the decode tile) and for
+    every token sent to one of them (the prefill tile, given enough rows); ``codes``: the (q, scale) pairs."""
+    dev, hidden, tile = x.device, x.shape[1], (triton_fp8.BLOCK, triton_fp8.BLOCK)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    shapes = ((2, 96, hidden), (2, 96, hidden), (2, hidden, 96))
+    codes = [quantize(torch.randn(s, device=dev, generator=g), tile) for s in shapes]
+    weights = tuple(q.contiguous() for q, _ in codes) + tuple(s for _, s in codes)
+    for tokens, k in ((8, 2), (x.shape[0], 1)):
+        src = torch.arange(tokens, device=dev).repeat(k).to(torch.int32)
+        cut = (0, tokens, 2 * tokens) if k == 2 else (0, tokens // 2, tokens)
+        bounds = torch.tensor(cut, dtype=torch.int32, device=dev)
+        yield x[:tokens], src, cut, bounds, weights, codes
+
+
 def probe_error(x: torch.Tensor, mode: str) -> float:
     """Largest relative error of both expert kernels in ``mode`` against the emulation, with the decode
     and the prefill row block, on two experts over the fp32 rows ``x`` [N >= 16, H]: `triton_fp8`'s
@@ -212,22 +228,13 @@ def probe_error(x: torch.Tensor, mode: str) -> float:
 
     from miles_fp8.quant import dequantize, quantize_dequantize
 
-    dev, hidden, tile = x.device, x.shape[1], (triton_fp8.BLOCK, triton_fp8.BLOCK)
-    g = torch.Generator(device=dev).manual_seed(1)
-    shapes = ((2, 96, hidden), (2, 96, hidden), (2, hidden, 96))
-    w = [quantize(torch.randn(s, device=dev, generator=g), tile) for s in shapes]
-    deq = [dequantize(q, s, tile) for q, s in w]
-    weights = tuple(q.contiguous() for q, _ in w) + tuple(s for _, s in w)
-    err = 0.0
-    # 8 tokens each to both experts (the decode tile), then every token to one of them (prefill tile)
-    for tokens, k in ((8, 2), (x.shape[0], 1)):
-        xt = x[:tokens]
-        src = torch.arange(tokens, device=dev).repeat(k).to(torch.int32)
-        cut = (0, tokens, 2 * tokens) if k == 2 else (0, tokens // 2, tokens)
-        bounds = torch.tensor(cut, dtype=torch.int32, device=dev)
-        assert block_m(tokens, src.numel(), 2) == (DECODE_BLOCK_M if k == 2 else PREFILL_BLOCK_M)
-        out = torch.empty(src.numel(), hidden, device=dev)
-        act = torch.empty(src.numel(), 96, device=dev)
+    tile, err = (triton_fp8.BLOCK, triton_fp8.BLOCK), 0.0
+    for xt, src, cut, bounds, weights, codes in _probe_cases(x, seed=1):
+        decode = src.numel() > xt.shape[0]  # the 8 tokens sent to both experts
+        assert block_m(xt.shape[0], src.numel(), 2) == (DECODE_BLOCK_M if decode else PREFILL_BLOCK_M)
+        deq = [dequantize(q, s, tile) for q, s in codes]
+        out = torch.empty(src.numel(), x.shape[1], device=x.device)
+        act = torch.empty(src.numel(), 96, device=x.device)
         _run(xt, src, bounds, weights, act, out, mode, False, (torch.empty_like(act), torch.empty_like(act)))
         ref = torch.empty_like(out)
         for e in range(2):
@@ -243,20 +250,11 @@ def preq_matches(x: torch.Tensor, mode: str) -> bool:
     """Whether both kernels on tokens and activations quantized in the fused pass give the bits of
     quantizing inside them, for the decode and the prefill row block, on rows ``x`` [N >= 16, H] in
     ``mode`` (`triton_fp8.probe_preq` asks, once per card)."""
-    dev, hidden, tile = x.device, x.shape[1], (triton_fp8.BLOCK, triton_fp8.BLOCK)
-    g = torch.Generator(device=dev).manual_seed(2)
-    shapes = ((2, 96, hidden), (2, 96, hidden), (2, hidden, 96))
-    w = [quantize(torch.randn(s, device=dev, generator=g), tile) for s in shapes]
-    weights = tuple(q.contiguous() for q, _ in w) + tuple(s for _, s in w)
-    for tokens, k in ((8, 2), (x.shape[0], 1)):
-        xt = x[:tokens]
-        src = torch.arange(tokens, device=dev).repeat(k).to(torch.int32)
-        cut = (0, tokens, 2 * tokens) if k == 2 else (0, tokens // 2, tokens)
-        bounds = torch.tensor(cut, dtype=torch.int32, device=dev)
+    for xt, src, _, bounds, weights, _ in _probe_cases(x, seed=2):
         outs = []
         for preq in (False, True):
-            out = torch.empty(src.numel(), hidden, device=dev, dtype=x.dtype)
-            act = torch.empty(src.numel(), 96, device=dev, dtype=x.dtype)
+            out = torch.empty(src.numel(), x.shape[1], device=x.device, dtype=x.dtype)
+            act = torch.empty(src.numel(), 96, device=x.device, dtype=x.dtype)
             _run(xt, src, bounds, weights, act, out, mode, preq)
             outs.append(out)
         if not torch.equal(*outs):

@@ -110,7 +110,7 @@ if triton is not None:
 
     @triton.jit
     def _codes(a, MODE: tl.constexpr):
-        """Loaded e4m3 codes (from the fused quantization pass) as the dot's operand."""
+        """Loaded e4m3 codes (weights, or x from the fused quantization pass) as the dot's operand."""
         if MODE == "fp32":
             return a.to(tl.float32)
         else:
@@ -132,35 +132,24 @@ if triton is not None:
         return q, scale
 
     @triton.jit
-    def _dot(a, w, MODE: tl.constexpr):
-        """a [BM, BK] codes from `_quant_rows`, w [BN, BK] e4m3 -> fp32 [BM, BN], exact products.
+    def _dot(lhs, rhs, MODE: tl.constexpr):
+        """lhs [R, BK] @ rhs [C, BK].T -> fp32 [R, C] for two operands in the dot's dtype (`_codes`,
+        `_quant_rows`): exact products of e4m3 values, so exact block sums in the interpreter's float64.
 
         FP8: ``max_num_imprecise_acc=32`` adds each k32 wgmma's partial sum into an fp32 accumulator;
         Triton's Hopper default keeps the whole K in the tensor core's reduced-precision accumulator
         (4.2e-3 relative error on the probe on an H100, over its 1e-3 bound); 0 makes Triton upcast
         e4m3 to fp16 mma.sync instead."""
         if MODE == "fp32":  # the interpreter: float64 sums of these products are exact, in any order
-            return tl.dot(a.to(tl.float64), tl.trans(w.to(tl.float32).to(tl.float64))).to(tl.float32)
+            return tl.dot(lhs.to(tl.float64), tl.trans(rhs.to(tl.float64))).to(tl.float32)
         elif MODE == "fp8":
-            return tl.dot(a, tl.trans(w), max_num_imprecise_acc=32)
+            return tl.dot(lhs, tl.trans(rhs), max_num_imprecise_acc=32)
         else:
-            return tl.dot(a, tl.trans(_operand(w, MODE)))
-
-    @triton.jit
-    def _dot_t(w, a, MODE: tl.constexpr):
-        """`_dot` transposed: w [BN, BK] e4m3, a [BM, BK] codes -> fp32 [BN, BM]. The weight tile is the
-        MMA's row operand, so a 16-row decode tile still runs 64-row FP8 wgmma on Hopper (below 64 rows
-        Triton upcasts e4m3 to fp16 mma.sync); each product is the same, so is each exact block sum."""
-        if MODE == "fp32":
-            return tl.dot(w.to(tl.float32).to(tl.float64), tl.trans(a.to(tl.float64))).to(tl.float32)
-        elif MODE == "fp8":
-            return tl.dot(w, tl.trans(a), max_num_imprecise_acc=32)
-        else:
-            return tl.dot(_operand(w, MODE), tl.trans(a))
+            return tl.dot(lhs, tl.trans(rhs))
 
     @triton.jit
     def _acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
-        """The fp32 accumulator: [BM, BN], or [BN, BM] for a SWAP tile (`_dot_t`)."""
+        """The fp32 accumulator: [BM, BN], or [BN, BM] for a SWAP tile (`_acc_add`)."""
         if SWAP:
             return tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
@@ -168,11 +157,15 @@ if triton is not None:
 
     @triton.jit
     def _acc_add(acc, aq, a_s, w, s, MODE: tl.constexpr, SWAP: tl.constexpr):
-        """acc + the block's products scaled by row scale ``a_s`` [BM] times weight scale ``s`` [BN]."""
+        """acc + the block's products of codes ``aq`` [BM, BK] and e4m3 weights ``w`` [BN, BK], scaled by
+        row scale ``a_s`` [BM] times weight scale ``s`` [BN]. SWAP: the weight tile is the MMA's row
+        operand (acc [BN, BM]), so a 16-row decode tile still runs 64-row wgmma on Hopper (below 64 rows
+        Triton upcasts e4m3 to fp16 mma.sync); each product is the same, so is each exact block sum."""
+        wq = _codes(w, MODE)
         if SWAP:
-            return acc + _dot_t(w, aq, MODE) * (s[:, None] * a_s[None, :])
+            return acc + _dot(wq, aq, MODE) * (s[:, None] * a_s[None, :])
         else:
-            return acc + _dot(aq, w, MODE) * (a_s[:, None] * s[None, :])
+            return acc + _dot(aq, wq, MODE) * (a_s[:, None] * s[None, :])
 
     @triton.jit
     def _acc_rows(acc, SWAP: tl.constexpr):
@@ -235,7 +228,7 @@ if triton is not None:
 
 
 def swapped(block_m: int) -> bool:
-    """Whether tiles of ``block_m`` rows multiply transposed (`_dot_t`): below 64 rows, so FP8 runs on
+    """Whether tiles of ``block_m`` rows multiply transposed (`_acc_add`): below 64 rows, so FP8 runs on
     64-row wgmma with the weight as the row operand. Fixed by the row block, so a row block always gives
     the same instruction and the same bits."""
     return block_m < 64
