@@ -35,26 +35,17 @@ from miles_core.model import fused_moe  # noqa: E402
 from miles_core.model.moe import expert_bounds  # noqa: E402
 
 
-def _time_us(fn, device: torch.device, reps: int = 10, rounds: int = 20) -> float:
-    """Microseconds per call: replayed from a CUDA graph of ``reps`` calls on CUDA, a plain loop on CPU."""
+def _time_us(fn, device: torch.device) -> float:
+    """Microseconds per call: replayed from a CUDA graph (`fused_moe_tune._time`), a plain loop on CPU."""
+    if device.type == "cuda":
+        from fused_moe_tune import _time
+
+        return _time(fn, reps=10) * 1e3
     fn()
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(2):
-            fn()
-        return (time.perf_counter() - t0) / 2 * 1e6
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(rounds):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / (rounds * reps) * 1e6
+    for _ in range(2):
+        fn()
+    return (time.perf_counter() - t0) / 2 * 1e6
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
