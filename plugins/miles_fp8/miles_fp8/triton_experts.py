@@ -221,9 +221,15 @@ def _probe_cases(x: torch.Tensor, seed: int):
 
 
 def probe_error(x: torch.Tensor, mode: str) -> float:
-    """Largest relative error of both expert kernels in ``mode`` against the emulation, with the decode
-    and the prefill row block, on two experts over the fp32 rows ``x`` [N >= 16, H]: `triton_fp8`'s
-    per-card probe runs it, so the mode it picks compiles for every kernel in use."""
+    """Largest relative error of both expert kernels' products in ``mode`` against the emulation, with the
+    decode and the prefill row block, on two experts over the fp32 rows ``x`` [N >= 16, H]: `triton_fp8`'s
+    per-card probe runs it, so the mode it picks compiles for every kernel in use.
+
+    Each stage is checked on its own inputs: the gate / up outputs and the SwiGLU product against the
+    emulation on x, the down kernel's output against the emulation on the gate/up kernel's own SwiGLU
+    output. Chaining the emulation through both kernels would instead measure how often a last-bit
+    difference in the SwiGLU output flips one of its e4m3 roundings (a 2^-3 step each), which any two
+    correct ways of summing produce."""
     import torch.nn.functional as F
 
     from miles_fp8.quant import dequantize, quantize_dequantize
@@ -235,14 +241,17 @@ def probe_error(x: torch.Tensor, mode: str) -> float:
         deq = [dequantize(q, s, tile) for q, s in codes]
         out = torch.empty(src.numel(), x.shape[1], device=x.device)
         act = torch.empty(src.numel(), 96, device=x.device)
-        _run(xt, src, bounds, weights, act, out, mode, False, (torch.empty_like(act), torch.empty_like(act)))
-        ref = torch.empty_like(out)
+        saved = (torch.empty_like(act), torch.empty_like(act))
+        _run(xt, src, bounds, weights, act, out, mode, False, saved)
+        refs = [torch.empty_like(t) for t in (*saved, act, out)]
         for e in range(2):
             rows = slice(cut[e], cut[e + 1])
             xe = quantize_dequantize(xt[src[rows].long()], (1, tile[1]))
-            h = F.silu(xe @ deq[0][e].t()) * (xe @ deq[1][e].t())
-            ref[rows] = quantize_dequantize(h, (1, tile[1])) @ deq[2][e].t()
-        err = max(err, float((out - ref).norm() / ref.norm()))
+            refs[0][rows], refs[1][rows] = xe @ deq[0][e].t(), xe @ deq[1][e].t()
+            refs[2][rows] = F.silu(refs[0][rows]) * refs[1][rows]
+            refs[3][rows] = quantize_dequantize(act[rows], (1, tile[1])) @ deq[2][e].t()
+        for got, ref in zip((*saved, act, out), refs):
+            err = max(err, float((got - ref).norm() / ref.norm()))
     return err
 
 
