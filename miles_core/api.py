@@ -5,7 +5,8 @@ A plugin imports only from these four places (a contract test checks it), so the
 modules around freely. Grouped by what a plugin does with them:
 
 - **models** (``configure_model``): the built-in model and its parts, module swapping, the MoE expert
-  and routing types, and the MoE dispatch/combine helpers a replacement expert module needs;
+  and routing types, and the MoE dispatch/combine helpers and the SwiGLU backward (`swiglu_backward`)
+  a replacement expert module needs;
 - **modules in the engine**: a module class that cannot run inside a CUDA graph sets
   ``cuda_graph_safe = False`` (attribute or property); the engine then decodes eagerly;
 - **decoding** (``pre_rollout`` returning a decode strategy): the read-only `SequenceView`, the
@@ -49,6 +50,7 @@ from miles_core.model import (
 )
 from miles_core.model.layers import StepContext, fuse_qkv
 from miles_core.model.moe import combine_copies, dispatch_copies, expert_bounds, expert_order
+from miles_core.model.swiglu import swiglu_backward
 from miles_core.model.transformer import DecoderLayer, cache_context
 from miles_core.rollout.boxed import last_boxed
 from miles_core.rollout.generate import RolloutContext, current_context, generate_into
@@ -114,6 +116,7 @@ __all__ = [
     "set_config_dtype",
     "start_weights",
     "swap_modules",
+    "swiglu_backward",
     "tempered_logits",
     "weight_files",
     "write_hf_checkpoint",

@@ -77,10 +77,11 @@ if triton is not None:
     @triton.jit
     def _fp8_gate_up_kernel(
         x_ptr, xs_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, src_ptr, bounds_ptr, out_ptr, g_ptr, u_ptr, hidden,
-        inter, stride_x, n_chunks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        MODE: tl.constexpr, SAVE: tl.constexpr, SWAP: tl.constexpr, PREQ: tl.constexpr,
+        inter, stride_x, stride_s, n_chunks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, MODE: tl.constexpr, SAVE: tl.constexpr, SWAP: tl.constexpr, PREQ: tl.constexpr,
     ):  # fmt: skip
-        # SAVE (training): also store the rounded gate and up outputs for the SwiGLU backward.
+        # SAVE (training): also store the rounded gate and up outputs for the SwiGLU backward (rows of
+        # stride_s: the two halves of one [M, 2I] buffer, as the core's `swiglu_backward` reads them).
         # PREQ: x holds the tokens' e4m3 codes and xs_ptr their 1x128 scales [N, H/128] (one fused pass
         # over the tokens, not once per copy and column tile here): the same codes, the same bits.
         e = tl.program_id(0)
@@ -128,8 +129,8 @@ if triton is not None:
                 omask = m_ok[:, None] & n_ok[None, :]
                 tl.store(out_ptr + m[:, None] * inter + n[None, :], act.to(dt), mask=omask)
                 if SAVE:
-                    tl.store(g_ptr + m[:, None] * inter + n[None, :], g.to(dt), mask=omask)
-                    tl.store(u_ptr + m[:, None] * inter + n[None, :], u.to(dt), mask=omask)
+                    tl.store(g_ptr + m[:, None] * stride_s + n[None, :], g.to(dt), mask=omask)
+                    tl.store(u_ptr + m[:, None] * stride_s + n[None, :], u.to(dt), mask=omask)
 
 
 def _run(x, src, bounds, weights, act, out, mode: str, preq: bool, saved: tuple | None = None) -> None:
@@ -147,8 +148,8 @@ def _run(x, src, bounds, weights, act, out, mode: str, preq: bool, saved: tuple 
     xq, xs = quantize(x, (1, triton_fp8.BLOCK), fast=True) if preq else (x, x)
     _fp8_gate_up_kernel[grid1](
         xq, xs, gate, up, gate_s, up_s, src, bounds, act, *(saved or (act, act)), hidden, inter,
-        xq.stride(0), chunks, BLOCK_M=bm, BLOCK_K=triton_fp8.BLOCK, MODE=mode, SAVE=saved is not None,
-        SWAP=triton_fp8.swapped(bm), PREQ=preq, **c1,
+        xq.stride(0), saved[0].stride(0) if saved else inter, chunks, BLOCK_M=bm, BLOCK_K=triton_fp8.BLOCK,
+        MODE=mode, SAVE=saved is not None, SWAP=triton_fp8.swapped(bm), PREQ=preq, **c1,
     )  # fmt: skip
     down_cfg = dict(DOWN, BLOCK_M=bm)
     if preq:
@@ -185,18 +186,20 @@ def fp8_experts(
 
 
 def fp8_experts_saving(x, src, bounds, gate, up, down, gate_scale, up_scale, down_scale, save: bool):
-    """`fp8_experts`, returning ``(out, act, g, u)``: with ``save`` also the SwiGLU input ``act`` [M, I] and
-    the rounded gate / up outputs ``g``, ``u`` [M, I] the training backward needs (else None)."""
+    """`fp8_experts`, returning ``(out, act, h)``: with ``save`` also the SwiGLU output ``act`` [M, I] (the
+    down projection's input) and ``h`` = [gate | up] [M, 2I], the rounded gate and up outputs side by side,
+    which the training backward needs (else None)."""
     mode = _mode_for(x)
     x = x.contiguous()
     weights = tuple(t.contiguous() for t in (gate, up, down, gate_scale, up_scale, down_scale))
     m, hidden, inter = src.numel(), x.shape[1], gate.shape[1]
     act = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
-    saved = (torch.empty_like(act), torch.empty_like(act)) if save else None
+    h = torch.empty(m, 2 * inter, dtype=x.dtype, device=x.device) if save else None
     if m:
+        saved = (h[:, :inter], h[:, inter:]) if save else None
         _run(x, src, bounds, weights, act, out, mode, triton_fp8.preq_ok(x.device), saved)
-    return (out, act, *saved) if save else (out, None, None, None)
+    return (out, act, h) if save else (out, None, None)
 
 
 @fp8_experts.register_fake

@@ -229,7 +229,7 @@ def test_fp8_kernels_compile_for_hopper_and_ada_without_a_gpu():
         "x_ptr": "*bf16", "xs_ptr": "*fp32", "wg_ptr": "*fp8e4nv", "wu_ptr": "*fp8e4nv", "sg_ptr": "*fp32",
         "su_ptr": "*fp32",
         "src_ptr": "*i32", "bounds_ptr": "*i32", "out_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16",
-        "hidden": "i32", "inter": "i32", "stride_x": "i32", "n_chunks": "i32",
+        "hidden": "i32", "inter": "i32", "stride_x": "i32", "stride_s": "i32", "n_chunks": "i32",
     }  # fmt: skip
     for arch in (90, 89):
         fp8_mma = (
