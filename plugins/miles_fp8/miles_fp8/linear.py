@@ -5,7 +5,8 @@ Both modes run the same forward, ``y = mm(quantize(x), quantize(W))``, through `
   each HF tensor the weight sync hands it, so no high-precision copy is kept.
 - train / ref (unified FP8): the module keeps the master weight as its nn.Parameter (same name, so the
   optimizer, checkpoints and the weight sync see no difference) and quantizes it on every forward;
-  the backward is straight-through: gradients flow to the master weight as if quantization were identity.
+  the backward is straight-through: gradients flow to the master weight as if quantization were identity,
+  computed from the dequantized FP8 operands in bf16 for a bf16 model on CUDA, else in fp32.
 The GEMM is chosen once per process (`gemm_path`, never from the row count): blockwise runs the Triton
 GEMM of `miles_fp8.triton_fp8` on CUDA (e4m3 cards) and under Triton's interpreter; rowwise / tensorwise
 run ``torch._scaled_mm`` on CUDA where a probe passed; everything else is emulated: dequantize both
@@ -24,6 +25,7 @@ from torch import nn
 
 from miles_core.api import Experts, combine_copies, expert_bounds, expert_order
 from miles_fp8 import triton_experts, triton_fp8
+from miles_fp8.dequant import dequantize_as
 from miles_fp8.quant import FP8_DTYPE, Recipe, dequantize, quantize, quantize_dequantize
 
 log = logging.getLogger(__name__)
@@ -156,16 +158,31 @@ class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         xq, xs, wq, ws, x_deq, w_deq = ctx.saved_tensors
-        r = ctx.recipe
-        g32 = g.float()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            w_deq = dequantize(wq, ws, r.weight_tile) if w_deq is None else w_deq
-            dx = (g32 @ w_deq).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            x_deq = dequantize(xq, xs, r.act_tile) if x_deq is None else x_deq
-            dw = (g32.t() @ x_deq).to(ctx.w_dtype)
-        return dx, dw, None, None
+        dt = backward_dtype(g, ctx.x_dtype)
+        dx, dw = linear_backward(g, xq, xs, wq, ws, x_deq, w_deq, ctx.recipe, dt, ctx.needs_input_grad[:2])
+        grads = (None if t is None else t.to(d) for t, d in zip((dx, dw), (ctx.x_dtype, ctx.w_dtype)))
+        return *grads, None, None
+
+
+def backward_dtype(g: torch.Tensor, x_dtype: torch.dtype) -> torch.dtype:
+    """The straight-through backward's GEMM dtype: bf16 for a bf16 model on CUDA (the --bf16 trainer's
+    own backward precision: bf16 operands, fp32 accumulation), else fp32."""
+    return torch.bfloat16 if g.is_cuda and g.dtype == x_dtype == torch.bfloat16 else torch.float32
+
+
+def linear_backward(g, xq, xs, wq, ws, x_deq, w_deq, recipe: Recipe, dtype: torch.dtype, needs=(True, True)):
+    """``(dx, dw) = (g @ deq(Wq), g^T @ deq(xq))`` in ``dtype`` (`backward_dtype`): the FP8 operands the
+    forward multiplied, dequantized (`dequant.dequantize_as`: one pass, rounded once to ``dtype``) unless the
+    emulated forward left their fp32 dequantization (``x_deq``, ``w_deq``). Each is None where not needed."""
+    dx = dw = None
+    g = g.to(dtype)
+    if needs[0]:
+        w = dequantize_as(wq, ws, recipe.weight_tile, dtype) if w_deq is None else w_deq.to(dtype)
+        dx = g @ w
+    if needs[1]:
+        x = dequantize_as(xq, xs, recipe.act_tile, dtype) if x_deq is None else x_deq.to(dtype)
+        dw = g.t() @ x
+    return dx, dw
 
 
 def _fp8_linear(
