@@ -44,6 +44,12 @@ def _qdq(t: torch.Tensor, tile: tuple[int, int], dtype: torch.dtype) -> torch.Te
     return quantize_dequantize(t, tile).to(dtype)
 
 
+def _zeros(x, weights, needs, dtype):
+    num_experts, inter, hidden = weights[0].shape
+    shapes = (x.shape, (num_experts, 2 * inter, hidden), weights[2].shape)
+    return tuple(x.new_zeros(s, dtype=dtype) if need else None for s, need in zip(shapes, needs))
+
+
 def grouped_backward(dys, x, act, h, src, dest, bounds, weights, recipe: Recipe, needs=(True, True, True)):
     """The STE backward (module docstring) as grouped GEMMs in x's dtype (bf16; fp32 in the CPU tests).
 
@@ -60,8 +66,7 @@ def grouped_backward(dys, x, act, h, src, dest, bounds, weights, recipe: Recipe,
     wt, at, dt = recipe.weight_tile, recipe.act_tile, x.dtype
     m, n = src.numel(), x.shape[0]
     if m == 0:  # torch._grouped_mm takes no empty contraction
-        zeros = (x.new_zeros(x.shape), x.new_zeros(num_experts, 2 * inter, hidden), x.new_zeros(dq.shape))
-        return tuple(z if need else None for z, need in zip(zeros, needs))
+        return _zeros(x, weights, needs, dt)
     offs = bounds[1:].to(torch.int32).contiguous()
     dy = dys.to(dt).contiguous()
     dx = d_gate_up = d_down = None
@@ -95,6 +100,8 @@ def looped_backward(dys, x, act, h, src, dest, bounds, weights, recipe: Recipe, 
     wt, at, f32 = recipe.weight_tile, recipe.act_tile, torch.float32
     num_experts, inter, hidden = gq.shape
     m, n, src = src.numel(), x.shape[0], src.long()
+    if m == 0:
+        return _zeros(x, weights, needs, f32)
     d_copies = torch.zeros(m, hidden, dtype=f32, device=x.device)
     d_gate_up = torch.zeros(num_experts, 2 * inter, hidden, dtype=f32, device=x.device)
     d_down = torch.zeros(dq.shape, dtype=f32, device=x.device)

@@ -253,6 +253,14 @@ def test_fp8_kernels_compile_for_hopper_and_ada_without_a_gpu():
                 consts = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "MODE": "fp8",
                           "SAVE": block_m == 64, "SWAP": swap, "PREQ": preq}  # fmt: skip
                 assert mma in build(triton_experts._fp8_gate_up_kernel, sig, consts, arch)
+    # the training backward's dequantization (e4m3 codes x fp32 tile scales -> bf16, strided output)
+    from miles_fp8 import dequant
+
+    deq_sig = {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16", **dict.fromkeys(
+        ("rows", "cols", "tile_r", "tile_c", "s_rows", "s_cols", "stride_qe", "stride_qr", "stride_oe",
+         "stride_or"), "i32")}  # fmt: skip
+    deq_consts = {"BLOCK_R": dequant.BLOCK_R, "BLOCK_C": dequant.BLOCK_C, "MODE": "cuda"}
+    assert "cvt.rn.bf16" in build(dequant._dequant_kernel, deq_sig, deq_consts, 90)
     # the fp16-products mode (what an H100 picks): e4m3 codes upcast, fp16 wgmma on both tiles
     for block_m, preq in ((16, False), (64, False), (16, True), (64, True)):
         swap = triton_fp8.swapped(block_m)
