@@ -15,11 +15,14 @@ and, in the same run on the same card, the built-in trainer as its peer (`peer_*
     python bench/train_step.py --compile --samples 128 --max-tokens 49152
     python bench/train_step.py --compile --samples 256 --max-tokens 98304   # 98k tokens a step
     python bench/train_step.py --backend megatron                   # needs miles-core[megatron]
-    python bench/train_step.py --preset qwen3-30b-a3b --layers 2 --fp8-recipe blockwise   # unified FP8
+    python bench/train_step.py --preset qwen3-30b-a3b --layers 2 --fp8-recipe blockwise --compare-bf16
 
 ``--fp8-recipe`` converts the policy as `miles train --fp8-recipe` does (miles-fp8's ``configure_model``,
 role ``train``): its linears and experts run the FP8 forward (blockwise: the Triton GEMM and grouped
-expert kernels) with the straight-through backward; time the same command without it for the bf16 peer.
+expert kernels) with the straight-through backward (bf16 GEMMs on the dequantized FP8 operands, the
+experts' as grouped GEMMs). ``--compare-bf16`` first times the same step without FP8 in the same process
+(a fresh policy of the same seed, freed before the FP8 arm) and adds ``bf16_tok_s`` and ``fp8_speedup``.
+The qwen3-30b-a3b preset takes 256 samples of 383 tokens (98,048 tokens a step, 32k-token micro-batches).
 """
 
 from __future__ import annotations
@@ -153,6 +156,52 @@ def _fp8_count(model) -> int:
     return sum(type(m).__name__ in ("Fp8Linear", "Fp8Experts") for m in model.modules())
 
 
+def _policy(a, preset: dict, shape: dict, fp8_recipe: str | None):
+    """The fp32-master policy (seed 0), the trainer's flags (without packing) and the plugin manager;
+    with ``fp8_recipe`` the policy converted as `miles train --fp8-recipe` does (miles-fp8's
+    ``configure_model``, role ``train``)."""
+    model = make_model({**preset, "dtype": torch.float32}).requires_grad_(True)  # fp32 master weights
+    n = shape["samples"]
+    flags = ["--lr", "1e-6", "--global-batch-size", str(n), "--rollout-batch-size", str(n // 8 or 1),
+             "--n-samples-per-prompt", "8", "--num-rollout", "1"]  # fmt: skip
+    if preset["device"] == "cuda":
+        flags.append("--bf16")
+    if a.recompute:
+        flags += ["--recompute-granularity", a.recompute]
+    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
+    if fp8_recipe:
+        from miles_fp8 import plugin as fp8_plugin
+
+        from miles_core.plugins import configure_plugins
+
+        pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[fp8_plugin])
+        flags += ["--fp8-recipe", fp8_recipe, "--fp8-stats-interval", "0"]
+        fp8_args = parse_args(flags, pm)
+        configure_plugins(pm, fp8_args)
+        pm.hook.configure_model(args=fp8_args, model=model, role="train")  # as miles train does
+    return model, flags, pm
+
+
+def _time_bf16_peer(a, preset: dict, shape: dict, packing: list[str]) -> tuple[float, float | None]:
+    """--compare-bf16: the same step without FP8 on a fresh policy of the same seed, timed first in this
+    process and freed before the FP8 arm; returns (seconds per step, peak GB)."""
+    import gc
+
+    model, flags, pm = _policy(a, preset, shape, None)
+    trainer = Trainer(parse_args(flags + packing, pm), pm, model)
+    device = preset["device"]
+    dt, _ = time_steps(trainer, shape["samples"], shape, a.steps, device, warmups=2 if a.compile else 1)
+    peak = round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None
+    del trainer, model
+    gc.collect()
+    if a.compile:
+        torch._dynamo.reset()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return dt, peak
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(SHAPES), default="gpu-0.7b")
@@ -169,6 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="Unified FP8 training forward (miles-fp8, plugins/miles_fp8 on PYTHONPATH); default: none.",
     )  # fmt: skip
     ap.add_argument(
+        "--compare-bf16", action="store_true",
+        help="With --fp8-recipe: first time the same step without FP8 (fresh policy, same seed) in this "
+        "process, then FP8; adds bf16_tok_s and fp8_speedup (bf16 step time / FP8 step time).",
+    )  # fmt: skip
+    ap.add_argument(
         "--megatron-micro-batch-size", type=int, default=8, help="--micro-batch-size of megatron."
     )
     ap.add_argument(
@@ -176,33 +230,20 @@ def main(argv: list[str] | None = None) -> dict:
         help="The trainer's --packed-attention (flash: torch's flash varlen, the Triton kernels' peer).",
     )  # fmt: skip
     a = ap.parse_args(argv)
+    if a.fp8_recipe and a.backend != "torch":
+        raise SystemExit("--fp8-recipe times the built-in trainer only; drop --backend megatron.")
+    if a.compare_bf16 and not a.fp8_recipe:
+        raise SystemExit("--compare-bf16 times the bf16 peer of an FP8 run; add --fp8-recipe blockwise.")
     preset, shape = dict(PRESETS[a.preset]), dict(SHAPES[a.preset])
     if a.layers:
         preset["config"] = {**preset["config"], "num_hidden_layers": a.layers}
     shape.update({k: v for k, v in (("samples", a.samples), ("max_tokens", a.max_tokens)) if v})
     device = preset["device"]
-    model = make_model({**preset, "dtype": torch.float32}).requires_grad_(True)  # fp32 master weights
     n = shape["samples"]
-    flags = ["--lr", "1e-6", "--global-batch-size", str(n), "--rollout-batch-size", str(n // 8 or 1),
-             "--n-samples-per-prompt", "8", "--num-rollout", "1"]  # fmt: skip
     packing = ["--use-dynamic-batch-size", "--max-tokens-per-gpu", str(shape["max_tokens"])]
-    if device == "cuda":
-        flags.append("--bf16")
-    if a.recompute:
-        flags += ["--recompute-granularity", a.recompute]
-    pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
-    if a.fp8_recipe:
-        if a.backend != "torch":
-            raise SystemExit("--fp8-recipe times the built-in trainer only; drop --backend megatron.")
-        from miles_fp8 import plugin as fp8_plugin
-
-        from miles_core.plugins import configure_plugins
-
-        pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}, extra=[fp8_plugin])
-        flags += ["--fp8-recipe", a.fp8_recipe, "--fp8-stats-interval", "0"]
-        fp8_args = parse_args(flags, pm)
-        configure_plugins(pm, fp8_args)
-        pm.hook.configure_model(args=fp8_args, model=model, role="train")  # as miles train does
+    packing += ["--packed-attention", a.packed_attention] + (["--train-compile"] if a.compile else [])
+    bf16_peer = _time_bf16_peer(a, preset, shape, packing) if a.compare_bf16 else None
+    model, flags, pm = _policy(a, preset, shape, a.fp8_recipe)
     peer = None
     if a.backend == "megatron":
         from miles_core.megatron.backend import MegatronTrainer
@@ -213,8 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         del meg
         if device == "cuda":
             torch.cuda.empty_cache()
-    flags += packing + ["--packed-attention", a.packed_attention] + (["--train-compile"] if a.compile else [])
-    trainer = Trainer(parse_args(flags, pm), pm, model)
+    trainer = Trainer(parse_args(flags + packing, pm), pm, model)
     dt, batch = time_steps(trainer, n, shape, a.steps, device, warmups=2 if a.compile else 1)
     if a.profile:
         profile_step(trainer, batch, device)
@@ -238,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
         "backend": a.backend, "fp8_recipe": a.fp8_recipe, "fp8_modules": _fp8_count(model),
         "layers": model.config.num_hidden_layers,
     }  # fmt: skip
+    if bf16_peer is not None:  # the same step without FP8, same seed, batch and card, this process
+        result.update(bf16_step_s=round(bf16_peer[0], 4), bf16_tok_s=round(tokens / bf16_peer[0], 1),
+                      bf16_max_mem_gb=bf16_peer[1], fp8_speedup=round(bf16_peer[0] / dt, 3))  # fmt: skip
     if peer is not None:  # the built-in trainer, same model, batch and card, packed micro-batches
         result.update(attention="megatron local (unfused)", peer_backend="torch", peer_step_s=round(peer, 4),
                       peer_tok_s=round(tokens / peer, 1), peer_mfu=round(flops / peer / peak, 4))  # fmt: skip

@@ -58,9 +58,10 @@ def test_train_step_bench_prints_its_json_line():
     assert r["tok_s"] > 0 and 0 < r["mfu"] < 1
 
 
-def test_train_step_bench_runs_unified_fp8():
-    r = _run("train_step.py", "--steps", "1", "--fp8-recipe", "blockwise")
+def test_train_step_bench_runs_unified_fp8_and_its_bf16_peer():
+    r = _run("train_step.py", "--steps", "1", "--fp8-recipe", "blockwise", "--compare-bf16")
     assert r["fp8_recipe"] == "blockwise" and r["fp8_modules"] > 0 and r["tok_s"] > 0
+    assert r["fp8_speedup"] == pytest.approx(r["tok_s"] / r["bf16_tok_s"], rel=1e-2)
 
 
 def test_decode_profile_runs_on_cpu():
