@@ -110,12 +110,12 @@ _compile = False  # --fp8-compile (configure_kernels)
 def configure_kernels(compile: bool, triton: bool) -> None:
     """The run's kernel choices (``--fp8-compile``, ``--[no-]fp8-triton``), set once by the plugin."""
     global _compile, _cuda_impl
-    from miles_fp8 import triton_quant
+    from miles_fp8 import triton_blocks, triton_quant
 
     if compile != _compile:
         _cuda_impl = None  # choose again at the next call
     _compile = compile
-    triton_quant.ENABLED = triton
+    triton_quant.ENABLED = triton_blocks.ENABLED = triton
 
 
 def _cuda_quantizer() -> Callable:
@@ -153,16 +153,20 @@ def quantize(
     :param tile: (rows, cols) of a tile, 0 = whole dim; e.g. (128, 128) weights, (1, 128) activations.
     :param name: when given, NaN/Inf raise UsageError naming this tensor (weights are checked; activations
         are not, to keep the forward free of host syncs).
-    :param fast: on CUDA, use a fused kernel when it is bitwise equal to eager: the Triton one-pass kernel
-        (`miles_fp8.triton_quant`) for 2-D rowwise / 1x128 tiles, else torch.compile'd passes if opted in.
+    :param fast: on CUDA, use a fused kernel when it is bitwise equal to eager: the Triton one-pass kernels
+        (`miles_fp8.triton_quant` for 2-D rowwise / 1x128 tiles, `miles_fp8.triton_blocks` for 128x128
+        blocks of 2-D / 3-D weights), else torch.compile'd passes if opted in.
     :returns: ``(q, scale)``: q float8_e4m3fn shaped like x; scale fp32 [..., ceil(R/tr), ceil(C/tc)].
     """
     if name is not None:
         check_finite(x, name)
     if fast and x.is_cuda:
-        from miles_fp8 import triton_quant  # one fused pass for per-row tiles (bitwise equal, probed)
+        # one fused pass for per-row tiles and for 128x128 weight blocks (bitwise equal, probed)
+        from miles_fp8 import triton_blocks, triton_quant
 
         fused = triton_quant.quantize_rows(x, tile)
+        if fused is None:
+            fused = triton_blocks.quantize_blocks(x, tile)
         if fused is not None:
             return fused
     tiles, rows, cols = _tiles(x, tile)

@@ -261,6 +261,14 @@ def test_fp8_kernels_compile_for_hopper_and_ada_without_a_gpu():
          "stride_or"), "i32")}  # fmt: skip
     deq_consts = {"BLOCK_R": dequant.BLOCK_R, "BLOCK_C": dequant.BLOCK_C, "MODE": "cuda"}
     assert "cvt.rn.bf16" in build(dequant._dequant_kernel, deq_sig, deq_consts, 90)
+    # and the forward's 128x128 weight quantization (bf16 master weights -> e4m3 codes + block scales)
+    from miles_fp8 import triton_blocks
+
+    blk_sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", **dict.fromkeys(
+        ("rows", "cols", "stride_xe", "stride_xr", "s_rows", "s_cols"), "i32")}  # fmt: skip
+    for arch in (90, 89):  # Hopper converts fp32 -> e4m3 directly; Ada through fp16 (the probe decides)
+        ptx = build(triton_blocks._quant_blocks_kernel, blk_sig, {"TB": 128, "MODE": "cuda"}, arch)
+        assert "div.rn.f32" in ptx and ("cvt.rn.satfinite.e4m3x2.f32" in ptx or arch == 89)
     # the fp16-products mode (what an H100 picks): e4m3 codes upcast, fp16 wgmma on both tiles
     for block_m, preq in ((16, False), (64, False), (16, True), (64, True)):
         swap = triton_fp8.swapped(block_m)
