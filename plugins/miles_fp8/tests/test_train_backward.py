@@ -217,3 +217,51 @@ print("ok")
 @needs_interpreter
 def test_dequant_kernel_equals_dequantize_under_the_interpreter():
     run_interpreted(f"import sys\nsys.path.insert(0, {str(PLUGIN_ROOT)!r})\n" + DEQUANT_CHECK)
+
+
+def _to(c: dict, device: str) -> dict:
+    return {
+        k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)) for k, v in c.items()
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_backward_on_cuda_matches_the_reference_without_a_host_sync():
+    c = _case(2, torch.bfloat16)
+    cuda = _to(c, "cuda")
+    assert train_experts.grouped_ok(cuda["x"].bfloat16(), FF, H)
+    _run(cuda, train_experts.grouped_backward, torch.bfloat16)  # warm-up: kernel compiles, probes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host read below raises
+    try:
+        got = _run(cuda, train_experts.grouped_backward, torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    got = [t.cpu() for t in got]
+    ref = _reference(c)
+    assert all(t.dtype == torch.bfloat16 for t in got) and _err(got, ref) < 2e-2
+    assert max(float((a.double() - b).norm() / b.norm()) for a, b in zip(got, ref)) < 1e-2
+    loop = _run(cuda, train_experts.looped_backward, torch.bfloat16)  # the fp32 loop on the card
+    assert _err(got, [t.cpu().double() for t in loop]) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dense_backward_of_a_bf16_model_on_cuda_runs_in_bf16():
+    from miles_fp8.linear import Fp8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16)
+    mod = Fp8Linear(lin, B, train=True)
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(300, 384, device="cuda", dtype=torch.bfloat16)
+    assert backward_dtype(dy, torch.bfloat16) == torch.bfloat16
+    mod(x).backward(dy)
+    (xq, xs), (wq, ws) = quantize(x.detach().float().cpu(), A), quantize(lin.weight.detach().float().cpu(), W)
+    want = (
+        dy.double().cpu() @ dequantize(wq, ws, W).double(),
+        dy.double().cpu().t() @ dequantize(xq, xs, A).double(),
+    )
+    got = (x.grad.cpu(), lin.weight.grad.cpu())
+    assert got[0].dtype == got[1].dtype == torch.bfloat16 and _err(got, want) < 2e-2
