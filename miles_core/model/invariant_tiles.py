@@ -103,10 +103,11 @@ PROBE_LINEAR = ((1, 40, 72), (67, 136, 200), (193, 320, 1000), (257, 264, 130))
 PROBE_EXPERTS = ((37, 136, 72, 4, 2), (300, 72, 200, 3, 2))
 
 
-def _expert_case(tokens, hidden, inter, e, k, device, dtype, g):
-    """Sorted copies with uneven experts (the last one empty), as `moe.expert_order` gives them."""
+def _expert_case(tokens, hidden, inter, e, k, device, dtype, g, spare_last=True):
+    """Sorted copies with uneven experts (the last one empty unless not ``spare_last``), as
+    `moe.expert_order` gives them: x, src, bounds, gate_up, down."""
     x = torch.randn(tokens, hidden, generator=g, device=device).to(dtype)
-    idx = torch.randint(0, max(1, e - 1), (tokens * k,), generator=g, device=device)
+    idx = torch.randint(0, max(1, e - spare_last), (tokens * k,), generator=g, device=device)
     order = torch.argsort(idx, stable=True)
     src = (order // k).to(torch.int32)
     counts = torch.bincount(idx, minlength=e)
