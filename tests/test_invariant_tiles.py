@@ -40,6 +40,7 @@ def test_select_follows_the_rules_by_rows_columns_and_kept_candidates():
     assert sel(2048, 512, kind="gate_up") == "m128n128" and sel(2048, 1024, kind="down") == "m128n256"
     # a tile no wider than the problem needs: N = 100 -> 128 columns at most, N = 32 -> 32
     assert sel(16384, 100) == "m128n128" and sel(200, 100) == "m64n128" and sel(200, 32) == "m64n64"
+    assert sel(16384, 128) == "m128n128" and sel(16384, 129) == "m128n256"
     assert sel(16384, 32) == "m64n64" and sel(3, 32) == "m64n32"
     # a candidate the probe dropped is skipped; the reference alone -> the reference everywhere
     assert sel(1, 1024, kept=("m64n64", "m64n128")) == "m64n128"
@@ -103,6 +104,16 @@ full = run(rows)
 for sub in ([0], [5, 149, 64]):
     sub = torch.tensor(sub)
     assert torch.equal(run(sub), full[sub]), sub
+# what the kernels ask `select`: rows per expert on average (here 1.5), the kernel's columns and kind
+asked, pick = [], tiles.select
+def spy(rows, n, fam, kept, kind="linear"):
+    asked.append((rows, n, kind))
+    return pick(rows, n, fam, kept, kind)
+tiles.select = spy
+run(torch.tensor([0, 1, 2]))
+ik.linear(x[:5], w)
+tiles.select = pick
+assert asked == [(1.5, I, "gate_up"), (1.5, H, "down"), (5, 136, "linear")], asked
 for fam, cands in tiles.CANDIDATES.items():  # (fp32 data: `full` is the fp32 family's)
     want = run(rows, cands[tiles.reference(fam)])
     assert fam != "fp32" or torch.equal(want, full)
