@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -54,8 +55,8 @@ RULES: dict[str, list[tuple[float, str]]] = {
 # Accumulator elements a tile may hold: the experts' gate/up kernel keeps two (gate and up).
 MAX_TILE = {"linear": 128 * 256, "gate_up": 128 * 128, "down": 128 * 256}
 
-# (device index, family) -> names kept by the probe on that card
-_kept: dict[tuple[int, str], tuple[str, ...]] = {}
+# (device index, dtype) -> names kept by the probe on that card
+_kept: dict[tuple[int, torch.dtype], tuple[str, ...]] = {}
 
 
 def family(dtype: torch.dtype) -> str:
@@ -84,12 +85,12 @@ def select(rows: float, n: int, fam: str, kept: tuple[str, ...], kind: str = "li
 
 def kept(device: torch.device, dtype: torch.dtype, linear: Callable, experts: Callable) -> tuple[str, ...]:
     """The candidates usable on ``device`` for ``dtype``: all of them under the interpreter (its tests check
-    the rows directly); on CUDA the ones `probe` keeps, probed once per card and family. Inside a CUDA graph
+    the rows directly); on CUDA the ones `probe` keeps, probed once per card and dtype. Inside a CUDA graph
     capture before the probe ran: the reference alone, not remembered (the engine's eager prefill probes)."""
     fam = family(dtype)
     if device.type != "cuda":
         return tuple(CANDIDATES[fam])
-    key = (device.index if device.index is not None else torch.cuda.current_device(), fam)
+    key = (device.index if device.index is not None else torch.cuda.current_device(), dtype)
     if key not in _kept:
         if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
             return (reference(fam),)
@@ -121,37 +122,44 @@ def probe(
     device: torch.device, dtype: torch.dtype, linear: Callable, experts: Callable, linear_sizes=PROBE_LINEAR,
     expert_sizes=PROBE_EXPERTS,
 ) -> tuple[str, ...]:  # fmt: skip
-    """Names of the candidates whose every row equals the reference's on ``device``: all of them, or the
-    reference alone if any candidate gives one row other bits (one warning line says which and where).
+    """Names of the candidates whose every row equals the reference's on ``device``: all that run there, or
+    the reference alone if any candidate gives one row other bits (one warning line says which and where).
+    A candidate that does not compile or run there (say, too little shared memory) is left out (a warning).
 
     :param linear: ``linear(x [M, K], w [N, K], cfg) -> [M, N]`` with the given launch settings.
     :param experts: ``experts(x, src, bounds, gate_up, down, cfg=cfg) -> [copies, H]`` likewise."""
     fam = family(dtype)
-    ref, names = reference(fam), tuple(CANDIDATES[fam])
-    cfgs = CANDIDATES[fam]
+    cfgs, ref = CANDIDATES[fam], reference(fam)
     g = torch.Generator(device=device).manual_seed(0)
-    try:
-        for m, n, k in linear_sizes:
-            x = torch.randn(m, k, generator=g, device=device).to(dtype)
-            w = (torch.randn(n, k, generator=g, device=device) / k**0.5).to(dtype)
-            want = linear(x, w, cfgs[ref])
-            edge = sorted({r for r in (0, 63, 64, 127, 128, m - 1) if r < m})  # rows alone, at tile edges
-            for name in names:
-                alone = [torch.equal(linear(x[r : r + 1], w, cfgs[name])[0], want[r]) for r in edge]
-                if not (torch.equal(linear(x, w, cfgs[name]), want) and all(alone)):
-                    return _fallback(fam, ref, f"{name} on linear {m}x{n}x{k}", device)
-        for size in expert_sizes:
-            case = _expert_case(*size, device, dtype, g)
-            want = experts(*case, cfg=cfgs[ref])
-            for name in names:
-                if not torch.equal(experts(*case, cfg=cfgs[name]), want):
-                    return _fallback(fam, ref, f"{name} on experts {size}", device)
-    except Exception as e:  # a candidate that does not compile or run on this card: keep the reference
-        return _fallback(fam, ref, f"{type(e).__name__}: {e}", device)
-    log.info("batch-invariant %s matmuls on %s: candidates %s give the reference's bits", fam, device, names)
-    return names
+    cases, want = [], {}  # (label, run(cfg) -> tensor); label -> the reference's rows
+    for m, n, k in linear_sizes:
+        x = torch.randn(m, k, generator=g, device=device).to(dtype)
+        w = (torch.randn(n, k, generator=g, device=device) / k**0.5).to(dtype)
+        edge = [r for r in (0, 63, 64, 127, 128, m - 1) if r < m]  # rows alone, at tile edges
+        full = linear(x, w, cfgs[ref])  # the reference runs (an error here is the mode's own)
+        cases.append((f"linear {m}x{n}x{k}", partial(_batch_and_alone, linear, x, w, edge)))
+        want[cases[-1][0]] = torch.cat([full, full[edge]])  # alone or in the batch: the batch's rows
+    for size in expert_sizes:
+        case = _expert_case(*size, device, dtype, g)
+        cases.append((f"experts {size}", lambda c, case=case: experts(*case, cfg=c)))
+        want[cases[-1][0]] = experts(*case, cfg=cfgs[ref])
+    keep = []
+    for name, cfg in cfgs.items():
+        try:
+            bad = next((label for label, run in cases if not torch.equal(run(cfg), want[label])), None)
+        except Exception as e:
+            log.warning("batch-invariant %s matmuls on %s: %s left out (%s: %s)", fam, device, name,
+                        type(e).__name__, str(e)[:200])  # fmt: skip
+            continue
+        if bad is not None:
+            why = f"{name} on {bad} gives other bits"
+            log.warning("batch-invariant %s matmuls on %s use %s alone: %s", fam, device, ref, why)
+            return (ref,)
+        keep.append(name)
+    log.info("batch-invariant %s matmuls on %s: candidates %s give the reference's bits", fam, device, keep)
+    return tuple(keep)
 
 
-def _fallback(fam: str, ref: str, why: str, device: torch.device) -> tuple[str, ...]:
-    log.warning("batch-invariant %s matmuls on %s use %s alone: %s gives other bits", fam, device, ref, why)
-    return (ref,)
+def _batch_and_alone(linear: Callable, x, w, edge: list[int], cfg: dict) -> torch.Tensor:
+    """The rows of x as one batch, then the ``edge`` rows each alone."""
+    return torch.cat([linear(x, w, cfg), *(linear(x[r : r + 1], w, cfg) for r in edge)])
