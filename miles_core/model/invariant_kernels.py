@@ -9,7 +9,7 @@ rollout than in a training micro-batch. Here:
   inputs: ``ieee`` products, no TF32), rounded once to x's dtype. An output element depends only on its
   row of x and column of the weight, never on which rows shared its tile; the tile sizes are picked by
   shape among candidates that give every row the same bits (`invariant_tiles`, probed per card);
-- `experts`: the SwiGLU experts over expert-sorted token copies with the same tiles and K order: a static
+- `experts`: the SwiGLU experts over expert-sorted token copies with the same K order: a static
   grid over (expert, column tile, split), each expert's rows in ``BLOCK_M`` chunks bounded on the device
   (`moe.expert_bounds`), so no host read and CUDA graphs can capture it;
 - `attention`: per (sequence, KV head) a tile of query rows (GQA heads folded in) visits fixed blocks of
@@ -352,7 +352,7 @@ def experts(x, src, bounds, gate_up, down, swiglu=None) -> torch.Tensor:
     :param x: ``[N, H]`` token rows; ``src`` int ``[M]``: the token row of each sorted copy;
         ``bounds`` int32 ``[E + 1]`` (`moe.expert_bounds`); ``gate_up`` ``[E, 2I, H]``;
         ``down`` ``[E, H, I]``.
-    Every copy's row goes through the same tiles as `linear`'s, whichever expert and chunk it lands in;
+    Every copy's row is reduced in `linear`'s K order, whichever expert, chunk and tiling it gets;
     the backward's recomputed SwiGLU is ``swiglu`` (``[M, 2I] -> [M, I]``, default torch's ops)."""
     return _grad_wrap(_experts_fwd, _experts_ref, x, src.to(torch.int32), bounds, gate_up, down, swiglu)
 
