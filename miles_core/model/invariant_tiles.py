@@ -11,7 +11,8 @@ from the row and column counts alone, so a launch's grid still follows from the 
 
 That rows get the same bits under every candidate is checked, not assumed: at first use on a CUDA card
 (`kept`) each candidate runs on random problems with odd sizes and rows at tile edges, and is kept only if
-every row equals the reference configuration's; if one differs, only the reference is used there.
+every row equals the reference configuration's; if one differs, only the reference is used there (one
+that does not compile or run there, say for want of shared memory, is left out).
 """
 
 from __future__ import annotations
