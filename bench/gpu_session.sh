@@ -10,6 +10,8 @@
 #                                       # GSM8K in $GSM8K, default ../shared/data/gsm8k)
 #   bash bench/gpu_session.sh quant     # expert kernels alone, then FP8 (probe's pick and forced FP8 wgmma)
 #                                       # and INT4 rollout vs bf16 on the 30B-A3B preset, batch 64 and 256
+#   bash bench/gpu_session.sh onpolicy  # true on-policy mode: matmul tile candidates vs torch, then the mode's
+#                                       # rollout and train-step cost vs normal mode (~0.7B MoE, bf16)
 #
 # On the device machine first: carried wheels (stevedore; setuptools>=77) on PYTHONPATH, then
 # python -m pip install --no-deps --no-build-isolation -e . -e plugins/* (registers the entry points).
@@ -44,6 +46,9 @@ for group in "${@:-tests}"; do
         python bench/fp8_rollout.py --preset qwen3-30b-a3b --batch $b --products fp8 2>&1 | grep -E '^\{|Error'
         python bench/int4_rollout.py --preset qwen3-30b-a3b --batch $b 2>&1 | grep -E '^\{|Error'
       done ;;
-    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant)" >&2; exit 2 ;;
+    onpolicy)
+      python bench/invariant_mm_tune.py 2>&1 | grep -E '^\{|Error|gives other bits'
+      python bench/true_on_policy.py --preset gpu 2>&1 | grep -E '^\{|Error' ;;
+    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, onpolicy)" >&2; exit 2 ;;
   esac
 done

@@ -103,6 +103,21 @@ def test_quant_experts_bench_prints_its_json_line_under_the_interpreter(monkeypa
     assert r["int4_vs_bf16"] == pytest.approx(r["bf16_us"] / r["int4_us"], rel=1e-2)
 
 
+def test_invariant_mm_tune_bench_prints_its_json_line_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    r = _run("invariant_mm_tune.py", "--tiny", "--decode-rows", "3", "--train-rows", "70", preset=None)
+    assert r["device"] == "cpu" and r["family"] == "fp32" and r["kept"] == ["m32n64", "m64n128"]
+    shapes = {(s["op"], s["phase"]): s for s in r["shapes"]}
+    assert len(shapes) == 8 and all(set(s["us"]) == set(r["kept"]) for s in shapes.values())
+    # M = 3 picks the 32-row reference, M = 70 the 64x128 tile (N = 72 <= 128); the router's N = 8: reference
+    assert shapes["q_o", "decode"]["picked"] == "m32n64" and shapes["q_o", "train"]["picked"] == "m64n128"
+    assert shapes["router", "train"]["picked"] == "m32n64"
+    experts = shapes["experts", "train"]  # 35 copies an expert: gate/up (N 72) 64x128, down (N 40) 32x64
+    assert experts["picked"] == ["m64n128", "m32n64"] and experts["m"] == 140
+    t = r["totals"]["train"]
+    assert t["picked_vs_torch"] == pytest.approx(t["picked_us"] / t["torch_us"], rel=1e-2)
+
+
 def test_qwen3_30b_a3b_preset_has_the_model_shape():
     """The issue's shape: hidden 2048, 32 query / 4 KV heads of 128, 128 experts top-8, expert FFN 768,
     vocab 151936; the same in bench/rollout.py and in the quantized benches' presets."""

@@ -5,11 +5,11 @@ cuBLAS picks its tiles and split-K from the shapes, SDPA and the decode kernel v
 for one decode step than for a packed sequence, so torch's CUDA ops give a token different last bits in a
 rollout than in a training micro-batch. Here:
 
-- `linear`: one launch configuration (`MM`) for every shape: fixed row/column/K tiles, no split-K, K
-  reduced from 0 upwards in ``BLOCK_K`` steps with an fp32 accumulator (fp32 inputs: ``ieee`` products,
-  no TF32), rounded once to x's dtype. An output element depends only on its row of x and column of the
-  weight, never on which rows shared its tile;
-- `experts`: the SwiGLU experts over expert-sorted token copies with the same tiles and K order: a static
+- `linear`: no split-K, K reduced from 0 upwards in ``BLOCK_K`` steps with an fp32 accumulator (fp32
+  inputs: ``ieee`` products, no TF32), rounded once to x's dtype. An output element depends only on its
+  row of x and column of the weight, never on which rows shared its tile; the tile sizes are picked by
+  shape among candidates that give every row the same bits (`invariant_tiles`, probed per card);
+- `experts`: the SwiGLU experts over expert-sorted token copies with the same K order: a static
   grid over (expert, column tile, split), each expert's rows in ``BLOCK_M`` chunks bounded on the device
   (`moe.expert_bounds`), so no host read and CUDA graphs can capture it;
 - `attention`: per (sequence, KV head) a tile of query rows (GQA heads folded in) visits fixed blocks of
@@ -31,6 +31,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from miles_core.model import invariant_tiles as tiles
+
 try:
     import triton
     import triton.language as tl
@@ -38,8 +40,7 @@ except ImportError:  # the CPU-only install: `batch_invariant` keeps its torch o
     triton = None
     tl = None
 
-# The only launch settings: never chosen per shape (an autotuner keyed on M would break the guarantee).
-MM = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+# Matmul tiles: `invariant_tiles` (picked by shape among candidates the card gives identical rows).
 ATTN = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 ROW_BLOCK = 1024  # columns per step of the row kernels
 MAX_SPLITS = 16  # programs sharing one expert's rows in `experts`
@@ -256,7 +257,11 @@ def _grad_wrap(fast, ref, *xs):
     return fast(*xs)
 
 
-def _linear_fwd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _kept(x: torch.Tensor) -> tuple[str, ...]:
+    return tiles.kept(x.device, x.dtype, _linear_fwd, _experts_fwd)
+
+
+def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -265,8 +270,9 @@ def _linear_fwd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     m, n = rows.shape[0], w.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        c = _cfg(MM)
-        grid = (triton.cdiv(m, MM["BLOCK_M"]), triton.cdiv(n, MM["BLOCK_N"]))
+        cfg = cfg or tiles.select(m, n, tiles.family(x.dtype), _kept(x))
+        c = _cfg(cfg)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
         _linear_kernel[grid](rows, w, out, m, n, k, rows.stride(0), w.stride(0), PREC=_prec(x.dtype), **c)
     return out.reshape(*x.shape[:-1], n)
 
@@ -287,13 +293,13 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` (x and weight of one dtype, fp32 or bf16), one configuration for every shape."""
+    """``x @ weight.T`` (x and weight of one dtype, fp32 or bf16); each row the same bits at any M."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _Linear.apply(x, weight)
     return _linear_fwd(x, weight)
 
 
-def _experts_fwd(x, src, bounds, gate_up, down, swiglu=None):
+def _experts_fwd(x, src, bounds, gate_up, down, swiglu=None, cfg=None):
     x = x if x.stride(-1) == 1 and x.stride(0) == x.shape[1] else x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     e, two_i, hidden = gate_up.shape
@@ -302,15 +308,19 @@ def _experts_fwd(x, src, bounds, gate_up, down, swiglu=None):
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    c, bm, bn = _cfg(MM), MM["BLOCK_M"], MM["BLOCK_N"]
-    # Programs per expert: about one per BLOCK_M rows an expert gets on average (a static grid from
-    # the copy count alone, so a captured graph replays it), at most MAX_SPLITS.
-    splits, prec = max(1, min(MAX_SPLITS, triton.cdiv(m, e * bm))), _prec(x.dtype)
-    _expert_gate_up_kernel[(e, triton.cdiv(inter, bn), splits)](
-        x, gate_up, src, bounds, act, hidden, inter, x.stride(0), gate_up.stride(0), splits, PREC=prec, **c
-    )
-    _expert_down_kernel[(e, triton.cdiv(hidden, bn), splits)](
-        act, down, bounds, out, hidden, inter, down.stride(0), splits, PREC=prec, **c
+    fam, prec, kept = tiles.family(x.dtype), _prec(x.dtype), None if cfg else _kept(x)
+    # Tiles from the copies an expert gets on average; programs per expert: about one per BLOCK_M of those
+    # rows, at most MAX_SPLITS (a static grid from the copy count alone, so a captured graph replays it).
+    c = cfg or tiles.select(m / e, inter, fam, kept, "gate_up")
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(m, e * c["BLOCK_M"])))
+    _expert_gate_up_kernel[(e, triton.cdiv(inter, c["BLOCK_N"]), splits)](
+        x, gate_up, src, bounds, act, hidden, inter, x.stride(0), gate_up.stride(0), splits, PREC=prec,
+        **_cfg(c),
+    )  # fmt: skip
+    c = cfg or tiles.select(m / e, hidden, fam, kept, "down")
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(m, e * c["BLOCK_M"])))
+    _expert_down_kernel[(e, triton.cdiv(hidden, c["BLOCK_N"]), splits)](
+        act, down, bounds, out, hidden, inter, down.stride(0), splits, PREC=prec, **_cfg(c)
     )
     return out
 
@@ -342,7 +352,7 @@ def experts(x, src, bounds, gate_up, down, swiglu=None) -> torch.Tensor:
     :param x: ``[N, H]`` token rows; ``src`` int ``[M]``: the token row of each sorted copy;
         ``bounds`` int32 ``[E + 1]`` (`moe.expert_bounds`); ``gate_up`` ``[E, 2I, H]``;
         ``down`` ``[E, H, I]``.
-    Every copy's row goes through the same tiles as `linear`'s, whichever expert and chunk it lands in;
+    Every copy's row is reduced in `linear`'s K order, whichever expert, chunk and tiling it gets;
     the backward's recomputed SwiGLU is ``swiglu`` (``[M, 2I] -> [M, I]``, default torch's ops)."""
     return _grad_wrap(_experts_fwd, _experts_ref, x, src.to(torch.int32), bounds, gate_up, down, swiglu)
 
