@@ -5,12 +5,25 @@ per-expert loop, which reads the expert counts back to the host. The dispatch is
 `expert_bounds`): copies sorted by expert, each expert's range in a device tensor. Two kernels, each over a
 static grid of (expert, output tile), so a CUDA graph captures them:
 
-1. gate/up + SwiGLU: the expert's rows of x are read straight from the token rows; each packed int32 of
-   the gate and up tiles is unpacked in registers (value ``i`` of eight at bits ``4i``, stored as ``q + 8``)
-   into exact small integers, multiplied with x (fp32 accumulate), and the partial sum of each K tile is
-   scaled by its group's scale, so ``sum_k x_k * q_k * s_g`` is computed without rounding ``q * s``;
+1. gate/up + SwiGLU: the expert's rows of x are read straight from the token rows; the gate and up tiles
+   are dequantized in registers (`_dequant`) into exact small integers in x's 16-bit type, multiplied
+   with x (fp32 accumulate), and the partial sum of each K tile is scaled by its group's scale, so
+   ``sum_k x_k * q_k * s_g`` is computed without rounding ``q * s``;
 2. down: the same over the activations (the gate and up outputs, silu(gate) and the SwiGLU product are
    rounded to x's dtype, as the per-expert loop and the trainer round them).
+
+Dequantization is a few integer instructions per pair of weights and no int-to-float conversion: one
+shift and one AND-OR put two nibbles ``u = q + 8`` into the low mantissa bits of a bf16 pair with
+exponent 2^7 (fp16: 2^10), which reads as ``128 + u`` (``1024 + u``); one packed subtraction of 136
+(1032) leaves ``q`` exactly. The two nibbles of a pair are ``i`` and ``i + 4`` of an int32, so each K tile
+is multiplied in a permuted column order (`_kcols`), the same for x's columns and the weights, inside one
+scale group: the sum is the same, only its fp32 order differs. The order is also chosen so that each
+thread of Hopper's and Ampere's MMA fragments holds whole int32s (constant shifts, each word loaded once).
+
+Tiles multiply transposed (`swapped`): the weight tile is the MMA's 64-row operand, straight from
+registers, and the tokens its columns, so a 16-row decode tile runs Hopper's wgmma (not mma.sync) and no
+tile stores its dequantized weights to shared memory. The row block is chosen from the token count (`block_m`), so a decode batch and its CUDA-graph padding
+get the same instruction and the same bits.
 
 The weights stay in the compressed-tensors layout the plugin already stores (int32 ``[E, N, K/8]``, bf16
 scales ``[E, N, K/g]``), so weight sync, export and the CPU emulation are unchanged. A K tile never
@@ -33,8 +46,17 @@ except ImportError:  # CPU-only install: the per-expert loop serves
 PACK = 8
 # Rows of one expert per tile: decode routes a few rows to each expert; prefill many.
 DECODE_BLOCK_M, PREFILL_BLOCK_M = 16, 64
-GATE_UP = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+# Tiles of up to this many rows multiply transposed (`swapped`): the weight tile is the MMA's row operand,
+# dequantized straight into its registers; otherwise it goes through shared memory as the column operand.
+# Hopper's sm_90 code for the same tile takes about half the instructions a weight transposed (counted
+# in the compiled loops: 3.7-5.0 a weight at 16 rows, 5.6-7.9 at 64; 11.9-12.8 at 64 rows not transposed).
+SWAP_MAX_BLOCK_M = 64
+# BLOCK_N >= 64: a transposed tile's weight rows are the MMA's 64-row operand.
+GATE_UP = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 DOWN = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+# The 16-bit float read from the bits ``MAGIC | u`` (u < 16 in the low mantissa bits) is ``OFFSET + u``:
+# exponent 2^7 with bf16's 7-bit mantissa, 2^10 with fp16's 10-bit one. The kernels hold two at a time.
+MAGIC = {torch.bfloat16: (0x4300, 136.0), torch.float16: (0x6400, 1032.0)}
 
 
 def usable(group_size: int) -> bool:
@@ -47,22 +69,66 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _block_k(group_size: int) -> int:
+def block_k(group_size: int) -> int:
+    """K tile: the largest of 64, 32, 16 inside one group."""
     return next(b for b in (64, 32, 16) if group_size % b == 0)
+
+
+def block_m(tokens: int, copies: int, num_experts: int) -> int:
+    """Rows per expert tile: DECODE_BLOCK_M while there are at most DECODE_BLOCK_M copies an expert on
+    average, counted as ``tokens <= L`` with L a power of two, so that a batch and its CUDA-graph padding
+    to the next power of two (capped at the slot count) land on the same side."""
+    k = max(1, copies // max(tokens, 1))
+    limit = 1 << max(0, (DECODE_BLOCK_M * num_experts // k).bit_length() - 1)
+    return DECODE_BLOCK_M if tokens <= limit else PREFILL_BLOCK_M
+
+
+def swapped(block_m: int) -> bool:
+    """Whether tiles of ``block_m`` rows multiply transposed (`_acc_add`): up to SWAP_MAX_BLOCK_M rows.
+    Fixed by the row block, so a row block always gives the same instruction and the same bits."""
+    return block_m <= SWAP_MAX_BLOCK_M
 
 
 if triton is not None:
 
     @triton.jit
-    def _unpack(p_ptrs, mask, shift):
-        """``[BN, BK/8]`` packed int32s -> ``[BN, BK]`` signed int4 values (exact small int32s). Each
-        int32 is loaded once and repeated eight times in registers (three interleaves), then each copy
-        shifted to its own nibble."""
-        p = tl.load(p_ptrs, mask=mask, other=0)
-        p = tl.interleave(p, p)
-        p = tl.interleave(p, p)
-        p = tl.interleave(p, p)
-        return ((p >> shift) & 0xF) - 8
+    def _kcols(BLOCK_K: tl.constexpr):
+        """Column c of a K tile multiplies k = _kcols[c]: c = 16b + 8s + 2t + h takes nibble
+        ``i + 4h`` of packed word w, i = 2(b % 2) + s, w = t * BLOCK_K/32 + b // 2, so the pair (2t, 2t+1)
+        that MMA fragments give lane t is one word's nibbles (i, i + 4), and lane t's words are its own.
+        For 16-column tiles: c = 8w + 2i + h."""
+        c = tl.arange(0, BLOCK_K)
+        if BLOCK_K % 32 == 0:
+            b = c // 16
+            w = ((c // 2) % 4) * (BLOCK_K // 32) + b // 2
+            return 8 * w + 2 * (b % 2) + (c // 8) % 2 + 4 * (c % 2)
+        else:
+            return (c // 8) * 8 + (c % 8) // 2 + 4 * (c % 2)
+
+    @triton.jit
+    def _dequant(p, magic, dt, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+        """Packed int32 ``[BN, BK/8]`` -> ``[BN, BK]`` int4 values q (exact) in the dot's type, columns in
+        `_kcols` order. ``magic``: `MAGIC`'s bits twice (``m | m << 16``), a runtime value so that the AND
+        and the OR fuse into one LOP3. Per word: shifts by 0, 4, 8, 12, each masked to nibbles (i, i+4)
+        and OR-ed with the magic -> two 16-bit floats ``OFFSET + u``; one packed subtraction -> q."""
+        shift = (tl.arange(0, 4) * 4)[None, None, :]
+        t = ((p[:, :, None] >> shift) & 0x000F000F) | magic  # [BN, BK/8, 4]: nibbles i (low), i+4 (high)
+        pair = tl.join(t.to(tl.int16), (t >> 16).to(tl.int16))  # [BN, BK/8, 4, 2]
+        if dt == tl.float16:
+            w = pair.to(tl.float16, bitcast=True)
+            off: tl.constexpr = 1032.0
+        else:
+            w = pair.to(tl.bfloat16, bitcast=True)
+            off: tl.constexpr = 136.0
+        # The interpreter's bf16 arithmetic is wrong (Triton 3.7): there, and for fp32 x, subtract in fp32
+        # (exact either way).
+        if INTERP or dt == tl.float32:
+            w = w.to(tl.float32) - off
+        else:
+            w = w - off
+        if BLOCK_K % 32 == 0:  # [BN, w=(t, bh), i=(bl, s), h] -> [BN, bh, bl, s, t, h]
+            w = tl.permute(tl.reshape(w, (BLOCK_N, 4, BLOCK_K // 32, 2, 2, 2)), (0, 2, 3, 4, 1, 5))
+        return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
     @triton.jit
     def _rounded(x, dt, INTERP: tl.constexpr):
@@ -76,19 +142,41 @@ if triton is not None:
         return x.to(dt).to(tl.float32)
 
     @triton.jit
-    def _dot(a, q, PREC: tl.constexpr, INTERP: tl.constexpr):
-        """a [BM, BK] (x's dtype) times q [BN, BK] (int4 values as int32) -> fp32 [BM, BN], exact
-        products. The interpreter's bf16 dot and int-to-bf16 cast are wrong (Triton 3.7), so there
-        both operands go to fp32 (exact) and multiply in IEEE fp32."""
-        if INTERP:
-            return tl.dot(a.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
-        return tl.dot(a, tl.trans(q.to(tl.float32).to(a.dtype)), input_precision=PREC)
+    def _acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+        """The fp32 accumulator: [BM, BN], or [BN, BM] for a SWAP tile (`_acc_add`)."""
+        if SWAP:
+            return tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    @triton.jit
+    def _acc_add(acc, a, w, s, PREC: tl.constexpr, INTERP: tl.constexpr, SWAP: tl.constexpr):
+        """acc + (a [BM, BK] @ w [BN, BK].T) * s [BN]: exact products, fp32 sums, the group scale on the
+        tile's partial sum. SWAP: w is the MMA's row operand (acc [BN, BM]). The interpreter's bf16 dot is
+        wrong (Triton 3.7), so there a goes to fp32 (exact) and the product is IEEE fp32."""
+        if INTERP or a.dtype == tl.float32:
+            a = a.to(tl.float32)
+            prec: tl.constexpr = "ieee"
+        else:
+            prec: tl.constexpr = PREC
+        if SWAP:
+            return acc + tl.dot(w, tl.trans(a), input_precision=prec) * s[:, None]
+        else:
+            return acc + tl.dot(a, tl.trans(w), input_precision=prec) * s[None, :]
+
+    @triton.jit
+    def _acc_rows(acc, SWAP: tl.constexpr):
+        """The accumulator as [BM, BN]."""
+        if SWAP:
+            return tl.trans(acc)
+        else:
+            return acc
 
     @triton.jit
     def _int4_gate_up_kernel(
-        x_ptr, p_ptr, s_ptr, src_ptr, bounds_ptr, out_ptr, hidden, inter, stride_x, n_chunks,
+        x_ptr, p_ptr, s_ptr, src_ptr, bounds_ptr, out_ptr, hidden, inter, stride_x, n_chunks, magic,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREC: tl.constexpr, INTERP: tl.constexpr,
+        PREC: tl.constexpr, INTERP: tl.constexpr, SWAP: tl.constexpr,
     ):  # fmt: skip
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,9 +189,9 @@ if triton is not None:
         p_up = p_gate + inter * kp  # rows [inter, 2 inter): up
         s_gate = s_ptr + e64 * (2 * inter * ng) + n * ng
         s_up = s_gate + inter * ng
-        kk = tl.arange(0, BLOCK_K)
-        shift = ((kk % 8) * 4)[None, :]
+        kc = _kcols(BLOCK_K)[None, :]
         kp8 = tl.arange(0, BLOCK_K // 8)[None, :]  # the packed columns of one K tile
+        dt = x_ptr.dtype.element_ty
         # Static loop bound (enough chunks for an expert that got every copy), empty chunks skipped: a
         # data-dependent bound would need the expert's row count on the host.
         for c in range(0, n_chunks):
@@ -111,33 +199,34 @@ if triton is not None:
             if m0 < end:
                 m = m0 + tl.arange(0, BLOCK_M)
                 m_ok = m < end
+                # rows past the expert's read token 0: their output columns are never stored
                 src = tl.load(src_ptr + m, mask=m_ok, other=0)
-                acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for k0 in range(0, hidden, BLOCK_K):
-                    k = k0 + kk  # hidden is a multiple of GROUP, GROUP of BLOCK_K: always in range
-                    xt = tl.load(x_ptr + src[:, None] * stride_x + k[None, :], mask=m_ok[:, None], other=0.0)
+                acc_g = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
+                acc_u = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
+                for k0 in range(0, hidden, BLOCK_K):  # hidden: a multiple of GROUP, GROUP of BLOCK_K
+                    xt = tl.load(x_ptr + src[:, None] * stride_x + (k0 + kc))
                     col = k0 // 8 + kp8
-                    qg = _unpack(p_gate + col, n_ok[:, None], shift)
-                    qu = _unpack(p_up + col, n_ok[:, None], shift)
+                    qg = _dequant(tl.load(p_gate + col, mask=n_ok[:, None], other=0), magic, dt, BLOCK_N,
+                                  BLOCK_K, INTERP)  # fmt: skip
+                    qu = _dequant(tl.load(p_up + col, mask=n_ok[:, None], other=0), magic, dt, BLOCK_N,
+                                  BLOCK_K, INTERP)  # fmt: skip
                     sg = tl.load(s_gate + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
                     su = tl.load(s_up + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-                    acc_g += _dot(xt, qg, PREC, INTERP) * sg[None, :]
-                    acc_u += _dot(xt, qu, PREC, INTERP) * su[None, :]
+                    acc_g = _acc_add(acc_g, xt, qg, sg, PREC, INTERP, SWAP)
+                    acc_u = _acc_add(acc_u, xt, qu, su, PREC, INTERP, SWAP)
                 # SwiGLU rounded as the per-expert loop and the trainer round it: gate and up outputs
                 # to x's dtype, silu(gate) to x's dtype, then the product (a no-op for fp32).
-                dt = out_ptr.dtype.element_ty
-                g = _rounded(acc_g, dt, INTERP)
-                u = _rounded(acc_u, dt, INTERP)
+                g = _rounded(_acc_rows(acc_g, SWAP), dt, INTERP)
+                u = _rounded(_acc_rows(acc_u, SWAP), dt, INTERP)
                 act = _rounded(_rounded(g * tl.sigmoid(g), dt, INTERP) * u, dt, INTERP)
                 omask = m_ok[:, None] & n_ok[None, :]
                 tl.store(out_ptr + m[:, None] * inter + n[None, :], act.to(dt), mask=omask)
 
     @triton.jit
     def _int4_down_kernel(
-        a_ptr, p_ptr, s_ptr, bounds_ptr, out_ptr, hidden, inter, n_chunks,
+        a_ptr, p_ptr, s_ptr, bounds_ptr, out_ptr, hidden, inter, n_chunks, magic,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREC: tl.constexpr, INTERP: tl.constexpr,
+        PREC: tl.constexpr, INTERP: tl.constexpr, SWAP: tl.constexpr,
     ):  # fmt: skip
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,24 +237,24 @@ if triton is not None:
         e64 = e.to(tl.int64)
         p_w = p_ptr + e64 * (hidden * kp) + n[:, None] * kp
         s_w = s_ptr + e64 * (hidden * ng) + n * ng
-        kk = tl.arange(0, BLOCK_K)
-        shift = ((kk % 8) * 4)[None, :]
+        kc = _kcols(BLOCK_K)[None, :]
         kp8 = tl.arange(0, BLOCK_K // 8)[None, :]
+        dt = a_ptr.dtype.element_ty
         for c in range(0, n_chunks):
             m0 = start + c * BLOCK_M
             if m0 < end:
                 m = m0 + tl.arange(0, BLOCK_M)
                 m_ok = m < end
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                rows = tl.minimum(m, end - 1)  # rows past the expert's repeat its last: never stored
+                acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 for k0 in range(0, inter, BLOCK_K):
-                    k = k0 + kk
-                    a = tl.load(a_ptr + m[:, None] * inter + k[None, :], mask=m_ok[:, None], other=0.0)
-                    q = _unpack(p_w + k0 // 8 + kp8, n_ok[:, None], shift)
+                    a = tl.load(a_ptr + rows[:, None] * inter + (k0 + kc))
+                    q = _dequant(tl.load(p_w + k0 // 8 + kp8, mask=n_ok[:, None], other=0), magic, dt,
+                                 BLOCK_N, BLOCK_K, INTERP)  # fmt: skip
                     s = tl.load(s_w + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-                    acc += _dot(a, q, PREC, INTERP) * s[None, :]
+                    acc = _acc_add(acc, a, q, s, PREC, INTERP, SWAP)
                 omask = m_ok[:, None] & n_ok[None, :]
-                dt = out_ptr.dtype.element_ty
-                y = _rounded(acc, dt, INTERP).to(dt)
+                y = _rounded(_acc_rows(acc, SWAP), dt, INTERP).to(dt)
                 tl.store(out_ptr + m[:, None] * hidden + n[None, :], y, mask=omask)
 
 
@@ -205,23 +294,24 @@ def int4_experts(
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m = DECODE_BLOCK_M if m <= DECODE_BLOCK_M * num_experts else PREFILL_BLOCK_M
-    chunks = triton.cdiv(m, block_m)  # enough for an expert that got every copy
+    bm = block_m(x.shape[0], m, num_experts)
+    chunks = triton.cdiv(m, bm)  # enough for an expert that got every copy
+    bits = MAGIC.get(x.dtype, MAGIC[torch.bfloat16])[0]  # fp32 x: bf16 values, then fp32
     common = dict(
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_K=_block_k(group_size),
+        GROUP=group_size, BLOCK_M=bm, BLOCK_K=block_k(group_size),
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        INTERP=os.environ.get("TRITON_INTERPRET") == "1",
+        INTERP=os.environ.get("TRITON_INTERPRET") == "1", SWAP=swapped(bm),
     )  # fmt: skip
     c1, c2 = _launch_config(GATE_UP), _launch_config(DOWN)
     grid1 = (num_experts, triton.cdiv(inter, c1["BLOCK_N"]))
     _int4_gate_up_kernel[grid1](
         x, gate_up_packed.contiguous(), gate_up_scale.contiguous(), src, bounds, act, hidden, inter,
-        x.stride(0), chunks, **common, **c1,
+        x.stride(0), chunks, bits | bits << 16, **common, **c1,
     )  # fmt: skip
     grid2 = (num_experts, triton.cdiv(hidden, c2["BLOCK_N"]))
     _int4_down_kernel[grid2](
         act, down_packed.contiguous(), down_scale.contiguous(), bounds, out, hidden, inter, chunks,
-        **common, **c2,
+        bits | bits << 16, **common, **c2,
     )  # fmt: skip
     return out
 

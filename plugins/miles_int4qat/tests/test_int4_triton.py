@@ -1,7 +1,8 @@
 """The grouped W4A16 expert kernels (`miles_int4qat.triton_experts`): against a float64 reference under
 Triton's interpreter on CPU (several expert counts, empty experts, top-k 1 and >1, rows that are not a
-multiple of the row block, decode and prefill row blocks); on CUDA, captured == uncaptured greedy
-tokens and agreement with the tinygemm loop."""
+multiple of the row block, decode and prefill row blocks, K tiles of 16, 32 and 64 columns, fp32, bf16
+and fp16 x), the dequantization and column order alone, the sm_90 instructions they compile to (no GPU
+needed); on CUDA, captured == uncaptured greedy tokens and agreement with the tinygemm loop."""
 
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ def reference(x, idx, w, gu_p, gu_s, d_p, d_s, g):
     return out
 
 torch.manual_seed(0)
-hidden, inter = 96, 48  # partial gate/up (32) and down (64) column tiles
-# (experts, top-k, rows, group): one expert (prefill row block: 19 copies > 16 per expert), top-1 and
-# top-3, rows not a multiple of 16, experts that get no row, an expert with more than one row block
-for E, k, n, g in [(1, 1, 19, 16), (4, 1, 5, 16), (8, 2, 13, 16), (8, 3, 37, 16), (6, 2, 9, 48)]:
+# (experts, top-k, rows, group, hidden, inter): one expert (prefill row block: 19 copies > 16 per expert),
+# top-1 and top-3, rows not a multiple of 16, experts that get no row, an expert with more than one row
+# block; K tiles of 16 columns (groups 16, 48), 32 (group 32) and 64 (group 64), partial column tiles
+for E, k, n, g, hidden, inter in [
+    (1, 1, 19, 16, 96, 48), (4, 1, 5, 16, 96, 48), (8, 2, 13, 16, 96, 48), (8, 3, 37, 16, 96, 48),
+    (6, 2, 9, 48, 96, 48), (8, 2, 13, 32, 192, 96), (2, 1, 70, 64, 128, 64), (4, 3, 6, 64, 128, 64),
+]:  # fmt: skip
     x = torch.randn(n, hidden)
     idx = torch.stack([torch.randperm(E)[:k] for _ in range(n)])
     if E == 8:
@@ -68,11 +72,10 @@ for E, k, n, g in [(1, 1, 19, 16), (4, 1, 5, 16), (8, 2, 13, 16), (8, 3, 37, 16)
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-5, (E, k, n, g, err)
 
-# bf16 (the engine's dtype): each copy's output against float64 sums rounded to bf16 where the kernels
-# round (gate and up outputs, silu(gate), their product, the output); only near-ties of the fp32 sums
-# may differ by one bf16 step.
-E, k, n, g = 8, 2, 13, 16
-x = torch.randn(n, hidden).bfloat16()
+# bf16 (the engine's dtype) and fp16: each copy's output against float64 sums rounded to x's dtype where
+# the kernels round (gate and up outputs, silu(gate), their product, the output); only near-ties of the
+# fp32 sums may differ by one step. Group 32: K tiles of 32 columns (the permuted column order).
+E, k, n, g, hidden, inter = 8, 2, 13, 32, 192, 96
 idx = torch.stack([torch.randperm(E)[:k] for _ in range(n)])
 gu_p, gu_s = quantize_pack(torch.randn(E, 2 * inter, hidden) * 0.2, g)
 d_p, d_s = quantize_pack(torch.randn(E, hidden, inter) * 0.2, g)
@@ -80,19 +83,23 @@ gu_s, d_s = gu_s.to(torch.bfloat16), d_s.to(torch.bfloat16)
 flat = idx.reshape(-1)
 order, dest = expert_order(flat, E)
 src = (order // k).to(torch.int32)
-ys = triton_experts.int4_experts(x, src, expert_bounds(flat, E), gu_p, gu_s, d_p, d_s, g)
 gu, dn = dequantize(gu_p, gu_s, g, torch.float64), dequantize(d_p, d_s, g, torch.float64)
-bf = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
-ref = []
-for j in range(n * k):
-    e, h = int(flat[order[j]]), gu[int(flat[order[j]])] @ x[int(src[j])].double()
-    gate, up = bf(h[:inter]), bf(h[inter:])
-    ref.append((dn[e] @ bf(bf(F.silu(gate)) * up)).to(torch.bfloat16))
-ref = torch.stack(ref)
-assert ys.dtype == torch.bfloat16
-same = (ys == ref).float().mean().item()
-assert same > 0.97, same
-torch.testing.assert_close(ys.float(), ref.float(), atol=1e-2, rtol=2e-2)
+x32 = torch.randn(n, hidden)
+for dtype in (torch.bfloat16, torch.float16):
+    x = x32.to(dtype)
+    ys = triton_experts.int4_experts(x, src, expert_bounds(flat, E), gu_p, gu_s, d_p, d_s, g)
+    rd = lambda t: t.to(dtype).double()  # noqa: E731
+    ref = []
+    for j in range(n * k):
+        e, h = int(flat[order[j]]), gu[int(flat[order[j]])] @ x[int(src[j])].double()
+        gate, up = rd(h[:inter]), rd(h[inter:])
+        ref.append((dn[e] @ rd(rd(F.silu(gate)) * up)).to(dtype))
+    ref = torch.stack(ref)
+    assert ys.dtype == dtype
+    same = (ys == ref).float().mean().item()
+    assert same > 0.97, (dtype, same)
+    tol = dict(atol=1e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=4e-3)
+    torch.testing.assert_close(ys.float(), ref.float(), **tol)
 
 # The module: grouped == its per-expert loop (same numbers, fp32)
 kern = Int4Kernel("dequant", 16, torch.float32, torch.device("cpu"))
@@ -113,6 +120,114 @@ print("ok")
 @needs_interpreter
 def test_int4_kernels_match_float64_reference_under_the_interpreter():
     run_interpreted(KERNEL_CHECK)
+
+
+DEQUANT_CHECK = (
+    PRELUDE
+    + """
+import triton
+import triton.language as tl
+from miles_int4qat.packing import pack_int4, unpack_int4
+from miles_int4qat.triton_experts import MAGIC, _dequant, _kcols
+
+@triton.jit
+def probe(p_ptr, w_ptr, k_ptr, magic, DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    n = tl.arange(0, BN)
+    p = tl.load(p_ptr + n[:, None] * (BK // 8) + tl.arange(0, BK // 8)[None, :])
+    w = _dequant(p, magic, DT, BN, BK, True)
+    tl.store(w_ptr + n[:, None] * BK + tl.arange(0, BK)[None, :], w)
+    tl.store(k_ptr + tl.arange(0, BK), _kcols(BK))
+
+# The column order, derived by hand: BK 16: c = 8w + 2i + h holds k = 8w + i + 4h; BK 32: c = 8j + 2t + h
+# (j = nibble pair, t = word) holds k = 8t + j + 4h; BK 64: c = 32bh + 16bl + 8s + 2t + h holds word
+# 2t + bh, nibble 2bl + s + 4h
+want = {
+    16: [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15],
+    32: [8 * t + j + 4 * h for j in range(4) for t in range(4) for h in range(2)],
+    64: [8 * (2 * t + bh) + 2 * bl + s + 4 * h
+         for bh in range(2) for bl in range(2) for s in range(2) for t in range(4) for h in range(2)],
+}
+assert sorted(want[64]) == list(range(64))
+torch.manual_seed(0)
+for bk in (16, 32, 64):
+    q = torch.randint(-8, 8, (16, bk), dtype=torch.int8)
+    q[0, :16] = torch.arange(-8, 8)  # every nibble
+    for dtype, DT in ((torch.bfloat16, tl.bfloat16), (torch.float16, tl.float16)):
+        bits = MAGIC[dtype][0]
+        w, kc = torch.empty(16, bk), torch.empty(bk, dtype=torch.int32)
+        probe[(1,)](pack_int4(q), w, kc, bits | bits << 16, DT=DT, BN=16, BK=bk)
+        assert kc.tolist() == want[bk], (bk, kc.tolist())
+        assert torch.equal(w, q[:, kc.long()].float()), (bk, dtype)
+        assert torch.equal(unpack_int4(pack_int4(q)), q)
+print("ok")
+"""
+)
+
+
+@needs_interpreter
+def test_int4_dequant_gives_exact_values_in_the_permuted_column_order():
+    """`_dequant` (magic-number bf16 / fp16 values) against the unpacked int4 values in `_kcols`'s order,
+    which is pinned by hand for each K tile width."""
+    run_interpreted(DEQUANT_CHECK)
+
+
+def test_int4_kernels_compile_to_wgmma_with_register_weights_for_hopper_without_a_gpu():
+    """Ahead-of-time compile (no GPU needed) of both kernels for sm_90, decode (16 rows) and prefill (64)
+    tiles: the weight tile is wgmma's register operand (``{...}, {...}, desc``), its values come from a
+    packed bf16x2 / f16x2 add (the magic-number dequantization), never from an int-to-float conversion
+    (the old kernel converted every weight with ``cvt.rn.bf16.s32``)."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    from miles_int4qat import triton_experts
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def build(fn, sig: dict, consts: dict) -> str:
+        sig = {**sig, **{k: "constexpr" for k in consts}}
+        src = ASTSource(
+            fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()}
+        )
+        kernel = triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}
+        )
+        return kernel.asm["ptx"]
+
+    common = {"p_ptr": "*i32", "s_ptr": "*bf16", "bounds_ptr": "*i32", "hidden": "i32", "inter": "i32"}
+    for dt, ty in (("bf16", "bf16"), ("fp16", "f16")):
+        gate_up = {"x_ptr": f"*{dt}", **common, "src_ptr": "*i32", "out_ptr": f"*{dt}", "stride_x": "i32",
+                   "n_chunks": "i32", "magic": "i32"}  # fmt: skip
+        down = {"a_ptr": f"*{dt}", **common, "out_ptr": f"*{dt}", "n_chunks": "i32", "magic": "i32"}
+        for block_m in (triton_experts.DECODE_BLOCK_M, triton_experts.PREFILL_BLOCK_M):
+            assert triton_experts.swapped(block_m)
+            consts = {"GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64, "PREC": "tf32",
+                      "INTERP": False, "SWAP": True}  # fmt: skip
+            for fn, sig in (
+                (triton_experts._int4_gate_up_kernel, gate_up),
+                (triton_experts._int4_down_kernel, down),
+            ):
+                ptx = build(fn, sig, consts)
+                mma = rf"wgmma\.mma_async\.sync\.aligned\.m64n{block_m}k16\.f32\.{ty}\.{ty} \{{[^}}]*\}}, \{{"
+                assert re.search(mma, ptx), (dt, block_m, fn.__name__)
+                assert not re.search(r"cvt\.rn\.(bf16|f16|f32)\.s32", ptx), (dt, block_m, fn.__name__)
+                assert f"add.{ty}x2" in ptx, (dt, block_m, fn.__name__)
+
+
+def test_expert_tiles_are_the_same_for_a_batch_and_its_graph_padding():
+    """The row block (and so the instruction and a row's bits) must not change when a CUDA graph pads a
+    decode batch of n tokens to the next power of two (capped at the slot count)."""
+    from miles_int4qat.triton_experts import DECODE_BLOCK_M, PREFILL_BLOCK_M, block_m
+
+    from miles_core.engine.cuda_graph import bucket
+
+    # hand-counted: 128 experts top-8 -> 16 * 128 / 8 = 256 tokens; top-6 -> 341, so 256 (a power of 2)
+    assert block_m(256, 256 * 8, 128) == DECODE_BLOCK_M and block_m(257, 257 * 8, 128) == PREFILL_BLOCK_M
+    assert block_m(256, 256 * 6, 128) == DECODE_BLOCK_M and block_m(300, 300 * 6, 128) == PREFILL_BLOCK_M
+    for experts, k in [(4, 2), (32, 4), (128, 8), (128, 6), (60, 3)]:
+        for slots in (8, 48, 256, 512):
+            for n in range(1, slots + 1):
+                padded = bucket(n, slots)
+                assert block_m(n, n * k, experts) == block_m(padded, padded * k, experts), (experts, k, n)
 
 
 def test_grouped_needs_dequant_layout_and_group_of_16():
