@@ -10,6 +10,13 @@ microseconds a call, the expert-weight bytes it streams and that rate in TB/s, a
 against the bf16 arm (quantization included). Prints one JSON line.
 
     python bench/quant_experts.py [--tokens 64] [--products fp8,fp16,bf16]
+    python bench/quant_experts.py --int4-tiles 64:4:3,128:4:3,128:8:3 --int4-block-m 16,32,64
+
+``--int4-tiles`` (BLOCK_N:num_warps:num_stages each) times the INT4 gate/up kernel at each setting with
+the down kernel at its current one (`triton_experts.GATE_UP` / `DOWN`), then the down kernel likewise
+(`int4_sweep_gate_up`, `int4_sweep_down`); ``--int4-block-m`` times both at each decode row block
+(`DECODE_BLOCK_M`, `int4_sweep_block_m`); ``--int4-swap-max-m`` sets `SWAP_MAX_BLOCK_M` for every INT4
+arm (16: the 64-row tile not transposed). Each entry: microseconds a call and the relative error.
 
 On CPU it needs ``TRITON_INTERPRET=1`` and a small shape (``--experts 4 --hidden 256 --inter 128
 --tokens 8``): a smoke test of the script, not a measurement.
@@ -52,6 +59,32 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
+def _int4_sweeps(ns, kernels, run, ref: torch.Tensor, device: torch.device) -> dict:
+    """The ``--int4-tiles`` / ``--int4-block-m`` timings (module settings restored after each)."""
+    out: dict = {}
+
+    def timed() -> dict:
+        return {"us": round(_time_us(run, device), 1), "rel_err": round(_rel(run(), ref), 5)}
+
+    tiles = [tuple(int(v) for v in t.split(":")) for t in ns.int4_tiles.split(",") if t]
+    for name in ("GATE_UP", "DOWN"):
+        if tiles:
+            current, sweep = getattr(kernels, name), {}
+            for bn, warps, stages in tiles:
+                setattr(kernels, name, {"BLOCK_N": bn, "num_warps": warps, "num_stages": stages})
+                sweep[f"{bn}:{warps}:{stages}"] = timed()
+            setattr(kernels, name, current)
+            out[f"int4_sweep_{name.lower()}"] = sweep
+    if ns.int4_block_m:
+        current, sweep = kernels.DECODE_BLOCK_M, {}
+        for bm in (int(v) for v in ns.int4_block_m.split(",")):
+            kernels.DECODE_BLOCK_M = bm
+            sweep[str(bm)] = timed()
+        kernels.DECODE_BLOCK_M = current
+        out["int4_sweep_block_m"] = sweep
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="tokens in the decode batch (copies: x top-k)")
@@ -60,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=768, help="expert FFN size")
     ap.add_argument("--products", default="fp8,fp16,bf16", help="comma list of fp8, fp16, bf16")
+    ap.add_argument("--int4-tiles", default="", help="INT4 kernel settings to time, e.g. 64:4:3,128:8:3")
+    ap.add_argument("--int4-block-m", default="", help="INT4 decode row blocks to time, e.g. 16,32,64")
+    ap.add_argument("--int4-swap-max-m", type=int, default=None, help="INT4 SWAP_MAX_BLOCK_M")
     ns = ap.parse_args(argv)
     on_cuda = torch.cuda.is_available()
     if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -105,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         result[f"fp8_{products}_us"] = round(_time_us(run, device), 1)
         result[f"fp8_{products}_rel_err"] = round(_rel(run(), ref), 5)
     run = lambda: int4_kernels.int4_experts(x, src, bounds, *int4_args)  # noqa: E731
+    if ns.int4_swap_max_m is not None:
+        int4_kernels.SWAP_MAX_BLOCK_M = ns.int4_swap_max_m
+    result["int4_swap_max_m"] = int4_kernels.SWAP_MAX_BLOCK_M
     result["int4_us"] = round(_time_us(run, device), 1)
     result["int4_rel_err"] = round(_rel(run(), ref), 5)
+    result.update(_int4_sweeps(ns, int4_kernels, run, ref, device))
     for arm in [a.removesuffix("_us") for a in list(result) if a.endswith("_us")]:
         fmt = "bf16" if arm == "bf16" else arm.split("_")[0]
         result[f"{arm}_tb_s"] = round(result[f"{fmt}_bytes"] / result[f"{arm}_us"] / 1e6, 3)
