@@ -22,8 +22,8 @@ thread of Hopper's and Ampere's MMA fragments holds whole int32s (constant shift
 
 Tiles multiply transposed (`swapped`): the weight tile is the MMA's 64-row operand, straight from
 registers, and the tokens its columns, so a 16-row decode tile runs Hopper's wgmma (not mma.sync) and no
-tile stores its dequantized weights to shared memory. The row block is chosen from the token count (`block_m`), so a decode batch and its CUDA-graph padding
-get the same instruction and the same bits.
+tile stores its dequantized weights to shared memory. The row block is chosen from the token count
+(`block_m`), so a decode batch and its CUDA-graph padding get the same instruction and the same bits.
 
 The weights stay in the compressed-tensors layout the plugin already stores (int32 ``[E, N, K/8]``, bf16
 scales ``[E, N, K/g]``), so weight sync, export and the CPU emulation are unchanged. A K tile never
@@ -48,8 +48,9 @@ PACK = 8
 DECODE_BLOCK_M, PREFILL_BLOCK_M = 16, 64
 # Tiles of up to this many rows multiply transposed (`swapped`): the weight tile is the MMA's row operand,
 # dequantized straight into its registers; otherwise it goes through shared memory as the column operand.
-# Hopper's sm_90 code for the same tile takes about half the instructions a weight transposed (counted
-# in the compiled loops: 3.7-5.0 a weight at 16 rows, 5.6-7.9 at 64; 11.9-12.8 at 64 rows not transposed).
+# Transposed, Hopper's sm_90 code takes about half the instructions a weight (inner loops as Triton 3.7
+# compiles them, 64x64 weight tiles, gate/up-down: 3.6-4.8 at 16 rows, 5.1-6.9 at 64; 12-13 at 64 rows
+# not transposed).
 SWAP_MAX_BLOCK_M = 64
 # BLOCK_N >= 64: a transposed tile's weight rows are the MMA's 64-row operand.
 GATE_UP = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
@@ -150,17 +151,27 @@ if triton is not None:
             return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     @triton.jit
+    def _load_rows(ptrs, kc, SWAP: tl.constexpr):
+        """Activation tile of row pointers ``ptrs`` [BM] at columns ``kc`` [BK]: [BM, BK], or [BK, BM] for
+        a SWAP tile (the MMA's column operand as it is stored: a few instructions fewer than a transpose)."""
+        if SWAP:
+            return tl.load(ptrs[None, :] + kc[:, None])
+        else:
+            return tl.load(ptrs[:, None] + kc[None, :])
+
+    @triton.jit
     def _acc_add(acc, a, w, s, PREC: tl.constexpr, INTERP: tl.constexpr, SWAP: tl.constexpr):
-        """acc + (a [BM, BK] @ w [BN, BK].T) * s [BN]: exact products, fp32 sums, the group scale on the
-        tile's partial sum. SWAP: w is the MMA's row operand (acc [BN, BM]). The interpreter's bf16 dot is
-        wrong (Triton 3.7), so there a goes to fp32 (exact) and the product is IEEE fp32."""
+        """acc + (a @ w [BN, BK].T) * s [BN]: exact products, fp32 sums, the group scale on the tile's
+        partial sum. a: [BM, BK] (`_load_rows`); SWAP: a is [BK, BM] and w the MMA's row operand (acc
+        [BN, BM]). The interpreter's bf16 dot is wrong (Triton 3.7), so there a goes to fp32 (exact) and
+        the product is IEEE fp32."""
         if INTERP or a.dtype == tl.float32:
             a = a.to(tl.float32)
             prec: tl.constexpr = "ieee"
         else:
             prec: tl.constexpr = PREC
         if SWAP:
-            return acc + tl.dot(w, tl.trans(a), input_precision=prec) * s[:, None]
+            return acc + tl.dot(w, a, input_precision=prec) * s[:, None]
         else:
             return acc + tl.dot(a, tl.trans(w), input_precision=prec) * s[None, :]
 
@@ -189,7 +200,7 @@ if triton is not None:
         p_up = p_gate + inter * kp  # rows [inter, 2 inter): up
         s_gate = s_ptr + e64 * (2 * inter * ng) + n * ng
         s_up = s_gate + inter * ng
-        kc = _kcols(BLOCK_K)[None, :]
+        kc = _kcols(BLOCK_K)
         kp8 = tl.arange(0, BLOCK_K // 8)[None, :]  # the packed columns of one K tile
         dt = x_ptr.dtype.element_ty
         # Static loop bound (enough chunks for an expert that got every copy), empty chunks skipped: a
@@ -204,7 +215,7 @@ if triton is not None:
                 acc_g = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 acc_u = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 for k0 in range(0, hidden, BLOCK_K):  # hidden: a multiple of GROUP, GROUP of BLOCK_K
-                    xt = tl.load(x_ptr + src[:, None] * stride_x + (k0 + kc))
+                    xt = _load_rows(x_ptr + src * stride_x, k0 + kc, SWAP)
                     col = k0 // 8 + kp8
                     qg = _dequant(tl.load(p_gate + col, mask=n_ok[:, None], other=0), magic, dt, BLOCK_N,
                                   BLOCK_K, INTERP)  # fmt: skip
@@ -237,7 +248,7 @@ if triton is not None:
         e64 = e.to(tl.int64)
         p_w = p_ptr + e64 * (hidden * kp) + n[:, None] * kp
         s_w = s_ptr + e64 * (hidden * ng) + n * ng
-        kc = _kcols(BLOCK_K)[None, :]
+        kc = _kcols(BLOCK_K)
         kp8 = tl.arange(0, BLOCK_K // 8)[None, :]
         dt = a_ptr.dtype.element_ty
         for c in range(0, n_chunks):
@@ -248,7 +259,7 @@ if triton is not None:
                 rows = tl.minimum(m, end - 1)  # rows past the expert's repeat its last: never stored
                 acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 for k0 in range(0, inter, BLOCK_K):
-                    a = tl.load(a_ptr + rows[:, None] * inter + (k0 + kc))
+                    a = _load_rows(a_ptr + rows * inter, k0 + kc, SWAP)
                     q = _dequant(tl.load(p_w + k0 // 8 + kp8, mask=n_ok[:, None], other=0), magic, dt,
                                  BLOCK_N, BLOCK_K, INTERP)  # fmt: skip
                     s = tl.load(s_w + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
