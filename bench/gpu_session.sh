@@ -12,6 +12,8 @@
 #                                       # and INT4 rollout vs bf16 on the 30B-A3B preset, batch 64 and 256
 #   bash bench/gpu_session.sh onpolicy  # true on-policy mode: matmul tile candidates vs torch, then the mode's
 #                                       # rollout and train-step cost vs normal mode (~0.7B MoE, bf16)
+#   bash bench/gpu_session.sh int4      # INT4 expert kernels alone over tile settings (64, 256 tokens; 4096
+#                                       # with and without the 64-row tile transposed), INT4 rollout 64, 256
 #
 # On the device machine first: carried wheels (stevedore; setuptools>=77) on PYTHONPATH, then
 # python -m pip install --no-deps --no-build-isolation -e . -e plugins/* (registers the entry points).
@@ -49,6 +51,16 @@ for group in "${@:-tests}"; do
     onpolicy)
       python bench/invariant_mm_tune.py 2>&1 | grep -E '^\{|Error|gives other bits'
       python bench/true_on_policy.py --preset gpu 2>&1 | grep -E '^\{|Error' ;;
-    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, onpolicy)" >&2; exit 2 ;;
+    int4)
+      for t in 64 256; do
+        python bench/quant_experts.py --tokens $t --products fp16 --int4-tiles 64:4:3,64:4:4,128:4:3,128:8:3,128:8:4 \
+          --int4-block-m 16,32,64 2>&1 | grep -E '^\{|Error'
+      done
+      python bench/quant_experts.py --tokens 4096 --products fp16 2>&1 | grep -E '^\{|Error'
+      python bench/quant_experts.py --tokens 4096 --products fp16 --int4-swap-max-m 16 2>&1 | grep -E '^\{|Error'
+      for b in 64 256; do
+        python bench/int4_rollout.py --preset qwen3-30b-a3b --batch $b 2>&1 | grep -E '^\{|Error'
+      done ;;
+    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, onpolicy, int4)" >&2; exit 2 ;;
   esac
 done

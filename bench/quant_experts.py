@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from miles_fp8 import triton_experts, triton_fp8
     from miles_fp8.quant import quantize
     from miles_int4qat import triton_experts as int4_kernels
-    from miles_int4qat.packing import quantize_pack
+    from miles_int4qat.packing import SCALE_DTYPE, quantize_pack
 
     device = torch.device("cuda" if on_cuda else "cpu")
     dtype = torch.bfloat16 if on_cuda else torch.float32  # the interpreter's bf16 dot is wrong
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     tile = (triton_fp8.BLOCK, triton_fp8.BLOCK)
     fp8 = [quantize(w.float(), tile) for w in (gate_up[:, :i], gate_up[:, i:], down)]
     fp8_args = tuple(q.contiguous() for q, _ in fp8) + tuple(s for _, s in fp8)
-    packed = [quantize_pack(w.float(), 128) for w in (gate_up, down)]
+    # scales in bf16, as `Int4Experts` holds them (`packing.SCALE_DTYPE`)
+    packed = [(p, s.to(SCALE_DTYPE)) for p, s in (quantize_pack(w.float(), 128) for w in (gate_up, down))]
     int4_args = (packed[0][0], packed[0][1], packed[1][0], packed[1][1], 128)
 
     name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": ns.tokens, "experts": e, "topk": k, "hidden": h, "inter": i,
         "bf16_bytes": (gate_up.numel() + down.numel()) * gate_up.element_size(),
         "fp8_bytes": sum(q.numel() + s.numel() * 4 for q, s in fp8),
-        "int4_bytes": sum(p.numel() * 4 + s.numel() * 4 for p, s in packed),
+        "int4_bytes": sum(p.numel() * 4 + s.numel() * s.element_size() for p, s in packed),
     }  # fmt: skip
     ref = fused_moe.fused_experts(x, src, bounds, gate_up, down).float()
     bf16 = lambda: fused_moe.fused_experts(x, src, bounds, gate_up, down)  # noqa: E731
