@@ -53,8 +53,8 @@ for group in "${@:-tests}"; do
       python bench/true_on_policy.py --preset gpu 2>&1 | grep -E '^\{|Error' ;;
     int4)
       for t in 64 256; do
-        python bench/quant_experts.py --tokens $t --products fp16 --int4-tiles 64:4:3,64:4:4,128:4:3,128:8:3,128:8:4 \
-          --int4-block-m 16,32,64 2>&1 | grep -E '^\{|Error'
+        python bench/quant_experts.py --tokens $t --products fp16 --int4-block-m 16,32,64 \
+          --int4-tiles 64:4:3:64,64:4:3:128,64:4:4:128,128:4:3:128,128:8:3:128,128:8:3:64 2>&1 | grep -E '^\{|Error'
       done
       python bench/quant_experts.py --tokens 4096 --products fp16 2>&1 | grep -E '^\{|Error'
       python bench/quant_experts.py --tokens 4096 --products fp16 --int4-swap-max-m 16 2>&1 | grep -E '^\{|Error'

@@ -10,16 +10,14 @@ microseconds a call, the expert-weight bytes it streams and that rate in TB/s, a
 against the bf16 arm (quantization included). Prints one JSON line.
 
     python bench/quant_experts.py [--tokens 64] [--products fp8,fp16,bf16]
-    python bench/quant_experts.py --int4-tiles 64:4:3,128:4:3,128:8:3 --int4-block-m 16,32,64
+    python bench/quant_experts.py --int4-tiles 64:4:3:64,64:4:3:128,128:8:3:128 --int4-block-m 16,32,64
 
-``--int4-tiles`` (BLOCK_N:num_warps:num_stages each) times the INT4 gate/up kernel at each setting with
-the down kernel at its current one (`triton_experts.GATE_UP` / `DOWN`), then the down kernel likewise
-(`int4_sweep_gate_up`, `int4_sweep_down`); ``--int4-block-m`` times both at each decode row block
-(`DECODE_BLOCK_M`, `int4_sweep_block_m`); ``--int4-swap-max-m`` sets `SWAP_MAX_BLOCK_M` for every INT4
-arm (16: the 64-row tile not transposed). Each entry: microseconds a call and the relative error.
-
-On CPU it needs ``TRITON_INTERPRET=1`` and a small shape (``--experts 4 --hidden 256 --inter 128
---tokens 8``): a smoke test of the script, not a measurement.
+``--int4-tiles`` (BLOCK_N:num_warps:num_stages[:BLOCK_K] each, BLOCK_K the K tile's cap) times the INT4
+gate/up kernel at each setting with the down kernel at its current one (`triton_experts.GATE_UP` /
+`DOWN`), then the down kernel likewise (`int4_sweep_gate_up`, `int4_sweep_down`); ``--int4-block-m``
+times both at each decode row block (`DECODE_BLOCK_M`, `int4_sweep_block_m`); ``--int4-swap-max-m``
+sets `SWAP_MAX_BLOCK_M` for every INT4 arm (16: the 64-row tile not transposed). Each entry:
+microseconds a call and the relative error.
 """
 
 from __future__ import annotations
@@ -66,13 +64,15 @@ def _int4_sweeps(ns, kernels, run, ref: torch.Tensor, device: torch.device) -> d
     def timed() -> dict:
         return {"us": round(_time_us(run, device), 1), "rel_err": round(_rel(run(), ref), 5)}
 
-    tiles = [tuple(int(v) for v in t.split(":")) for t in ns.int4_tiles.split(",") if t]
+    keys = ("BLOCK_N", "num_warps", "num_stages", "BLOCK_K")
+    tiles = [t.split(":") for t in ns.int4_tiles.split(",") if t]
     for name in ("GATE_UP", "DOWN"):
         if tiles:
             current, sweep = getattr(kernels, name), {}
-            for bn, warps, stages in tiles:
-                setattr(kernels, name, {"BLOCK_N": bn, "num_warps": warps, "num_stages": stages})
-                sweep[f"{bn}:{warps}:{stages}"] = timed()
+            for tile in tiles:
+                cfg = dict(current, **dict(zip(keys, map(int, tile))))
+                setattr(kernels, name, cfg)
+                sweep[":".join(str(cfg[k]) for k in keys)] = timed()
             setattr(kernels, name, current)
             out[f"int4_sweep_{name.lower()}"] = sweep
     if ns.int4_block_m:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=768, help="expert FFN size")
     ap.add_argument("--products", default="fp8,fp16,bf16", help="comma list of fp8, fp16, bf16")
-    ap.add_argument("--int4-tiles", default="", help="INT4 kernel settings to time, e.g. 64:4:3,128:8:3")
+    ap.add_argument("--int4-tiles", default="", help="INT4 settings, e.g. 64:4:3:128,128:8:3")
     ap.add_argument("--int4-block-m", default="", help="INT4 decode row blocks to time, e.g. 16,32,64")
     ap.add_argument("--int4-swap-max-m", type=int, default=None, help="INT4 SWAP_MAX_BLOCK_M")
     ns = ap.parse_args(argv)

@@ -106,10 +106,11 @@ def test_quant_experts_bench_prints_its_json_line_under_the_interpreter(monkeypa
 def test_quant_experts_bench_times_int4_tile_settings_under_the_interpreter(monkeypatch):
     """The INT4 sweeps time each setting and get the default's numbers (only fp32 sum orders differ)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    args = "--experts 2 --hidden 128 --inter 128 --tokens 4 --topk 1 --int4-tiles 32:4:3 --int4-block-m 16,64"
+    shape = "--experts 2 --hidden 128 --inter 128 --tokens 4 --topk 1"
+    args = f"{shape} --int4-tiles 32:4:3:64 --int4-block-m 16,64"
     r = _run("quant_experts.py", *args.split(), preset=None)
     assert r["int4_swap_max_m"] == 64
-    for key, labels in (("int4_sweep_gate_up", ["32:4:3"]), ("int4_sweep_down", ["32:4:3"]),
+    for key, labels in (("int4_sweep_gate_up", ["32:4:3:64"]), ("int4_sweep_down", ["32:4:3:64"]),
                         ("int4_sweep_block_m", ["16", "64"])):  # fmt: skip
         assert sorted(r[key]) == labels, key
         for entry in r[key].values():

@@ -26,8 +26,8 @@ tile stores its dequantized weights to shared memory. The row block is chosen fr
 (`block_m`), so a decode batch and its CUDA-graph padding get the same instruction and the same bits.
 
 The weights stay in the compressed-tensors layout the plugin already stores (int32 ``[E, N, K/8]``, bf16
-scales ``[E, N, K/g]``), so weight sync, export and the CPU emulation are unchanged. A K tile never
-straddles two groups: the group size must be a multiple of 16 (`usable`).
+scales ``[E, N, K/g]``), so weight sync, export and the CPU emulation are unchanged. A K tile (16 to 128
+columns) never straddles two groups: the group size must be a multiple of 16 (`usable`).
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ DECODE_BLOCK_M, PREFILL_BLOCK_M = 16, 64
 # compiles them, 64x64 weight tiles, gate/up-down: 3.6-4.8 at 16 rows, 5.1-6.9 at 64; 12-13 at 64 rows
 # not transposed).
 SWAP_MAX_BLOCK_M = 64
-# BLOCK_N >= 64: a transposed tile's weight rows are the MMA's 64-row operand.
-GATE_UP = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-DOWN = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+# BLOCK_N >= 64: a transposed tile's weight rows are the MMA's 64-row operand. BLOCK_K: the largest K tile
+# (`block_k`; 128 takes ~20% fewer instructions a weight than 64 in those loops, with no register spills).
+GATE_UP = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+DOWN = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 # The 16-bit float read from the bits ``MAGIC | u`` (u < 16 in the low mantissa bits) is ``OFFSET + u``:
 # exponent 2^7 with bf16's 7-bit mantissa, 2^10 with fp16's 10-bit one. The kernels hold two at a time.
 MAGIC = {torch.bfloat16: (0x4300, 136.0), torch.float16: (0x6400, 1032.0)}
@@ -70,9 +71,9 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def block_k(group_size: int) -> int:
-    """K tile: the largest of 64, 32, 16 inside one group."""
-    return next(b for b in (64, 32, 16) if group_size % b == 0)
+def block_k(group_size: int, cap: int) -> int:
+    """K tile: the largest of 128, 64, 32, 16 that is at most ``cap`` and divides the group."""
+    return next(b for b in (128, 64, 32, 16) if b <= max(cap, 16) and group_size % b == 0)
 
 
 def block_m(tokens: int, copies: int, num_experts: int) -> int:
@@ -269,11 +270,13 @@ if triton is not None:
                 tl.store(out_ptr + m[:, None] * hidden + n[None, :], y, mask=omask)
 
 
-def _launch_config(cfg: dict) -> dict:
-    """The kernel arguments of a config; pipelining settings only where they mean something (CUDA)."""
+def _launch_config(cfg: dict, group_size: int) -> dict:
+    """The kernel arguments of a config (its K tile fitted to the group); pipelining settings only where
+    they mean something (CUDA)."""
+    out = dict(cfg, BLOCK_K=block_k(group_size, cfg["BLOCK_K"]))
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return {"BLOCK_N": cfg["BLOCK_N"]}
-    return dict(cfg)
+        return {k: out[k] for k in ("BLOCK_N", "BLOCK_K")}
+    return out
 
 
 # A custom op: a compiled decode step calls the two launches as one opaque op, and CUDA-graph capture
@@ -309,11 +312,11 @@ def int4_experts(
     chunks = triton.cdiv(m, bm)  # enough for an expert that got every copy
     bits = MAGIC.get(x.dtype, MAGIC[torch.bfloat16])[0]  # fp32 x: bf16 values, then fp32
     common = dict(
-        GROUP=group_size, BLOCK_M=bm, BLOCK_K=block_k(group_size),
+        GROUP=group_size, BLOCK_M=bm,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
         INTERP=os.environ.get("TRITON_INTERPRET") == "1", SWAP=swapped(bm),
     )  # fmt: skip
-    c1, c2 = _launch_config(GATE_UP), _launch_config(DOWN)
+    c1, c2 = _launch_config(GATE_UP, group_size), _launch_config(DOWN, group_size)
     grid1 = (num_experts, triton.cdiv(inter, c1["BLOCK_N"]))
     _int4_gate_up_kernel[grid1](
         x, gate_up_packed.contiguous(), gate_up_scale.contiguous(), src, bounds, act, hidden, inter,

@@ -48,13 +48,14 @@ def reference(x, idx, w, gu_p, gu_s, d_p, d_s, g):
 torch.manual_seed(0)
 # (experts, top-k, rows, group, hidden, inter): one expert (prefill row block: 19 copies > 16 per expert),
 # top-1 and top-3, rows not a multiple of 16, experts that get no row, an expert with more than one row
-# block; K tiles of 16 columns (groups 16, 48), 32 (group 32) and 64 (group 64), partial column tiles
+# block; K tiles of 16 columns (groups 16, 48), 32 (group 32), 64 (group 64) and 128 (group 128), partial
+# column tiles
 # SWAP_MAX_BLOCK_M 0: the same with no tile transposed (weights as the MMA's column operand)
 for swap_max, E, k, n, g, hidden, inter in [
     (64, 1, 1, 19, 16, 96, 48), (64, 4, 1, 5, 16, 96, 48), (64, 8, 2, 13, 16, 96, 48),
     (64, 8, 3, 37, 16, 96, 48), (64, 6, 2, 9, 48, 96, 48), (64, 8, 2, 13, 32, 192, 96),
     (64, 2, 1, 70, 64, 128, 64), (64, 4, 3, 6, 64, 128, 64), (0, 2, 1, 70, 64, 128, 64),
-    (0, 4, 3, 6, 64, 128, 64),
+    (0, 4, 3, 6, 64, 128, 64), (64, 3, 2, 7, 128, 256, 128),
 ]:  # fmt: skip
     triton_experts.SWAP_MAX_BLOCK_M = swap_max
     x = torch.randn(n, hidden)
@@ -146,17 +147,19 @@ def probe(p_ptr, w_ptr, k_ptr, magic, DT: tl.constexpr, BN: tl.constexpr, BK: tl
     tl.store(k_ptr + tl.arange(0, BK), _kcols(BK))
 
 # The column order, derived by hand: BK 16: c = 8w + 2i + h holds k = 8w + i + 4h; BK 32: c = 8j + 2t + h
-# (j = nibble pair, t = word) holds k = 8t + j + 4h; BK 64: c = 32bh + 16bl + 8s + 2t + h holds word
-# 2t + bh, nibble 2bl + s + 4h
+# (j = nibble pair, t = word) holds k = 8t + j + 4h; BK 64 and 128: c = 32bh + 16bl + 8s + 2t + h holds
+# word (BK / 32) t + bh, nibble 2bl + s + 4h
 want = {
     16: [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15],
     32: [8 * t + j + 4 * h for j in range(4) for t in range(4) for h in range(2)],
-    64: [8 * (2 * t + bh) + 2 * bl + s + 4 * h
-         for bh in range(2) for bl in range(2) for s in range(2) for t in range(4) for h in range(2)],
 }
-assert sorted(want[64]) == list(range(64))
+for bk in (64, 128):
+    digits = [(bh, bl, s, t, h) for bh in range(bk // 32) for bl in range(2) for s in range(2)
+              for t in range(4) for h in range(2)]
+    want[bk] = [8 * (bk // 32 * t + bh) + 2 * bl + s + 4 * h for bh, bl, s, t, h in digits]
+    assert sorted(want[bk]) == list(range(bk))
 torch.manual_seed(0)
-for bk in (16, 32, 64):
+for bk in (16, 32, 64, 128):
     q = torch.randint(-8, 8, (16, bk), dtype=torch.int8)
     q[0, :16] = torch.arange(-8, 8)  # every nibble
     for dtype, DT in ((torch.bfloat16, tl.bfloat16), (torch.float16, tl.float16)):
@@ -180,9 +183,9 @@ def test_int4_dequant_gives_exact_values_in_the_permuted_column_order():
 
 def test_int4_kernels_compile_to_wgmma_with_register_weights_for_hopper_without_a_gpu():
     """Ahead-of-time compile (no GPU needed) of both kernels for sm_90, decode (16 rows) and prefill (64)
-    tiles: the weight tile is wgmma's register operand (``{...}, {...}, desc``), its values come from a
-    packed bf16x2 / f16x2 add (the magic-number dequantization), never from an int-to-float conversion
-    (the old kernel converted every weight with ``cvt.rn.bf16.s32``)."""
+    tiles, 128-column K tiles: the weight tile is wgmma's register operand (``{...}, {...}, desc``), its
+    values come from a packed bf16x2 / f16x2 add (the magic-number dequantization), never from an
+    int-to-float conversion (the old kernel converted every weight with ``cvt.rn.bf16.s32``)."""
     import re
 
     triton = pytest.importorskip("triton")
@@ -207,7 +210,7 @@ def test_int4_kernels_compile_to_wgmma_with_register_weights_for_hopper_without_
         down = {"a_ptr": f"*{dt}", **common, "out_ptr": f"*{dt}", "n_chunks": "i32", "magic": "i32"}
         for block_m in (triton_experts.DECODE_BLOCK_M, triton_experts.PREFILL_BLOCK_M):
             assert triton_experts.swapped(block_m)
-            consts = {"GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64, "PREC": "tf32",
+            consts = {"GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "PREC": "tf32",
                       "INTERP": False, "SWAP": True}  # fmt: skip
             for fn, sig in (
                 (triton_experts._int4_gate_up_kernel, gate_up),
@@ -245,6 +248,10 @@ def test_expert_tiles_are_the_same_for_a_batch_and_its_graph_padding():
 
 def test_grouped_needs_dequant_layout_and_group_of_16():
     from miles_int4qat import triton_experts
+
+    # K tiles: the largest of 128, 64, 32, 16 under the cap that divides the group
+    assert [triton_experts.block_k(g, 128) for g in (128, 256, 64, 96, 48, 16)] == [128, 128, 64, 32, 16, 16]
+    assert [triton_experts.block_k(g, 64) for g in (128, 32)] == [64, 32]
     from miles_int4qat.modules import Int4Experts, Int4Kernel
 
     assert triton_experts.usable(32) == (triton_experts.triton is not None)
