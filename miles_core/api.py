@@ -49,7 +49,13 @@ from miles_core.model import (
     write_hf_checkpoint,
 )
 from miles_core.model.layers import StepContext, fuse_qkv
-from miles_core.model.moe import combine_copies, dispatch_copies, expert_bounds, expert_order
+from miles_core.model.moe import (
+    combine_copies,
+    dispatch_copies,
+    expert_bounds,
+    expert_order,
+    expert_row_block,
+)
 from miles_core.model.swiglu import swiglu_backward
 from miles_core.model.transformer import DecoderLayer, cache_context
 from miles_core.rollout.boxed import last_boxed
@@ -96,6 +102,7 @@ __all__ = [
     "dispatch_copies",
     "expert_bounds",
     "expert_order",
+    "expert_row_block",
     "filter_flags",
     "fuse_qkv",
     "generate_into",

@@ -81,6 +81,16 @@ def expert_bounds(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
     return F.pad((flat[None, :] <= ids[:, None]).sum(1, dtype=torch.int32), (1, 0))
 
 
+def expert_row_block(tokens: int, copies: int, num_experts: int, decode: int, prefill: int) -> int:
+    """Rows per expert tile of a grouped expert kernel: ``decode`` while there are at most ``decode`` copies
+    an expert on average, counted as ``tokens <= L`` with L a power of two, so that a batch and its
+    CUDA-graph padding to the next power of two (capped at the slot count) land on the same side (and so
+    run the same tile, the same instruction, the same bits); else ``prefill``."""
+    k = max(1, copies // max(tokens, 1))
+    limit = 1 << max(0, (decode * num_experts // k).bit_length() - 1)
+    return decode if tokens <= limit else prefill
+
+
 def _topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of `probs` over the last dim, largest first; equal values rank the lower expert
     first (bf16 router logits tie often, and torch.topk leaves the order of ties open, so the compiled

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from miles_core.api import expert_row_block
 from miles_fp8 import triton_fp8
 from miles_fp8.quant import quantize
 
@@ -56,12 +57,8 @@ def available(x: torch.Tensor) -> bool:
 
 
 def block_m(tokens: int, copies: int, num_experts: int) -> int:
-    """Rows per expert tile: DECODE_BLOCK_M while there are at most DECODE_BLOCK_M copies an expert on
-    average, counted as ``tokens <= L`` with L a power of two, so that a batch and its CUDA-graph padding
-    to the next power of two (capped at the slot count) land on the same side."""
-    k = max(1, copies // max(tokens, 1))
-    limit = 1 << max(0, (DECODE_BLOCK_M * num_experts // k).bit_length() - 1)
-    return DECODE_BLOCK_M if tokens <= limit else PREFILL_BLOCK_M
+    """Rows per expert tile (`miles_core.api.expert_row_block` with this module's row blocks)."""
+    return expert_row_block(tokens, copies, num_experts, DECODE_BLOCK_M, PREFILL_BLOCK_M)
 
 
 if triton is not None:

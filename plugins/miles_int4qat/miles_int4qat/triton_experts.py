@@ -36,6 +36,8 @@ import os
 
 import torch
 
+from miles_core.api import expert_row_block
+
 try:
     import triton
     import triton.language as tl
@@ -77,12 +79,8 @@ def block_k(group_size: int, cap: int) -> int:
 
 
 def block_m(tokens: int, copies: int, num_experts: int) -> int:
-    """Rows per expert tile: DECODE_BLOCK_M while there are at most DECODE_BLOCK_M copies an expert on
-    average, counted as ``tokens <= L`` with L a power of two, so that a batch and its CUDA-graph padding
-    to the next power of two (capped at the slot count) land on the same side."""
-    k = max(1, copies // max(tokens, 1))
-    limit = 1 << max(0, (DECODE_BLOCK_M * num_experts // k).bit_length() - 1)
-    return DECODE_BLOCK_M if tokens <= limit else PREFILL_BLOCK_M
+    """Rows per expert tile (`miles_core.api.expert_row_block` with this module's row blocks)."""
+    return expert_row_block(tokens, copies, num_experts, DECODE_BLOCK_M, PREFILL_BLOCK_M)
 
 
 def swapped(block_m: int) -> bool:
