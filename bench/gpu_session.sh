@@ -14,6 +14,8 @@
 #                                       # rollout and train-step cost vs normal mode (~0.7B MoE, bf16)
 #   bash bench/gpu_session.sh int4      # INT4 expert kernels alone over tile settings (64, 256 tokens; 4096
 #                                       # with and without the 64-row tile transposed), INT4 rollout 64, 256
+#   bash bench/gpu_session.sh fp8train  # unified-FP8 train step vs bf16 in one process (30B-A3B preset, 2
+#                                       # layers, 98k tokens a step), then one FP8 step's top kernels
 #
 # On the device machine first: carried wheels (stevedore; setuptools>=77) on PYTHONPATH, then
 # python -m pip install --no-deps --no-build-isolation -e . -e plugins/* (registers the entry points).
@@ -61,6 +63,9 @@ for group in "${@:-tests}"; do
       for b in 64 256; do
         python bench/int4_rollout.py --preset qwen3-30b-a3b --batch $b 2>&1 | grep -E '^\{|Error'
       done ;;
-    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, onpolicy, int4)" >&2; exit 2 ;;
+    fp8train)
+      python bench/train_step.py --preset qwen3-30b-a3b --layers 2 --fp8-recipe blockwise --compare-bf16 2>&1 | grep -E '^\{|Error'
+      python bench/train_step.py --preset qwen3-30b-a3b --layers 2 --fp8-recipe blockwise --steps 1 --profile 2>&1 | grep -v -i warn | tail -30 ;;
+    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, onpolicy, int4, fp8train)" >&2; exit 2 ;;
   esac
 done
