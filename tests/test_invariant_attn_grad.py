@@ -143,3 +143,43 @@ def test_attention_backward_matches_float64_autograd_under_the_interpreter():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_attention_backward_matches_float64_and_the_torch_path_on_cuda(dtype):
     exec(compile(_code(CHECKS, "cuda", dtype), "checks", "exec"), {})
+
+
+def _ptxas_available() -> bool:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="needs triton with its bundled ptxas")
+def test_attention_backward_compiles_for_hopper_on_wgmma_within_shared_memory():
+    """AOT compile for sm_90 (no GPU; ~15 s with a cold Triton cache): bf16 at head sizes 64 and 128, the
+    backward kernels on wgmma tensor-core products and every kernel (the forward keeping its log-sum-exp
+    too) within an H100's 227 KiB of shared memory a block."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from miles_core.model import invariant_attn_grad as ag
+    from miles_core.model import invariant_kernels as ik
+
+    WGMMA = r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.bf16\.bf16"
+    typed = {"pos_ptr": "*i32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "sm_scale": "fp32"}
+    kernels = [(ag._bwd_q_kernel, ag.BWD_Q, True), (ag._bwd_kv_kernel, ag.BWD_KV, True),
+               (ik._attention_kernel, ik.ATTN | {"STORE_LSE": True}, False)]  # fmt: skip
+    for block_d in (64, 128):
+        for fn, cfg, wgmma in kernels:
+            consts = {k: v for k, v in cfg.items() if k.isupper()} | {"PREC": None, "BLOCK_D": block_d}
+            sig = {a: "constexpr" if a in consts else typed.get(a, "*bf16" if a.endswith("_ptr") else "i32")
+                   for a in fn.arg_names}  # fmt: skip
+            at = {(list(sig).index(k),): v for k, v in consts.items()}
+            src = ASTSource(fn=fn, signature=sig, constexprs=at)
+            opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+            out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+            assert out.metadata.shared <= 227 * 1024, (fn.__name__, block_d, out.metadata.shared)
+            found = set(re.findall(WGMMA, out.asm["ptx"]))
+            assert bool(found) == wgmma, (fn.__name__, block_d, found)
