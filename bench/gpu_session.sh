@@ -50,6 +50,7 @@ for group in "${@:-tests}"; do
       done ;;
     onpolicy)
       python bench/invariant_mm_tune.py 2>&1 | grep -E '^\{|Error|gives other bits'
+      python bench/invariant_attn_grad.py 2>&1 | grep -E '^\{|Error'
       python bench/true_on_policy.py --preset gpu 2>&1 | grep -E '^\{|Error' ;;
     int4)
       for t in 64 256; do
