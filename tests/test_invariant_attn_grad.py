@@ -41,7 +41,7 @@ def ref64(q, k, v, pos):
     s = s.masked_fill(~seen, float("-inf"))
     return torch.einsum("ghtl,ghld->ghtd", s.softmax(-1), v[:, heads]), s.logsumexp(-1)
 
-def close(got, ref, what):
+def close(got, ref, what, tol=tol):
     err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
     assert err < tol, (what, err)
 
@@ -115,7 +115,7 @@ for G, H, HKV, T, L, D, kind in cases:
         xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
         torch_ref(*xs, pos).backward(do)
         for name, a, b in zip("qkv", (dq, dk, dv), xs):
-            close(a, b.grad.double(), ("vs torch", name) + what)
+            close(a, b.grad.double(), ("vs torch", name) + what, max(tol, 1e-4))  # fp32 SDPA's own error
 
 # only the inputs that need it get a gradient; no grad mode runs the forward alone
 q, k, v = rnd(1, 2, 9, 16).requires_grad_(), rnd(1, 1, 9, 16), rnd(1, 1, 9, 16)
