@@ -10,7 +10,7 @@
 #                                       # GSM8K in $GSM8K, default ../shared/data/gsm8k)
 #   bash bench/gpu_session.sh quant     # expert kernels alone, then FP8 (probe's pick and forced FP8 wgmma)
 #                                       # and INT4 rollout vs bf16 on the 30B-A3B preset, batch 64 and 256
-#   bash bench/gpu_session.sh onpolicy  # true on-policy mode: matmul tile candidates vs torch, then the mode's
+#   bash bench/gpu_session.sh onpolicy  # true on-policy mode: matmul tiles vs torch, attention fwd+bwd, the mode's
 #                                       # rollout and train-step cost vs normal mode (~0.7B MoE, bf16)
 #   bash bench/gpu_session.sh int4      # INT4 expert kernels alone over tile settings (64, 256 tokens; 4096
 #                                       # with and without the 64-row tile transposed), INT4 rollout 64, 256
@@ -52,6 +52,7 @@ for group in "${@:-tests}"; do
       done ;;
     onpolicy)
       python bench/invariant_mm_tune.py 2>&1 | grep -E '^\{|Error|gives other bits'
+      python bench/invariant_attn_grad.py 2>&1 | grep -E '^\{|Error'
       python bench/true_on_policy.py --preset gpu 2>&1 | grep -E '^\{|Error' ;;
     int4)
       for t in 64 256; do

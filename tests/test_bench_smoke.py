@@ -132,6 +132,16 @@ def test_invariant_mm_tune_bench_prints_its_json_line_under_the_interpreter(monk
     assert t["picked_vs_torch"] == pytest.approx(t["picked_us"] / t["torch_us"], rel=1e-2)
 
 
+def test_invariant_attn_grad_bench_prints_its_json_line_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    r = _run("invariant_attn_grad.py", "--tiny", preset=None)
+    assert r["device"] == "cpu" and set(r["fwd_bwd_ms"]) == {"triton", "torch_grad", "sdpa"}
+    assert r["grad_rel_diff_vs_torch_grad"] < 1e-5  # fp32: the two backwards agree
+    assert r["speedup_vs_torch_grad"] == pytest.approx(
+        r["fwd_bwd_ms"]["torch_grad"] / r["fwd_bwd_ms"]["triton"], rel=2e-2
+    )
+
+
 def test_qwen3_30b_a3b_preset_has_the_model_shape():
     """The issue's shape: hidden 2048, 32 query / 4 KV heads of 128, 128 experts top-8, expert FFN 768,
     vocab 151936; the same in bench/rollout.py and in the quantized benches' presets."""

@@ -18,9 +18,10 @@ rollout than in a training micro-batch. Here:
   and the same query inside a packed training sequence get the same bits;
 - `rms_norm`, `token_log_probs`: one program per row, the row reduced in fixed blocks.
 
-Training needs gradients: each op's backward is torch's gradient of the same function (`_TorchGrad`),
-whose order does not matter for the guarantee. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors
-(the tests); the interpreter's bf16 products and casts are not the GPU's, so those tests use fp32.
+Training needs gradients: attention's backward is a Triton kernel of its own (`invariant_attn_grad`),
+the other ops' are torch's gradients of the same function (`_TorchGrad`); their order does not matter.
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests); the interpreter's bf16 products
+and casts are not the GPU's, so those tests use fp32.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from miles_core.model import invariant_attn_grad as attn_grad
 from miles_core.model import invariant_tiles as tiles
 
 try:
@@ -151,9 +153,10 @@ if triton is not None:
                          mask=mask)  # fmt: skip
 
     @triton.jit(do_not_specialize=["t", "rows"])  # one compiled kernel for decode (t = 1) and training
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, t, rows, rep, hkv, d, sm_scale,
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, lse_ptr, t, rows, rep, hkv, d, sm_scale,
                           sqg, sqh, sqt, skg, skh, skl, svg, svh, svl, PREC: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          STORE_LSE: tl.constexpr):  # fmt: skip
         gk = tl.program_id(1)  # (sequence, KV head)
         g = gk // hkv
         kh = gk % hkv
@@ -191,6 +194,8 @@ if triton is not None:
         o_rows = out_ptr + ((g * hkv * rep + head) * t + ti) * d
         tl.store(o_rows[:, None] + dd[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
+        if STORE_LSE:  # fp32 row log-sum-exp for the backward (`invariant_attn_grad`); `out` is unchanged
+            tl.store(lse_ptr + (g * hkv * rep + head) * t + ti, m_i + tl.log(l_i), mask=r_ok)
 
     # Row kernels reduce in their load layout, which Triton picks from the pointers' alignment: pinned.
     @triton.jit(do_not_specialize=["sx"], do_not_specialize_on_alignment=["x_ptr", "out_ptr"])
@@ -357,7 +362,8 @@ def experts(x, src, bounds, gate_up, down, swiglu=None) -> torch.Tensor:
     return _grad_wrap(_experts_fwd, _experts_ref, x, src.to(torch.int32), bounds, gate_up, down, swiglu)
 
 
-def _attention_fwd(q, k, v, q_pos):
+def _attention_fwd(q, k, v, q_pos, with_lse=False):
+    """out ``[G, H, T, D]``; with_lse: ``(out, lse)``, lse fp32 ``[G, H, T]`` (out's bits the same)."""
     g, h, t, d = q.shape
     hkv = k.shape[1]
     rep = h // hkv
@@ -365,16 +371,15 @@ def _attention_fwd(q, k, v, q_pos):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     pos = q_pos.to(torch.int32).contiguous()
     out = torch.empty(g, h, t, d, dtype=q.dtype, device=q.device)
-    if g * t == 0:
-        return out
-    c = _cfg(ATTN)
-    grid = (triton.cdiv(rep * t, ATTN["BLOCK_M"]), g * hkv)
-    _attention_kernel[grid](
-        q, k, v, pos, out, t, rep * t, rep, hkv, d, 1.0 / math.sqrt(d), q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), PREC=_prec(q.dtype),
-        BLOCK_D=max(16, triton.next_power_of_2(d)), **c,
-    )  # fmt: skip
-    return out
+    lse = torch.empty(g, h, t, dtype=torch.float32, device=q.device) if with_lse else out
+    if g * t:
+        grid = (triton.cdiv(rep * t, ATTN["BLOCK_M"]), g * hkv)
+        _attention_kernel[grid](
+            q, k, v, pos, out, lse, t, rep * t, rep, hkv, d, 1.0 / math.sqrt(d), q.stride(0), q.stride(1),
+            q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            PREC=_prec(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)), STORE_LSE=with_lse, **_cfg(ATTN),
+        )  # fmt: skip
+    return (out, lse) if with_lse else out
 
 
 def _attention_ref(q, k, v, q_pos):
@@ -386,8 +391,11 @@ def _attention_ref(q, k, v, q_pos):
 
 
 def attention(q, k, v, q_pos) -> torch.Tensor:
-    """`batch_invariant.attention`: q ``[G, H, T, D]``, k/v ``[G, Hkv, L, D]``, q_pos ``[G, T]``."""
-    return _grad_wrap(_attention_fwd, _attention_ref, q, k, v, q_pos)
+    """`batch_invariant.attention`: q ``[G, H, T, D]``, k/v ``[G, Hkv, L, D]``, q_pos ``[G, T]``; its
+    backward is `invariant_attn_grad`'s kernels (`_attention_ref`: the same function in torch)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return attn_grad.Attention.apply(_attention_fwd, q, k, v, q_pos)
+    return _attention_fwd(q, k, v, q_pos)
 
 
 def _rms_norm_fwd(x, eps):
