@@ -7,7 +7,8 @@ that label. A decode expert kernel is bound by reading weights only if it issues
 weight it streams: ``per_weight`` = loop instructions / weights one thread's tile covers per iteration
 (``BLOCK_N x BLOCK_K`` per weight tile over the 32 x num_warps threads; gate/up reads two tiles).
 
-    python bench/kernel_sass.py [--modes fp8 fp16] [--block-m 16 64] [--gate-up-tile BN:warps:stages]
+    python bench/kernel_sass.py [--modes fp8 fp8acc fp16] [--block-m 16 64] [--only NAME] [--opcodes]
+        [--gate-up-tile BN:warps:stages] [--down-tile BN:warps:stages] [--dense-block-n 32 64]
 
 Prints one JSON line: ``{"variants": {name: {per_weight, loop, mma, spills, ...}}}``, or ``{"skipped":
 reason}`` where Triton's ptxas / nvdisasm are missing.
@@ -163,7 +164,8 @@ def main(argv=None) -> dict:
 
     g, d = triton_experts.GATE_UP, triton_experts.DOWN
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--modes", nargs="+", default=["fp8", "fp16"], choices=["fp8", "fp16", "bf16"])
+    modes = ["fp8", "fp8acc", "fp16", "bf16"]
+    ap.add_argument("--modes", nargs="+", default=modes[:3], choices=modes)
     ap.add_argument("--block-m", nargs="+", type=int, default=[triton_experts.DECODE_BLOCK_M,
                                                                  triton_experts.PREFILL_BLOCK_M])  # fmt: skip
     ap.add_argument(

@@ -205,17 +205,20 @@ def test_kernel_sass_counts_the_innermost_loop_around_the_first_mma():
 
 
 def test_kernel_sass_bench_counts_the_fp8_decode_kernels_for_hopper():
-    """AOT sm_90 compile on the CPU: the 16-row decode tiles run FP8 wgmma (QGMMA m64n16k32) in fp8 mode and
-    fp16 wgmma (HGMMA k16) in fp16 mode, no spills, a few instructions per weight (the old 16-row tile on
-    mma.sync with e4m3 upcast in the loop gave ~10)."""
+    """AOT sm_90 compile on the CPU: the 16-row decode tiles run FP8 wgmma (QGMMA m64n16k32) in the fp8
+    modes and fp16 wgmma (HGMMA k16) in fp16 mode, no spills, a few instructions per weight (the old 16-row
+    tile on mma.sync with e4m3 upcast in the loop gave ~10); fp8acc drops the k32 promotion's FADDs."""
     mod = _kernel_sass()
     if isinstance(mod.tools(), str):
         pytest.skip(mod.tools())
-    r = _run("kernel_sass.py", "--block-m", "16", "--only", "gate_up", preset=None)
+    r = _run("kernel_sass.py", "--block-m", "16", "--only", "gate_up", "--opcodes", preset=None)
     v = r["variants"]
-    names = [f"gate_up/{m}/m16/swap/{q}/n64" for m in ("fp16", "fp8") for q in ("inkernel", "preq")]
-    assert sorted(v) == names
+    modes = ("fp16", "fp8", "fp8acc")
+    assert sorted(v) == [f"gate_up/{m}/m16/swap/{q}/n64" for m in modes for q in ("inkernel", "preq")]
     for name, row in v.items():
-        kind = "QGMMA.64x16x32.F32.E4M3.E4M3" if "/fp8/" in name else "HGMMA.64x16x16.F32"
+        kind = "HGMMA.64x16x16.F32" if "/fp16/" in name else "QGMMA.64x16x32.F32.E4M3.E4M3"
         assert row["mma"] == kind and row["spills"] == 0 and 0.5 < row["per_weight"] < 5, (name, row)
         assert row["per_weight"] == pytest.approx(row["loop"] / (2 * 64 * 128 / 128), abs=1e-3)
+    for q in ("inkernel", "preq"):
+        fp8, acc = v[f"gate_up/fp8/m16/swap/{q}/n64"], v[f"gate_up/fp8acc/m16/swap/{q}/n64"]
+        assert fp8["opcodes"]["FADD"] >= 32 and "FADD" not in acc["opcodes"] and acc["loop"] < fp8["loop"]
