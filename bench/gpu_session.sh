@@ -14,6 +14,8 @@
 #                                       # rollout and train-step cost vs normal mode (~0.7B MoE, bf16)
 #   bash bench/gpu_session.sh int4      # INT4 expert kernels alone over tile settings (64, 256 tokens; 4096
 #                                       # with and without the 64-row tile transposed), INT4 rollout 64, 256
+#   bash bench/gpu_session.sh fp8       # FP8 probe tests, expert kernels per products mode (fp8acc too), FP8
+#                                       # rollout at batch 64: probe's pick, fp8acc, dense quant in the GEMM
 #
 # On the device machine first: carried wheels (stevedore; setuptools>=77) on PYTHONPATH, then
 # python -m pip install --no-deps --no-build-isolation -e . -e plugins/* (registers the entry points).
@@ -48,6 +50,13 @@ for group in "${@:-tests}"; do
         python bench/fp8_rollout.py --preset qwen3-30b-a3b --batch $b --products fp8 2>&1 | grep -E '^\{|Error'
         python bench/int4_rollout.py --preset qwen3-30b-a3b --batch $b 2>&1 | grep -E '^\{|Error'
       done ;;
+    fp8)
+      python -m pytest -q -p no:cacheprovider -m gpu -s plugins/miles_fp8/tests/test_fp8_triton_dense.py \
+        -k "pick_exact or fp8acc or rows_do_not" 2>&1 | grep -E 'probe|mode|passed|failed|Error'
+      python bench/quant_experts.py 2>&1 | grep -E '^\{|Error'
+      for extra in "" "--products fp8acc" "--dense-quant kernel" "--expert-block-m 64"; do
+        python bench/fp8_rollout.py --preset qwen3-30b-a3b --batch 64 $extra 2>&1 | grep -E '^\{|Error'
+      done ;;
     onpolicy)
       python bench/invariant_mm_tune.py 2>&1 | grep -E '^\{|Error|gives other bits'
       python bench/true_on_policy.py --preset gpu 2>&1 | grep -E '^\{|Error' ;;
@@ -61,6 +70,6 @@ for group in "${@:-tests}"; do
       for b in 64 256; do
         python bench/int4_rollout.py --preset qwen3-30b-a3b --batch $b 2>&1 | grep -E '^\{|Error'
       done ;;
-    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, onpolicy, int4)" >&2; exit 2 ;;
+    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, fp8, onpolicy, int4)" >&2; exit 2 ;;
   esac
 done
