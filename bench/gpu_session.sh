@@ -54,6 +54,7 @@ for group in "${@:-tests}"; do
       python -m pytest -q -p no:cacheprovider -m gpu -s plugins/miles_fp8/tests/test_fp8_triton_dense.py \
         -k "pick_exact or fp8acc or rows_do_not" 2>&1 | grep -E 'probe|mode|passed|failed|Error'
       python bench/quant_experts.py 2>&1 | grep -E '^\{|Error'
+      python bench/quant_experts.py --products fp8,fp16 --fp8-down-decode-n 64 2>&1 | grep -E '^\{|Error'
       for extra in "" "--products fp8acc" "--dense-quant kernel" "--expert-block-m 64"; do
         python bench/fp8_rollout.py --preset qwen3-30b-a3b --batch 64 $extra 2>&1 | grep -E '^\{|Error'
       done ;;

@@ -136,7 +136,7 @@ def variants(modes, block_ms, gate_up_tile, down_tile, dense_bns):
                 sig = dict(GATE_UP_SIG, x_ptr=x_ty)
                 fn = triton_experts._fp8_gate_up_kernel
                 yield f"gate_up/{tag}/n{bn}", fn, sig, consts, warps, stages, 2 * bn * bk / (32 * warps)
-                bn, warps, stages = down_tile
+                bn, warps, stages = down_tile or down_default(swap)
                 consts = {"GROUPED": True, "PREQ": preq, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                           "MODE": mode, "SWAP": swap}  # fmt: skip
                 fn, sig = triton_fp8._fp8_rows_kernel, dict(ROWS_SIG, a_ptr=x_ty)
@@ -154,6 +154,14 @@ def variants(modes, block_ms, gate_up_tile, down_tile, dense_bns):
                 yield name, fn, sig, consts, warps, dense["num_stages"], bn * bk / (32 * warps)
 
 
+def down_default(swap: bool) -> tuple[int, int, int]:
+    """The down kernel's tile in `triton_experts` for a transposed (decode) or plain row block."""
+    from miles_fp8 import triton_experts
+
+    d = triton_experts.DOWN_SWAPPED if swap else triton_experts.DOWN
+    return d["BLOCK_N"], d["num_warps"], d["num_stages"]
+
+
 def _tile(text: str) -> tuple[int, int, int]:
     bn, warps, stages = (int(v) for v in text.split(":"))
     return bn, warps, stages
@@ -162,7 +170,7 @@ def _tile(text: str) -> tuple[int, int, int]:
 def main(argv=None) -> dict:
     from miles_fp8 import triton_experts
 
-    g, d = triton_experts.GATE_UP, triton_experts.DOWN
+    g = triton_experts.GATE_UP
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     modes = ["fp8", "fp8acc", "fp16", "bf16"]
     ap.add_argument("--modes", nargs="+", default=modes[:3], choices=modes)
@@ -174,7 +182,12 @@ def main(argv=None) -> dict:
         default=(g["BLOCK_N"], g["num_warps"], g["num_stages"]),
         help="BLOCK_N:num_warps:num_stages of the gate/up kernel (default: the module's)",
     )
-    ap.add_argument("--down-tile", type=_tile, default=(d["BLOCK_N"], d["num_warps"], d["num_stages"]))
+    ap.add_argument(
+        "--down-tile",
+        type=_tile,
+        default=None,
+        help="the down kernel's (default: DOWN_SWAPPED / DOWN by row block)",
+    )
     ap.add_argument("--dense-block-n", nargs="+", type=int, default=[32, 64])
     ap.add_argument("--only", default="", help="substring a variant name must contain")
     ap.add_argument("--opcodes", action="store_true", help="also print each loop's opcode histogram")
