@@ -8,7 +8,7 @@ weight it streams: ``per_weight`` = loop instructions / weights one thread's til
 (``BLOCK_N x BLOCK_K`` per weight tile over the 32 x num_warps threads; gate/up reads two tiles).
 
     python bench/kernel_sass.py [--modes fp8 fp8acc fp16] [--block-m 16 64] [--only NAME] [--opcodes]
-        [--gate-up-tile BN:warps:stages] [--down-tile BN:warps:stages] [--dense-block-n 32 64]
+        [--gate-up-tile BN:warps:stages] [--down-tile BN:warps:stages] [--dense-block-n 32 64] [--arch 90|89]
 
 Prints one JSON line: ``{"variants": {name: {per_weight, loop, mma, spills, ...}}}``, or ``{"skipped":
 reason}`` where Triton's ptxas / nvdisasm are missing.
@@ -59,8 +59,10 @@ def tools() -> tuple[Path, Path] | str:
     return ptxas, nvdisasm
 
 
-def compile_sass(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, nvdisasm: Path) -> str:
-    """sm_90 SASS text of ``fn`` specialized to ``consts`` (constexprs) with pointer/int ``sig``."""
+def compile_sass(
+    fn, sig: dict, consts: dict, num_warps: int, num_stages: int, nvdisasm: Path, arch: int = 90
+) -> str:
+    """sm_<arch> SASS text of ``fn`` specialized to ``consts`` (constexprs) with pointer/int ``sig``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -71,7 +73,7 @@ def compile_sass(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, n
     consts = {(list(sig).index(k),): v for k, v in consts.items()}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -189,6 +191,7 @@ def main(argv=None) -> dict:
         help="the down kernel's (default: DOWN_SWAPPED / DOWN by row block)",
     )
     ap.add_argument("--dense-block-n", nargs="+", type=int, default=[32, 64])
+    ap.add_argument("--arch", type=int, default=90, choices=[89, 90], help="sm_90 (Hopper) or sm_89 (Ada)")
     ap.add_argument("--only", default="", help="substring a variant name must contain")
     ap.add_argument("--opcodes", action="store_true", help="also print each loop's opcode histogram")
     args = ap.parse_args(argv)
@@ -203,13 +206,13 @@ def main(argv=None) -> dict:
     ):
         if args.only not in name:
             continue
-        loop = k_loop(compile_sass(fn, sig, consts, warps, stages, found[1]))
+        loop = k_loop(compile_sass(fn, sig, consts, warps, stages, found[1], args.arch))
         row = {"per_weight": round(loop["loop"] / per_thread, 3), "loop": loop["loop"], "mma": loop["mma"],
                "spills": loop["spills"]}  # fmt: skip
         if args.opcodes:
             row["opcodes"] = loop["opcodes"]
         out[name] = row
-    result = {"arch": "sm_90", "variants": out}
+    result = {"arch": f"sm_{args.arch}", "variants": out}
     print(json.dumps(result))
     return result
 
