@@ -9,7 +9,9 @@ bench/int4_rollout.py): ``gpu`` is the speed issue's ~0.7B model (vocab 32000, h
 test (emulated FP8).
 
     python bench/fp8_rollout.py [--preset gpu|qwen3-30b-a3b|cpu-small] [--layers N] [--batch N]
-        [--recipes blockwise,rowwise] [--no-compile] [--expert-block-m 16|64] [--products fp8|fp16|bf16]
+        [--recipes blockwise,rowwise] [--no-compile] [--expert-block-m 16|64]
+        [--products fp8|fp8acc|fp16|bf16]
+        [--dense-quant fused|kernel]
 
 Every graphed arm runs as `miles train` sets the engine up: CUDA graphs on CUDA and the decode step
 compiled (``--no-compile`` turns that off), bf16 experts on the Triton decode kernels where they run.
@@ -128,9 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         "16 by default; on Hopper tiles below 64 rows multiply in fp16 mma.sync, 64 on FP8 wgmma)",
     )  # fmt: skip
     ap.add_argument(
-        "--products", choices=["fp8", "fp16", "bf16"], default=None,
+        "--products", choices=["fp8", "fp8acc", "fp16", "bf16"], default=None,
         help="how the FP8 Triton kernels multiply (default: what the per-card probe picks; "
-        "fp8 = FP8 wgmma, fp16 / bf16 = e4m3 codes upcast exactly); forced, the probe is skipped",
+        "fp8 = FP8 wgmma, fp8acc = the same without fp32 promotion inside a 128 block, fp16 / bf16 = e4m3 "
+        "codes upcast exactly); forced, the probe is skipped",
+    )  # fmt: skip
+    ap.add_argument(
+        "--dense-quant", choices=["fused", "kernel"], default="fused",
+        help="dense FP8 linears below 512 rows: x quantized by the fused pass before the GEMM (fused, the "
+        "default where the card's probe finds the same bits) or inside the GEMM per column tile (kernel)",
     )  # fmt: skip
     ns = ap.parse_args(argv)
     from miles_fp8 import triton_experts, triton_fp8
@@ -142,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.products:
         if device.type != "cuda":
             ap.error("--products needs a CUDA device (the CPU runs the emulation)")
-        triton_fp8._modes[torch.cuda.current_device()] = ns.products
+        triton_fp8.force_mode(torch.device("cuda", torch.cuda.current_device()), ns.products)
+    triton_fp8.DENSE_PREQ = ns.dense_quant == "fused"
     if device.type == "cpu":
         torch.set_num_threads(1)
     preset = ns.preset or ("gpu" if device.type == "cuda" else "cpu-small")
@@ -181,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         result.update({f"{arm}_{k}": v for k, v in vals.items()})
     main_arm = f"fp8_{recipes[0]}"
     result["fp8_products"] = triton_fp8.device_mode(device) if triton_fp8.triton is not None else "off"
+    result["fp8_preq"] = triton_fp8.preq_ok(device) if result["fp8_products"] != "off" else False
+    result["fp8_dense_quant"] = ns.dense_quant
     result["fp8_tok_s"] = arms[main_arm]["tok_s"]
     result["speedup"] = round(arms[main_arm]["tok_s"] / arms["bf16"]["tok_s"], 3)
     result["speedup_vs_eager"] = round(arms[main_arm]["tok_s"] / arms["bf16_eager"]["tok_s"], 3)

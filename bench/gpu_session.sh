@@ -16,6 +16,8 @@
 #                                       # with and without the 64-row tile transposed), INT4 rollout 64, 256
 #   bash bench/gpu_session.sh fp8train  # unified-FP8 train step vs bf16 in one process (30B-A3B preset, 2
 #                                       # layers, 98k tokens a step), then one FP8 step's top kernels
+#   bash bench/gpu_session.sh fp8       # FP8 probe tests, expert kernels per products mode (fp8acc too), FP8
+#                                       # rollout at batch 64: probe's pick, fp8acc, dense quant in the GEMM
 #
 # On the device machine first: carried wheels (stevedore; setuptools>=77) on PYTHONPATH, then
 # python -m pip install --no-deps --no-build-isolation -e . -e plugins/* (registers the entry points).
@@ -50,6 +52,14 @@ for group in "${@:-tests}"; do
         python bench/fp8_rollout.py --preset qwen3-30b-a3b --batch $b --products fp8 2>&1 | grep -E '^\{|Error'
         python bench/int4_rollout.py --preset qwen3-30b-a3b --batch $b 2>&1 | grep -E '^\{|Error'
       done ;;
+    fp8)
+      python -m pytest -q -p no:cacheprovider -m gpu -s plugins/miles_fp8/tests/test_fp8_triton_dense.py \
+        -k "pick_exact or fp8acc or rows_do_not" 2>&1 | grep -E 'probe|mode|passed|failed|Error'
+      python bench/quant_experts.py 2>&1 | grep -E '^\{|Error'
+      python bench/quant_experts.py --products fp8,fp16 --fp8-down-decode-n 64 2>&1 | grep -E '^\{|Error'
+      for extra in "" "--products fp8acc" "--dense-quant kernel" "--expert-block-m 64"; do
+        python bench/fp8_rollout.py --preset qwen3-30b-a3b --batch 64 $extra 2>&1 | grep -E '^\{|Error'
+      done ;;
     onpolicy)
       python bench/invariant_mm_tune.py 2>&1 | grep -E '^\{|Error|gives other bits'
       python bench/invariant_attn_grad.py 2>&1 | grep -E '^\{|Error'
@@ -67,6 +77,6 @@ for group in "${@:-tests}"; do
     fp8train)
       python bench/train_step.py --preset qwen3-30b-a3b --layers 2 --fp8-recipe blockwise --compare-bf16 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --preset qwen3-30b-a3b --layers 2 --fp8-recipe blockwise --steps 1 --profile 2>&1 | grep -v -i warn | tail -30 ;;
-    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, onpolicy, int4, fp8train)" >&2; exit 2 ;;
+    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, fp8, onpolicy, int4, fp8train)" >&2; exit 2 ;;
   esac
 done

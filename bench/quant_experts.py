@@ -9,7 +9,7 @@ fp16 / bf16; the per-card probe normally picks one), and the INT4 plugin's group
 microseconds a call, the expert-weight bytes it streams and that rate in TB/s, and its relative error
 against the bf16 arm (quantization included). Prints one JSON line.
 
-    python bench/quant_experts.py [--tokens 64] [--products fp8,fp16,bf16]
+    python bench/quant_experts.py [--tokens 64] [--products fp8,fp8acc,fp16,bf16] [--fp8-down-decode-n 64]
     python bench/quant_experts.py --int4-tiles 64:4:3:64,64:4:3:128,128:8:3:128 --int4-block-m 16,32,64
 
 ``--int4-tiles`` (BLOCK_N:num_warps:num_stages[:BLOCK_K] each, BLOCK_K the K tile's cap) times the INT4
@@ -92,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=768, help="expert FFN size")
-    ap.add_argument("--products", default="fp8,fp16,bf16", help="comma list of fp8, fp16, bf16")
+    ap.add_argument(
+        "--products", default="fp8,fp8acc,fp16,bf16", help="comma list of fp8, fp8acc, fp16, bf16"
+    )
+    ap.add_argument(
+        "--fp8-down-decode-n", type=int, choices=[64, 128], default=None,
+        help="BLOCK_N of the FP8 down kernel's transposed decode tile (triton_experts.DOWN_SWAPPED, 128)",
+    )  # fmt: skip
     ap.add_argument("--int4-tiles", default="", help="INT4 settings, e.g. 64:4:3:128,128:8:3")
     ap.add_argument("--int4-block-m", default="", help="INT4 decode row blocks to time, e.g. 16,32,64")
     ap.add_argument("--int4-swap-max-m", type=int, default=None, help="INT4 SWAP_MAX_BLOCK_M")
@@ -100,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     on_cuda = torch.cuda.is_available()
     if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("the expert kernels need CUDA (or TRITON_INTERPRET=1 for a smoke test on CPU)")
+    bad = set(ns.products.split(",")) - {"fp8", "fp8acc", "fp16", "bf16"}
+    if bad:
+        ap.error(f"--products: unknown {sorted(bad)}; use a comma list of fp8, fp8acc, fp16, bf16")
     from miles_fp8 import triton_experts, triton_fp8
     from miles_fp8.quant import quantize
+
+    if ns.fp8_down_decode_n:
+        triton_experts.DOWN_SWAPPED["BLOCK_N"] = ns.fp8_down_decode_n
     from miles_int4qat import triton_experts as int4_kernels
     from miles_int4qat.packing import SCALE_DTYPE, quantize_pack
 
@@ -127,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "bench": "quant_experts", "device": name, "dtype": str(dtype).removeprefix("torch."),
         "tokens": ns.tokens, "experts": e, "topk": k, "hidden": h, "inter": i,
+        "fp8_down_decode_n": triton_experts.DOWN_SWAPPED["BLOCK_N"],
         "bf16_bytes": (gate_up.numel() + down.numel()) * gate_up.element_size(),
         "fp8_bytes": sum(q.numel() + s.numel() * 4 for q, s in fp8),
         "int4_bytes": sum(p.numel() * 4 + s.numel() * s.element_size() for p, s in packed),
@@ -137,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     dev_index = torch.cuda.current_device() if on_cuda else None
     for products in ns.products.split(",") if on_cuda else ["fp32"]:
         if on_cuda:
-            triton_fp8._modes[dev_index] = products  # forced: the probe is skipped
+            # forced: the products probe is skipped; the fused quantization pass is still probed
+            result[f"fp8_{products}_preq"] = triton_fp8.force_mode(torch.device("cuda", dev_index), products)
         run = lambda: triton_experts.fp8_experts(x, src, bounds, *fp8_args)  # noqa: E731
         result[f"fp8_{products}_us"] = round(_time_us(run, device), 1)
         result[f"fp8_{products}_rel_err"] = round(_rel(run(), ref), 5)

@@ -183,3 +183,52 @@ def test_specrl_cpu_bench_prints_the_issue_keys():
     keys = {"accept_len_frozen", "accept_len_online", "tok_s_nospec", "tok_s_frozen", "tok_s_online"}
     assert keys <= r.keys() and all(r[k] > 0 for k in keys)
     assert 1.0 <= r["accept_len_frozen"] <= 4.0 and 1.0 <= r["accept_len_online"] <= 4.0
+
+
+def _kernel_sass():
+    spec = importlib.util.spec_from_file_location("kernel_sass", ROOT / "bench" / "kernel_sass.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_sass_counts_the_innermost_loop_around_the_first_mma():
+    """Hand-written SASS: an outer loop (.L_x_1) around an inner one (.L_x_2) holding the MMA; the count is
+    the inner loop's 5 instructions from its label to its branch back, spills are counted kernel-wide."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   STL [R1], R2 ;
+.L_x_2:
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   IMAD R5, R5, 0x2, RZ ;
+        /*0040*/                   QGMMA.64x16x32.F32.E4M3.E4M3 R32, gdesc[UR16], RZ, !UPT, gsb0 ;
+        /*0050*/                   FADD R6, R6, R32 ;
+        /*0060*/               @P0 BRA `(.L_x_2) ;
+        /*0070*/                   LDL R2, [R1] ;
+        /*0080*/               @P1 BRA `(.L_x_1) ;
+        /*0090*/                   EXIT ;
+"""
+    got = _kernel_sass().k_loop(sass)
+    assert got["loop"] == 5 and got["spills"] == 2 and got["mma"] == "QGMMA.64x16x32.F32.E4M3.E4M3"
+    assert got["opcodes"] == {"LDG": 1, "IMAD": 1, "QGMMA": 1, "FADD": 1, "BRA": 1}
+
+
+def test_kernel_sass_bench_counts_the_fp8_decode_kernels_for_hopper():
+    """AOT sm_90 compile on the CPU: the 16-row decode tiles run FP8 wgmma (QGMMA m64n16k32) in the fp8
+    modes and fp16 wgmma (HGMMA k16) in fp16 mode, no spills, a few instructions per weight (the old 16-row
+    tile on mma.sync with e4m3 upcast in the loop gave ~10); fp8acc drops the k32 promotion's FADDs."""
+    mod = _kernel_sass()
+    if isinstance(mod.tools(), str):
+        pytest.skip(mod.tools())
+    r = _run("kernel_sass.py", "--block-m", "16", "--only", "gate_up", "--opcodes", preset=None)
+    v = r["variants"]
+    modes = ("fp16", "fp8", "fp8acc")
+    assert sorted(v) == [f"gate_up/{m}/m16/swap/{q}/n64" for m in modes for q in ("inkernel", "preq")]
+    for name, row in v.items():
+        kind = "HGMMA.64x16x16.F32" if "/fp16/" in name else "QGMMA.64x16x32.F32.E4M3.E4M3"
+        assert row["mma"] == kind and row["spills"] == 0 and 0.5 < row["per_weight"] < 5, (name, row)
+        assert row["per_weight"] == pytest.approx(row["loop"] / (2 * 64 * 128 / 128), abs=1e-3)
+    for q in ("inkernel", "preq"):
+        fp8, acc = v[f"gate_up/fp8/m16/swap/{q}/n64"], v[f"gate_up/fp8acc/m16/swap/{q}/n64"]
+        assert fp8["opcodes"]["FADD"] >= 32 and "FADD" not in acc["opcodes"] and acc["loop"] < fp8["loop"]

@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from miles_fp8.quant import BLOCK
+from miles_fp8.quant import BLOCK, quantize
 
 try:
     import triton
@@ -42,9 +42,14 @@ DENSE = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # BLOCK_N: `dense_bloc
 # From this many rows `linear.fp8_mm` quantizes x in one fused pass first (`fp8_linear_quantized`)
 # instead of once per column tile inside the GEMM; the same codes, so the same bits either way.
 PREQ_ROWS = 512
-# CUDA device index -> "fp8" / "fp16" / "bf16" (how the kernels multiply there) or "off", probed on first use
-# (before any compiled or captured step: the engine runs an eager prefill first), so a compiled decode
-# step reads a dict instead of the driver.
+# On CUDA where `preq_ok`, `fp8_linear` runs that pass at every M (inside the custom op, so a compiled
+# decode step captures it): the GEMM's K loop then reads codes instead of quantizing x once per column
+# tile, ~4x fewer instructions a weight in the sm_90 SASS (`bench/kernel_sass.py`: 31 -> 7.5 at BLOCK_N
+# 32). False: quantize inside the GEMM below PREQ_ROWS rows (kept for timing, `fp8_rollout --dense-quant`).
+DENSE_PREQ = True
+# CUDA device index -> "fp8" / "fp8acc" / "fp16" / "bf16" (how the kernels multiply there, `_dot`) or
+# "off", probed on first use (before any compiled or captured step: the engine runs an eager prefill
+# first), so a compiled decode step reads a dict instead of the driver.
 _modes: dict[int, str] = {}
 _preq: dict[int, bool] = {}  # and whether the pre-quantized-x GEMM gives the same bits there
 
@@ -137,13 +142,16 @@ if triton is not None:
         `_quant_rows`): exact products of e4m3 values, so exact block sums in the interpreter's float64.
 
         FP8: ``max_num_imprecise_acc=32`` adds each k32 wgmma's partial sum into an fp32 accumulator;
-        Triton's Hopper default keeps the whole K in the tensor core's reduced-precision accumulator
-        (4.2e-3 relative error on the probe on an H100, over its 1e-3 bound); 0 makes Triton upcast
-        e4m3 to fp16 mma.sync instead."""
+        0 makes Triton upcast e4m3 to fp16 mma.sync instead. ``fp8acc`` (opt-in, not probed by default)
+        keeps each 128-column block in the tensor core's reduced-precision accumulator (a bare 64x64x128
+        dot was 1.3e-4 off on an H100, 4.6e-5 with the k32 promotion): no FADDs and no wait between the
+        k32 wgmmas, 20-35% fewer loop instructions in the sm_90 SASS (`bench/kernel_sass.py`)."""
         if MODE == "fp32":  # the interpreter: float64 sums of these products are exact, in any order
             return tl.dot(lhs.to(tl.float64), tl.trans(rhs.to(tl.float64))).to(tl.float32)
         elif MODE == "fp8":
             return tl.dot(lhs, tl.trans(rhs), max_num_imprecise_acc=32)
+        elif MODE == "fp8acc":
+            return tl.dot(lhs, tl.trans(rhs), max_num_imprecise_acc=128)  # the K block
         else:
             return tl.dot(lhs, tl.trans(rhs))
 
@@ -283,7 +291,8 @@ def _dense(x, weight, weight_scale, mode: str, dtype: torch.dtype, x_scale=None)
 
 @torch.library.custom_op("miles_fp8::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ dequant(weight).T`` with x quantized in 1x128 tiles inside the kernel (blockwise recipe).
+    """``x [M, K] @ dequant(weight).T`` with x quantized in 1x128 tiles (blockwise recipe): inside the kernel,
+    or on CUDA where `preq_ok` (`DENSE_PREQ`) by the fused pass just before it, the same codes.
 
     :param x: bf16, fp16 or fp32 rows (the output has x's dtype).
     :param weight: e4m3 ``[N, K]``; ``weight_scale``: fp32 decode scales of its 128x128 blocks,
@@ -294,6 +303,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         raise RuntimeError(f"fp8_linear cannot run on {x.device}: needs triton and an e4m3 card (8.9+)")
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if DENSE_PREQ and x.is_cuda and preq_ok(x.device):  # the same codes, so the same bits (probed)
+        xq, xs = quantize(x, (1, BLOCK), fast=True)
+        return _dense(xq, weight.contiguous(), weight_scale.contiguous(), mode, x.dtype, xs)
     return _dense(x, weight.contiguous(), weight_scale.contiguous(), mode, x.dtype)
 
 
@@ -350,8 +362,6 @@ def _probe(device: torch.device) -> str:
 
 
 def _probe_data(device: torch.device):
-    from miles_fp8.quant import quantize
-
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(70, 320, device=device, generator=g).pow(3)
     x[3] = 0
@@ -380,7 +390,6 @@ def probe_preq(device: torch.device, mode: str) -> bool:
     """Whether the GEMM and the expert kernels on codes from the fused quantization pass give the
     in-kernel path's bits here."""
     from miles_fp8 import triton_experts
-    from miles_fp8.quant import quantize
 
     x, wq, ws = _probe_data(device)
     try:
@@ -396,6 +405,14 @@ def probe_preq(device: torch.device, mode: str) -> bool:
         log.warning("FP8 GEMM on pre-quantized x off (%s)", e)
         return False
     return True
+
+
+def force_mode(device: torch.device, mode: str) -> bool:
+    """Make the kernels on CUDA ``device`` multiply in ``mode`` without the probe (benches time each mode);
+    whether the pre-quantized paths give the in-kernel bits is still probed, in that mode. Returns it."""
+    _modes[device.index] = mode
+    _preq[device.index] = probe_preq(device, mode)
+    return _preq[device.index]
 
 
 def preq_ok(device: torch.device) -> bool:

@@ -188,6 +188,23 @@ def test_fp8_cards_pick_exact_products_not_the_bf16_fallback():
     assert err < (1e-3 if mode == "fp8" else 1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8acc_products_stay_within_the_probe_bound_and_keep_the_fused_quantization_bits():
+    """The opt-in ``fp8acc`` mode (each 128-column block summed in the FP8 tensor core's accumulator, no
+    fp32 promotion every k32) compiles for every kernel and tile in use, stays within the probe's 1e-3 of
+    the emulation, and the pre-quantized paths give its in-kernel bits: what a bench needs before timing
+    it (`--products fp8acc`) and before it may go into the probe's order."""
+    from miles_fp8 import triton_fp8
+
+    dev = torch.device("cuda")
+    if torch.cuda.get_device_capability(dev) < (9, 0):
+        pytest.skip("wgmma (Hopper) only")
+    errs = {m: triton_fp8.probe_error(dev, m) for m in ("fp8", "fp8acc")}
+    print(f"probe errors {errs}")
+    assert errs["fp8acc"] < 1e-3 and triton_fp8.probe_preq(dev, "fp8acc")
+
+
 def _ptxas_available() -> bool:
     try:
         from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401

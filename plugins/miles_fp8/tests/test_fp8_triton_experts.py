@@ -123,6 +123,17 @@ finally:
 assert torch.equal(inside, fast)
 assert triton_experts.preq_matches(torch.randn(20, hidden), "fp32")  # what the card probe asks
 
+# The down kernel's transposed decode tile is 128 columns (`DOWN_SWAPPED`); 64 (the prefill tile's width)
+# gives the same bits: a tile's width never changes a column's sums
+assert triton_fp8.swapped(triton_experts.block_m(11, 22, 8)) and triton_experts.DOWN_SWAPPED["BLOCK_N"] == 128
+triton_experts.DOWN_SWAPPED["BLOCK_N"] = 64
+try:
+    with torch.no_grad():
+        narrow = mod(x, idx, w)
+finally:
+    triton_experts.DOWN_SWAPPED["BLOCK_N"] = 128
+assert torch.equal(narrow, fast)
+
 # torch.compile (the engine's compiled decode step) traces the grouped experts in one graph
 with torch.no_grad():
     compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
