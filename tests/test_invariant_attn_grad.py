@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interp import needs_interpreter, run_interpreted
+from triton_interp import device_script, needs_interpreter, run_interpreted
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -129,20 +129,16 @@ assert type(batch_invariant.attention(q, k, v, pos).grad_fn).__name__ == "Attent
 """
 
 
-def _code(body: str, dev: str, dtype: str) -> str:
-    return f"import torch\ndev, dtype = {dev!r}, torch.{dtype}\n" + body + "\nprint('ok')\n"
-
-
 @needs_interpreter
 def test_attention_backward_matches_float64_autograd_under_the_interpreter():
-    run_interpreted(_code(CHECKS, "cpu", "float32"))
+    run_interpreted(device_script(CHECKS, "cpu", "float32"))
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_attention_backward_matches_float64_and_the_torch_path_on_cuda(dtype):
-    exec(compile(_code(CHECKS, "cuda", dtype), "checks", "exec"), {})
+    exec(compile(device_script(CHECKS, "cuda", dtype), "checks", "exec"), {})
 
 
 def _ptxas_available() -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interp import needs_interpreter, run_interpreted
+from triton_interp import device_script, needs_interpreter, run_interpreted
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -282,23 +282,19 @@ assert (fu.silu_mul(gate, up) == ref).float().mean().item() > 0.99
 """
 
 
-def _code(body: str, dev: str, dtype: str) -> str:
-    return f"import torch\ndev, dtype = {dev!r}, torch.{dtype}\n" + body + "\nprint('ok')\n"
-
-
 @needs_interpreter
 def test_fused_kernels_match_float64_and_give_rows_the_same_bits_in_any_batch_under_the_interpreter():
-    run_interpreted(_code(CHECKS + WIRED, "cpu", "float32"))
+    run_interpreted(device_script(CHECKS + WIRED, "cpu", "float32"))
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_kernels_give_rows_the_same_bits_in_any_batch_on_cuda(dtype):
-    exec(compile(_code(CHECKS + WIRED, "cuda", dtype), "checks", "exec"), {})
+    exec(compile(device_script(CHECKS + WIRED, "cuda", dtype), "checks", "exec"), {})
 
 
 @pytest.mark.gpu
 @gpu
 def test_fused_kernels_round_bf16_where_eager_does_on_cuda():
-    exec(compile(_code(ROUNDING, "cuda", "bfloat16"), "rounding", "exec"), {})
+    exec(compile(device_script(ROUNDING, "cuda", "bfloat16"), "rounding", "exec"), {})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interp import needs_interpreter, run_interpreted
+from triton_interp import device_script, needs_interpreter, run_interpreted
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -155,33 +155,29 @@ for arch in ("Qwen3MoeForCausalLM", "Qwen2ForCausalLM"):
 """
 
 
-def _code(body: str, dev: str, dtype: str) -> str:
-    return f"import torch\ndev, dtype = {dev!r}, torch.{dtype}\n" + body + "\nprint('ok')\n"
-
-
 @needs_interpreter
 def test_kernels_match_float64_and_give_rows_the_same_bits_in_any_batch_under_the_interpreter():
-    run_interpreted(_code(CHECKS, "cpu", "float32"))
+    run_interpreted(device_script(CHECKS, "cpu", "float32"))
 
 
 @pytest.mark.slow  # ~35 s on a busy 2-core box
 @needs_interpreter
 def test_model_on_the_kernels_decodes_a_row_as_it_trains_it_under_the_interpreter():
-    run_interpreted(_code(MODEL, "cpu", "float32"))
+    run_interpreted(device_script(MODEL, "cpu", "float32"))
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kernels_give_rows_the_same_bits_in_any_batch_on_cuda(dtype):
-    exec(compile(_code(CHECKS, "cuda", dtype), "checks", "exec"), {})
+    exec(compile(device_script(CHECKS, "cuda", dtype), "checks", "exec"), {})
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_on_the_kernels_decodes_a_row_as_it_trains_it_on_cuda(dtype):
-    exec(compile(_code(MODEL, "cuda", dtype), "model", "exec"), {})
+    exec(compile(device_script(MODEL, "cuda", dtype), "model", "exec"), {})
 
 
 @pytest.mark.gpu

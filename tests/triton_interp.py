@@ -43,3 +43,9 @@ def run_interpreted(code: str, timeout: int = 600) -> None:
     cmd = [sys.executable, "-c", code]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def device_script(body: str, dev: str, dtype: str) -> str:
+    """``body`` as a script with ``dev`` (a device name) and ``dtype`` (a torch dtype) bound, printing ``ok``
+    at the end: what `run_interpreted` runs on CPU and a GPU test executes in-process on CUDA."""
+    return f"import torch\ndev, dtype = {dev!r}, torch.{dtype}\n" + body + "\nprint('ok')\n"
