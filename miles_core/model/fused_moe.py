@@ -60,7 +60,7 @@ if triton is not None:
         x_ptr, w_ptr, src_ptr, bounds_ptr, out_ptr, hidden, inter, stride_x, stride_we, n_chunks,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        e = tl.program_id(0)
+        e = tl.program_id(0).to(tl.int64)  # e * stride_we may pass 2^31
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < inter
         start = tl.load(bounds_ptr + e)
@@ -72,9 +72,9 @@ if triton is not None:
         for c in range(0, n_chunks):
             m0 = start + c * BLOCK_M
             if m0 < end:
-                m = m0 + tl.arange(0, BLOCK_M)
+                m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # copies * row width may pass 2^31
                 m_ok = m < end
-                src = tl.load(src_ptr + m, mask=m_ok, other=0)
+                src = tl.load(src_ptr + m, mask=m_ok, other=0).to(tl.int64)
                 acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k0 in range(0, hidden, BLOCK_K):
@@ -98,7 +98,7 @@ if triton is not None:
         a_ptr, w_ptr, bounds_ptr, out_ptr, hidden, inter, stride_we, n_chunks,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        e = tl.program_id(0)
+        e = tl.program_id(0).to(tl.int64)  # e * stride_we may pass 2^31
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < hidden
         start = tl.load(bounds_ptr + e)
@@ -107,7 +107,7 @@ if triton is not None:
         for c in range(0, n_chunks):
             m0 = start + c * BLOCK_M
             if m0 < end:
-                m = m0 + tl.arange(0, BLOCK_M)
+                m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # copies * row width may pass 2^31
                 m_ok = m < end
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k0 in range(0, inter, BLOCK_K):

@@ -99,9 +99,9 @@ if triton is not None:
         for c in range(0, n_chunks):
             m0 = start + c * BLOCK_M
             if m0 < end:
-                m = m0 + tl.arange(0, BLOCK_M)
+                m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # copies * row width may pass 2^31
                 m_ok = m < end
-                src = tl.load(src_ptr + m, mask=m_ok, other=0)
+                src = tl.load(src_ptr + m, mask=m_ok, other=0).to(tl.int64)
                 acc_g = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 acc_u = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 for b in range(0, kb):

@@ -375,3 +375,32 @@ def test_fp8_training_experts_on_the_grouped_kernels_match_the_loop_on_cuda(dtyp
         rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
         print(f"dtype={dtype} {name}: grouped vs loop rel={rel:.2e}")
         assert rel < (2e-2 if dtype == torch.bfloat16 else 1e-3), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_grouped_kernels_address_copies_past_2_31_elements():
+    """One prefill of ~1.1M token copies at hidden 2048: the output offsets of the last copies pass 2^31
+    elements. Their rows still match the same tokens run alone (int32 offsets would wrap and write or
+    read elsewhere)."""
+    from miles_fp8.linear import Fp8Experts
+    from miles_fp8.quant import RECIPES
+
+    from miles_core.api import Experts
+
+    torch.manual_seed(0)
+    experts, hidden, inter, dev = 64, 2048, 128, torch.device("cuda")
+    tokens = 2**31 // hidden + 40_000
+    bf16 = Experts(experts, hidden, inter).to(dev)
+    with torch.no_grad():
+        bf16.gate_up_proj.normal_(0, 0.05)
+        bf16.down_proj.normal_(0, 0.05)
+    mod = Fp8Experts(bf16, RECIPES["blockwise"], train=False)
+    x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
+    idx = torch.randint(0, experts, (tokens, 1), device=dev)
+    w = torch.ones(tokens, 1, device=dev)
+    with torch.no_grad():
+        tail = mod(x, idx, w)[-500:].float()
+        alone = mod(x[-500:], idx[-500:], w[-500:]).float()
+    rel = ((tail - alone).norm() / alone.norm()).item()
+    assert rel < 1e-2, rel

@@ -207,10 +207,10 @@ if triton is not None:
         for c in range(0, n_chunks):
             m0 = start + c * BLOCK_M
             if m0 < end:
-                m = m0 + tl.arange(0, BLOCK_M)
+                m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # copies * row width may pass 2^31
                 m_ok = m < end
                 # rows past the expert's read token 0: their output columns are never stored
-                src = tl.load(src_ptr + m, mask=m_ok, other=0)
+                src = tl.load(src_ptr + m, mask=m_ok, other=0).to(tl.int64)
                 acc_g = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 acc_u = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
                 for k0 in range(0, hidden, BLOCK_K):  # hidden: a multiple of GROUP, GROUP of BLOCK_K
@@ -253,7 +253,7 @@ if triton is not None:
         for c in range(0, n_chunks):
             m0 = start + c * BLOCK_M
             if m0 < end:
-                m = m0 + tl.arange(0, BLOCK_M)
+                m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # copies * row width may pass 2^31
                 m_ok = m < end
                 rows = tl.minimum(m, end - 1)  # rows past the expert's repeat its last: never stored
                 acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)

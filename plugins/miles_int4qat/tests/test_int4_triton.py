@@ -379,3 +379,27 @@ def test_int4_kernels_match_rounded_float64_sums_on_cuda(dtype, tokens):
     print(f"{dtype} tokens {tokens}: {same:.4f} of outputs equal the rounded float64 sums")
     assert same > 0.97, same
     torch.testing.assert_close(ys.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int4_grouped_kernels_address_copies_past_2_31_elements():
+    """One prefill of ~1.1M token copies at hidden 2048: the output offsets of the last copies pass 2^31
+    elements. Their rows still match the same tokens run alone (int32 offsets would wrap and write or
+    read elsewhere)."""
+    from miles_int4qat.modules import Int4Experts, Int4Kernel
+
+    torch.manual_seed(0)
+    experts, hidden, inter, dev = 64, 2048, 128, torch.device("cuda")
+    tokens = 2**31 // hidden + 40_000
+    mod = Int4Experts(experts, hidden, inter, Int4Kernel("dequant", 128, torch.bfloat16, dev), grouped=True)
+    mod.weight_loader("gate_up_proj", torch.randn(experts, 2 * inter, hidden) * 0.05)
+    mod.weight_loader("down_proj", torch.randn(experts, hidden, inter) * 0.05)
+    x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
+    idx = torch.randint(0, experts, (tokens, 1), device=dev)
+    w = torch.ones(tokens, 1, device=dev)
+    with torch.no_grad():
+        tail = mod(x, idx, w)[-500:].float()
+        alone = mod(x[-500:], idx[-500:], w[-500:]).float()
+    rel = ((tail - alone).norm() / alone.norm()).item()
+    assert rel < 1e-2, rel
