@@ -48,6 +48,21 @@ def greedy_tokens(model: Any, cuda_graph: bool, vocab: int) -> tuple[Any, list[l
     return engine, [o.output_ids for o in outs]
 
 
+def tail_vs_alone_rel(experts: Any, hidden: int, num_experts: int, tail: int = 500) -> float:
+    """Relative difference between the last ``tail`` rows of one bf16 call of ``experts(x, idx, w)`` on
+    enough top-1 tokens that the output offsets of its last copies pass 2^31 elements, and the same
+    tokens run alone (GPU tests of the expert kernels' address arithmetic: int32 offsets wrap)."""
+    torch.manual_seed(0)
+    tokens, dev = 2**31 // hidden + 40_000, torch.device("cuda")
+    x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
+    idx = torch.randint(0, num_experts, (tokens, 1), device=dev)
+    w = torch.ones(tokens, 1, device=dev)
+    with torch.no_grad():
+        big = experts(x, idx, w)[-tail:].float()
+        alone = experts(x[-tail:], idx[-tail:], w[-tail:]).float()
+    return ((big - alone).norm() / alone.norm()).item()
+
+
 def write_sum_tokenizer(out: Path) -> int:
     """Save a byte-level BPE trained on a few sums ("3+4=7") with ChatML-style specials into the new
     folder `out` (tokenizer.json + tokenizer_config.json); returns its vocabulary size."""
