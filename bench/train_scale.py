@@ -3,20 +3,22 @@ ranks of the built-in trainer (`miles_core.distributed.trainer.ShardedTrainer`, 
 train --use-ray`), each N of ``--ranks`` timed in the same call, and each against the smallest N.
 
 The model is bench/rollout.py's preset with random weights (``qwen3-30b-a3b``, the default: Qwen3-30B-
-A3B's layer shape with ``--layers`` of its 48 layers, 2 by default: the 1-rank run holds fp32 shards,
-gradients and AdamW state of every layer on one 80 GB card). Every rank gets the step's whole batch and
-trains on its share (balanced by tokens), as `miles train` ranks do; the step takes ``--samples`` per
-rank (weak scaling: each rank trains as many tokens at every N; bench/train_step.py's shape, 256
-samples of 383 tokens = 98,048 tokens a rank on the qwen3-30b-a3b preset), packed in micro-batches of
-``--max-tokens`` a rank, with --bf16 on CUDA (bf16 compute, fp32 sharded masters). The ranks are
-processes of this machine (torch.multiprocessing, rank r on GPU r): NCCL on CUDA, gloo on CPU (the
-cores shared out among the ranks). FLOPs are bench/train_step.py's `step_flops`; ``mfu`` is per GPU:
-the step's FLOPs / step time / N / the card's dense bf16 peak (989 TFLOP/s for H100/H200; elsewhere a
-matmul measured by this process). ``efficiency`` = tok_s(N) / (N / N0 * tok_s(N0)), N0 the smallest N.
+A3B's layer shape with ``--layers`` of its 48 layers, 2 by default as in bench/train_step.py's runs: the
+1-rank run holds every layer's fp32 weights, gradients and AdamW state, ~10 GB a layer, on one card).
+Every rank gets the step's whole batch and trains on its share (balanced by tokens), as `miles train`
+ranks do; the step takes ``--samples`` per rank (weak scaling: each rank trains as many tokens at every
+N; bench/train_step.py's shape, 256 samples of 383 tokens = 98,048 tokens a rank on the qwen3-30b-a3b
+preset), packed in micro-batches of ``--max-tokens`` a rank, with --bf16 on CUDA (bf16 compute, fp32
+sharded masters). The ranks are processes of this machine (torch.multiprocessing, rank r on GPU r): NCCL
+on CUDA, gloo on CPU (one thread a rank, so N ranks need N free cores to scale). FLOPs are
+bench/train_step.py's `step_flops`; ``mfu`` is per GPU: the step's FLOPs / step time / N / the card's
+dense bf16 peak (989 TFLOP/s for H100/H200; elsewhere a matmul measured by this process, on CPU on one
+thread). ``efficiency`` = tok_s(N) / (N / N0 * tok_s(N0)), N0 the smallest N of ``--ranks`` (leave 1 out
+to train more layers than one card holds).
 Prints one JSON line.
 
     python bench/train_scale.py --ranks 1,2,4,8               # qwen3-30b-a3b, 2 layers
-    python bench/train_scale.py --ranks 2,8 --layers 6        # more layers than one card holds
+    python bench/train_scale.py --ranks 4,8 --layers 8        # against 4 ranks: 8 layers
     python bench/train_scale.py --preset cpu-small --ranks 1,2
 """
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -60,7 +61,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     """One rank: join the group, build and shard the policy, time ``cfg['steps']`` steps; rank 0 writes
     the slowest rank's seconds per step (and its own peak memory) to ``out``."""
     preset, shape = cfg["preset"], cfg["shape"]
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(1)  # a CPU rank stands for one device: one core each, at every N
     device = init_rank(rank, world, LOOPBACK, port, "cuda" if preset["device"] == "cuda" else "cpu")
     try:
         n = shape["samples"] * world  # the step's batch; each rank trains on its share
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "flops": r["flops"], "max_mem_gb": None if mem is None else round(mem, 2)})  # fmt: skip
         print(json.dumps({**rows[-1], "wall_s": round(time.perf_counter() - t0, 1)}), file=sys.stderr)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # the peak of one CPU rank's thread
     measured = matmul_peak(device)
     peak = next((v for k, v in SPEC_PEAK.items() if k in name), None) or measured
     for row in rows:

@@ -1,7 +1,7 @@
 """The multi-device benches on CPU ranks: bench/scale.py (GRPO steps of `miles train --use-ray` per layout
 of N devices) and bench/train_scale.py (FSDP2 trainer ranks). Their arithmetic (layouts, warm-up rows,
-efficiency against the right baseline) is checked on made-up numbers; the slow tests run them with
-1 and 2 CPU ranks and recompute every derived number from the ones they print."""
+efficiency against the right baseline) is checked on made-up numbers; two runs (scale.py's is slow)
+use 1 and 2 CPU ranks and recompute every derived number from the ones they print."""
 
 from __future__ import annotations
 
