@@ -18,6 +18,10 @@
 #                                       # layers, 98k tokens a step), then one FP8 step's top kernels
 #   bash bench/gpu_session.sh fp8       # FP8 probe tests, expert kernels per products mode (fp8acc too), FP8
 #                                       # rollout at batch 64: probe's pick, fp8acc, dense quant in the GEMM
+#   bash bench/gpu_session.sh scale-colocate  # GRPO samples/s, N trainer ranks colocated with N engines, N = 1, 2, 4, 8
+#   bash bench/gpu_session.sh scale-disagg    # the same, N/2 ranks + N/2 engines, N = 2, 4, 8 (multi-GPU host)
+#   bash bench/gpu_session.sh train-scale     # FSDP2 train tok/s and MFU per GPU, 1..8 ranks, 30B-A3B preset
+#                                             # (the scale groups take the counts up to the visible GPUs)
 #
 # On the device machine first: carried wheels (stevedore; setuptools>=77) on PYTHONPATH, then
 # python -m pip install --no-deps --no-build-isolation -e . -e plugins/* (registers the entry points).
@@ -77,6 +81,15 @@ for group in "${@:-tests}"; do
     fp8train)
       python bench/train_step.py --preset qwen3-30b-a3b --layers 2 --fp8-recipe blockwise --compare-bf16 2>&1 | grep -E '^\{|Error'
       python bench/train_step.py --preset qwen3-30b-a3b --layers 2 --fp8-recipe blockwise --steps 1 --profile 2>&1 | grep -v -i warn | tail -30 ;;
-    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, fp8, onpolicy, int4, fp8train)" >&2; exit 2 ;;
+    scale-colocate|scale-disagg|train-scale)
+      gpus=$(python -c "import torch; print(torch.cuda.device_count())")  # CUDA_VISIBLE_DEVICES's
+      counts=$(for n in 1 2 4 8; do [ "$n" -le "$gpus" ] && printf '%s,' "$n"; done)
+      case "$group" in
+        scale-colocate) python bench/scale.py --modes colocate --gpus "${counts%,}" 2>&1 | grep -E '^\{|Error' ;;
+        scale-disagg) python bench/scale.py --modes disagg --gpus "${counts%,}" 2>&1 | grep -E '^\{|Error' ;;
+        train-scale) python bench/train_scale.py --ranks "${counts%,}" 2>&1 | grep -E '^\{|Error' ;;
+      esac ;;
+    *) echo "unknown group $group (tests, rollout, train, profile, specrl, quant, fp8, onpolicy, int4, fp8train," \
+         "scale-colocate, scale-disagg, train-scale)" >&2; exit 2 ;;
   esac
 done

@@ -261,11 +261,13 @@ def _train(r: Run, rollouts: SyncRollouts) -> dict[str, float]:
     bar = progress(args.num_rollout, "GRPO", disable=None)
     bar.update(r.start_rollout)
     for rollout_id in range(r.start_rollout, args.num_rollout):
+        t_step = time.perf_counter()
         samples, metrics = rollouts.take(rollout_id)
         if args.save_debug_rollout_data:
             save_rollout(args.save_debug_rollout_data, rollout_id, samples)
         if r.trainer is not None:
             metrics.update(_train_step(r, rollouts, rollout_id, samples))
+        metrics["perf/step_time"] = time.perf_counter() - t_step  # eval and saving come after it
         r.logger.log(rollout_id + 1, metrics)
         bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
         bar.update(1)

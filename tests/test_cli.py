@@ -94,6 +94,10 @@ def test_run_writes_outputs(tiny_ckpt, prompts_file, reward_file, tmp_path, caps
     assert {"accuracy_after", "wall_s"} <= set(summary)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("train/pg_loss" in x for x in lines) and any("eval/toy/accuracy" in x for x in lines)
+    for x in (x for x in lines if "perf/step_time" in x):  # the whole step holds its parts
+        parts = x["rollout/time_s"] + x["perf/train_time"] + x["perf/update_weights_time"]
+        assert parts <= x["perf/step_time"] < parts + 5.0, x
+    assert sum("perf/step_time" in x for x in lines) == summary["num_rollout"]
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
     assert (run / "final_hf" / "model.safetensors").is_file() and (
