@@ -2,6 +2,8 @@
 # The speed issue's GPU measurements, grouped so that each group fits one device call (< 10 min).
 #
 #   bash bench/gpu_session.sh tests     # pytest -m gpu over the core and every plugin (~1 min)
+#   bash bench/gpu_session.sh multigpu  # pytest -m multigpu on a machine of 2-8 GPUs (tests/test_multigpu.py;
+#                                       # what needs more GPUs than are visible skips, saying how many)
 #   bash bench/gpu_session.sh rollout   # engine vs HF at batch 64 (compiled, uncompiled, both MoE decode paths) and 256
 #   bash bench/gpu_session.sh train     # train step: eager, compiled at 24.5k and 98k tokens (also with flash
 #                                       # varlen attention), 49k with a profile
@@ -36,6 +38,8 @@ for group in "${@:-tests}"; do
     tests)  # one session per folder: the plugins' conftest modules clash with tests/'s in one session
       python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -3
       for p in plugins/miles_*/; do (cd "$p" && python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -3); done ;;
+    multigpu)
+      python -m pytest -q -rs -m multigpu tests/test_multigpu.py -p no:cacheprovider 2>&1 | tail -25 ;;
     rollout)
       python bench/rollout.py --batch 64 --also-uncompiled --compare-moe 2>&1 | grep -E '^\{|Error'
       python bench/rollout.py --batch 256 --hf-new-tokens 64 --compare-moe 2>&1 | grep -E '^\{|Error' ;;

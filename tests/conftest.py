@@ -18,6 +18,16 @@ DEMO_CKPT = REPO / "examples" / "arith" / "checkpoint"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a `multigpu` test, before its fixtures start anything, where fewer CUDA devices are visible
+    than the largest ``gpus=`` of its marks asks for (default 2)."""
+    need = max((m.kwargs.get("gpus", 2) for m in item.iter_markers("multigpu")), default=0)
+    if need and torch.cuda.device_count() < need:
+        have = torch.cuda.device_count()
+        pytest.skip(f"needs {need} CUDA devices, and {have} {'is' if have == 1 else 'are'} visible")
+
+
 def tiny_config(vocab_size: int, eos: int, **over) -> dict:
     cfg = {
         "architectures": ["Qwen3MoeForCausalLM"],

@@ -1,10 +1,10 @@
 """FSDP2 trainer ranks (gloo, real processes on CPU): a 2-rank step equals the 1-rank and the
 single-process step, sharded checkpoints resume on another rank count, samples balance by tokens.
 
-Each world of ranks is spawned once and runs several scenarios (`_rank_main`); rank results come back
-as ``torch.save`` files and the tests compare them. Worlds: ``two`` (2 ranks: both layouts, a
-checkpoint after step 1 and step 2, the averaging bug, a too-small step), ``one`` (1 rank: both
-layouts; resumes ``two``'s checkpoint; writes its own), ``two_resumed`` (2 ranks: resumes ``one``'s).
+Each world of ranks is spawned once and runs several scenarios (`fsdp_worlds`: the shared bodies and
+helpers; `test_multigpu` runs the same bodies on CUDA ranks). Worlds: ``two`` (2 ranks: both layouts, a
+checkpoint after step 1 and step 2, the averaging bug, a too-small step, --bf16), ``one`` (1 rank: both
+layouts and its own checkpoint; resumes ``two``'s), ``two_resumed`` (2 ranks: resumes ``one``'s).
 """
 
 from __future__ import annotations
@@ -13,108 +13,39 @@ import json
 import math
 import random
 import shutil
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from fsdp_worlds import (
+    COMMON,
+    FLAGS,
+    LAYOUTS,
+    PROMPT_LEN,
+    REL,
+    RESPONSES,
+    assert_same_step,
+    checkpoint_dir,
+    make_args,
+    make_batch,
+    resumed_world,
+    spawn,
+    steps_world,
+)
 
-from miles_core.args import check_run_args, parse_args
-from miles_core.loop import make_train_batch
 from miles_core.model import load_model, named_hf_tensors
 from miles_core.plugins import get_plugin_manager
 from miles_core.train.packing import balance_by_tokens, pack_by_tokens
 from miles_core.train.trainer import Trainer
-from miles_core.types import Sample, Status, UsageError
-
-# Both layouts give the ranks different micro-batch counts on batch 1's lengths (checked below); the
-# packed one also recomputes each layer's MoE block in backward (--recompute-activations). The KL term
-# (policy from tiny_ckpt_b, reference tiny_ckpt) exercises the sharded reference model. A larger AdamW
-# eps keeps the updated weights a well-conditioned function of the gradient: with 1e-8, a first step
-# moves each weight by ~lr * sign(grad), and an expert's near-zero gradient (a sum that cancels) flips
-# sign with the summation order.
-COMMON = ["--use-kl-loss", "--kl-loss-coef", "0.1", "--entropy-coef", "0.01", "--adam-eps", "1e-4"]
-LAYOUTS = {
-    "padded": ["--micro-batch-size", "2", "--calculate-per-token-loss"],
-    "dynamic": ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "16", "--recompute-activations"],
-}
-# --bf16: bf16 compute (FSDP's MixedPrecisionPolicy), the fp32 shards are the masters.
-FLAGS = {**LAYOUTS, "bf16": ["--micro-batch-size", "2", "--calculate-per-token-loss", "--bf16"]}
-RESPONSES = {1: [30, 2, 3, 2, 4, 3, 2, 5], 2: [3, 9, 2, 6, 2, 11, 4, 3]}  # batch seed -> lengths
-PROMPT_LEN = 4
-REL = 1e-5
-
-
-def make_args(ref_ckpt: Path, extra: list[str]):
-    argv = [
-        "--hf-checkpoint", str(ref_ckpt), "--prompt-data", "x.jsonl", "--rollout-batch-size", "2",
-        "--n-samples-per-prompt", "4", "--num-rollout", "2", "--rm-type", "math", "--lr", "1e-3", *extra,
-    ]  # fmt: skip
-    args = parse_args(argv, get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""}))
-    check_run_args(args)
-    return args
-
-
-def make_batch(args, seed: int, record_routes: bool = False):
-    """Two groups of four samples with the response lengths of ``RESPONSES[seed]``."""
-    rng = random.Random(seed)
-    samples = []
-    for i, r in enumerate(RESPONSES[seed]):
-        tokens = [rng.randrange(5, 200) for _ in range(PROMPT_LEN + r)]
-        samples.append(
-            Sample(
-                group_index=i // 4,
-                index=i,
-                tokens=tokens,
-                response_length=r,
-                rollout_log_probs=[-4.0 - 0.1 * j for j in range(r)],
-                loss_mask=[1] * r,
-                reward=float((i + seed) % 2 + (i == 3)),
-                status=Status.COMPLETED,
-                sampling_params={"temperature": 0.9},
-            )  # fmt: skip
-        )
-    batch = make_train_batch(samples, args)
-    batch.record_routes = record_routes
-    return batch
-
+from miles_core.types import UsageError
 
 # -------------------------------------------------------------------------------- rank processes
-
-
-def _weights(trainer, bucket_bytes: int = 64 * 2**10) -> tuple[list, list[tuple[int, int]]]:
-    buckets = list(trainer.full_weights(bucket_bytes))
-    flat = [(n, t.clone()) for b in buckets for n, t in b]
-    return flat, [(sum(t.numel() * t.element_size() for _, t in b), len(b)) for b in buckets]
-
-
-def _step(trainer, args, seed: int, record_routes: bool = False) -> dict:
-    batch = make_batch(args, seed, record_routes)
-    metrics = trainer.train(seed - 1, batch)[0]
-    weights, bucket_sizes = _weights(trainer)
-    fused = [(n, t.clone()) for b in trainer.full_weights(64 * 2**10, fused_experts=True) for n, t in b]
-    out = {"metrics": metrics, "weights": weights, "buckets": bucket_sizes, "fused": fused}
-    if record_routes:
-        out["routes"] = batch.recorded_routes
-    return out
 
 
 def _world_two(ctx: dict, build) -> dict:
     from torch.distributed.fsdp import FSDPModule
 
-    res: dict = {}
-    for layout in LAYOUTS:
-        trainer, args = build(layout)
-        res[layout] = _step(trainer, args, 1, record_routes=layout == "padded")
-        if layout == "padded":  # checkpoint after step 1, then step 2 uninterrupted
-            ckpt = ctx["out"] / "ckpt_two"
-            trainer.save_model(ckpt / "model", str(ctx["ref"]))
-            trainer.save_state(ckpt)
-            trainer.offload()
-            trainer.onload()
-            res["step2"] = _step(trainer, args, 2)
+    res = steps_world(ctx, build)
     # The bug the gradient-sum scale guards against: FSDP's default averaging over the 2 ranks.
     trainer, args = build("padded")
     for m in trainer.model.modules():
@@ -141,23 +72,7 @@ def _world_two(ctx: dict, build) -> dict:
 
 
 def _world_one(ctx: dict, build) -> dict:
-    res: dict = {}
-    for layout in LAYOUTS:
-        trainer, args = build(layout)
-        res[layout] = _step(trainer, args, 1, record_routes=layout == "padded")
-        if layout == "padded":
-            ckpt = ctx["out"] / "ckpt_one"
-            trainer.save_model(ckpt / "model", str(ctx["ref"]))
-            trainer.save_state(ckpt)
-            res["step2"] = _step(trainer, args, 2)
-    trainer, args = build("padded", ctx["out"] / "ckpt_two")
-    res["resumed_step2"] = _step(trainer, args, 2)
-    return res
-
-
-def _world_two_resumed(ctx: dict, build) -> dict:
-    trainer, args = build("padded", ctx["out"] / "ckpt_one")
-    return {"resumed_step2": _step(trainer, args, 2)}
+    return {**steps_world(ctx, build), **resumed_world({**ctx, "resume": "two"}, build)}
 
 
 def _adam_tensors(trainer) -> list[torch.Tensor]:
@@ -195,62 +110,8 @@ def _world_gpu(ctx: dict, build) -> dict:
             "restored": restored, "saved": saved}  # fmt: skip
 
 
-WORLDS = {
-    "two": (2, _world_two),
-    "one": (1, _world_one),
-    "two_resumed": (2, _world_two_resumed),
-    "gpu": (1, _world_gpu),
-}
-
-
-def _rank_main(rank: int, world: str, port: int, ctx: dict) -> None:
-    torch.set_num_threads(1)
-    from miles_core.distributed.trainer import build_rank_trainer, close_rank, init_rank
-
-    size, body = WORLDS[world]
-    try:
-        device = init_rank(rank, size, "127.0.0.1", port, ctx.get("device", "cpu"), timeout_s=60)
-        pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})
-
-        def build(layout: str, resume: Path | None = None):
-            args = make_args(ctx["ref"], [*COMMON, *FLAGS[layout]])
-            trainer = build_rank_trainer(args, pm, str(resume / "model" if resume else ctx["policy"]), device)
-            if resume:
-                trainer.load_state(resume)
-            return trainer, args
-
-        torch.save(body(ctx, build), ctx["out"] / f"{world}_{rank}.pt")
-        close_rank()
-    except BaseException:
-        (ctx["out"] / f"{world}_{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: str, ctx: dict) -> list[dict]:
-    size = WORLDS[world][0]
-    procs = mp.start_processes(
-        _rank_main, args=(world, _free_port(), ctx), nprocs=size, join=False, start_method="spawn"
-    )
-    try:
-        for p in procs.processes:
-            p.join(180)
-    finally:
-        for p in procs.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    errors = [(ctx["out"] / f"{world}_{r}.err") for r in range(size)]
-    for r, (p, err) in enumerate(zip(procs.processes, errors)):
-        assert p.exitcode == 0, f"{world} rank {r} exited {p.exitcode}:\n" + (
-            err.read_text() if err.exists() else ""
-        )
-    return [torch.load(ctx["out"] / f"{world}_{r}.pt") for r in range(size)]
+# On CPU: fp32 ranks, both layouts; the padded one checkpoints after step 1.
+CPU_CTX = {"device": "cpu", "layouts": list(LAYOUTS), "checkpointed": ["padded"]}
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +121,13 @@ def out_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def worlds(out_dir, tiny_ckpt, tiny_ckpt_b) -> dict[str, list[dict]]:
-    ctx = {"out": out_dir, "ref": tiny_ckpt, "policy": tiny_ckpt_b}
+    ctx = {**CPU_CTX, "out": out_dir, "ref": tiny_ckpt, "policy": tiny_ckpt_b}
     # In order: each resumes the checkpoint of the one before.
-    return {world: _spawn(world, ctx) for world in ("two", "one", "two_resumed")}
+    return {
+        "two": spawn("two", _world_two, 2, ctx),
+        "one": spawn("one", _world_one, 1, ctx),
+        "two_resumed": spawn("two_resumed", resumed_world, 2, {**ctx, "resume": "one"}),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -279,16 +144,6 @@ def plain(tiny_ckpt, tiny_ckpt_b) -> dict[str, dict]:
         weights = [(n, t.clone()) for n, t in named_hf_tensors(trainer.model)]
         res[layout] = {"metrics": metrics, "weights": weights, "routes": batch.recorded_routes}
     return res
-
-
-def assert_same_step(a: dict, b: dict) -> None:
-    """Same metrics (fp32 summation order aside) and the same updated weights, names in order."""
-    assert a["metrics"].keys() == b["metrics"].keys()
-    for k, v in a["metrics"].items():
-        assert v == pytest.approx(b["metrics"][k], rel=REL, abs=1e-7), k
-    assert [n for n, _ in a["weights"]] == [n for n, _ in b["weights"]]
-    for (name, x), (_, y) in zip(a["weights"], b["weights"]):
-        torch.testing.assert_close(x, y, rtol=REL, atol=1e-6, msg=name)
 
 
 # -------------------------------------------------------------------------------- tests
@@ -364,19 +219,20 @@ def test_fused_expert_weights_split_into_the_per_expert_ones(worlds):
 
 
 def test_save_model_writes_the_full_policy(worlds, out_dir):
-    saved = list(named_hf_tensors(load_model(out_dir / "ckpt_two" / "model")))
+    saved = list(named_hf_tensors(load_model(checkpoint_dir({"out": out_dir}, "two", "padded") / "model")))
     step1 = worlds["two"][0]["padded"]["weights"]
     assert [n for n, _ in saved] == [n for n, _ in step1]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(saved, step1))
 
 
 def test_checkpoint_of_two_ranks_resumes_on_one(worlds):
-    assert_same_step(worlds["one"][0]["resumed_step2"], worlds["two"][0]["step2"])
+    assert_same_step(worlds["one"][0]["resumed_step2"]["padded"], worlds["two"][0]["step2"]["padded"])
 
 
 def test_checkpoint_of_one_rank_resumes_on_two(worlds):
     for rank in (0, 1):
-        assert_same_step(worlds["two_resumed"][rank]["resumed_step2"], worlds["one"][0]["step2"])
+        got = worlds["two_resumed"][rank]["resumed_step2"]["padded"]
+        assert_same_step(got, worlds["one"][0]["step2"]["padded"])
 
 
 def test_a_step_with_fewer_samples_than_ranks_is_refused(worlds):
@@ -388,7 +244,7 @@ def test_state_problem_names_the_damaged_file(worlds, out_dir, tmp_path):
     from miles_core.distributed.trainer import OPTIMIZER_DIR, STATE_FILE, state_problem
 
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(out_dir / "ckpt_two", ckpt)
+    shutil.copytree(checkpoint_dir({"out": out_dir}, "two", "padded"), ckpt)
     assert state_problem(ckpt) is None
     shard = sorted((ckpt / OPTIMIZER_DIR).glob("*.distcp"))[-1]
     data = shard.read_bytes()
@@ -431,7 +287,7 @@ def test_balance_by_tokens_refuses_fewer_samples_than_ranks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_one_cuda_rank_bf16_steps_and_offloads(tmp_path, tiny_ckpt, tiny_ckpt_b):
     ctx = {"out": tmp_path, "ref": tiny_ckpt, "policy": tiny_ckpt_b, "device": "cuda"}
-    (res,) = _spawn("gpu", ctx)
+    (res,) = spawn("gpu", _world_gpu, 1, ctx)
     args = make_args(tiny_ckpt, [*COMMON, *FLAGS["bf16"]])
     ref = load_model(tiny_ckpt, device="cuda").eval().requires_grad_(False)
     pm = get_plugin_manager(env={"MILES_LOAD_PLUGINS": ""})

@@ -1,90 +1,33 @@
 """`miles train` scaled out on a real local Ray cluster (on CPU the layout flags count processes): trainer
 ranks (FSDP2 over gloo) and `miles serve` engine actors, disaggregated and colocated; a checkpoint written
-by 2 ranks resumes on 1; an engine actor SIGKILLed mid-run is restarted and the run completes; a trainer
-rank SIGKILLed ends the run with one sentence naming the rank and the command that resumes it. Each run
-is a `miles train` process of its own, which starts and stops its Ray cluster."""
+by 2 ranks resumes on 1; an engine actor SIGKILLed mid-run is restarted, caught up to the trainer's
+weights, and the run completes; a trainer rank SIGKILLed ends the run with one sentence naming the rank
+and the command that resumes it. Each run is a `miles train` process of its own, which starts and stops
+its Ray cluster (`scaled_out_helpers`; `test_multigpu` runs the engine restart on GPUs)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from scaled_out_helpers import (
+    assert_synced,
+    finish,
+    pids,
+    rollouts,
+    run_with_an_engine_killed,
+    start,
+    train_argv,
+    wait_for,
+)
 
 from miles_core.distributed.group import resume_command
 
 pytest.importorskip("ray")
-
-
-def train_argv(run: Path, ckpt: Path, prompts: Path, reward: Path, *extra: str) -> list[str]:
-    argv = ["--hf-checkpoint", str(ckpt), "--prompt-data", str(prompts), "--input-key", "prompt"]
-    argv += ["--label-key", "label", "--apply-chat-template", "--rollout-batch-size", "2"]
-    argv += ["--n-samples-per-prompt", "4", "--rollout-max-response-len", "12", "--lr", "1e-3"]
-    argv += ["--custom-rm-path", str(reward), "--micro-batch-size", "2", "--run-dir", str(run)]
-    argv += ["--device", "cpu", "--rollout-health-check-interval", "0.5"]
-    return argv + list(extra)
-
-
-def start(argv: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "miles_core.cli", "train", *argv],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
-    try:
-        return proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-
-
-def rollouts(run: Path) -> list[dict]:
-    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return [m for m in rows if "rollout/reward_mean" in m]
-
-
-def pids(title: str) -> list[int]:
-    """Processes whose command line starts with ``title`` (Ray names an actor's process ``ray::Class``)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(title.encode()):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def wait_for(cond, timeout: float, proc: subprocess.Popen, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.05)
-    raise AssertionError(f"timed out; log tail:\n{log.read_text()[-3000:]}")
-
-
-def assert_synced(rows: list[dict]) -> None:
-    """The engines sampled with the weights the trainer had: with fp32 on both sides the train/rollout
-    log-probs agree to float noise (an engine left on old weights differs by ~1e-2 at this lr)."""
-    for m in rows:
-        assert m["train/train_rollout_logprob_abs_diff"] < 1e-4, m
 
 
 def test_two_ranks_and_two_engines_train_then_resume_on_one_rank(
@@ -116,32 +59,21 @@ def test_colocated_ranks_take_turns_with_their_engines(tiny_ckpt, prompts_file, 
     run, log = tmp_path / "run", tmp_path / "train.log"
     argv = train_argv(run, tiny_ckpt, prompts_file, reward_file, "--num-rollout", "2")
     argv += ["--actor-num-gpus-per-node", "2", "--colocate"]
-    assert finish(start(argv, log)) == 0, log.read_text()[-3000:]
+    proc = start(argv, log)
+    assert finish(proc) == 0, log.read_text()[-3000:]
     rows = rollouts(run)
     assert len(rows) == 2 and all(m["rollout/num_samples"] == 8 for m in rows)
     assert_synced(rows)  # each rank handed its engine the weights in shared memory
     assert "colocated" in log.read_text()
-    assert not pids("ray::") and (run / "final_hf" / "config.json").is_file()
+    assert not pids("ray::", proc.pid) and (run / "final_hf" / "config.json").is_file()
 
 
-def test_engine_actor_killed_mid_run_is_restarted(tiny_ckpt, prompts_file, reward_file, tmp_path):
-    run, log = tmp_path / "run", tmp_path / "train.log"
-    argv = train_argv(run, tiny_ckpt, prompts_file, reward_file, "--num-rollout", "4")
-    argv += ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "2"]
-    proc = start(argv, log)
-    try:
-        # Once the first rollout is logged the engines are up; kill one of them for the next ones.
-        wait_for(lambda: (run / "metrics.jsonl").is_file() and rollouts(run), 240, proc, log)
-        victim = wait_for(lambda: pids("ray::EngineActor"), 30, proc, log)[0]
-        os.kill(victim, signal.SIGKILL)
-        assert finish(proc) == 0, log.read_text()[-3000:]
-    finally:
-        finish(proc, 0)
-    rows = rollouts(run)
-    assert len(rows) == 4 and all(m["rollout/num_samples"] == 8 for m in rows)
-    assert all(m["rollout/generate_failed"] == 0 for m in rows)
-    assert rows[-1]["rollout/engine_restarts"] >= 1
-    assert not pids("ray::")  # every actor stopped with the run
+@pytest.mark.parametrize("engines", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_engine_actor_killed_mid_run_is_restarted_and_caught_up(
+    tiny_ckpt, prompts_file, reward_file, tmp_path, engines
+):
+    """With 2 engines the other one serves meanwhile; with 1, rollouts wait for the restarted one."""
+    run_with_an_engine_killed(tmp_path, tiny_ckpt, prompts_file, reward_file, engines=engines)
 
 
 def test_a_dead_trainer_rank_ends_the_run_naming_it_and_how_to_resume(
@@ -153,7 +85,7 @@ def test_a_dead_trainer_rank_ends_the_run_naming_it_and_how_to_resume(
     proc = start(argv, log)
     try:
         wait_for(lambda: (save / "latest_checkpointed_iteration.txt").is_file(), 240, proc, log)
-        victim = wait_for(lambda: sorted(pids("ray::TrainRank")), 30, proc, log)[-1]
+        victim = wait_for(lambda: sorted(pids("ray::TrainRank", proc.pid)), 30, proc, log)[-1]
         os.kill(victim, signal.SIGKILL)
         assert finish(proc, 120) == 2, log.read_text()[-3000:]
     finally:
@@ -161,7 +93,7 @@ def test_a_dead_trainer_rank_ends_the_run_naming_it_and_how_to_resume(
     text = log.read_text()
     line = next(x for x in text.splitlines() if "trainer rank" in x and "died" in x)
     assert f"--load {save}" in line and "miles train" in line, line
-    assert not pids("ray::")
+    assert not pids("ray::", proc.pid)
     # The command it names resumes the run (made one rollout longer than the last checkpoint here).
     done = int((save / "latest_checkpointed_iteration.txt").read_text())
     resumed = train_argv(run, tiny_ckpt, prompts_file, reward_file, "--num-rollout", str(done + 1))

@@ -124,7 +124,7 @@ def test_bf16_model_on_cpu_is_refused_and_mode_off_leaves_model_alone():
 def test_scaled_out_run_logs_zero_mismatch(tiny_ckpt, prompts_file, reward_file, tmp_path):
     # 2 FSDP2 trainer ranks and 1 engine actor, each a process of its own (Ray, CPU): same ops, same bits.
     pytest.importorskip("ray")
-    from test_scaled_out import finish, rollouts, start, train_argv
+    from scaled_out_helpers import finish, rollouts, start, train_argv
 
     run, log = tmp_path / "run", tmp_path / "train.log"
     layout = ["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "1", "--true-on-policy-mode"]
