@@ -6,10 +6,12 @@ the shapes (BLAS picks a kernel by the number of rows, SDPA reduces over however
 the elementwise loop rounds ``sigmoid`` differently in its vector body and its scalar tail), so the same
 token's log-prob differs in the last bits. Each op here fixes the order per row:
 
-- `linear`: rows are padded to a multiple of `ROW_TILE`, which makes every row's dot products take the
-  same path through the BLAS kernel whatever the number of rows (checked for 1..1100 rows of the models'
-  shapes on 1 and 2 threads by ``tests/test_batch_invariant.py``, and up to 20,000 by hand); the bias is
-  added after the product;
+- `linear`: rows are multiplied in chunks of exactly `ROW_CHUNK` rows, the last one padded, one BLAS call
+  a chunk. Every call then has the same shape, so BLAS picks the same kernel and splits it over threads
+  the same way whatever the number of rows (padding to a multiple of 8 rows alone was not enough: MKL
+  takes another kernel for 8 rows than for more at K >= 192, and splits small-M products differently
+  over 2 threads at K >= 1024). Checked for 1..1100 rows, K up to 2048, on 1 and 2 threads by
+  ``tests/test_batch_invariant.py``, and up to 3000 rows by hand; the bias is added after the product;
 - `silu_mul`: ``x / (1 + exp(-x)) * y`` from ops that round each element alike wherever it lies;
 - `attention`: each query's scores against fixed blocks of `KEY_BLOCK` keys (batched matmuls whose query
   rows are padded like `linear`'s), one max over its visible keys, and the softmax sums and weighted values
@@ -38,7 +40,8 @@ from torch import nn
 
 from miles_core.model import invariant_kernels as ik
 
-ROW_TILE = 8  # rows of a `linear` are padded to a multiple of this
+ROW_TILE = 8  # query rows of `attention`'s products are padded to a multiple of this
+ROW_CHUNK = 32  # `linear` multiplies its rows in chunks of exactly this many (the last one padded)
 KEY_BLOCK = 32  # keys per block in `attention`
 
 
@@ -50,10 +53,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()
     m = rows.shape[0]
-    pad = -m % ROW_TILE
+    pad = -m % ROW_CHUNK
     if pad:
         rows = F.pad(rows, (0, 0, 0, pad))
-    out = F.linear(rows, weight)
+    # One BLAS call per chunk: every call has the same shape, so the same kernel and thread split.
+    out = torch.cat([F.linear(c, weight) for c in rows.split(ROW_CHUNK)])
     if pad:
         out = out[:m]
     if bias is not None:
@@ -99,7 +103,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     :returns: ``[G, H, T, D]`` in q's dtype.
 
     Each (sequence, KV head) is one matrix of the batched products: its ``rep * T`` query rows padded to a
-    multiple of `ROW_TILE` (as in `linear`) times one contiguous block of keys, then the probabilities
+    multiple of `ROW_TILE` times one contiguous block of keys, then the probabilities
     times that block's values.
     """
     if ik.available(q):
