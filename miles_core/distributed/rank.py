@@ -5,8 +5,9 @@ policy (`miles_core.distributed.trainer`) and runs what the driver asks, every r
 train on a rollout, gather the weights for the engines, save or load a checkpoint, offload. Weights
 reach the engines from here, not through the driver:
 
-- disaggregated: rank 0 keeps the gathered weights (a CPU copy, to catch up an engine that restarts)
-  and sends them with `WeightUpdater` (a broadcast to every engine, or safetensors over HTTP);
+- disaggregated: rank 0 sends the gathered weights with `WeightUpdater` (a broadcast to every engine,
+  over NCCL from its GPU bucket by bucket as they are gathered when the engines have GPUs of their own,
+  else Gloo; or safetensors over HTTP) and keeps a CPU copy, to catch up an engine that restarts;
 - colocated: each rank that shares a device with an engine hands it the gathered buckets in place
   (`serve.ipc`: CUDA IPC handles, or shared memory on CPU).
 """
@@ -116,9 +117,13 @@ class TrainRank:
     def _buckets(self, fused_experts: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
         return self.trainer.full_weights(self.args.update_weight_buffer_size, fused_experts=fused_experts)
 
-    def keep_weights(self, version: int, mode: str, start_weights: str, folder: str) -> float:
+    def keep_weights(
+        self, version: int, mode: str, start_weights: str, folder: str, urls: list[str] | None = None
+    ) -> float:
         """Disaggregated: gather the weights (every rank); rank 0 keeps them as ``version`` for
-        `send_weights`. Returns the seconds it took."""
+        `send_weights` and, given the engines' ``urls``, sends each bucket to them as it is gathered
+        (`WeightUpdater.push`: from this GPU over NCCL when the engines are on GPUs of their own).
+        Returns the seconds it took."""
         t0 = time.perf_counter()
         stream = (pair for bucket in self._buckets() for pair in bucket)
         if self.rank != 0:
@@ -137,7 +142,10 @@ class TrainRank:
                 Path(folder),
                 bucket_bytes=self.args.update_weight_buffer_size,
             )
-        self._updater.keep(stream, version)
+        if urls is None:
+            self._updater.keep(stream, version)
+        else:
+            self._updater.push(urls, stream, version)
         return time.perf_counter() - t0
 
     def send_weights(self, urls: list[str], version: int) -> float:
