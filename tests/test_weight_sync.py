@@ -110,7 +110,7 @@ def test_a_cuda_trainer_sends_to_a_cpu_engine_over_gloo(tiny_ckpt, tiny_ckpt_b, 
         up = WeightUpdater("distributed", bg, str(tiny_ckpt), tmp_path / "w", bucket_bytes=4096)
         try:
             up.push([server.url], named, 1)
-            assert up._group.backend == "gloo"
+            assert up.backend == "gloo"
             landed(server.url, named)
         finally:
             up.close()
@@ -129,7 +129,7 @@ def test_nccl_push_from_the_trainer_gpu_lands_and_a_restart_catches_up(tiny_ckpt
         up = WeightUpdater("distributed", bg, str(tiny_ckpt), tmp_path / "w", bucket_bytes=4096)
         try:
             up.push([server.url], named, 1)
-            assert up._group.backend == "nccl"
+            assert up.backend == "nccl"
             landed(server.url, named)
             up._host_ready()
             assert [n for n, _ in up._cpu] == [n for n, _ in named]

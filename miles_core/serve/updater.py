@@ -197,6 +197,11 @@ class WeightUpdater:
                 self._destroy_group()  # a member died mid-update: rebuilt at the next send
                 raise
 
+    @property
+    def backend(self) -> str | None:
+        """The backend of the distributed group now formed (``gloo`` or ``nccl``), or None."""
+        return None if self._group is None else self._group.backend
+
     def close(self) -> None:
         """Leave the distributed group (the engines' side goes with them)."""
         self._destroy_group()

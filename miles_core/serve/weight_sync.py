@@ -65,7 +65,8 @@ def gpu_uuid(device: torch.device) -> str | None:
     """The UUID of the GPU ``device`` (the same in every process that sees it), or None off CUDA."""
     if device.type != "cuda":
         return None
-    return str(torch.cuda.get_device_properties(device).uuid)
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)  # absent in some builds
+    return None if uuid is None else str(uuid)
 
 
 @dataclass
