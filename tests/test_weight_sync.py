@@ -5,6 +5,8 @@ landing bit for bit (Gloo on CPU; NCCL from the trainer's GPU on a machine with 
 from __future__ import annotations
 
 import os
+import socket
+import threading
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from serve_client_helpers import client_over
 from serve_helpers import http_json, served, served_many
 
 from miles_core.model import load_model, named_hf_tensors
+from miles_core.serve import weight_sync
 from miles_core.serve.remote import LoopThread
 from miles_core.serve.updater import WeightUpdater, _buckets
 from miles_core.serve.weight_sync import choose_backend
@@ -53,6 +56,56 @@ def test_buckets_keep_the_order_and_close_at_the_limit():
     assert got == [["w0", "w1"], ["w2"], ["w3", "w4"], ["w5"], ["w6", "w7"], ["w8"]]
 
 
+def _pair() -> tuple[weight_sync.WeightGroup, weight_sync.WeightGroup]:
+    """Rank 0 and rank 1 of a Gloo group in this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    made: dict = {}
+    join = lambda rank: weight_sync.join_group("127.0.0.1", port, rank, 2, "p", timeout_s=20)  # noqa: E731
+    t = threading.Thread(target=lambda: made.update(r0=join(0)))
+    t.start()
+    r1 = join(1)
+    t.join(60)
+    return made["r0"], r1
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_bucket_of_mixed_dtypes_and_sizes_arrives_exactly_packed_or_not(packed):
+    """Packed, each tensor's bytes start at a multiple of 16 and come back exactly, FP8 too (Gloo has no
+    float8 broadcast: packed goes as bytes, so FP8 weights cross Gloo only packed)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(3, 5, generator=g).bfloat16(),  # 30 bytes: the next one starts after padding
+        torch.randn(7, generator=g),
+        torch.randint(-(2**40), 2**40, (3,), generator=g),
+        torch.randn(2, 3, generator=g).to(torch.float8_e4m3fn),
+        torch.tensor(1.5, dtype=torch.float16),  # 0-dim
+        torch.empty(0, 4),
+        torch.randn(4, 6, generator=g)[:, ::2],  # strided
+        torch.randint(0, 255, (5,), dtype=torch.uint8, generator=g),
+    ]
+    if not packed:
+        tensors = [t for t in tensors if t.dtype != torch.float8_e4m3fn]
+    specs = weight_sync.tensor_specs((str(i), t) for i, t in enumerate(tensors))
+    spans, total = weight_sync.packed_layout(specs["dtypes"], specs["shapes"])
+    assert all(o % weight_sync.ALIGN == 0 for o, _ in spans) and spans[1] == (32, 28)
+    assert total == sum(-(-n // 16) * 16 for _, n in spans)
+    r0, r1 = _pair()
+    sender = threading.Thread(target=weight_sync.send, args=(r0, tensors, packed))
+    sender.start()
+    got = weight_sync.receive(r1, specs["dtypes"], specs["shapes"], packed)
+    sender.join(60)
+    assert len(got) == len(tensors)
+
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    for want, have in zip(tensors, got):
+        assert have.dtype == want.dtype and have.shape == want.shape
+        assert torch.equal(raw(have), raw(want))
+
+
 def test_cpu_engines_get_gloo_even_from_a_cuda_trainer(tiny_ckpt, tmp_path):
     """The engines are asked: CPU ones never get NCCL, whatever the trainer's device."""
     with served(tiny_ckpt, tmp_path) as server:
@@ -81,7 +134,7 @@ def test_distributed_updates_land_bit_for_bit_in_buckets_over_gloo(tiny_ckpt, ti
             assert client.updater.bucket_bytes == 4096
             client.update_weights(b, version=1)
             group = client.updater._group
-            assert group.backend == "gloo" and group.world_size == 3
+            assert group.backend == "gloo" and group.world_size == 3 and group.packed  # miles engines
             for s in servers:
                 landed(s.url, b)
             client.update_weights(a, version=2)

@@ -183,6 +183,7 @@ class Server:
                 "max_batch_size": e.max_batch_size,
                 "device": str(e.device),
                 "gpu_uuid": self.gpu_uuid,
+                "packed_broadcast": True,  # /update_weights_from_distributed takes "packed": true
                 "dtype": str(e.dtype).removeprefix("torch."),
             }
         )
@@ -294,7 +295,8 @@ class Server:
         bad = [d for d in dtypes if d not in weight_sync.DTYPES]
         if bad:
             raise BadRequest(f"dtype {bad[0]!r} is not one of {', '.join(weight_sync.DTYPES)}.")
-        tensors = await asyncio.to_thread(weight_sync.receive, group, dtypes, shapes)
+        packed = bool(body.get("packed", False))
+        tensors = await asyncio.to_thread(weight_sync.receive, group, dtypes, shapes, packed)
         return self._loaded(list(zip(names, tensors)), body)
 
     async def destroy_group(self, request: web.Request) -> web.Response:

@@ -14,8 +14,9 @@ engine that restarted.
   backend is NCCL when the tensors are on this process's GPU and every engine runs on a GPU of its own
   (`weight_sync.choose_backend`, from each engine's ``/get_server_info``), Gloo otherwise. Under NCCL
   `push` broadcasts each bucket from the GPU as it comes (nothing passes through host memory on the way
-  to the engines); under Gloo the tensors go from the host copy. The group is rebuilt when the set of
-  engines changes.
+  to the engines); under Gloo the tensors go from the host copy. Engines that take a bucket packed
+  (`miles serve`) get it as one broadcast; others (SGLang) one broadcast a tensor. The group is rebuilt
+  when the set of engines changes.
 
 What a restarted engine needs to catch up is kept: in disk mode the last folder, otherwise a CPU copy of
 the last update's tensors (one copy of the model in host memory; under NCCL pinned buffers, filled on a
@@ -230,22 +231,26 @@ class WeightUpdater:
         tensors come from, changed)."""
         if self._group is None or self._group_urls != urls or self._group_from != self._device:
             self._destroy_group()
-            self._group = self._init_group(urls, self.backend_for(urls, self._device))
+            infos = [get_json(u + "/get_server_info") for u in urls]
+            packed = all(i.get("packed_broadcast") is True for i in infos)
+            self._group = self._init_group(urls, self._backend(infos, self._device), packed)
             self._group_urls, self._group_from = list(urls), self._device
         return self._group
 
     def backend_for(self, urls: list[str], device: torch.device | str) -> str:
         """The backend of a group of this process, sending tensors that live on ``device``, and the
         engines ``urls``: `weight_sync.choose_backend`, from each engine's ``/get_server_info``."""
+        return self._backend([get_json(u + "/get_server_info") for u in urls], device)
+
+    @staticmethod
+    def _backend(infos: list[dict], device: torch.device | str) -> str:
         device = torch.device(device)
-        if device.type != "cuda":
-            return "gloo"  # the engines need not be asked
-        infos = [get_json(u + "/get_server_info") for u in urls]
-        mine = weight_sync.gpu_uuid(device) if torch.cuda.is_available() else None
+        mine = weight_sync.gpu_uuid(device) if device.type == "cuda" and torch.cuda.is_available() else None
         return weight_sync.choose_backend(device, infos, mine)
 
-    def _init_group(self, urls: list[str], backend: str) -> weight_sync.WeightGroup:
-        """Create the group: this process rank 0 (TCPStore master), engine i from rank 1 + i*ranks."""
+    def _init_group(self, urls: list[str], backend: str, packed: bool) -> weight_sync.WeightGroup:
+        """Create the group: this process rank 0 (TCPStore master), engine i from rank 1 + i*ranks;
+        ``packed``: send each bucket as one broadcast (every engine takes it so)."""
         name = f"miles-{uuid.uuid4().hex[:12]}"
         world = 1 + self.ranks_per_engine * len(urls)
         address = _local_address(urls[0])
@@ -288,8 +293,8 @@ class WeightUpdater:
         joiner.join(GROUP_TIMEOUT_S)
         if "pg" not in made:
             raise RuntimeError(f"the weight update group did not form: {made.get('error', 'timed out')}")
-        log.info("weight update group %s: %s, %d engines", name, backend, len(urls))
-        return weight_sync.WeightGroup(name, 0, world, backend, store, made["pg"], device)
+        log.info("weight update group %s: %s, %d engines%s", name, backend, len(urls), ", packed" * packed)
+        return weight_sync.WeightGroup(name, 0, world, backend, store, made["pg"], device, packed)
 
     def _send_group(
         self,
@@ -311,6 +316,8 @@ class WeightUpdater:
         """Every engine starts receiving ``bucket`` (HTTP) while this thread broadcasts it, in order;
         returns when every engine has loaded it."""
         body = {**weight_sync.tensor_specs(bucket), "group_name": group.name, "weight_version": str(version)}
+        if group.packed:
+            body["packed"] = True
 
         async def gather() -> list[dict]:
             return list(
@@ -318,7 +325,7 @@ class WeightUpdater:
             )
 
         receiving = self._bg.submit(gather())
-        weight_sync.send(group, (t for _, t in bucket))
+        weight_sync.send(group, (t for _, t in bucket), group.packed)
         self._bg.wait(receiving)
 
     def _stream(
