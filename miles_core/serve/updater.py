@@ -195,7 +195,7 @@ class WeightUpdater:
             try:
                 self._send_group(group, urls, self._cpu, self.version)
             except BaseException:
-                self._destroy_group()  # a member died mid-update: rebuilt at the next send
+                self._destroy_group(failed=True)  # a member died mid-update: rebuilt at the next send
                 raise
 
     @property
@@ -350,7 +350,7 @@ class WeightUpdater:
                     self._send_bucket(group, urls, bucket, version)
                 except BaseException as e:  # raised once the weights are kept
                     error = e
-                    self._destroy_group()
+                    self._destroy_group(failed=True)
             copier.wait_stream(torch.cuda.current_stream(device))  # the bucket's tensors are ready
             with torch.cuda.stream(copier):
                 for name, t in bucket:
@@ -379,11 +379,15 @@ class WeightUpdater:
             self._copied.synchronize()
             self._copied = None
 
-    def _destroy_group(self) -> None:
+    def _destroy_group(self, failed: bool = False) -> None:
+        """Leave the group; ``failed``: a broadcast did not finish, so an NCCL communicator is aborted
+        (its kernels may wait for a dead engine, and NCCL's watchdog would end this process)."""
         group, urls = self._group, self._group_urls
         self._group, self._group_urls = None, []
         if group is None:
             return
+        if failed:
+            weight_sync.abort(group)
 
         async def leave() -> None:
             await asyncio.gather(

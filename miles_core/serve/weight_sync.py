@@ -27,6 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from miles_core.logging import get_logger
+
+log = get_logger(__name__)
+
 ALIGN = 16  # bytes: where each tensor of a packed bucket starts (any dtype can be viewed there)
 DTYPES = {
     "float32": torch.float32,
@@ -140,6 +144,19 @@ def join_group(
     )
     pg = make_pg(store, group_name, rank, world_size, backend, timeout_s)
     return WeightGroup(group_name, rank, world_size, backend, store, pg, where)
+
+
+def abort(group: WeightGroup) -> None:
+    """Abort an NCCL group's communicator (local, does not wait for the other ranks); Gloo's needs
+    nothing (its operations time out)."""
+    if group.backend != "nccl":
+        return
+    stop = getattr(group.pg, "abort", None)
+    try:
+        if stop is not None:
+            stop()
+    except Exception as e:  # the group is dropped either way
+        log.warning("aborting weight update group %s failed: %s", group.name, e)
 
 
 def tensor_specs(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list]:
