@@ -14,7 +14,8 @@ On CUDA the trainer's weights sit on GPU 0 and engine i runs on GPU i+1, so the 
 bandwidth equals its algorithm bandwidth); ``allreduce_busbw_gbs`` is 2(n-1)/n x bytes / seconds of one
 all-reduce over the n = engines + 1 devices (nccl-tests' bus bandwidth); ``ratio`` is their quotient.
 ``host_copy_gbs`` is the trainer GPU's copy rate into pinned host memory: each sync also fills the host
-copy that catches up a restarted engine, at most a few buckets behind the broadcasts.
+copy that catches up a restarted engine, behind the broadcasts; ``host_copy_lag_s`` is how much longer
+that copy took to finish after the sync returned (the next sync waits for it).
 """
 
 from __future__ import annotations
@@ -194,11 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
             flags += ["--update-weights-mode", "distributed", "--rollout-engine-urls", *urls]
             flags += ["--update-weight-buffer-size", str(a.update_weight_buffer_size)]
             with HttpEngine.from_args(parse_args(flags), None, None) as client:
-                seconds = []
+                seconds, lags = [], []
                 for version in range(1, a.updates + 2):
                     t0 = time.perf_counter()
                     client.update_weights(named, version)
                     seconds.append(time.perf_counter() - t0)
+                    client.updater.wait_kept()  # the host copy for restarts, finishing behind the sync
+                    lags.append(time.perf_counter() - t0 - seconds[-1])
                 result["backend"] = client.updater.backend
         finally:
             for proc, port_file in launched:
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         bytes=nbytes,
         first_sync_s=round(seconds[0], 4),
         sync_s=round(sync_s, 4),
+        host_copy_lag_s=round(statistics.median(lags[1:]), 4),
         sync_gbs=_gbs(nbytes / sync_s / 1e9),
         ratio=_gbs(nbytes / sync_s / 1e9 / busbw),
     )

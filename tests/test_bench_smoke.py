@@ -63,6 +63,7 @@ def test_weight_sync_bench_prints_its_json_line():
     model = rollout.make_model(rollout.PRESETS["cpu-small"])
     assert r["bytes"] == sum(t.numel() * t.element_size() for _, t in named_hf_tensors(model))
     assert r["device"] == "cpu" and r["backend"] == "gloo" and r["engines"] == 1 and r["layers"] == 2
+    assert r["host_copy_lag_s"] == 0  # Gloo keeps its host copy before it sends
     assert r["sync_gbs"] == pytest.approx(r["bytes"] / r["sync_s"] / 1e9, rel=1e-2)
     busbw = 2 * (2 - 1) / 2 * (16 << 20) / r["allreduce_s"] / 1e9  # trainer + 1 engine
     assert r["allreduce_busbw_gbs"] == pytest.approx(busbw, rel=1e-2)

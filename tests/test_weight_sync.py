@@ -184,7 +184,7 @@ def test_nccl_push_from_the_trainer_gpu_lands_and_a_restart_catches_up(tiny_ckpt
             up.push([server.url], named, 1)
             assert up.backend == "nccl"
             landed(server.url, named)
-            up._host_ready()
+            up.wait_kept()
             assert [n for n, _ in up._cpu] == [n for n, _ in named]
             for (_, t), (_, h) in zip(named, up._cpu):
                 assert h.is_pinned() and torch.equal(h, t.cpu())

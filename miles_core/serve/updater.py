@@ -53,7 +53,7 @@ log = get_logger(__name__)
 
 BUCKET_BYTES = 64 << 20  # raw tensor bytes per request (HTTP body or broadcast batch)
 GROUP_TIMEOUT_S = 120.0
-COPY_BACKLOG = 4  # NCCL pushes: buckets whose host copy may lag behind their broadcast
+COPY_BACKLOG = 4  # NCCL pushes: buckets whose host copy may lag behind their broadcast, at least
 MODES = ("tensor", "disk", "distributed")
 
 
@@ -150,7 +150,7 @@ class WeightUpdater:
     def keep(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Make ``named`` the current weights (disk: a new folder, the previous one deleted; else a CPU
         copy)."""
-        self._host_ready()
+        self.wait_kept()
         if self.mode == "disk":
             tensors = dict(named)
             config = dict(self._config)
@@ -178,7 +178,7 @@ class WeightUpdater:
         only in the one case known here: the start weights as version 0)."""
         if not urls:
             return
-        self._host_ready()
+        self.wait_kept()
         if self._path is not None:
             if self._path != self.start_weights or self.version != 0:
                 body = {"model_path": self._path, "weight_version": str(self.version)}
@@ -336,14 +336,19 @@ class WeightUpdater:
         version: int,
     ) -> None:
         """NCCL: broadcast each bucket from the GPU as it comes, and copy it to the host copy on a side
-        stream meanwhile. At most `COPY_BACKLOG` buckets wait for their copy (their GPU memory is held
-        until then). A failed broadcast leaves the group; the rest is still consumed and kept."""
-        self._host_ready()
+        stream meanwhile. The copies may lag behind (PCIe is slower than NVLink): by `COPY_BACKLOG`
+        buckets, or by half the device memory that the caching allocator has not reserved, whichever is
+        more (the lagging buckets' GPU memory is held until they are copied); past that each bucket waits
+        for the oldest copy. The rest finishes after this returns (`wait_kept`). A failed broadcast
+        leaves the group; the rest is still consumed and kept."""
+        self.wait_kept()
         device = group.device
         copier = torch.cuda.Stream(device)
+        allowance = max(COPY_BACKLOG * self.bucket_bytes, torch.cuda.mem_get_info(device)[0] // 2)
         kept: list[tuple[str, torch.Tensor]] = []
         error: BaseException | None = None
-        copying: collections.deque[Any] = collections.deque()
+        copying: collections.deque[tuple[Any, int]] = collections.deque()
+        lagging = 0  # bytes whose copy may not have finished
         for bucket in _buckets(named, self.bucket_bytes):
             if error is None:
                 try:
@@ -356,9 +361,13 @@ class WeightUpdater:
                 for name, t in bucket:
                     kept.append((name, self._host_copy(name, t)))
                     t.record_stream(copier)  # its memory is not reused before the copy is done
-            copying.append(copier.record_event())
-            if len(copying) > COPY_BACKLOG:
-                copying.popleft().synchronize()
+            size = sum(t.numel() * t.element_size() for _, t in bucket)
+            copying.append((copier.record_event(), size))
+            lagging += size
+            while lagging > allowance and len(copying) > 1:
+                event, size = copying.popleft()
+                event.synchronize()
+                lagging -= size
         done = torch.cuda.Event()
         done.record(copier)
         self._cpu, self._path, self.version, self._copied = kept, None, version, done
@@ -373,8 +382,9 @@ class WeightUpdater:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return buf.copy_(t.detach(), non_blocking=True)
 
-    def _host_ready(self) -> None:
-        """Wait until the host copy of the last NCCL push is complete (before it is read or replaced)."""
+    def wait_kept(self) -> None:
+        """Wait until the host copy of the last NCCL push is complete (done before it is read or
+        replaced)."""
         if self._copied is not None:
             self._copied.synchronize()
             self._copied = None
