@@ -145,6 +145,26 @@ def test_distributed_updates_land_bit_for_bit_in_buckets_over_gloo(tiny_ckpt, ti
     assert {k: v for k, v in os.environ.items() if k.startswith("NCCL_")} == nccl_env
 
 
+def test_a_push_that_fails_keeps_the_weights_for_the_engines_left(tiny_ckpt, tiny_ckpt_b, tmp_path):
+    b = list(named_hf_tensors(load_model(tiny_ckpt_b)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    with served(tiny_ckpt, tmp_path) as server:
+        bg = LoopThread("test-weights")
+        up = WeightUpdater("distributed", bg, str(tiny_ckpt), tmp_path / "w", bucket_bytes=4096)
+        try:
+            with pytest.raises(OSError):
+                up.push([server.url, dead], iter(b), 6)
+            assert up.version == 6 and up.backend is None
+            up.send([server.url])
+            landed(server.url, b)
+            assert server.get("/get_server_info")["weight_version"] == "6"
+        finally:
+            up.close()
+            bg.stop()
+
+
 def test_get_weights_by_name_says_what_is_wrong(tiny_ckpt, tmp_path):
     with served(tiny_ckpt, tmp_path) as server:
         code, rows = http_json("POST", server.url + "/get_weights_by_name", {"name": "model.norm.weight"})

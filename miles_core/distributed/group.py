@@ -241,7 +241,9 @@ class RankUpdater:
         del named
         self.version, self._updated = version, True
         args = (version, self.mode, self.start_weights, str(self.folder), list(urls))
-        self.group.call("keep_weights", *args)
+        failed = self.group.call("push_weights", *args)[0]
+        if failed is not None:  # the caller sends what rank 0 kept to the engines that are left
+            raise RuntimeError(f"trainer rank 0 could not send the weights to the engines: {failed}")
 
     def relabel(self, version: int) -> None:
         self.version = version

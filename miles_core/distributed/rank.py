@@ -117,19 +117,41 @@ class TrainRank:
     def _buckets(self, fused_experts: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
         return self.trainer.full_weights(self.args.update_weight_buffer_size, fused_experts=fused_experts)
 
-    def keep_weights(
-        self, version: int, mode: str, start_weights: str, folder: str, urls: list[str] | None = None
-    ) -> float:
+    def keep_weights(self, version: int, mode: str, start_weights: str, folder: str) -> float:
         """Disaggregated: gather the weights (every rank); rank 0 keeps them as ``version`` for
-        `send_weights` and, given the engines' ``urls``, sends each bucket to them as it is gathered
-        (`WeightUpdater.push`: from this GPU over NCCL when the engines are on GPUs of their own).
-        Returns the seconds it took."""
+        `send_weights`. Returns the seconds it took."""
         t0 = time.perf_counter()
+        stream = self._gathered()
+        if stream is not None:
+            self._updater_for(mode, start_weights, folder).keep(stream, version)
+        return time.perf_counter() - t0
+
+    def push_weights(
+        self, version: int, mode: str, start_weights: str, folder: str, urls: list[str]
+    ) -> str | None:
+        """Disaggregated: gather the weights (every rank); rank 0 sends each bucket to the engines
+        ``urls`` as it is gathered and keeps them as ``version`` (`WeightUpdater.push`: from this GPU over
+        NCCL when the engines are on GPUs of their own). Rank 0 returns why sending failed (the weights
+        are kept all the same), not raising it: the other ranks would be stopped with it."""
+        stream = self._gathered()
+        if stream is None:
+            return None
+        try:
+            self._updater_for(mode, start_weights, folder).push(urls, stream, version)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def _gathered(self) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """Rank 0: the gathered weights, lazily; the other ranks take part in each gather here."""
         stream = (pair for bucket in self._buckets() for pair in bucket)
-        if self.rank != 0:
-            for _ in stream:  # take part in each gather
-                pass
-            return time.perf_counter() - t0
+        if self.rank == 0:
+            return stream
+        for _ in stream:
+            pass
+        return None
+
+    def _updater_for(self, mode: str, start_weights: str, folder: str) -> Any:
         if self._updater is None:
             from miles_core.serve.remote import LoopThread
             from miles_core.serve.updater import WeightUpdater
@@ -142,11 +164,7 @@ class TrainRank:
                 Path(folder),
                 bucket_bytes=self.args.update_weight_buffer_size,
             )
-        if urls is None:
-            self._updater.keep(stream, version)
-        else:
-            self._updater.push(urls, stream, version)
-        return time.perf_counter() - t0
+        return self._updater
 
     def send_weights(self, urls: list[str], version: int) -> float:
         """Rank 0: load the kept weights (labelled ``version``) into the engines ``urls``."""
