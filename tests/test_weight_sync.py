@@ -196,7 +196,7 @@ def test_nccl_push_from_the_trainer_gpu_lands_and_a_restart_catches_up(tiny_ckpt
     """Trainer on cuda:0, engine on cuda:1: NCCL, buckets broadcast from the GPU; the pinned host copy
     equals what was sent and catches the engine up after it went back to other weights."""
     named = list(named_hf_tensors(load_model(tiny_ckpt_b).to("cuda:0")))
-    with served(tiny_ckpt, tmp_path, "--device", "cuda:1") as server:
+    with served(tiny_ckpt, tmp_path, "--device", "cuda:1", "--rollout-dtype", "float32") as server:
         assert server.get("/get_server_info")["gpu_uuid"]
         bg = LoopThread("test-weights")
         up = WeightUpdater("distributed", bg, str(tiny_ckpt), tmp_path / "w", bucket_bytes=4096)
