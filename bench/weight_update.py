@@ -1,6 +1,8 @@
 """Weight updates over HTTP, each `--update-weights-mode` on the same engines: the seconds
 `HttpEngine.update_weights` takes to push a model's weights into N local `miles serve` processes, each
 mode timed on its second update (the first also builds the distributed group). Prints one JSON line.
+The engines share the trainer's device, so distributed goes over Gloo; over NCCL, engines on GPUs of
+their own: bench/weight_sync.py.
 
     python bench/weight_update.py                       # gpu-0.7b, 1 engine
     python bench/weight_update.py --preset cpu-small --engines 2

@@ -52,6 +52,34 @@ def test_async_grpo_bench_prints_its_json_line():
     assert r["speedup"] == pytest.approx(r["sync_s_per_rollout"] / r["async_s_per_rollout"], rel=1e-2)
 
 
+def test_weight_sync_bench_prints_its_json_line():
+    """CPU: Gloo, one engine; the rates and the ratio follow from the printed bytes and seconds."""
+    r = _run("weight_sync.py", "--allreduce-mib", "16", "--updates", "1")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import rollout
+
+    from miles_core.model import named_hf_tensors
+
+    model = rollout.make_model(rollout.PRESETS["cpu-small"])
+    assert r["bytes"] == sum(t.numel() * t.element_size() for _, t in named_hf_tensors(model))
+    assert r["device"] == "cpu" and r["backend"] == "gloo" and r["engines"] == 1 and r["layers"] == 2
+    assert r["host_copy_lag_s"] == 0  # Gloo keeps its host copy before it sends
+    assert r["sync_gbs"] == pytest.approx(r["bytes"] / r["sync_s"] / 1e9, rel=1e-2)
+    busbw = 2 * (2 - 1) / 2 * (16 << 20) / r["allreduce_s"] / 1e9  # trainer + 1 engine
+    assert r["allreduce_busbw_gbs"] == pytest.approx(busbw, rel=1e-2)
+    assert r["ratio"] == pytest.approx(r["sync_gbs"] / r["allreduce_busbw_gbs"], rel=1e-2)
+    # NVLink multicast: off unless the caller's environment says otherwise
+    assert r["nccl_env"].get("NCCL_NVLS_ENABLE") == os.environ.get("NCCL_NVLS_ENABLE", "0")
+
+
+def test_weight_sync_bench_bus_bandwidth_is_nccl_tests_formula():
+    spec = importlib.util.spec_from_file_location("bench_weight_sync", ROOT / "bench" / "weight_sync.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.bus_gbs(8, 2 * 10**9, 1.0) == pytest.approx(3.5)  # 2 * 7/8 * 2 GB / 1 s
+    assert mod.bus_gbs(2, 10**9, 0.5) == pytest.approx(2.0)
+
+
 def test_train_step_bench_prints_its_json_line():
     r = _run("train_step.py", "--steps", "1")
     assert {"device", "tok_s", "mfu"} <= r.keys()

@@ -7,10 +7,10 @@ and waits for all of them. A rank that dies ends the run with one sentence namin
 command that resumes it.
 
 `RankUpdater` stands in for the HTTP client's `WeightUpdater`: ``HttpEngine.update_weights`` pauses the
-engines and calls ``keep`` then ``send``, and the ranks move the weights themselves. Colocated, it also
-takes turns with the engines: before training they release their memory (weights to host, KV cache
-freed) and the ranks load their optimizer state back; before the weights are handed over the engines take
-their memory back, and afterwards the ranks offload again.
+engines and calls ``push`` (``send`` to catch up an engine), and the ranks move the weights themselves.
+Colocated, it also takes turns with the engines: before training they release their memory (weights to
+host, KV cache freed) and the ranks load their optimizer state back; before the weights are handed over
+the engines take their memory back, and afterwards the ranks offload again.
 """
 
 from __future__ import annotations
@@ -230,6 +230,20 @@ class RankUpdater:
         self.version, self._updated = version, True
         if not self.group.colocated:
             self.group.call("keep_weights", version, self.mode, self.start_weights, str(self.folder))
+
+    def push(self, urls: list[str], named: Any, version: int) -> None:
+        """`keep` and `send` in one pass: disaggregated, rank 0 sends each bucket as the ranks gather it
+        (over NCCL from its GPU, see `WeightUpdater.push`); colocated, `keep` then `send`."""
+        if self.group.colocated:
+            self.keep(named, version)
+            self.send(urls)
+            return
+        del named
+        self.version, self._updated = version, True
+        args = (version, self.mode, self.start_weights, str(self.folder), list(urls))
+        failed = self.group.call("push_weights", *args)[0]
+        if failed is not None:  # the caller sends what rank 0 kept to the engines that are left
+            raise RuntimeError(f"trainer rank 0 could not send the weights to the engines: {failed}")
 
     def relabel(self, version: int) -> None:
         self.version = version

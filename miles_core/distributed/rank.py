@@ -5,8 +5,9 @@ policy (`miles_core.distributed.trainer`) and runs what the driver asks, every r
 train on a rollout, gather the weights for the engines, save or load a checkpoint, offload. Weights
 reach the engines from here, not through the driver:
 
-- disaggregated: rank 0 keeps the gathered weights (a CPU copy, to catch up an engine that restarts)
-  and sends them with `WeightUpdater` (a broadcast to every engine, or safetensors over HTTP);
+- disaggregated: rank 0 sends the gathered weights with `WeightUpdater` (a broadcast to every engine,
+  over NCCL from its GPU bucket by bucket as they are gathered when the engines have GPUs of their own,
+  else Gloo; or safetensors over HTTP) and keeps a CPU copy, to catch up an engine that restarts;
 - colocated: each rank that shares a device with an engine hands it the gathered buckets in place
   (`serve.ipc`: CUDA IPC handles, or shared memory on CPU).
 """
@@ -120,11 +121,37 @@ class TrainRank:
         """Disaggregated: gather the weights (every rank); rank 0 keeps them as ``version`` for
         `send_weights`. Returns the seconds it took."""
         t0 = time.perf_counter()
+        stream = self._gathered()
+        if stream is not None:
+            self._updater_for(mode, start_weights, folder).keep(stream, version)
+        return time.perf_counter() - t0
+
+    def push_weights(
+        self, version: int, mode: str, start_weights: str, folder: str, urls: list[str]
+    ) -> str | None:
+        """Disaggregated: gather the weights (every rank); rank 0 sends each bucket to the engines
+        ``urls`` as it is gathered and keeps them as ``version`` (`WeightUpdater.push`: from this GPU over
+        NCCL when the engines are on GPUs of their own). Rank 0 returns why sending failed (the weights
+        are kept all the same), not raising it: the other ranks would be stopped with it."""
+        stream = self._gathered()
+        if stream is None:
+            return None
+        try:
+            self._updater_for(mode, start_weights, folder).push(urls, stream, version)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def _gathered(self) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """Rank 0: the gathered weights, lazily; the other ranks take part in each gather here."""
         stream = (pair for bucket in self._buckets() for pair in bucket)
-        if self.rank != 0:
-            for _ in stream:  # take part in each gather
-                pass
-            return time.perf_counter() - t0
+        if self.rank == 0:
+            return stream
+        for _ in stream:
+            pass
+        return None
+
+    def _updater_for(self, mode: str, start_weights: str, folder: str) -> Any:
         if self._updater is None:
             from miles_core.serve.remote import LoopThread
             from miles_core.serve.updater import WeightUpdater
@@ -137,8 +164,7 @@ class TrainRank:
                 Path(folder),
                 bucket_bytes=self.args.update_weight_buffer_size,
             )
-        self._updater.keep(stream, version)
-        return time.perf_counter() - t0
+        return self._updater
 
     def send_weights(self, urls: list[str], version: int) -> float:
         """Rank 0: load the kept weights (labelled ``version``) into the engines ``urls``."""

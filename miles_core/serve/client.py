@@ -34,7 +34,7 @@ from miles_core.serve import launch
 from miles_core.serve.pool import WorkerPool, normalize_url
 from miles_core.serve.protocol import parse_generate_response
 from miles_core.serve.remote import LoopThread, get_json, router_workers
-from miles_core.serve.updater import WeightUpdater
+from miles_core.serve.updater import BUCKET_BYTES, WeightUpdater
 from miles_core.train.checkpoint import start_weights
 from miles_core.types import RolloutOptions
 
@@ -106,11 +106,13 @@ class HttpEngine:
         self._lock = threading.Lock()  # one weight change at a time: an update, or catching up a restart
         self._closing = threading.Event()
         # Another sender of the weights (the trainer ranks of a scaled-out run) may take this one's place.
+        mode = args.update_weights_mode or self.default_update_mode
         self.updater = updater or WeightUpdater(
-            args.update_weights_mode or self.default_update_mode,
+            mode,
             self._bg,
             weights,
             Path(args.run_dir) / "rollout_weights",
+            bucket_bytes=args.update_weight_buffer_size if mode == "distributed" else BUCKET_BYTES,
             ranks_per_engine=self.ranks_per_engine(args),
         )
         # Whatever happens (close, garbage collection, interpreter exit), the engines and threads stop.
@@ -223,8 +225,13 @@ class HttpEngine:
             if pausing:
                 self._all(urls, "/pause_generation", {"mode": "in_place"}, skip_dead=True)
             try:
-                self.updater.keep(named_tensors, version)
-                self._send(urls)
+                try:  # kept and sent in one pass: over NCCL each bucket is broadcast as it comes
+                    self.updater.push(urls, named_tensors, version)
+                except Exception:
+                    down = self._down(urls)
+                    if not down:
+                        raise
+                    self._send([u for u in urls if u not in down])  # what push kept, to the others
             finally:
                 if pausing:
                     self._all(urls, "/continue_generation", {}, skip_dead=True)

@@ -28,7 +28,7 @@ from miles_core.atomic import atomic_write_text
 from miles_core.engine import Engine
 from miles_core.errors import UsageError
 from miles_core.logging import get_logger
-from miles_core.model.hf_io import iter_safetensors, weight_files
+from miles_core.model.hf_io import iter_safetensors, named_hf_tensors, weight_files
 from miles_core.serve import ipc, weight_sync
 from miles_core.serve.protocol import (
     BadRequest,
@@ -61,6 +61,7 @@ class Server:
         self.max_len = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
         self.routes_asked = False
         self.groups: dict[str, weight_sync.WeightGroup] = {}
+        self.gpu_uuid = weight_sync.gpu_uuid(torch.device(engine.device))  # the trainer picks NCCL by it
 
     # ---------------------------------------------------------------- helpers
 
@@ -181,6 +182,8 @@ class Server:
                 "memory_released": e.memory_released,
                 "max_batch_size": e.max_batch_size,
                 "device": str(e.device),
+                "gpu_uuid": self.gpu_uuid,
+                "packed_broadcast": True,  # /update_weights_from_distributed takes "packed": true
                 "dtype": str(e.dtype).removeprefix("torch."),
             }
         )
@@ -272,6 +275,7 @@ class Server:
             int(body["world_size"]),
             str(body["group_name"]),
             backend,
+            device=self.engine.device if backend == "nccl" else None,
         )
         self.groups[group.name] = group
         return _ok(f"joined weight update group {group.name} as rank {group.rank}")
@@ -291,7 +295,8 @@ class Server:
         bad = [d for d in dtypes if d not in weight_sync.DTYPES]
         if bad:
             raise BadRequest(f"dtype {bad[0]!r} is not one of {', '.join(weight_sync.DTYPES)}.")
-        tensors = await asyncio.to_thread(weight_sync.receive, group, dtypes, shapes)
+        packed = bool(body.get("packed", False))
+        tensors = await asyncio.to_thread(weight_sync.receive, group, dtypes, shapes, packed)
         return self._loaded(list(zip(names, tensors)), body)
 
     async def destroy_group(self, request: web.Request) -> web.Response:
@@ -299,6 +304,18 @@ class Server:
         if self.groups.pop(str(body.get("group_name", "")), None) is None:
             raise BadRequest(f"no weight update group {body.get('group_name')!r}.")
         return _ok("group destroyed")
+
+    async def weights_by_name(self, request: web.Request) -> web.Response:
+        """SGLang's check that an update landed: the first ``truncate_size`` rows of weight ``name``."""
+        body = await self._body(request)
+        name, rows = body.get("name"), body.get("truncate_size", 100)
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise BadRequest(f"truncate_size {rows!r} must be a positive integer.")
+        t = next((t for n, t in named_hf_tensors(self.engine.model) if n == name), None)
+        if t is None:
+            raise BadRequest(f"no weight named {name!r}; use its HF name, e.g. model.norm.weight.")
+        t = t if t.dim() else t.reshape(1)
+        return web.json_response(t[:rows].float().tolist())  # bf16/fp16/fp32 values are exact in JSON
 
     async def release_memory(self, request: web.Request) -> web.Response:
         try:
@@ -345,6 +362,7 @@ def build_app(server: Server) -> web.Application:
             web.post("/init_weights_update_group", s.init_group),
             web.post("/update_weights_from_distributed", s.update_from_distributed),
             web.post("/destroy_weights_update_group", s.destroy_group),
+            web.post("/get_weights_by_name", s.weights_by_name),
             web.post("/release_memory_occupation", s.release_memory),
             web.post("/resume_memory_occupation", s.resume_memory),
         ]
