@@ -169,3 +169,16 @@ def test_make_batch_invariant_keeps_parameters_ties_and_names():
     assert all(m.batch_invariant for m in model.modules() if hasattr(m, "batch_invariant"))
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     assert not graph_safe(model)  # the experts read their row counts on the host: decode stays eager
+
+
+@pytest.mark.parametrize("k,n", [(96, 96), (96, 48)])
+def test_linear_gradients_are_plain_linears(k, n):
+    """The chunked product's backward: the gradients of ``F.linear`` (a transposed or swapped product in
+    it would train a different model; square shapes would not notice a transpose by their shape)."""
+    g = torch.Generator().manual_seed(k + n)
+    x, w, b = (torch.randn(*s, generator=g, requires_grad=True) for s in ((75, k), (n, k), (n,)))
+    up = torch.randn(75, n, generator=g)
+    ours = torch.autograd.grad((bi.linear(x, w, b) * up).sum(), (x, w, b))
+    ref = torch.autograd.grad((F.linear(x, w, b) * up).sum(), (x, w, b))
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)

@@ -45,6 +45,32 @@ ROW_CHUNK = 32  # `linear` multiplies its rows in chunks of exactly this many (t
 KEY_BLOCK = 32  # keys per block in `attention`
 
 
+def _chunked_mm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out = rows.new_empty(rows.shape[0], weight.shape[0])
+    wt = weight.t()
+    for i in range(0, rows.shape[0], ROW_CHUNK):
+        torch.mm(rows[i : i + ROW_CHUNK], wt, out=out[i : i + ROW_CHUNK])
+    return out
+
+
+class _ChunkedMatmul(torch.autograd.Function):
+    """``rows @ weight.T`` for ``rows [M, K]``, M a multiple of `ROW_CHUNK`: one BLAS call per chunk of
+    rows, every call the same shape, so the same kernel and thread split whatever M is. The backward (whose
+    bits the mode does not fix) is two plain products."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, weight)
+        return _chunked_mm(rows, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        rows, weight = ctx.saved_tensors
+        d_rows = grad @ weight if ctx.needs_input_grad[0] else None
+        d_weight = grad.t() @ rows if ctx.needs_input_grad[1] else None
+        return d_rows, d_weight
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x [..., K]``, each row's result independent of the number of rows."""
     if ik.available(x):
@@ -56,8 +82,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     pad = -m % ROW_CHUNK
     if pad:
         rows = F.pad(rows, (0, 0, 0, pad))
-    # One BLAS call per chunk: every call has the same shape, so the same kernel and thread split.
-    out = torch.cat([F.linear(c, weight) for c in rows.split(ROW_CHUNK)])
+    grad = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)
+    out = _ChunkedMatmul.apply(rows, weight) if grad else _chunked_mm(rows, weight)
     if pad:
         out = out[:m]
     if bias is not None:
