@@ -68,14 +68,19 @@ for m in (1, 5, 64, 65):
 for i in (0, 5, 63, 64, 69):
     assert torch.equal(triton_fp8.fp8_linear(x[i : i + 1], wq, ws)[0], got[i]), i
 
-# bf16: the float64 sums rounded once to bf16 (a kernel that truncates instead gives ~half), and bit
-# for bit the emulated path (dequantized operands, fp32 matmul, one rounding)
+# bf16: the float64 sums rounded once to bf16 (a kernel that truncates instead gives ~half), and the
+# emulated path (dequantized operands, fp32 matmul, one rounding): its fp32 sums add the same products in
+# another order (the CPU's BLAS picks it), so where the sum cancels or sits near a rounding midpoint the
+# two may round to neighbouring bf16 values; never further apart
 xb = x.bfloat16()
 gb = triton_fp8.fp8_linear(xb, wq, ws)
 assert gb.dtype == torch.bfloat16
 same = (gb == reference(xb, wq, ws).to(torch.bfloat16)).float().mean().item()
 assert same > 0.99, same
-assert torch.equal(gb, emulated(xb, wq, ws))
+em = emulated(xb, wq, ws)
+assert (gb == em).float().mean().item() > 0.999
+step = torch.finfo(torch.bfloat16).eps * em.float().abs().clamp_min(1e-30)  # one bf16 step, at most
+assert ((gb.float() - em.float()).abs() <= step).all()
 
 # The per-card probe's own checks (run here in the interpreter's mode): a probe that fails on a good
 # kernel would switch the card to the emulation
