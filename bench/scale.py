@@ -39,6 +39,7 @@ import torch
 from async_grpo import bench_run
 from grpo_vs_trl import SHAPES
 from rollout import PRESETS
+from train_scale import device_counts
 
 MODES = ("disagg", "colocate")
 RUN_TIMEOUT_S = 3600.0
@@ -135,21 +136,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="weak: the preset's prompts per engine; strong: the preset's prompts per step.",
     )
     a = ap.parse_args(argv)
-    try:
-        a.gpus = sorted({int(x) for x in a.gpus.split(",")})
-    except ValueError:
-        ap.error(f"--gpus {a.gpus}: give comma-separated whole numbers, e.g. 1,2,4.")
+    a.device = a.device or PRESETS[a.preset]["device"]
+    a.gpus = device_counts(ap, a.gpus, "--gpus", a.device == "cuda")
     a.modes = list(dict.fromkeys(a.modes.split(",")))
     if min(a.gpus) < 1 or not set(a.modes) <= set(MODES) or a.steps < 1 or a.warmup < 0:
         ap.error("--gpus takes counts >= 1, --modes disagg and/or colocate, --steps >= 1, --warmup >= 0.")
-    a.device = a.device or PRESETS[a.preset]["device"]
-    if a.device == "cuda":
-        visible = torch.cuda.device_count()
-        if max(a.gpus) > visible:
-            raise SystemExit(
-                f"--gpus asks for {max(a.gpus)} GPUs and this machine shows {visible} "
-                f"(CUDA_VISIBLE_DEVICES); ask for at most {visible}."
-            )
     return a
 
 

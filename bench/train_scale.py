@@ -106,20 +106,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--recompute", choices=["full", "selective"], default=None, help="--recompute-granularity."
     )
     a = ap.parse_args(argv)
-    try:
-        a.ranks = sorted({int(x) for x in a.ranks.split(",")})
-    except ValueError:
-        ap.error(f"--ranks {a.ranks}: give comma-separated whole numbers, e.g. 1,2,4,8.")
+    cuda = PRESETS[a.preset]["device"] == "cuda"
+    a.ranks = device_counts(ap, a.ranks, "--ranks", cuda, ", or use --preset cpu-small")
     if min(a.ranks) < 1 or a.steps < 1 or (a.layers is not None and a.layers < 1):
         ap.error("--ranks takes counts >= 1, --steps and --layers at least 1.")
-    if PRESETS[a.preset]["device"] == "cuda":
-        visible = torch.cuda.device_count()
-        if max(a.ranks) > visible:
-            raise SystemExit(
-                f"--ranks asks for {max(a.ranks)} GPUs and this machine shows {visible} "
-                f"(CUDA_VISIBLE_DEVICES); ask for at most {visible}, or use --preset cpu-small."
-            )
     return a
+
+
+def device_counts(ap: argparse.ArgumentParser, text: str, flag: str, cuda: bool, hint: str = "") -> list[int]:
+    """The distinct counts of ``flag``'s comma-separated ``text``, sorted; on CUDA, refused beyond the
+    visible GPUs (one sentence naming them)."""
+    try:
+        counts = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        ap.error(f"{flag} {text}: give comma-separated whole numbers, e.g. 1,2,4,8.")
+    visible = torch.cuda.device_count() if cuda else None
+    if visible is not None and max(counts) > visible:
+        raise SystemExit(
+            f"{flag} asks for {max(counts)} GPUs and this machine shows {visible} "
+            f"(CUDA_VISIBLE_DEVICES); ask for at most {visible}{hint}."
+        )
+    return counts
 
 
 def main(argv: list[str] | None = None) -> dict:
