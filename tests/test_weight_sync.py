@@ -4,6 +4,7 @@ landing bit for bit (Gloo on CPU; NCCL from the trainer's GPU on a machine with 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -22,6 +23,19 @@ from miles_core.serve.weight_sync import choose_backend
 TWO_GPUS = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="NCCL needs two GPUs: two ranks of a group cannot share one"
 )
+
+
+@contextlib.contextmanager
+def distributed_updater(ckpt, tmp_path):
+    """A `WeightUpdater` in ``distributed`` mode with 4096-byte buckets; its group and thread stopped at
+    exit."""
+    bg = LoopThread("test-weights")
+    up = WeightUpdater("distributed", bg, str(ckpt), tmp_path / "w", bucket_bytes=4096)
+    try:
+        yield up
+    finally:
+        up.close()
+        bg.stop()
 
 
 def landed(url: str, named: list[tuple[str, torch.Tensor]]) -> None:
@@ -111,13 +125,9 @@ def test_cpu_engines_get_gloo_even_from_a_cuda_trainer(tiny_ckpt, tmp_path):
     with served(tiny_ckpt, tmp_path) as server:
         info = server.get("/get_server_info")
         assert info["device"] == "cpu" and info["gpu_uuid"] is None
-        bg = LoopThread("test-weights")
-        try:
-            up = WeightUpdater("distributed", bg, str(tiny_ckpt), tmp_path / "w")
+        with distributed_updater(tiny_ckpt, tmp_path) as up:
             assert up.backend_for([server.url], "cuda:0") == "gloo"
             assert up.backend_for([server.url], "cpu") == "gloo"
-        finally:
-            bg.stop()
 
 
 def test_distributed_updates_land_bit_for_bit_in_buckets_over_gloo(tiny_ckpt, tiny_ckpt_b, tmp_path):
@@ -151,18 +161,13 @@ def test_a_push_that_fails_keeps_the_weights_for_the_engines_left(tiny_ckpt, tin
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
     with served(tiny_ckpt, tmp_path) as server:
-        bg = LoopThread("test-weights")
-        up = WeightUpdater("distributed", bg, str(tiny_ckpt), tmp_path / "w", bucket_bytes=4096)
-        try:
+        with distributed_updater(tiny_ckpt, tmp_path) as up:
             with pytest.raises(OSError):
                 up.push([server.url, dead], iter(b), 6)
             assert up.version == 6 and up.backend is None
             up.send([server.url])
             landed(server.url, b)
             assert server.get("/get_server_info")["weight_version"] == "6"
-        finally:
-            up.close()
-            bg.stop()
 
 
 def test_get_weights_by_name_says_what_is_wrong(tiny_ckpt, tmp_path):
@@ -179,15 +184,10 @@ def test_get_weights_by_name_says_what_is_wrong(tiny_ckpt, tmp_path):
 def test_a_cuda_trainer_sends_to_a_cpu_engine_over_gloo(tiny_ckpt, tiny_ckpt_b, tmp_path):
     named = list(named_hf_tensors(load_model(tiny_ckpt_b).to("cuda")))
     with served(tiny_ckpt, tmp_path) as server:
-        bg = LoopThread("test-weights")
-        up = WeightUpdater("distributed", bg, str(tiny_ckpt), tmp_path / "w", bucket_bytes=4096)
-        try:
+        with distributed_updater(tiny_ckpt, tmp_path) as up:
             up.push([server.url], named, 1)
             assert up.backend == "gloo"
             landed(server.url, named)
-        finally:
-            up.close()
-            bg.stop()
 
 
 @pytest.mark.gpu
@@ -198,9 +198,7 @@ def test_nccl_push_from_the_trainer_gpu_lands_and_a_restart_catches_up(tiny_ckpt
     named = list(named_hf_tensors(load_model(tiny_ckpt_b).to("cuda:0")))
     with served(tiny_ckpt, tmp_path, "--device", "cuda:1", "--rollout-dtype", "float32") as server:
         assert server.get("/get_server_info")["gpu_uuid"]
-        bg = LoopThread("test-weights")
-        up = WeightUpdater("distributed", bg, str(tiny_ckpt), tmp_path / "w", bucket_bytes=4096)
-        try:
+        with distributed_updater(tiny_ckpt, tmp_path) as up:
             up.push([server.url], named, 1)
             assert up.backend == "nccl"
             landed(server.url, named)
@@ -213,6 +211,3 @@ def test_nccl_push_from_the_trainer_gpu_lands_and_a_restart_catches_up(tiny_ckpt
             up.send([server.url])  # from the host copy, as a restarted engine is caught up
             landed(server.url, named)
             assert server.get("/get_server_info")["weight_version"] == "1"
-        finally:
-            up.close()
-            bg.stop()

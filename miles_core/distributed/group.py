@@ -222,24 +222,16 @@ class RankUpdater:
         self.version = 0
         self._updated = False  # until the first update the engines serve what they started from
 
-    def keep(self, named: Any, version: int) -> None:
-        """Take ``version`` as the current weights. ``named`` (the trainer's ``named_weights``, a lazy
-        generator) is left alone: disaggregated, the ranks gather and rank 0 keeps them; colocated, they
-        are gathered again for each send."""
+    def push(self, urls: list[str], named: Any, version: int) -> None:
+        """Take ``version`` as the current weights and load them into the engines ``urls``. ``named`` (the
+        trainer's ``named_weights``, a lazy generator) is left alone: disaggregated, the ranks gather and
+        rank 0 sends each bucket as it comes (over NCCL from its GPU, see `WeightUpdater.push`) and keeps
+        them; colocated, they are gathered again for each send."""
         del named
         self.version, self._updated = version, True
-        if not self.group.colocated:
-            self.group.call("keep_weights", version, self.mode, self.start_weights, str(self.folder))
-
-    def push(self, urls: list[str], named: Any, version: int) -> None:
-        """`keep` and `send` in one pass: disaggregated, rank 0 sends each bucket as the ranks gather it
-        (over NCCL from its GPU, see `WeightUpdater.push`); colocated, `keep` then `send`."""
         if self.group.colocated:
-            self.keep(named, version)
             self.send(urls)
             return
-        del named
-        self.version, self._updated = version, True
         args = (version, self.mode, self.start_weights, str(self.folder), list(urls))
         failed = self.group.call("push_weights", *args)[0]
         if failed is not None:  # the caller sends what rank 0 kept to the engines that are left

@@ -117,15 +117,6 @@ class TrainRank:
     def _buckets(self, fused_experts: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
         return self.trainer.full_weights(self.args.update_weight_buffer_size, fused_experts=fused_experts)
 
-    def keep_weights(self, version: int, mode: str, start_weights: str, folder: str) -> float:
-        """Disaggregated: gather the weights (every rank); rank 0 keeps them as ``version`` for
-        `send_weights`. Returns the seconds it took."""
-        t0 = time.perf_counter()
-        stream = self._gathered()
-        if stream is not None:
-            self._updater_for(mode, start_weights, folder).keep(stream, version)
-        return time.perf_counter() - t0
-
     def push_weights(
         self, version: int, mode: str, start_weights: str, folder: str, urls: list[str]
     ) -> str | None:
