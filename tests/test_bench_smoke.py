@@ -110,13 +110,22 @@ def test_grpo_vs_trl_bench_prints_its_json_line():
          {"bf16_tok_s", "fp8_blockwise_expert_bytes", "fp8_blockwise_dense_path", "fp8_products", "layers"}),
         ("int4_rollout.py", "cpu-small", {"bf16_tok_s", "bf16_expert_bytes", "int4_cuda_graph", "layers"}),
         ("r3_mismatch.py", "cpu-small", {"mismatch_no_r3", "mismatch_r3"}),
-        ("fp8_mismatch.py", None, {"recipe", "bf16_absdiff_ratio", "fp32_absdiff_ratio"}),
         ("int4_memory.py", None, {"bf16_bytes", "int4_bytes", "ratio"}),
     ],
 )  # fmt: skip
 def test_plugin_benches_print_their_json_line(script, preset, keys):
     r = _run(script, preset=preset)
     assert r["device"] == "cpu" and r["bench"] == script.removesuffix(".py") and keys <= r.keys()
+
+
+def test_fp8_mismatch_bench_pairs_each_engine_with_its_trainer_and_unified_cuts_the_gap_5x():
+    r = _run("fp8_mismatch.py", preset=None)  # exit 0: the bf16 case's unified abs diff <= 1/5
+    assert r["device"] == "cpu" and r["ok"] and r["fp32_ok"]
+    trainers = {case: r[f"{case}_trainer_dtype"] for case in ("bf16", "fp32", "mixed")}
+    assert trainers == {"bf16": "bfloat16", "fp32": "float32", "mixed": "float32"}
+    assert r["bf16_absdiff_ratio"] >= 5 and r["fp32_absdiff_ratio"] >= 5
+    # an fp32 trainer against the bf16 engine: bf16 rounding dominates, unified removes only the FP8 part
+    assert r["mixed_absdiff_ratio"] < r["bf16_absdiff_ratio"]
 
 
 def test_quant_experts_bench_prints_its_json_line_under_the_interpreter(monkeypatch):
