@@ -20,6 +20,8 @@
 #                                       # layers, 98k tokens a step), then one FP8 step's top kernels
 #   bash bench/gpu_session.sh fp8       # FP8 probe tests, expert kernels per products mode (fp8acc too), FP8
 #                                       # rollout at batch 64: probe's pick, fp8acc, dense quant in the GEMM
+#   bash bench/gpu_session.sh mismatch  # FP8 rollout-only vs unified train/rollout mismatch (bf16/bf16, fp32/fp32,
+#                                       # mixed), R3's mismatch, on the GPU presets
 #   bash bench/gpu_session.sh scale-colocate  # GRPO samples/s, N trainer ranks colocated with N engines, N = 1, 2, 4, 8
 #   bash bench/gpu_session.sh scale-disagg    # the same, N/2 ranks + N/2 engines, N = 2, 4, 8 (multi-GPU host)
 #   bash bench/gpu_session.sh train-scale     # FSDP2 train tok/s and MFU per GPU, 1..8 ranks, 30B-A3B preset
@@ -72,6 +74,9 @@ for group in "${@:-tests}"; do
       python bench/invariant_mm_tune.py 2>&1 | grep -E '^\{|Error|gives other bits'
       python bench/invariant_attn_grad.py 2>&1 | grep -E '^\{|Error'
       python bench/true_on_policy.py --preset gpu 2>&1 | grep -E '^\{|Error' ;;
+    mismatch)
+      python bench/fp8_mismatch.py --preset gpu 2>&1 | grep -E '^\{|Error'
+      python bench/r3_mismatch.py 2>&1 | grep -E '^\{|Error' ;;
     int4)
       for t in 64 256; do
         python bench/quant_experts.py --tokens $t --products fp16 --int4-block-m 16,32,64 \
