@@ -46,10 +46,12 @@ KEY_BLOCK = 32  # keys per block in `attention`
 
 
 def _chunked_mm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    out = rows.new_empty(rows.shape[0], weight.shape[0])
+    """``rows [M, K]`` (contiguous, M a multiple of `ROW_CHUNK`) ``@ weight.T``, one ``torch.mm`` a chunk."""
+    m, k, n = rows.shape[0], rows.shape[1], weight.shape[0]
+    out = rows.new_empty(m, n)
     wt = weight.t()
-    for i in range(0, rows.shape[0], ROW_CHUNK):
-        torch.mm(rows[i : i + ROW_CHUNK], wt, out=out[i : i + ROW_CHUNK])
+    for chunk, dest in zip(rows.view(-1, ROW_CHUNK, k).unbind(0), out.view(-1, ROW_CHUNK, n).unbind(0)):
+        torch.mm(chunk, wt, out=dest)
     return out
 
 
