@@ -14,9 +14,10 @@ token's log-prob differs in the last bits. Each op here fixes the order per row:
   ``tests/test_batch_invariant.py``, and up to 3000 rows by hand; the bias is added after the product;
 - `silu_mul`: ``x / (1 + exp(-x)) * y`` from ops that round each element alike wherever it lies;
 - `attention`: each query's scores against fixed blocks of `KEY_BLOCK` keys (batched matmuls whose query
-  rows are padded like `linear`'s), one max over its visible keys, and the softmax sums and weighted values
-  accumulated block after block from key 0. Blocks past a query's position add exact zeros, so one query
-  over its KV cache (decode) and the same query in a packed training sequence get the same bits;
+  rows are padded to a multiple of `ROW_TILE`), one max over its visible keys, and the softmax sums and
+  weighted values accumulated block after block from key 0. Blocks past a query's position add exact
+  zeros, so one query over its KV cache (decode) and the same query in a packed training sequence get the
+  same bits;
 - `combine`: the k weighted expert outputs of a token summed in routing order (a left fold);
 - `token_log_probs`: ``log_softmax`` of each fp32 row at the target, the one formula the sampler and the
   trainer share.
